@@ -1,0 +1,49 @@
+"""The ``jaxvc`` command. Each subcommand lives beside the code it drives and is imported only when used.
+
+A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Keep the help here so `jaxvc --help` needs no heavy imports.
+COMMANDS = {
+    "demo": ("jaxvc.demo", "train a tiny reference-injected video model on the synthetic world, generate, evaluate"),
+    "train": ("jaxvc.train.cli", "train a method from a config file (configs/<method>.py:<variant>)"),
+    "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
+    "convert": ("jaxvc.convert.cli", "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
+    "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
+    "eval": ("jaxvc.eval.cli", "evaluate generated videos (synthetic-world exact metrics)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxvc", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        parser = build_parser()
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.error(f"unknown command '{argv[0]}' (choose from {', '.join(COMMANDS)})")
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"jaxvc {name}", description=help_text,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Timestep and positional embeddings (diffusers semantics)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxvc.models.layers import Dense
+
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
+                       max_period: float = 10000.0):
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as diffusers' ``get_timestep_embedding``."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding``)."""
+    features: int
+    out_features: int | None = None
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = Dense(self.features, axes=("embed", "mlp"), name="linear_1", **kw)(x)
+        x = nn.silu(x)
+        return Dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
+    """AnimateDiff's positional encoding (length, dim), sin on even and cos on odd channels (interleaved)."""
+    position = np.arange(length, dtype=np.float64)[:, None]
+    div = np.exp(np.arange(0, dim, 2, dtype=np.float64) * (-math.log(10000.0) / dim))
+    pe = np.zeros((length, dim), dtype=np.float64)
+    pe[:, 0::2] = np.sin(position * div)
+    pe[:, 1::2] = np.cos(position * div)
+    return pe.astype(np.float32)

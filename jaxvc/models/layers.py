@@ -1,0 +1,178 @@
+"""Basic layers with logical axis names on every parameter and torch-matching numerics.
+
+Flax defaults differ from PyTorch in ways that break parity (see shared/specs/PARITY.md): LayerNorm eps (1e-6 vs
+1e-5), GroupNorm's fast variance, and the tanh GELU. The wrappers here make each choice explicit.
+Parameters are created in ``param_dtype`` (float32 by default) and cast to ``dtype`` (the compute dtype);
+normalization statistics are always float32.
+
+Parameter names follow the torch checkpoints (``kernel`` = transposed ``weight``, ``scale`` = norm ``weight``,
+``bias``, ``embedding``) so that a converter maps keys mechanically (see ``jaxvc/convert/torch_to_flax.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = Any
+zeros = nn.initializers.zeros_init()
+ones = nn.initializers.ones_init()
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Constrain an activation's sharding by logical names (a no-op outside a mesh + rules context)."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def gelu_exact(x):
+    """torch's default ``nn.GELU()`` (erf form); ``jax.nn.gelu`` defaults to the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class Dense(nn.Module):
+    """Linear layer ``y = x @ kernel + bias``; ``kernel`` (in, out) is torch's ``weight.T``."""
+    features: int
+    use_bias: bool = True
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(zeros, (self.axes[1],)),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class Conv(nn.Module):
+    """N-d convolution, channels last; ``kernel`` is (*window, in, out) = torch's weight moved to HWIO.
+
+    ``padding`` is an int (symmetric, as torch's ``padding=``) or an explicit per-dimension list of (lo, hi).
+    """
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    strides: Sequence[int] | int = 1
+    padding: Any = 1
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        nd = len(self.kernel_size)
+        window_axes = ("kernel_t", "kernel_h", "kernel_w")[-nd:] if nd <= 3 else (None,) * nd
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, (*window_axes, "conv_in", "conv_out")),
+                            (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+        padding = self.padding
+        if isinstance(padding, int):
+            padding = [(padding, padding)] * nd
+        strides = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides, padding=padding,
+            dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                                               ("N" + "DHW"[-nd:] + "C", "DHW"[-nd:] + "IO",
+                                                                "N" + "DHW"[-nd:] + "C")),
+            precision=None)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (self.features,),
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the channel (last) axis with float32 statistics and exact (two-pass) variance.
+
+    Statistics span every axis but the batch (first) axis and the group: apply it to (B, F, H, W, C) to normalize
+    across frames (diffusers' AnimateDiff motion module), to (B*F, H, W, C) for per-frame statistics.
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    use_affine: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm '{self.name}': {channels} channels are not divisible by "
+                             f"{self.num_groups} groups")
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, channels // self.num_groups)
+        reduce_axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = grouped.mean(axis=reduce_axes, keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        if self.use_affine:
+            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (channels,), self.param_dtype)
+            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (channels,), self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis with float32 statistics; ``epsilon`` must be given (torch uses 1e-5)."""
+    epsilon: float = 1e-5
+    use_affine: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_affine:
+            features = x.shape[-1]
+            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (features,), self.param_dtype)
+            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (features,), self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis (Wan's q/k norms), float32 statistics."""
+    epsilon: float = 1e-6
+    use_affine: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
+        if self.use_affine:
+            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (x.shape[-1],),
+                               self.param_dtype)
+            y = y * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Lookup table (torch ``nn.Embedding``); ``embedding`` is (num_embeddings, features)."""
+    num_embeddings: int
+    features: int
+    axes: tuple[str | None, str | None] = ("vocab", "embed")
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids):
+        table = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), self.axes),
+                           (self.num_embeddings, self.features), self.param_dtype)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
