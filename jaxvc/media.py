@@ -1,0 +1,97 @@
+"""Writing what users look at: MP4 and GIF videos and contact-sheet PNGs.
+
+Frames are uint8 (F, H, W, 3) or float in [-1, 1] (converted). Files are written to a temporary name and renamed,
+so a crash never leaves a half-written video under the final name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def to_uint8(frames) -> np.ndarray:
+    """float frames in [-1, 1] -> uint8 [0, 255]; uint8 passes through."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return frames
+    return np.clip(np.round((frames.astype(np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def _check_video(frames: np.ndarray, path) -> np.ndarray:
+    frames = to_uint8(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"{path}: expected frames of shape (F, H, W, 3), got {frames.shape}")
+    return frames
+
+
+def _upscale(frames: np.ndarray, min_size: int) -> np.ndarray:
+    """Nearest-neighbour upscale so tiny (e.g. 32x32) videos are viewable and meet encoder minimums."""
+    factor = max(1, int(np.ceil(min_size / min(frames.shape[1:3]))))
+    return frames.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else frames
+
+
+def write_mp4(path, frames, fps: int = 8, min_size: int = 128) -> Path:
+    """H.264 MP4 (yuv420p, even dimensions) via PyAV."""
+    import av
+
+    path = Path(path)
+    frames = _upscale(_check_video(frames, path), min_size)
+    height, width = (frames.shape[1] // 2) * 2, (frames.shape[2] // 2) * 2
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    with av.open(str(tmp), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "18"}
+        for frame in frames:
+            packet_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:height, :width]), format="rgb24")
+            for packet in stream.encode(packet_frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    os.replace(tmp, path)
+    return path
+
+
+def write_gif(path, frames, fps: int = 8, min_size: int = 128) -> Path:
+    path = Path(path)
+    frames = _upscale(_check_video(frames, path), min_size)
+    images = [Image.fromarray(f) for f in frames]
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+    return path
+
+
+def contact_sheet(rows: Sequence[np.ndarray], labels: Sequence[str] | None = None, cell: int = 96,
+                  label_width: int = 0) -> Image.Image:
+    """A grid image: one row per video (F frames across); an optional label column on the left.
+
+    ``rows``: list of (F, H, W, 3) arrays (uint8 or [-1, 1] floats); rows may have different frame counts, e.g. a
+    reference image (1 frame) followed by its generated video.
+    """
+    rows = [_check_video(r, "contact sheet") for r in rows]
+    columns = max(r.shape[0] for r in rows)
+    if labels is not None and not label_width:
+        label_width = 8 + 7 * max((len(s) for s in labels), default=0)
+    sheet = Image.new("RGB", (label_width + columns * (cell + 2), len(rows) * (cell + 2)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, frames in enumerate(rows):
+        top = r * (cell + 2)
+        if labels is not None:
+            draw.text((4, top + cell // 2 - 6), labels[r], fill="black")
+        for c, frame in enumerate(frames):
+            tile = Image.fromarray(frame).resize((cell, cell), Image.NEAREST)
+            sheet.paste(tile, (label_width + c * (cell + 2), top))
+    return sheet
+
+
+def save_png(path, image: Image.Image) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
