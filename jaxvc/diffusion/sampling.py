@@ -1,0 +1,134 @@
+"""The denoising loop as one ``lax.scan`` (traceable end to end), classifier-free guidance, per-step schedules.
+
+    sampler = DDIMSampler.from_diffusers_config(cfg, 30, timestep_spacing="linspace")   # or FlowMatchEulerSampler
+    @jax.jit
+    def generate(params, text, x_T, rng):
+        def model(x, t, step_index):                       # x: (2B, ...) = [uncond; cond]
+            lora_scale = piecewise_constant(step_index, [5], [0.4, 0.8])
+            return unet.apply(params, x, jnp.full((x.shape[0],), t), text, lora_scale=lora_scale)
+        return sample(classifier_free_guidance(model, 8.0), x_T, sampler, rng=rng, progress=True)
+
+Pass parameters as arguments of the jitted function (as above), not as Python constants, so they are not baked
+into the executable. ``denoise_fn(x, t, step_index)`` gets the current sample, the model-facing timestep of this step
+(int32 for DDIM, float32 1000*sigma for flow) and the step index 0..n-1 as scalars, so it can compute any per-step
+quantity (a guidance scale, a LoRA scale, which frames to keep) with jnp ops.
+
+A sampler is any object with ``timesteps`` (host array, one per step), ``needs_noise`` (bool) and
+``step(model_out, step_index, x, noise) -> (prev_sample, pred_original_sample)``: ``DDIMSampler`` and
+``FlowMatchEulerSampler`` are the two in jaxvc. Per-step noise is ``step_noise(rng, step_index, ...)``: fold the
+step index into one key, so a run is reproducible and the noise of any step can be regenerated outside.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def step_noise(rng, step_index, shape, dtype=jnp.float32):
+    """The standard-normal noise the loop draws at ``step_index`` (eta > 0 DDIM, stochastic flow)."""
+    return jax.random.normal(jax.random.fold_in(rng, step_index), shape, dtype)
+
+
+def piecewise_constant(step_index, boundaries: Sequence[int], values: Sequence[float]):
+    """values[k] for boundaries[k-1] <= step_index < boundaries[k] (traceable): e.g. CustomCrafter's LoRA scale
+    ``piecewise_constant(i, [5], [0.4, 0.8])`` is 0.4 for the first 5 steps and 0.8 after."""
+    if len(values) != len(boundaries) + 1:
+        raise ValueError(f"piecewise_constant: need len(values) == len(boundaries) + 1, got {len(values)} values "
+                         f"for {len(boundaries)} boundaries")
+    if list(boundaries) != sorted(boundaries):
+        raise ValueError(f"piecewise_constant: boundaries must be ascending, got {list(boundaries)}")
+    segment = jnp.searchsorted(jnp.asarray(boundaries, jnp.int32), jnp.asarray(step_index, jnp.int32), side="right")
+    return jnp.asarray(values, jnp.float32)[segment]
+
+
+def cfg_combine(cond, uncond, guidance_scale, guidance_rescale: float = 0.0):
+    """uncond + w (cond - uncond); with ``guidance_rescale`` > 0 the result's per-example std is pulled toward the
+    conditional prediction's (diffusers ``rescale_noise_cfg``, Lin et al. 2023 §3.4)."""
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale:
+        axes = tuple(range(1, cond.ndim))
+        std_cond = jnp.std(cond, axis=axes, keepdims=True, ddof=1)   # torch .std is unbiased
+        std_guided = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+        rescaled = guided * (std_cond / std_guided)
+        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    return guided
+
+
+def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale, guidance_rescale: float = 0.0) -> DenoiseFn:
+    """Wrap a model into a guided ``denoise_fn`` that makes ONE model call on the doubled batch.
+
+    ``model_fn(x2, t, step_index)`` receives x2 = concat([x, x]) (2B, ...) and must condition its first half on
+    the unconditional inputs and its second half on the conditional ones (diffusers' order: the caller concatenates
+    ``[negative_embeds, prompt_embeds]`` the same way). ``guidance_scale`` is a number or a function of the step
+    index (a per-step schedule).
+    """
+    def denoise(x, t, step_index):
+        out = model_fn(jnp.concatenate([x, x], axis=0), t, step_index)   # (2B, ...)
+        if out.shape[0] != 2 * x.shape[0]:
+            raise ValueError(f"classifier_free_guidance: model returned batch {out.shape[0]} for an input batch of "
+                             f"{2 * x.shape[0]} (expected [uncond; cond] stacked on axis 0)")
+        uncond, cond = jnp.split(out, 2, axis=0)
+        scale = guidance_scale(step_index) if callable(guidance_scale) else guidance_scale
+        return cfg_combine(cond, uncond, scale, guidance_rescale)
+
+    return denoise
+
+
+class _ProgressBar:
+    """Host side of the progress callback: a tqdm bar that restarts at step 0 and closes after the last step."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.bar = total, desc, None
+
+    def __call__(self, step_index, total):
+        from tqdm.auto import tqdm
+
+        step_index = int(step_index)
+        if step_index == 0 or self.bar is None:
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=self.total, desc=self.desc)
+        self.bar.update(1)
+        if step_index == self.total - 1:
+            self.bar.close()
+            self.bar = None
+
+
+def sample(denoise_fn: DenoiseFn, x_T, sampler, *, rng=None, progress=None, return_intermediates: bool = False,
+           progress_desc: str = "sampling"):
+    """Run the whole reverse process x_T -> x_0 as a single ``lax.scan`` over the sampler's steps.
+
+    progress: None; True for a tqdm bar; or a host function ``f(step_index, num_steps)``, called in order after
+    each step through ``jax.debug.callback(ordered=True)`` (it does not break jit).
+    Returns x_0, or with ``return_intermediates`` (x_0, {"samples": (n, ...) x after each step,
+    "pred_x0": (n, ...) predicted x0 at each step}).
+    """
+    timesteps = np.asarray(sampler.timesteps)
+    num_steps = int(timesteps.shape[0])
+    if sampler.needs_noise and rng is None:
+        raise ValueError("sample: this sampler draws noise at every step (eta > 0 or stochastic); pass rng=")
+    if progress is True:
+        progress = _ProgressBar(num_steps, progress_desc)
+
+    def body(x, xs):
+        t, step_index = xs
+        model_out = denoise_fn(x, t, step_index)
+        if model_out.shape != x.shape:
+            raise ValueError(f"sample: denoise_fn returned shape {model_out.shape}, expected the sample's {x.shape}")
+        noise = step_noise(rng, step_index, x.shape, x.dtype) if sampler.needs_noise else None
+        x_next, pred_x0 = sampler.step(model_out, step_index, x, noise)
+        if progress is not None:
+            jax.debug.callback(progress, step_index, num_steps, ordered=True)
+        return x_next, ((x_next, pred_x0) if return_intermediates else None)
+
+    t_dtype = jnp.int32 if np.issubdtype(timesteps.dtype, np.integer) else jnp.float32
+    xs = (jnp.asarray(timesteps, t_dtype), jnp.arange(num_steps, dtype=jnp.int32))
+    x0, stacked = jax.lax.scan(body, x_T, xs)
+    if return_intermediates:
+        return x0, {"samples": stacked[0], "pred_x0": stacked[1]}
+    return x0
