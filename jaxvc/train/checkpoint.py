@@ -1,0 +1,96 @@
+"""Orbax checkpoints of a run: the train state, the data iterator's state and the config, per step.
+
+One ``CheckpointManager`` under ``<workdir>/checkpoints`` with three items: ``state`` (the TrainState as a plain
+tree; sharded arrays are written by every host in parallel), ``data`` (the JSON dict from the data iterator's
+``get_state()``) and ``config`` (JSON). Saves may be asynchronous (the device-to-host copy happens before ``save``
+returns, the writing in the background); a step directory only appears once complete, so a run killed mid-save
+resumes from the previous checkpoint. What is kept: the latest ``keep`` steps plus the ``keep_best`` best by a metric.
+
+Restoring takes an abstract state whose leaves carry the *current* run's shardings, so a checkpoint written on one
+mesh is read onto another (8 devices -> 4 or 1, a different fsdp/tensor split, another number of hosts).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+PyTree = Any
+
+
+def _metric_value(metrics, name: str, mode: str) -> float:
+    value = float(metrics.get(name, math.nan)) if metrics else math.nan
+    if not math.isfinite(value):
+        # an unusable metric ranks last
+        return math.inf if mode == "min" else -math.inf
+    return value
+
+
+class Checkpointer:
+    """Save/restore a run's (state, data state, config) by step."""
+
+    def __init__(self, directory: str | os.PathLike, checkpoint_config):
+        self.directory = Path(directory).absolute()
+        cfg = checkpoint_config
+        keep = int(cfg.get("keep", 2))
+        keep_best = int(cfg.get("keep_best", 0) or 0)
+        self.best_metric = str(cfg.get("best_metric", "loss"))
+        self.best_mode = str(cfg.get("best_mode", "min"))
+        if self.best_mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.best_mode must be 'min' or 'max', got '{self.best_mode}'")
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1 (the latest checkpoint is what a resume needs), got {keep}")
+        policies = [preservation.LatestN(n=keep)]
+        if keep_best > 0:
+            name, mode = self.best_metric, self.best_mode
+            # BestN keeps the last n after sorting; for "min" sort descending so the smallest come last.
+            policies.append(preservation.BestN(get_metric_fn=lambda m: _metric_value(m, name, mode),
+                                               reverse=(mode == "min"), n=keep_best,
+                                               keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=bool(cfg.get("use_async", True)),
+            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state_tree: PyTree, data_state: dict | None, config: dict,
+             metrics: dict | None = None) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+                                  data=ocp.args.JsonSave(data_state or {}),
+                                  config=ocp.args.JsonSave(config))
+        clean_metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        if self.best_metric not in clean_metrics:
+            clean_metrics[self.best_metric] = math.nan
+        return self.manager.save(int(step), args=args, metrics=clean_metrics, force=True)
+
+    def restore(self, step: int, abstract_state_tree: PyTree) -> tuple[PyTree, dict, dict]:
+        """(state tree placed per the abstract tree's shardings, data state, config dict) at ``step``."""
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state_tree),
+            data=ocp.args.JsonRestore(),
+            config=ocp.args.JsonRestore()))
+        return restored["state"], restored["data"], restored["config"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_tree: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs that carry the target shardings (what Orbax restores onto)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)

@@ -1,0 +1,377 @@
+"""The training loop: mesh, sharded state, the jitted step, checkpoints, resume, preemption, logging.
+
+``train(config, method, data, workdir)`` is the entry point every method uses (``jaxvc train`` calls it):
+
+* the mesh comes from ``config.mesh`` and the parameter shardings from the method's ``abstract_params`` through
+  the rule table (``config.rules`` overrides it); the state is created directly in its shardings
+  (``jit(init, out_shardings=...)``) or restored onto them from the latest checkpoint in ``<workdir>/checkpoints``;
+* ``data`` is an iterator of host-local numpy batch dicts with ``get_state()``/``set_state()``, or a factory
+  ``data(rows)`` that builds one for this host's rows ``[start, stop)`` of the global batch;
+* each step is one call of the compiled step (state donated); metrics are fetched one step behind so the host
+  never stalls the device, except at log/checkpoint/sample points;
+* SIGTERM (preemption) finishes the current step, saves, waits for the write and returns (``preempted=True``);
+  ``config.max_nonfinite_in_a_row`` consecutive non-finite steps raise ``NonFiniteError`` without saving.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxvc.config_utils import config_to_dict, write_config
+from jaxvc.parallel.mesh import activate, make_mesh
+from jaxvc.parallel.rules import param_shardings, rules_from_config
+from jaxvc.train import distributed
+from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxvc.train.metrics import MetricWriter, compiled_flops, mfu, peak_flops_per_device
+from jaxvc.train.optim import build_optimizer
+from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
+from jaxvc.train.step import make_train_step
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    history: list[dict]  # per-step host metrics of the steps run in this call ("step" = batches consumed after it)
+    start_step: int  # the step the run started (or resumed) from
+    final_step: int
+    preempted: bool
+    workdir: Path
+
+
+def setting(config, dotted: str, default: Any = None) -> Any:
+    """``config.a.b`` or ``default`` when the config does not define it (configs of other methods may omit fields)."""
+    node = config
+    for part in dotted.split("."):
+        if node is None or part not in node:
+            return default
+        node = node[part]
+    return default if node is None else node
+
+
+class _Preemption:
+    """SIGTERM sets a flag the loop checks between steps (the handler itself does nothing risky)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, replicated):
+    """Optimizer-state leaves that mirror a parameter (Adam moments) get its sharding; the rest is replicated.
+
+    A leaf mirrors a parameter when the parameter's key path is a suffix of the leaf's and the shapes agree.
+    """
+    def names(path):
+        return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(params_shardings)):
+        by_path[names(path)] = (leaf.shape, sharding)
+
+    def one(path, leaf):
+        key = names(path)
+        for start in range(len(key)):
+            hit = by_path.get(key[start:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
+
+
+class Trainer:
+    """Everything about a run that does not depend on the data: mesh, shardings, optimizer, checkpoints."""
+
+    def __init__(self, config, method, workdir: str | Path, mesh=None):
+        self.config = config
+        self.method = method
+        self.workdir = Path(workdir)
+        self.mesh = mesh if mesh is not None else make_mesh(dict(setting(config, "mesh", {"data": -1})))
+        self.rules = rules_from_config(setting(config, "rules", ()))
+        self.batch_size = int(config.batch_size)
+        self.steps = int(config.steps)
+        split = self.batch_size_divisor = distributed.batch_axis_size(self.mesh, self.rules)
+        if self.batch_size % split:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by the {split}-way batch split of the "
+                             f"mesh {dict(self.mesh.shape)}")
+        self.accumulation = int(setting(config, "optim.accumulation_steps", 1))
+        if self.batch_size % self.accumulation:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by optim.accumulation_steps "
+                             f"{self.accumulation}")
+        self.ema_decay = setting(config, "optim.ema_decay", None)
+        self.precision = setting(config, "matmul_precision", None)
+        self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
+
+        boxed = method.abstract_params()
+        abstract_params = unbox(boxed)
+        shardings = param_shardings(boxed, self.mesh, self.rules)
+        self.abstract_trainable, self.abstract_frozen = split_params(abstract_params, method.trainable)
+        trainable_sh, frozen_sh = split_params(shardings, method.trainable)
+        if not jax.tree.leaves(self.abstract_trainable):
+            raise ValueError(f"method '{method.name}' marks no parameter as trainable")
+        self.optimizer, self.schedule = build_optimizer(config.optim, self.steps)
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        rng_abstract = jax.ShapeDtypeStruct((2,), np.uint32)
+        self.abstract_state = jax.eval_shape(
+            lambda t, f, r: new_state(t, f, self.optimizer, r, self.ema_decay is not None),
+            self.abstract_trainable, self.abstract_frozen, rng_abstract)
+        rep = self.replicated
+        self.state_shardings = TrainState(
+            step=rep, opt_steps=rep, params=trainable_sh, frozen=frozen_sh,
+            opt_state=_opt_state_shardings(self.abstract_state.opt_state, self.abstract_trainable, trainable_sh, rep),
+            rng=rep, ema=trainable_sh if self.ema_decay is not None else None,
+            nonfinite_in_a_row=rep, nonfinite_total=rep)
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
+        self._compiled = None
+        self._sample_fn = None
+        self.flops_per_step = None
+
+    # ----------------------------------------------------------------------------------------------------- setup
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(activate(self.mesh, self.rules))
+        if self.precision:
+            stack.enter_context(jax.default_matmul_precision(self.precision))
+        return stack
+
+    @property
+    def host_rows(self) -> tuple[int, int]:
+        """This process's rows ``[start, stop)`` of every global batch."""
+        return distributed.host_batch_rows(distributed.batch_sharding(self.mesh, 1, self.rules), self.batch_size)
+
+    def _rngs(self):
+        init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(setting(self.config, "seed", 0))))
+        return init_rng, train_rng
+
+    def init_state(self) -> TrainState:
+        """A fresh state, created directly in its shardings."""
+        init_rng, train_rng = self._rngs()
+        use_ema = self.ema_decay is not None
+        with self._context():
+            if getattr(self.method, "init_params_jittable", True):
+                def init(init_rng, train_rng):
+                    trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
+                    return new_state(trainable, frozen, self.optimizer, train_rng, use_ema)
+                return jax.jit(init, out_shardings=self.state_shardings)(init_rng, train_rng)
+            # Weights read from files arrive as host arrays: place each on its sharding, then build the state.
+            trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
+            place = lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
+            trainable = jax.tree.map(place, trainable, self.state_shardings.params)
+            frozen = jax.tree.map(place, frozen, self.state_shardings.frozen)
+            return jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
+                           out_shardings=self.state_shardings, donate_argnums=(0, 1))(trainable, frozen, train_rng)
+
+    def restore(self, step: int | None = None) -> tuple[TrainState, dict, dict] | None:
+        """(state, data state, saved config) from the checkpoint at ``step`` (default: latest), or None."""
+        step = self.checkpointer.latest_step() if step is None else step
+        if step is None:
+            return None
+        abstract = abstract_with_shardings(self.abstract_state, self.state_shardings)
+        tree, data_state, saved_config = self.checkpointer.restore(
+            step, state_to_tree(abstract, include_frozen=self.save_frozen))
+        frozen = None if self.save_frozen else self.init_state().frozen
+        state = state_from_tree(tree, frozen)
+        if int(state.step) != step:
+            raise RuntimeError(f"checkpoint {self.checkpointer.directory}/{step} holds state.step={int(state.step)}")
+        return state, data_state, saved_config
+
+    def save(self, state: TrainState, data_state: dict | None, metrics: dict | None = None) -> None:
+        self.checkpointer.save(int(state.step), state_to_tree(state, include_frozen=self.save_frozen), data_state,
+                               config_to_dict(self.config), metrics)
+
+    def compile(self, state: TrainState, batch: dict):
+        """Lower and compile the step for these (global) argument shapes; records FLOPs per step."""
+        step_fn = make_train_step(
+            self.method, self.optimizer, self.schedule, accumulation_steps=self.accumulation,
+            ema_decay=self.ema_decay,
+            constrain_micro_batches=(self.batch_size // self.accumulation) % self.batch_size_divisor == 0)
+        batch_shardings = {k: distributed.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()}
+        with self._context():
+            jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
+                             out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+            self._compiled = jitted.lower(state, batch).compile()
+        self.flops_per_step = compiled_flops(self._compiled)
+        return self._compiled
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if self._compiled is None:
+            self.compile(state, batch)
+        return self._compiled(state, batch)
+
+    def sample(self, state: TrainState, step: int) -> dict[str, np.ndarray] | None:
+        """The method's ``sample(params, rng)`` hook on the (EMA if any) parameters, on host; None if absent."""
+        hook = getattr(self.method, "sample", None)
+        if not callable(hook):
+            return None
+        if self._sample_fn is None:
+            self._sample_fn = jax.jit(hook, out_shardings=self.replicated)
+        rng = jax.random.fold_in(jax.random.PRNGKey(int(setting(self.config, "seed", 0)) + 1), step)
+        with self._context():
+            out = self._sample_fn(state.full_params(use_ema=True), rng)
+        return {k: np.asarray(v) for k, v in distributed.to_host(out).items()}
+
+    # ------------------------------------------------------------------------------------------------------ loop
+    def fit(self, data) -> TrainResult:
+        config = self.config
+        if callable(data) and not hasattr(data, "__next__"):
+            data = data(self.host_rows)
+        restored = self.restore()
+        if restored is None:
+            state, start = self.init_state(), 0
+        else:
+            state, data_state, saved_config = restored
+            self._check_saved_config(saved_config)
+            if data_state:
+                if not hasattr(data, "set_state"):
+                    raise TypeError("the data iterator has no set_state(); a resumed run would not see the data "
+                                    "it would have seen uninterrupted")
+                data.set_state(data_state)
+            start = int(state.step)
+        if jax.process_index() == 0:
+            write_config(config, self.workdir)
+        history: list[dict] = []
+        if start >= self.steps:
+            return TrainResult(state, history, start, start, False, self.workdir)
+
+        log_every = int(setting(config, "log_every", 1))
+        ckpt_every = int(setting(config, "checkpoint.every", 0))
+        sample_every = int(setting(config, "sample_every", 0))
+        max_nonfinite = int(setting(config, "max_nonfinite_in_a_row", 0))
+        peak = peak_flops_per_device(self.mesh.devices.flat[0], setting(config, "peak_flops_per_device", None))
+        writer = MetricWriter(self.workdir / "tensorboard")
+        progress = _progress_bar(bool(setting(config, "progress_bar", True)), self.steps, start)
+        if jax.process_index() == 0:
+            n_train, n_frozen = count_params(self.abstract_trainable), count_params(self.abstract_frozen)
+            progress.write(f"jaxvc train: {self.method.name}, {n_train:,} trainable / {n_frozen:,} frozen params, "
+                           f"mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), steps {start}->"
+                           f"{self.steps}, workdir {self.workdir}")
+
+        pending: list[tuple[int, Any]] = []
+        since_checkpoint: list[float] = []
+        window_start, window_steps = time.perf_counter(), 0
+        preempted = False
+        step_index = start
+
+        def consume():
+            """Fetch the pending metrics (waits for those steps) and check the non-finite budget."""
+            nonlocal pending
+            for after_step, metrics in pending:
+                values = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+                values["step"] = after_step
+                history.append(values)
+                if values["finite"]:
+                    since_checkpoint.append(values["loss"])
+                if max_nonfinite and values["nonfinite_in_a_row"] >= max_nonfinite:
+                    pending = []
+                    raise NonFiniteError(
+                        f"{int(values['nonfinite_in_a_row'])} consecutive steps had a non-finite loss or gradient "
+                        f"(last at step {after_step}, loss {values['loss']}, grad norm {values['grad_norm']}); "
+                        f"parameters were left unchanged by those steps and nothing was saved after them")
+            pending = []
+
+        try:
+            with _Preemption() as preemption:
+                for step_index in range(start, self.steps):
+                    local = next(data)
+                    data_state = json.loads(json.dumps(data.get_state())) if hasattr(data, "get_state") else None
+                    batch = distributed.global_batch(local, self.mesh, self.batch_size, self.rules)
+                    if self._compiled is None:
+                        self.compile(state, batch)
+                        window_start = time.perf_counter()
+                    state, metrics = self._compiled(state, batch)
+                    consume()  # the previous step's metrics: the device is already busy with this one
+                    pending.append((step_index + 1, metrics))
+                    window_steps += 1
+                    done = step_index + 1
+                    progress.update(1)
+                    stop = distributed.any_process(preemption.requested)
+                    do_log = log_every > 0 and (done % log_every == 0 or done == self.steps)
+                    do_ckpt = stop or done == self.steps or (ckpt_every > 0 and done % ckpt_every == 0)
+                    do_sample = sample_every > 0 and done % sample_every == 0
+                    if not (do_log or do_ckpt or do_sample):
+                        continue
+                    consume()
+                    if do_log:
+                        elapsed = time.perf_counter() - window_start
+                        self._log(writer, progress, history[-1], elapsed / max(window_steps, 1), peak)
+                    if do_ckpt:
+                        loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
+                        self.save(state, data_state, {"loss": loss})
+                        since_checkpoint.clear()
+                    if do_sample:
+                        videos = self.sample(state, done)
+                        if videos:
+                            writer.videos(done, videos, self.workdir / "samples" / f"step_{done:08d}")
+                    window_start, window_steps = time.perf_counter(), 0
+                    if stop:
+                        preempted = True
+                        if jax.process_index() == 0:
+                            progress.write(f"jaxvc train: preempted (SIGTERM) after step {done}; "
+                                           f"checkpoint saved")
+                        break
+                consume()
+        finally:
+            self.checkpointer.wait()
+            writer.close()
+            progress.close()
+        return TrainResult(state, history, start, int(state.step), preempted, self.workdir)
+
+    def _log(self, writer, progress, values: dict, step_seconds: float, peak):
+        step = int(values["step"])
+        scalars = {"train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
+                   "train/learning_rate": values["learning_rate"], "train/nonfinite_total": values["nonfinite_total"],
+                   "perf/step_time_s": step_seconds, "perf/samples_per_s": self.batch_size / step_seconds,
+                   "perf/mfu": mfu(self.flops_per_step, step_seconds, peak)}
+        scalars.update({k: v for k, v in values.items() if k.startswith("method/")})
+        writer.scalars(step, scalars)
+        progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['learning_rate']:.3g}", refresh=False)
+
+    def _check_saved_config(self, saved: dict) -> None:
+        if saved and saved.get("method") not in (None, self.config.method):
+            raise ValueError(f"the checkpoint in {self.checkpointer.directory} was written by method "
+                             f"'{saved.get('method')}', this run is '{self.config.method}'")
+        current = config_to_dict(self.config)
+        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if changed and jax.process_index() == 0:
+            print(f"jaxvc train: resuming with config changes in {', '.join(changed)}")
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not (enabled and jax.process_index() == 0),
+                dynamic_ncols=True, desc="train")
+
+
+def train(config, method, data, workdir: str | Path, mesh=None) -> TrainResult:
+    """Train ``method`` on ``data`` per ``config``, resuming from ``<workdir>/checkpoints`` if present."""
+    return Trainer(config, method, workdir, mesh=mesh).fit(data)
