@@ -3,9 +3,11 @@
 Models are saved with ``save_pretrained`` (transformers 5: keys without a prefix) or rewritten as SD 1.5 stores them
 (``text_model.`` prefix plus the int64 ``position_ids`` buffer) and loaded through ``load_clip_text`` from the files.
 """
+import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -147,3 +149,13 @@ def test_sd15_variant_matches_real_config():
     leaves = jax.tree.leaves(abstract_clip_text_params(CLIPTextConfig.variant("sd15")))
     # SD 1.5's text_encoder/model.safetensors: 196 weights + position_ids, 123,060,480 parameters
     assert len(leaves) == 196 and sum(int(np.prod(p.shape)) for p in leaves) == 123_060_480
+
+
+def test_bfloat16_compute_tracks_float32(saved):
+    config, params = load_clip_text(saved["modern"][1])
+    ids = prompt_ids(77, eos=500, seed=3).astype(np.int32)
+    full = jax.jit(CLIPTextEncoder(config).apply)(params, ids)
+    half = jax.jit(CLIPTextEncoder(dataclasses.replace(config, dtype=jnp.bfloat16)).apply)(params, ids)
+    assert half["last_hidden_state"].dtype == jnp.bfloat16
+    for key in ("last_hidden_state", "pooler_output"):
+        assert relative_error(np.asarray(half[key], np.float32), full[key]) < 3e-2

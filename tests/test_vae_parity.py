@@ -223,3 +223,15 @@ def test_decode_video_inverts_scaling_per_frame(smallest_loaded):
     mean = jax.jit(lambda x: vae.apply(params, x, method=AutoencoderKL.encode)[0])(frames[0])
     encoded = jax.jit(functools.partial(encode_video, vae))(params, frames)
     np.testing.assert_allclose(encoded[0], (mean - 0.25) * config.scaling_factor, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_tracks_float32(smallest_loaded):
+    config, params = smallest_loaded
+    images = jax.random.normal(jax.random.key(4), (1, 16, 16, 3))
+    outputs = {}
+    for dtype in (jnp.float32, jnp.bfloat16):
+        vae = AutoencoderKL(dataclasses.replace(config, dtype=dtype))
+        outputs[dtype] = jax.jit(vae.apply)(params, images)  # (reconstruction, mean, logvar), float32 out
+    for ours, reference in zip(outputs[jnp.bfloat16], outputs[jnp.float32]):
+        assert ours.dtype == jnp.float32
+        assert relative_error(ours, reference) < 3e-2
