@@ -71,7 +71,8 @@ def test_pad_token_and_length_from_config_files(folder, tmp_path):
     transformers = pytest.importorskip("transformers")
     shutil.copy(folder / "vocab.json", tmp_path)
     shutil.copy(folder / "merges.txt", tmp_path)
-    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!"}}))  # SD 2.x pads with "!"
+    # SD 2.x's tokenizer pads with "!" (id 0)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "!"}}))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     ours = CLIPTokenizer.from_folder(tmp_path)
     assert ours.pad_token_id == 0

@@ -161,7 +161,8 @@ def test_loader_errors_name_the_problem(saved, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes(
         (folder / "diffusion_pytorch_model.safetensors").read_bytes())
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)32 missing from the checkpoint.*encoder/down_blocks_0/resnets_1/conv1/kernel"):
+    missing = r"(?s)32 missing from the checkpoint.*encoder/down_blocks_0/resnets_1/conv1/kernel"
+    with pytest.raises(CheckpointMismatchError, match=missing):
         load_vae(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(WeightFileError, match="config.json"):

@@ -295,9 +295,10 @@ class AutoencoderKL(nn.Module):
     def _check_input(self, x, channels: int, what: str):
         if x.ndim != 4 or x.shape[-1] != channels:
             raise ValueError(f"AutoencoderKL: {what} must be (N, H, W, {channels}) channels-last, got {x.shape}")
-        if what == "images" and (x.shape[1] % self.config.downsample_factor or x.shape[2] % self.config.downsample_factor):
+        factor = self.config.downsample_factor
+        if what == "images" and (x.shape[1] % factor or x.shape[2] % factor):
             raise ValueError(f"AutoencoderKL: image size {x.shape[1]}x{x.shape[2]} is not divisible by the "
-                             f"downsampling factor {self.config.downsample_factor}")
+                             f"downsampling factor {factor}")
 
 
 def sample_posterior(mean, logvar, rng):
