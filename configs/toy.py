@@ -55,6 +55,8 @@ def get_config(variant=None):
     config.remat_policy = "none"  # none | full | nothing_saveable | dots_saveable | ...
     config.compute_dtype = "float32"
     config.matmul_precision = config_dict.placeholder(str)  # e.g. "highest"; None leaves JAX's default
+    # XLA options for every compile, e.g. {"xla_backend_optimization_level": 0} (4x faster CPU compiles in tests)
+    config.compiler_options = ConfigDict()
 
     config.checkpoint = ConfigDict()
     config.checkpoint.every = 5  # steps; 0 disables periodic saves (the last step and SIGTERM still save)

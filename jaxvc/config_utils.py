@@ -111,8 +111,8 @@ def parse_value(text: str, current: Any, key: str, field_type: type | None = Non
         value = _literal(text, key)
         if not isinstance(value, dict):
             raise ConfigError(f"override '{key}': this is a group of settings; set its fields "
-                              f"(e.g. --config.{key}.<field>=...) or give a dict literal, got '{text}'")
-        return value
+                              f"(e.g. {key}.<field>=...) or give a dict literal, got '{text}'")
+        return ml_collections.ConfigDict(value) if isinstance(current, ml_collections.ConfigDict) else value
     value = _literal(text, key)
     if not isinstance(value, kind):
         raise ConfigError(f"override '{key}': expected {kind.__name__} (current value {current!r}), got '{text}'")

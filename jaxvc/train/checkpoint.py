@@ -17,10 +17,31 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 PyTree = Any
+# Replicated arrays are split across their replicas for writing only when each replica's part is at least this big:
+# slicing tiny arrays costs a compiled slice per shape and saves nothing.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's PyTree handler with the standard type handlers, jax.Array's tuned as above."""
+    try:
+        from orbax.checkpoint._src.metadata.array_metadata_store import Store
+        metadata_store = Store()
+    except ImportError:  # array metadata is optional
+        metadata_store = None
+    th = ocp.type_handlers
+    registry = th.create_type_handler_registry(
+        (int, th.ScalarHandler()), (float, th.ScalarHandler()), (bytes, th.ScalarHandler()),
+        (np.number, th.ScalarHandler()), (np.ndarray, th.NumpyHandler()),
+        (jax.Array, th.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL,
+                                    array_metadata_store=metadata_store)),
+        (str, th.StringHandler()))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 def _metric_value(metrics, name: str, mode: str) -> float:
@@ -56,8 +77,10 @@ class Checkpointer:
             preservation_policy=preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=bool(cfg.get("use_async", True)),
             create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -67,7 +90,7 @@ class Checkpointer:
 
     def save(self, step: int, state_tree: PyTree, data_state: dict | None, config: dict,
              metrics: dict | None = None) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state_tree),
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state_tree),
                                   data=ocp.args.JsonSave(data_state or {}),
                                   config=ocp.args.JsonSave(config))
         clean_metrics = {k: float(v) for k, v in (metrics or {}).items()}
@@ -78,7 +101,8 @@ class Checkpointer:
     def restore(self, step: int, abstract_state_tree: PyTree) -> tuple[PyTree, dict, dict]:
         """(state tree placed per the abstract tree's shardings, data state, config dict) at ``step``."""
         restored = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state_tree),
+            state=ocp.args.PyTreeRestore(
+                abstract_state_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state_tree)),
             data=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore()))
         return restored["state"], restored["data"], restored["config"]

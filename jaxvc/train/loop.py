@@ -130,6 +130,9 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
+        # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level).
+        options = setting(config, "compiler_options", None)
+        self.compiler_options = dict(options.to_dict() if hasattr(options, "to_dict") else options or {}) or None
 
         boxed = method.abstract_params()
         abstract_params = unbox(boxed)
@@ -181,14 +184,16 @@ class Trainer:
                 def init(init_rng, train_rng):
                     trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
                     return new_state(trainable, frozen, self.optimizer, train_rng, use_ema)
-                return jax.jit(init, out_shardings=self.state_shardings)(init_rng, train_rng)
+                return jax.jit(init, out_shardings=self.state_shardings).lower(init_rng, train_rng).compile(
+                    self.compiler_options)(init_rng, train_rng)
             # Weights read from files arrive as host arrays: place each on its sharding, then build the state.
             trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
             place = lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
             trainable = jax.tree.map(place, trainable, self.state_shardings.params)
             frozen = jax.tree.map(place, frozen, self.state_shardings.frozen)
-            return jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
-                           out_shardings=self.state_shardings, donate_argnums=(0, 1))(trainable, frozen, train_rng)
+            build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
+                            out_shardings=self.state_shardings, donate_argnums=(0, 1))
+            return build.lower(trainable, frozen, train_rng).compile(self.compiler_options)(trainable, frozen, train_rng)
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict, dict] | None:
         """(state, data state, saved config) from the checkpoint at ``step`` (default: latest), or None."""
@@ -218,7 +223,7 @@ class Trainer:
         with self._context():
             jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
-            self._compiled = jitted.lower(state, batch).compile()
+            self._compiled = jitted.lower(state, batch).compile(self.compiler_options)
         self.flops_per_step = compiled_flops(self._compiled)
         return self._compiled
 
@@ -232,11 +237,13 @@ class Trainer:
         hook = getattr(self.method, "sample", None)
         if not callable(hook):
             return None
-        if self._sample_fn is None:
-            self._sample_fn = jax.jit(hook, out_shardings=self.replicated)
         rng = jax.random.fold_in(jax.random.PRNGKey(int(setting(self.config, "seed", 0)) + 1), step)
+        params = state.full_params(use_ema=True)
         with self._context():
-            out = self._sample_fn(state.full_params(use_ema=True), rng)
+            if self._sample_fn is None:
+                self._sample_fn = jax.jit(hook, out_shardings=self.replicated).lower(params, rng).compile(
+                    self.compiler_options)
+            out = self._sample_fn(params, rng)
         return {k: np.asarray(v) for k, v in distributed.to_host(out).items()}
 
     # ------------------------------------------------------------------------------------------------------ loop
