@@ -95,15 +95,19 @@ class CLIPTokenizer:
         folder = Path(folder)
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
         missing = [p.name for p in (vocab_path, merges_path) if not p.is_file()]
-        if missing:
+        if missing and (folder / "tokenizer.json").is_file():
+            # transformers 5 saves only tokenizer.json: read the same BPE vocabulary and merges from its model
+            vocab, merges = read_tokenizer_json(folder / "tokenizer.json")
+        elif missing:
             found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "folder does not exist"
-            raise TokenizerFilesError(f"{folder}: a CLIP tokenizer folder needs vocab.json and merges.txt; missing "
-                                      f"{missing} (found: {found})")
-        try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise TokenizerFilesError(f"{vocab_path}: not valid JSON ({error})") from error
-        merges = read_merges(merges_path)
+            raise TokenizerFilesError(f"{folder}: a CLIP tokenizer folder needs vocab.json and merges.txt (or a "
+                                      f"tokenizer.json); missing {missing} (found: {found})")
+        else:
+            try:
+                vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as error:
+                raise TokenizerFilesError(f"{vocab_path}: not valid JSON ({error})") from error
+            merges = read_merges(merges_path)
         settings = _special_token_settings(folder)
         if model_max_length is not None:
             settings["model_max_length"] = model_max_length
@@ -125,6 +129,18 @@ class CLIPTokenizer:
         """Ids -> text without special tokens (``</w>`` becomes a space)."""
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
         return text.replace("</w>", " ").strip()
+
+
+def read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the BPE model inside a ``tokenizers`` tokenizer.json (merges as "a b" or [a, b])."""
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise TokenizerFilesError(f"{path}: not a tokenizers JSON file with a 'model' section ({error})") from error
+    if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
+        raise TokenizerFilesError(f"{path}: expected a BPE model with vocab and merges, got type {model.get('type')}")
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return dict(model["vocab"]), merges
 
 
 def read_merges(path: Path) -> list[tuple[str, str]]:

@@ -1,0 +1,96 @@
+"""`jaxvc convert` round trip: a tiny diffusers AnimateDiff pipeline folder -> Orbax checkpoint -> identical outputs."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from jaxvc.cli import main as jaxvc_main  # noqa: E402
+from jaxvc.convert.pipeline import PipelineFolderError, load_diffusers_pipeline, load_pipeline, tree_equal  # noqa: E402
+from jaxvc.models.clip_text import CLIPTextEncoder  # noqa: E402
+from jaxvc.models.tokenizer import CLIPTokenizer, build_clip_tokenizer_files  # noqa: E402
+from jaxvc.models.unet import UNetMotion  # noqa: E402
+from jaxvc.models.vae import AutoencoderKL  # noqa: E402
+
+
+def _randomize(module, seed):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    tokenizer_dir = build_clip_tokenizer_files(root / "tok_src")
+    unet2d = diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
+    adapter = diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
+                                      motion_num_attention_heads=4, motion_norm_num_groups=8,
+                                      motion_max_seq_length=32, use_motion_mid_block=False)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
+    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407))
+    for seed, module in enumerate((unet2d, adapter, vae, text)):
+        _randomize(module, seed)
+    pipe = diffusers.AnimateDiffPipeline(
+        vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
+        unet=unet2d, motion_adapter=adapter,
+        scheduler=diffusers.DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False,
+                                          timestep_spacing="linspace"))
+    folder = root / "animatediff"
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
+def _outputs(weights):
+    """UNet, VAE and text-encoder outputs on fixed inputs."""
+    rng = np.random.default_rng(0)
+    sample = jnp.asarray(rng.standard_normal((1, 4, 8, 8, 4)), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, 7, 32)), jnp.float32)
+    unet = UNetMotion(weights.unet_config).apply(weights.unet_params, sample, jnp.array([321]), context)
+    images = jnp.asarray(rng.standard_normal((1, 16, 16, 3)), jnp.float32)
+    decoded = AutoencoderKL(weights.vae_config).apply(weights.vae_params, sample[:, 0],
+                                                      method=AutoencoderKL.decode)
+    mean, _ = AutoencoderKL(weights.vae_config).apply(weights.vae_params, images, method=AutoencoderKL.encode)
+    ids = CLIPTokenizer.from_folder(weights.tokenizer_folder)(["a red star moves left"])
+    text = CLIPTextEncoder(weights.text_config).apply(weights.text_params, ids)["last_hidden_state"]
+    return [np.asarray(x) for x in (unet, decoded, mean, text)]
+
+
+def test_convert_round_trip_is_exact(pipeline_folder, tmp_path, capsys):
+    direct = load_diffusers_pipeline(pipeline_folder)
+    assert direct.unet_config.motion is not None and direct.unet_config.motion.max_seq_length == 32
+    out = tmp_path / "converted"
+    assert jaxvc_main(["convert", str(pipeline_folder), str(out)]) == 0
+    assert "converted" in capsys.readouterr().out
+    index = json.loads((out / "jaxvc_pipeline.json").read_text())
+    assert index["scheduler"]["timestep_spacing"] == "linspace"
+    converted = load_pipeline(out)
+    assert converted.unet_config == direct.unet_config
+    assert converted.vae_config == direct.vae_config and converted.text_config == direct.text_config
+    for a, b in ((direct.unet_params, converted.unet_params), (direct.vae_params, converted.vae_params),
+                 (direct.text_params, converted.text_params)):
+        assert tree_equal(a, b)
+    for ours, theirs in zip(_outputs(direct), _outputs(converted)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_convert_refuses_to_overwrite_and_names_missing_parts(pipeline_folder, tmp_path):
+    out = tmp_path / "converted"
+    out.mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        jaxvc_main(["convert", str(pipeline_folder), str(out)])
+    with pytest.raises(PipelineFolderError, match="neither a jaxvc checkpoint"):
+        load_pipeline(tmp_path)
