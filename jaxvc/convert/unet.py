@@ -15,6 +15,7 @@ is kept (with a warning) in the returned variables' ``"buffers"`` collection, wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -196,8 +197,10 @@ def read_config(folder: str | Path) -> dict:
         raise WeightFileError(f"{path}: not valid JSON ({error})") from error
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_variables(config: UNetConfig):
-    """The boxed abstract variable tree of ``UNetMotion(config)`` from ``jax.eval_shape`` (no real init)."""
+    """The boxed abstract variable tree of ``UNetMotion(config)`` from ``jax.eval_shape`` (no real init; cached per
+    config, the tree holds only shapes)."""
     model = UNetMotion(config)
     side = 2 ** (config.levels - 1)
     sample = jnp.zeros((1, 1, side, side, config.in_channels), jnp.float32)
