@@ -80,31 +80,46 @@ def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale, guidance_resca
 
 
 class _ProgressBar:
-    """Host side of the progress callback: a tqdm bar that restarts at step 0 and closes after the last step."""
+    """Host side of progress=True: a tqdm bar per run, driven by the step index (opened at step 0, closed after the
+    last step), so it stays right even if two callbacks arrive out of order."""
 
     def __init__(self, total: int, desc: str):
         self.total, self.desc, self.bar = total, desc, None
 
-    def __call__(self, step_index, total):
+    def __call__(self, step_index: int, total: int):
         from tqdm.auto import tqdm
 
-        step_index = int(step_index)
-        if step_index == 0 or self.bar is None:
-            if self.bar is not None:
-                self.bar.close()
+        if step_index == 0 and self.bar is not None:  # a new run while the previous bar is still open
+            self.bar.close()
+            self.bar = None
+        if self.bar is None:
             self.bar = tqdm(total=self.total, desc=self.desc)
-        self.bar.update(1)
+        self.bar.update(max(0, step_index + 1 - self.bar.n))
         if step_index == self.total - 1:
             self.bar.close()
             self.bar = None
 
 
+def _report_progress(progress, step_index, num_steps: int, device):
+    """Call progress(step_index, num_steps) on the host once per step, from inside jit.
+
+    An io_callback pinned to ONE device: ordered callbacks are refused for computations over several devices, and
+    an unpinned callback would fire once per device of a sharded sampler. Device 0 (process 0's first device) is
+    the default; pass another if the sampling mesh does not include it."""
+    from jax.experimental import io_callback
+    from jax.sharding import SingleDeviceSharding
+
+    io_callback(lambda i: progress(int(i), num_steps), None, step_index,
+                sharding=SingleDeviceSharding(device if device is not None else jax.devices()[0]), ordered=False)
+
+
 def sample(denoise_fn: DenoiseFn, x_T, sampler, *, rng=None, progress=None, return_intermediates: bool = False,
-           progress_desc: str = "sampling"):
+           progress_desc: str = "sampling", progress_device=None):
     """Run the whole reverse process x_T -> x_0 as a single ``lax.scan`` over the sampler's steps.
 
-    progress: None; True for a tqdm bar; or a host function ``f(step_index, num_steps)``, called in order after
-    each step through ``jax.debug.callback(ordered=True)`` (it does not break jit).
+    progress: None; True for a tqdm bar; or a host function ``f(step_index: int, num_steps: int)`` called once
+    after each step through an ``io_callback`` on ``progress_device`` (default ``jax.devices()[0]``); it does not
+    break jit and works when the loop is sharded over a mesh that holds that device.
     Returns x_0, or with ``return_intermediates`` (x_0, {"samples": (n, ...) x after each step,
     "pred_x0": (n, ...) predicted x0 at each step}).
     """
@@ -122,8 +137,9 @@ def sample(denoise_fn: DenoiseFn, x_T, sampler, *, rng=None, progress=None, retu
             raise ValueError(f"sample: denoise_fn returned shape {model_out.shape}, expected the sample's {x.shape}")
         noise = step_noise(rng, step_index, x.shape, x.dtype) if sampler.needs_noise else None
         x_next, pred_x0 = sampler.step(model_out, step_index, x, noise)
+        x_next = x_next.astype(x.dtype)  # the scan carry keeps x_T's dtype whatever the model computes in
         if progress is not None:
-            jax.debug.callback(progress, step_index, num_steps, ordered=True)
+            _report_progress(progress, step_index, num_steps, progress_device)
         return x_next, ((x_next, pred_x0) if return_intermediates else None)
 
     t_dtype = jnp.int32 if np.issubdtype(timesteps.dtype, np.integer) else jnp.float32
