@@ -27,10 +27,12 @@ def build_schedule(optim_config, total_steps: int) -> optax.Schedule:
         return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
                                     [warmup]) if warmup else optax.constant_schedule(lr)
     if name == "warmup_cosine":
-        decay_steps = optim_config.get("decay_steps") or total_steps
-        if decay_steps <= warmup:
+        decay_steps = optim_config.get("decay_steps")
+        if decay_steps is not None and decay_steps <= warmup:
             raise ValueError(f"optim.decay_steps ({decay_steps}) must exceed optim.warmup_steps ({warmup}) "
                              f"for the warmup_cosine schedule")
+        # A run shorter than its warmup (tiny tests) never reaches the decay.
+        decay_steps = decay_steps or max(total_steps, warmup + 1)
         end = lr * float(optim_config.get("end_lr_ratio", 0.0))
         return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, int(decay_steps), end)
     raise ValueError(f"optim.schedule '{name}' is not one of constant, warmup_constant, warmup_cosine")

@@ -76,7 +76,7 @@ def make_train_step(method, optimizer: optax.GradientTransformation, schedule: C
             loss = loss / k
             metrics = jax.tree.map(lambda m: m / k, metrics)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
