@@ -9,8 +9,11 @@ The text context arrives once per video, (B, L, D), not repeated per frame. Cros
 query token, so attending the (B, F*H*W) queries of a whole video to its (B, L) context gives exactly what
 diffusers computes with the context repeated per frame, without projecting keys/values F times.
 
-``attn1`` is its own ``Attention`` submodule so reference injection (VideoMaker's PISA) can later pass
-``reference_tokens`` to it; ``Attention`` already supports that.
+Reference injection (VideoMaker's Personalized Injection Self-Attention, PISA): with ``reference_injection`` the
+N = B*(F+1) images are B videos of F generated frames followed by one reference frame. In ``attn1`` each generated
+frame attends over ``[its own H*W tokens; the reference's H*W tokens]`` (bidirectional, the same projections, no new
+parameters); the reference tokens are updated too, once per frame, and their F outputs are averaged. With
+``reference_cross_attention=False`` the reference frame skips ``attn2`` (the paper's "W/O Cross" ablation).
 """
 from __future__ import annotations
 
@@ -52,20 +55,43 @@ class FeedForward(nn.Module):
         return Dense(channels, axes=("mlp", "embed"), name="net_2", **kw)(h)
 
 
+def reference_injected_self_attention(attn1: Attention, normed, num_frames: int):
+    """PISA. normed (B*(F+1), L, C), the last frame of each video being the reference -> (B*(F+1), L, C)."""
+    images, tokens, channels = normed.shape
+    videos, generated = images // num_frames, num_frames - 1
+    video = normed.reshape(videos, num_frames, tokens, channels)
+    own = video[:, :generated].reshape(videos * generated, tokens, channels)                    # (B*F, L, C)
+    reference = jnp.broadcast_to(video[:, generated:], (videos, generated, tokens, channels))
+    own_out, reference_out = attn1(own, reference_tokens=reference.reshape(videos * generated, tokens, channels))
+    reference_out = reference_out.reshape(videos, generated, tokens, channels).mean(axis=1, keepdims=True)
+    out = jnp.concatenate([own_out.reshape(videos, generated, tokens, channels), reference_out], axis=1)
+    return out.reshape(images, tokens, channels)                                                # (B*(F+1), L, C)
+
+
 class BasicTransformerBlock(nn.Module):
-    """hidden (N, L, C) with N = B*frames; context (B, Lc, D) -> (N, L, C)."""
+    """hidden (N, L, C) with N = B*frames; context (B, Lc, D) -> (N, L, C).
+
+    ``num_frames`` (frames per video, the reference included) is needed only with ``reference_injection``.
+    """
     heads: int
     head_dim: int
     attention_backend: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    num_frames: int = 1
+    reference_injection: bool = False
+    reference_cross_attention: bool = True
 
     @nn.compact
     def __call__(self, hidden, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, backend=self.attention_backend, **kw)
         normed = LayerNorm(1e-5, name="norm1", **kw)(hidden)
-        hidden = hidden + Attention(name="attn1", **attn)(normed)
+        attn1 = Attention(name="attn1", **attn)
+        if self.reference_injection:
+            hidden = hidden + reference_injected_self_attention(attn1, normed, self.num_frames)
+        else:
+            hidden = hidden + attn1(normed)
 
         normed = LayerNorm(1e-5, name="norm2", **kw)(hidden)
         videos, (frames_x_videos, tokens, channels) = context.shape[0], hidden.shape
@@ -74,6 +100,11 @@ class BasicTransformerBlock(nn.Module):
                              f"{videos} text contexts")
         per_video = normed.reshape(videos, (frames_x_videos // videos) * tokens, channels)  # (B, F*L, C)
         cross = Attention(name="attn2", **attn)(per_video, context=context)
+        if self.reference_injection and not self.reference_cross_attention:
+            # the reference frame (last of each video) skips cross-attention: zero its update
+            frames = frames_x_videos // videos
+            keep = (jnp.arange(frames) < frames - 1).astype(cross.dtype)
+            cross = (cross.reshape(videos, frames, tokens, channels) * keep[None, :, None, None])
         hidden = hidden + cross.reshape(frames_x_videos, tokens, channels)  # (B*F, L, C)
 
         normed = LayerNorm(1e-5, name="norm3", **kw)(hidden)
@@ -94,6 +125,9 @@ class Transformer2DModel(nn.Module):
     remat: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    num_frames: int = 1
+    reference_injection: bool = False
+    reference_cross_attention: bool = True
 
     @nn.compact
     def __call__(self, x, context):
@@ -109,7 +143,8 @@ class Transformer2DModel(nn.Module):
         block_class = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
         for index in range(self.num_layers):
             h = block_class(self.heads, self.head_dim, self.attention_backend, name=f"transformer_blocks_{index}",
-                            **kw)(h, context)
+                            num_frames=self.num_frames, reference_injection=self.reference_injection,
+                            reference_cross_attention=self.reference_cross_attention, **kw)(h, context)
         if self.use_linear_projection:
             h = Dense(channels, axes=("heads", "embed"), name="proj_out", **kw)(h).reshape(n, height, width, channels)
         else:

@@ -190,6 +190,12 @@ class _Level(nn.Module):
     transformer_layers: int
     motion_heads: int | None
     num_frames: int
+    reference_injection: bool = False       # last frame of each video is VideoMaker's reference (PISA)
+    reference_cross_attention: bool = True
+
+    def _reference_kw(self):
+        return dict(num_frames=self.num_frames, reference_injection=self.reference_injection,
+                    reference_cross_attention=self.reference_cross_attention)
 
     def _kw(self):
         return dict(dtype=self.config.dtype, param_dtype=self.config.param_dtype)
@@ -202,7 +208,7 @@ class _Level(nn.Module):
         if self.has_attention:
             h = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
                                    cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
-                                   name=f"attentions_{index}", **self._kw())(h, context)
+                                   name=f"attentions_{index}", **self._reference_kw(), **self._kw())(h, context)
         if self.motion_heads is not None:
             h = apply_motion_module(cfg, self.motion_heads, self.num_frames, f"motion_modules_{index}", h)
         return h
@@ -255,6 +261,8 @@ class MidBlock(nn.Module):
     """``UNetMidBlock2DCrossAttn`` (+ motion, v2): resnet -> transformer [-> motion module] -> resnet."""
     config: UNetConfig
     num_frames: int
+    reference_injection: bool = False
+    reference_cross_attention: bool = True
 
     @nn.compact
     def __call__(self, h, temb, context):
@@ -267,7 +275,9 @@ class MidBlock(nn.Module):
                          **kw)(h, temb)
         h = Transformer2DModel(heads, channels // heads, cfg.per_level("transformer_layers_per_block")[-1],
                                cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
-                               name="attentions_0", **kw)(h, context)
+                               name="attentions_0", num_frames=self.num_frames,
+                               reference_injection=self.reference_injection,
+                               reference_cross_attention=self.reference_cross_attention, **kw)(h, context)
         if cfg.motion is not None and cfg.motion.use_mid_block:
             h = apply_motion_module(cfg, cfg.motion_heads()[-1], self.num_frames, "motion_modules_0", h,
                                     layers=cfg.motion.mid_layers_per_block)
@@ -280,15 +290,29 @@ class UNetMotion(nn.Module):
 
     ``return_intermediates=True`` also returns a dict of (B, F, h, w, c) activations named after the modules
     ("conv_in", "down_blocks_i", "mid_block", "up_blocks_i").
+
+    ``reference_latent`` (B, 1, H, W, C_in) turns on VideoMaker's reference injection: it is appended as frame F+1,
+    every layer processes the F+1 frames (same timestep and text for the reference), every spatial self-attention
+    is PISA (see ``transformer2d.py``), and the output is (B, F+1, H, W, C_out) with the reference's prediction
+    last. ``reference_cross_attention=False`` keeps the reference frame out of cross-attention.
     """
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, sample, timesteps, encoder_hidden_states, *, return_intermediates: bool = False):
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, reference_latent=None,
+                 reference_cross_attention: bool = True, return_intermediates: bool = False):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         if sample.ndim != 5 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"UNetMotion: sample must be (B, F, H, W, {cfg.in_channels}), got {sample.shape}")
+        injection = reference_latent is not None
+        if injection:
+            expected = (sample.shape[0], 1, *sample.shape[2:])
+            if tuple(reference_latent.shape) != expected:
+                raise ValueError(f"UNetMotion: reference_latent must be {expected} (one frame per video), got "
+                                 f"{tuple(reference_latent.shape)}")
+            sample = jnp.concatenate([sample, reference_latent.astype(sample.dtype)], axis=1)  # (B, F+1, H, W, C)
+        reference = dict(reference_injection=injection, reference_cross_attention=reference_cross_attention)
         batch, frames, height, width, _ = sample.shape
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch:
             raise ValueError(f"UNetMotion: encoder_hidden_states must be (B={batch}, L, D) (not repeated per frame), "
@@ -319,12 +343,13 @@ class UNetMotion(nn.Module):
         for i, block_type in enumerate(cfg.down_block_types):
             h, block_skips = DownBlock(cfg, cfg.block_out_channels[i], layers[i], block_type.startswith("CrossAttn"),
                                        heads[i], transformer_layers[i], motion_heads[i], frames,
-                                       add_downsample=i < cfg.levels - 1, name=f"down_blocks_{i}")(h, temb, context)
+                                       add_downsample=i < cfg.levels - 1, name=f"down_blocks_{i}",
+                                       **reference)(h, temb, context)
             h = constrain(h, IMAGE_AXES)
             skips += block_skips
             record(f"down_blocks_{i}", h)
 
-        h = constrain(MidBlock(cfg, frames, name="mid_block")(h, temb, context), IMAGE_AXES)
+        h = constrain(MidBlock(cfg, frames, name="mid_block", **reference)(h, temb, context), IMAGE_AXES)
         record("mid_block", h)
 
         for i, block_type in enumerate(cfg.up_block_types):
@@ -336,7 +361,7 @@ class UNetMotion(nn.Module):
             upsample_size = None if is_final else skips[-1].shape[1:3]
             h = UpBlock(cfg, cfg.block_out_channels[level], num_layers, block_type.startswith("CrossAttn"),
                         heads[level], transformer_layers[level], motion_heads[level], frames,
-                        add_upsample=not is_final, name=f"up_blocks_{i}")(h, block_skips, temb, context,
+                        add_upsample=not is_final, name=f"up_blocks_{i}", **reference)(h, block_skips, temb, context,
                                                                            upsample_size)
             h = constrain(h, IMAGE_AXES)
             record(f"up_blocks_{i}", h)
