@@ -16,8 +16,8 @@ import pytest
 
 from jaxvc.diffusion.ddim import DDIMSampler, ddim_step, ddim_timesteps
 from jaxvc.diffusion.sampling import sample, step_noise
-from jaxvc.diffusion.schedule import (NoiseSchedule, add_noise, get_target, get_velocity, make_schedule, predict_eps, predict_x0,
-                                      schedule_from_diffusers_config)
+from jaxvc.diffusion.schedule import (NoiseSchedule, add_noise, get_target, get_velocity, make_schedule, predict_eps,
+                                      predict_x0, schedule_from_diffusers_config)
 from tests.conftest import relative_error
 
 torch = pytest.importorskip("torch")
@@ -123,7 +123,7 @@ FIELD = np.random.RandomState(7).randn(*SHAPE).astype(np.float32)
 def _grid_errors(num_steps, schedule_for, model, dtype):
     """Run every GRID config step by step through diffusers, feeding the same (x, model_out, noise) to ours."""
     x_T = np.random.RandomState(2).randn(*SHAPE).astype(dtype)
-    rng = jax.random.key(3)
+    rng = jax.random.key(3, impl="rbg")
     noises = [np.array(step_noise(rng, i, SHAPE), dtype=dtype) for i in range(num_steps)]
     worst = 0.0
     for spacing, offset, alpha_one, pred, clip, eta in GRID:
@@ -198,6 +198,9 @@ LOOP_CONFIGS = [dict(timestep_spacing=s, steps_offset=o, set_alpha_to_one=a, pre
     # CustomCrafter-like: eta 1, 25 steps
     dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, prediction_type="epsilon",
          clip_sample=False, eta=1.0, num_steps=25),
+    # a non-default clip range
+    dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False, prediction_type="v_prediction",
+         clip_sample=True, clip_sample_range=0.5, eta=0.0),
     # CogVideoX-like: v-prediction, trailing, zero terminal SNR
     dict(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, prediction_type="v_prediction",
          clip_sample=False, eta=0.0, rescale_betas_zero_snr=True),
