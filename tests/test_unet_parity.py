@@ -22,7 +22,7 @@ from jaxvc.convert.state_dict import WeightFileError  # noqa: E402
 from jaxvc.convert.torch_to_flax import CheckpointMismatchError, fill_params  # noqa: E402
 from jaxvc.convert.unet import abstract_variables, load_unet  # noqa: E402
 from jaxvc.models.motion import MotionModule  # noqa: E402
-from jaxvc.models.unet import UNetMotion, UnsupportedConfigError, unet_config  # noqa: E402
+from jaxvc.models.unet import UNetMotion, UnsupportedConfigError, is_motion_param, unet_config  # noqa: E402
 from tests.conftest import relative_error  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -336,6 +336,8 @@ def test_too_many_frames_is_a_clear_error():
 def test_variants_build_abstract_trees():
     """The named sizes build (abstractly); the SD1.5 + v2 tree has the real checkpoints' parameter count."""
     tree = abstract_variables(unet_config("sd15", motion="v2"))["params"]
-    count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+    sizes = {path: int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
     # UNet2DConditionModel SD1.5: 859,520,964 parameters; mm_sd_v15_v2 motion modules: 453,209,280 (without pe)
-    assert count == 859_520_964 + 453_209_280
+    assert sum(sizes.values()) == 859_520_964 + 453_209_280
+    assert sum(size for path, size in sizes.items() if is_motion_param(path)) == 453_209_280
+    assert is_motion_param("up_blocks_1/motion_modules_2/proj_in/kernel") and not is_motion_param("conv_in/kernel")

@@ -43,7 +43,7 @@ POSITION_KEY = re.compile(r"\.pos_embed\.pe$")
 # diffusers options jaxvc does not implement: (key, the values that behave like jaxvc's UNet)
 _REQUIRED = (
     ("center_input_sample", (False, None)), ("act_fn", ("silu", "swish", None)),
-    ("mid_block_type", ("UNetMidBlock2DCrossAttn", None)), ("only_cross_attention", (False, None)),
+    ("mid_block_type", ("UNetMidBlock2DCrossAttn",)), ("only_cross_attention", (False, None)),
     ("dual_cross_attention", (False, None)), ("class_embed_type", (None,)), ("num_class_embeds", (None,)),
     ("addition_embed_type", (None,)), ("encoder_hid_dim", (None,)), ("encoder_hid_dim_type", (None,)),
     ("resnet_time_scale_shift", ("default", None)), ("resnet_skip_time_act", (False, None)),

@@ -54,7 +54,7 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 conv with stride 2 (the UNet's ``downsamplers.0.conv``, ``padding=1``): (N, H, W, C) -> (N, ceil(H/2), ...)."""
+    """3x3 conv, stride 2 (the UNet's ``downsamplers.0.conv``, ``padding=1``): (N, H, W, C) -> (N, ceil(H/2), ...)."""
     out_channels: int
     padding: int = 1
     dtype: Any = jnp.float32
@@ -93,10 +93,5 @@ class Upsample2D(nn.Module):
         x = upsample_nearest(x, output_size)  # (N, 2H, 2W, C) or (N, *output_size, C)
         return Conv(self.out_channels, (3, 3), padding=1, name="conv", dtype=self.dtype,
                     param_dtype=self.param_dtype)(x)
-
-
-def maybe_remat(module_class, enabled: bool):
-    """``nn.remat(module_class)`` when ``enabled`` (activation checkpointing), else the class itself."""
-    return nn.remat(module_class) if enabled else module_class
 
 

@@ -9,13 +9,12 @@ what diffusers computes with the context repeated per frame.
 
 Parameter paths mirror the diffusers keys (``down_blocks_0/resnets_1/conv1/kernel`` <->
 ``down_blocks.0.resnets.1.conv1.weight``), so ``jaxvc.convert.unet`` loads diffusers folders mechanically.
-``UNetConfig.from_diffusers`` translates diffusers' config.json (implemented in ``jaxvc.convert.unet``); named sizes are in
-``VARIANTS`` / ``MOTION_LAYOUTS`` (``unet_config("sd15", motion="v2")``).
+``UNetConfig.from_diffusers`` translates diffusers' config.json (implemented in ``jaxvc.convert.unet``); named sizes
+are in ``VARIANTS`` / ``MOTION_LAYOUTS`` (``unet_config("sd15", motion="v2")``).
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -26,8 +25,6 @@ from jaxvc.models.layers import Conv, GroupNorm, constrain
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxvc.models.transformer2d import Transformer2DModel
-
-logger = logging.getLogger(__name__)
 
 VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
 DOWN_TYPES = {"CrossAttnDownBlock2D": "CrossAttnDownBlock2D", "CrossAttnDownBlockMotion": "CrossAttnDownBlock2D",
@@ -177,6 +174,14 @@ def unet_config(variant: str = "sd15", motion: str | None = "v2", **overrides) -
     elif motion_fields:
         raise ValueError(f"motion overrides {sorted(motion_fields)} given without a motion layout")
     return UNetConfig(**{**fields, **overrides}, motion=motion_config)
+
+
+def is_motion_param(path) -> bool:
+    """True for a parameter path inside a motion module (what AnimateDiff-style training updates).
+
+    ``path`` is a tuple of keys (``("down_blocks_0", "motion_modules_1", ...)``) or a "/"-joined string."""
+    parts = path.split("/") if isinstance(path, str) else [str(getattr(p, "key", p)) for p in path]
+    return any(part.startswith("motion_modules") for part in parts)
 
 
 # ------------------------------------------------------------------------------------------------------------
