@@ -1,0 +1,1 @@
+"""Benchmarks runnable with `python -m jaxvc.bench.<name>`."""

@@ -1,0 +1,402 @@
+"""Grain input pipeline: weighted mixture of named streams (e.g. subject image pairs and videos), batch-level
+stochastic switching, per-host sharding of the global batch, workers, and exactly restorable iterator state.
+
+How a batch is made. Batch b of the global batch (size G) is a pure function of (config, b):
+  - each global slot j draws its stream with probability proportional to `weights` from a counter-based hash of
+    (seed, b, j), or, with `switch=True`, the whole batch draws one stream from a hash of (seed, b) (method (e)'s
+    stochastic task switching: a video batch with probability p);
+  - a stream is read in passes (epochs); pass e visits its records in a permutation seeded by (seed, stream, e), and
+    consecutive slots given to a stream take consecutive positions of that order (the counts are prefix sums over
+    earlier batches), so every record is visited once per pass and the mixture weights hold exactly in expectation;
+  - host h of P builds only the slots [h*G/P, (h+1)*G/P): hosts read disjoint records, agree on the switching draw,
+    and the global batch does not depend on P (resuming on a different number of hosts gives the same data);
+  - a record that fails to read or decode is skipped and counted (`num_skipped` in the batch, `skipped` in the
+    iterator), and a deterministic substitute from the same stream takes its place;
+  - per-example randomness (clip start, reference frame, crop, flips, affine) is seeded by (seed, stream, position).
+Because batch b is a pure function of b, the iterator state is just the next batch index (plus the skip count):
+`DataIterator.get_state()` is a small JSON-able dict and `set_state()` continues exactly, with or without workers and
+with any worker count.
+
+Batches are dicts of numpy arrays:
+  video (B, T, H, W, 3) float32 in [-1, 1]  T = num_frames (image examples: a frozen video of the target view, or
+                                           image_frames frames)
+  reference (B, H, W, 3) float32 in [-1, 1]
+  mask (B, T, H, W) float32 {0, 1} and has_mask (B,) bool   (with_mask=True; zeros where a record has no mask)
+  caption (B,) str, tokens (B, L) int32 if a tokenizer is given, kind (B,) str, stream (B,) str, fps (B,) float32,
+  batch_index () int64, num_skipped () int64.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import threading
+from typing import Any, Callable, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from jaxvc.data import records, transforms
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    batch_size: int  # global batch size (all hosts)
+    image_size: int | tuple[int, int] = 32
+    num_frames: int = 8
+    frame_stride: int = 1
+    image_frames: int | None = None  # target frames for image / image_pair examples (None: num_frames, frozen)
+    weights: Mapping[str, float] | None = None  # stream name -> weight (default: equal)
+    switch: bool = False  # True: one stream per batch (whole batch of one kind); False: one draw per example
+    shuffle: bool = True
+    clip_position: str = "random"  # "random" | "center" | "start"
+    reference: str = "random"  # see transforms.REFERENCE_MODES
+    reference_candidates: tuple[int, ...] = (0, 9, 18, 27, 36, 45)
+    highlight: bool = True  # outside-mask pixels of the reference set to white where a mask exists
+    hflip: float = 0.5  # reference augmentation
+    affine_degrees: float = 10.0
+    affine_translate: float = 0.1
+    affine_scale: tuple[float, float] = (0.9, 1.1)
+    reference_fill: int = 255
+    random_crop: bool = True
+    swap_pair: bool = True  # randomly pick which view of a pair is the reference (else view 0)
+    with_mask: bool = True
+    seed: int = 0
+    max_retries: int = 8  # substitutes tried for an unreadable record before giving up
+    num_batches: int | None = None  # None: endless
+
+    @property
+    def size(self) -> tuple[int, int]:
+        s = self.image_size
+        return (int(s), int(s)) if isinstance(s, (int, np.integer)) else (int(s[0]), int(s[1]))
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a counter-based hash."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+    return x ^ (x >> np.uint64(31))
+
+
+def hash_uniform(*keys) -> np.ndarray:
+    """Uniform [0, 1) numbers from integer keys (arrays broadcast): same keys, same numbers, on every host."""
+    arrays = np.broadcast_arrays(*[np.asarray(k, np.int64).astype(np.uint64) for k in keys])
+    h = np.full(arrays[0].shape, 0x243F6A8885A308D3, np.uint64)
+    for a in arrays:
+        h = _splitmix(h ^ a)
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+class _Schedule:
+    """Which stream and which stream position every global slot of every batch reads (see module docstring)."""
+
+    CHECKPOINT = 1024  # batches between cached prefix counts
+
+    def __init__(self, config: DataConfig, weights: np.ndarray):
+        self.config = config
+        self.cumulative = np.cumsum(weights / weights.sum())
+        self.cumulative[-1] = 1.0
+        self.num_streams = len(weights)
+        self._prefix = [np.zeros(self.num_streams, np.int64)]  # counts before batch k * CHECKPOINT
+        self._lock = threading.Lock()
+
+    def streams(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start, G) stream index of every global slot of batches [start, stop)."""
+        g = self.config.batch_size
+        b = np.arange(start, stop, dtype=np.int64)[:, None]
+        if self.config.switch:
+            u = hash_uniform(self.config.seed, 1, b) * np.ones((1, g))
+        else:
+            u = hash_uniform(self.config.seed, 2, b, np.arange(g, dtype=np.int64)[None, :])
+        return np.searchsorted(self.cumulative, u, side="right").clip(0, self.num_streams - 1)
+
+    def _counts(self, start: int, stop: int) -> np.ndarray:
+        s = self.streams(start, stop)
+        return np.bincount(s.ravel(), minlength=self.num_streams).astype(np.int64)
+
+    def counts_before(self, batch: int) -> np.ndarray:
+        """(num_streams,) slots each stream served in batches [0, batch)."""
+        k = batch // self.CHECKPOINT
+        with self._lock:
+            while len(self._prefix) <= k:
+                j = len(self._prefix) - 1
+                self._prefix.append(self._prefix[j] + self._counts(j * self.CHECKPOINT, (j + 1) * self.CHECKPOINT))
+            base = self._prefix[k].copy()
+        return base + self._counts(k * self.CHECKPOINT, batch) if batch > k * self.CHECKPOINT else base
+
+    def slots(self, batch: int) -> list[tuple[int, int]]:
+        """(stream, position) for every global slot of `batch`."""
+        streams = self.streams(batch, batch + 1)[0]
+        next_pos = self.counts_before(batch)
+        out = []
+        for s in streams:
+            out.append((int(s), int(next_pos[s])))
+            next_pos[s] += 1
+        return out
+
+
+class BatchDataset(grain.MapDataset):
+    """grain.MapDataset whose element b is this host's share of global batch b (a dict of numpy arrays)."""
+
+    def __init__(self, streams: Mapping[str, Any], config: DataConfig, process_index: int | None = None,
+                 process_count: int | None = None, tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None):
+        super().__init__()
+        if not streams:
+            raise ValueError("BatchDataset needs at least one stream")
+        if process_index is None or process_count is None:
+            import jax
+
+            process_index, process_count = jax.process_index(), jax.process_count()
+        if config.batch_size % process_count:
+            raise ValueError(f"global batch_size {config.batch_size} is not divisible by process_count "
+                             f"{process_count}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+        self.names = list(streams)
+        self.sources = [streams[n] for n in self.names]
+        empty = [n for n, s in zip(self.names, self.sources) if len(s) == 0]
+        if empty:
+            raise ValueError(f"streams {empty} are empty")
+        weights = dict.fromkeys(self.names, 1.0) if config.weights is None else dict(config.weights)
+        unknown = sorted(set(weights) - set(self.names))
+        if unknown or any(n not in weights for n in self.names):
+            raise ValueError(f"weights name streams {sorted(weights)}, streams are {self.names}")
+        w = np.array([float(weights[n]) for n in self.names])
+        if np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        image_frames = config.image_frames or config.num_frames
+        if not config.switch and image_frames != config.num_frames and len(self.names) > 1:
+            raise ValueError(f"image_frames={config.image_frames} differs from num_frames={config.num_frames}: "
+                             f"examples of different kinds could share a batch; use switch=True or image_frames=None")
+        if config.reference not in transforms.REFERENCE_MODES:
+            raise ValueError(f"reference={config.reference!r}: expected one of {transforms.REFERENCE_MODES}")
+        self.config = config
+        self.weights = w / w.sum()
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.local_batch_size = config.batch_size // process_count
+        self.tokenizer = tokenizer
+        self._schedule = _Schedule(config, self.weights)
+
+    # ------------------------------------------------------------------------------------------------ grain API
+    def __len__(self) -> int:
+        return sys.maxsize if self.config.num_batches is None else int(self.config.num_batches)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self.batch(int(index))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_schedule"] = None  # holds a lock; rebuilt on the other side
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._schedule = _Schedule(self.config, self.weights)
+
+    def fingerprint(self) -> str:
+        """Identifies the data order: config and streams (not the host or worker layout)."""
+        desc = {"config": dataclasses.asdict(self.config), "streams": [[n, len(s)] for n, s in
+                                                                       zip(self.names, self.sources)]}
+        return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # --------------------------------------------------------------------------------------------------- batches
+    def record_index(self, stream: int, position: int, attempt: int = 0) -> int:
+        """Record read at a stream position: pass e = position // N in a permutation seeded by (seed, stream, e);
+        attempt > 0 picks a deterministic substitute for an unreadable record."""
+        n = len(self.sources[stream])
+        epoch, i = divmod(position, n)
+        if attempt:
+            return int(hash_uniform(self.config.seed, 3, stream, position, attempt) * n) % n
+        if not self.config.shuffle or n == 1:
+            return i
+        seed = int(hash_uniform(self.config.seed, 4, stream, epoch) * (1 << 31))
+        return int(grain.experimental.index_shuffle(i, max_index=n - 1, seed=seed, rounds=4))
+
+    def batch(self, index: int) -> dict:
+        slots = self._schedule.slots(index)
+        lo = self.process_index * self.local_batch_size
+        examples, skipped = [], 0
+        for stream, position in slots[lo:lo + self.local_batch_size]:
+            example, failures = self._example(stream, position)
+            examples.append(example)
+            skipped += failures
+        out = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key not in ("caption", "kind",
+                                                                                             "stream")}
+        for key in ("caption", "kind", "stream"):
+            out[key] = np.array([e[key] for e in examples])
+        if self.tokenizer is not None:
+            out["tokens"] = np.asarray(self.tokenizer(list(out["caption"])))
+        out["batch_index"] = np.int64(index)
+        out["num_skipped"] = np.int64(skipped)
+        return out
+
+    def _example(self, stream: int, position: int) -> tuple[dict, int]:
+        source = self.sources[stream]
+        error = None
+        for attempt in range(self.config.max_retries + 1):
+            idx = self.record_index(stream, position, attempt)
+            try:
+                example = source[idx]
+                rng = np.random.default_rng([self.config.seed, stream, position, attempt])
+                out = self.transform(example, rng)
+                out["stream"] = self.names[stream]
+                return out, attempt
+            except Exception as e:  # a bad record is skipped, never fatal
+                error = e
+                logger.warning("skipping unreadable record %d of stream %r: %s: %s", idx, self.names[stream],
+                               type(e).__name__, e)
+        raise records.CorruptRecordError(
+            f"stream {self.names[stream]!r}: {self.config.max_retries + 1} records in a row could not be read "
+            f"(around position {position}); the data looks broken. Last error: {type(error).__name__}: {error}"
+        ) from error
+
+    def transform(self, example: dict, rng: np.random.Generator) -> dict:
+        """One example -> {video, reference, mask, has_mask, caption, kind, fps}."""
+        cfg = self.config
+        size = cfg.size
+        kind = example["kind"]
+        n = records.num_frames(example)
+        captions = list(example.get("captions") or [])
+        has_mask = example.get("mask") is not None
+        if kind == "video":
+            clip = transforms.sample_clip(n, cfg.num_frames, cfg.frame_stride, rng, cfg.clip_position)
+            ref_index = transforms.choose_reference(clip, n, rng, cfg.reference, cfg.reference_candidates)
+            unique, inverse = np.unique(np.append(clip, ref_index), return_inverse=True)
+            frames = records.decode_frames(example, unique, min_size=size)
+            if isinstance(frames, list):
+                raise records.CorruptRecordError(f"{example.get('source')}: video frames differ in size")
+            masks = records.decode_mask(example, unique) if has_mask else None
+            box = transforms.crop_box(frames.shape[1], frames.shape[2], size, rng, cfg.random_crop)
+            frames = transforms.resize_crop(frames, size, box)
+            masks = transforms.resize_crop_mask(masks, size, box) if has_mask else None
+            target, reference = frames[inverse[:-1]], frames[inverse[-1]]
+            target_mask = masks[inverse[:-1]] if has_mask else None
+            ref_mask = masks[inverse[-1]] if has_mask else None
+            caption = captions[int(rng.integers(len(captions)))] if captions else ""
+        elif kind in ("image", "image_pair"):
+            views = [0, 0] if kind == "image" else ([1, 0] if cfg.swap_pair and rng.random() < 0.5 else [0, 1])
+            ref_view, target_view = views
+            decoded, decoded_masks = [], []
+            for v in sorted(set(views)):
+                img = records.decode_frames(example, [v], min_size=size)[0]
+                box = transforms.crop_box(img.shape[0], img.shape[1], size, rng, cfg.random_crop)
+                decoded.append((v, transforms.resize_crop(img[None], size, box)[0]))
+                if has_mask:
+                    m = records.decode_mask(example, [v])[0]
+                    decoded_masks.append((v, transforms.resize_crop_mask(m[None], size, box)[0]))
+            images, view_masks = dict(decoded), dict(decoded_masks)
+            t = cfg.image_frames or cfg.num_frames
+            target = transforms.frozen_video(images[target_view], t)
+            reference = images[ref_view]
+            target_mask = transforms.frozen_video(view_masks[target_view], t) if has_mask else None
+            ref_mask = view_masks.get(ref_view)
+            if kind == "image_pair" and len(captions) >= 2:
+                caption = captions[target_view]
+            else:
+                caption = captions[int(rng.integers(len(captions)))] if captions else ""
+        else:
+            raise records.CorruptRecordError(f"{example.get('source')}: unknown kind {kind!r}")
+        if cfg.highlight and ref_mask is not None:
+            reference = transforms.highlight_subject(reference, ref_mask)
+        reference = transforms.augment_reference(reference, rng, cfg.hflip, cfg.affine_degrees, cfg.affine_translate,
+                                                 tuple(cfg.affine_scale), cfg.reference_fill)
+        out = {"video": transforms.to_signed_float(target), "reference": transforms.to_signed_float(reference),
+               "caption": caption, "kind": kind, "fps": np.float32(example.get("fps", 0.0))}
+        if cfg.with_mask:
+            out["mask"] = (target_mask.astype(np.float32) if has_mask
+                           else np.zeros(target.shape[:3], np.float32))
+            out["has_mask"] = np.bool_(has_mask)
+        return out
+
+
+def _ensure_absl_flags() -> None:
+    """Grain's worker code reads absl flags; a program that never parsed them (pytest, a notebook) would fail."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class DataIterator:
+    """Iterator over a BatchDataset with grain threads/workers and an exactly restorable, JSON-able state."""
+
+    STATE_VERSION = 1
+
+    def __init__(self, dataset: BatchDataset, worker_count: int = 0, worker_buffer_size: int = 2,
+                 read_threads: int = 1, prefetch: int = 2, start_batch: int = 0):
+        self.dataset = dataset
+        self.worker_count = int(worker_count)
+        self.worker_buffer_size = int(worker_buffer_size)
+        self.read_threads = int(read_threads)
+        self.prefetch = int(prefetch)
+        self.skipped = 0
+        self._iterator = None
+        self._start(start_batch)
+
+    def _start(self, batch: int) -> None:
+        self.close()
+        _ensure_absl_flags()
+        self._next_batch = int(batch)
+        ds = self.dataset[batch:] if batch else self.dataset
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch))
+        if self.worker_count > 0:
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.worker_count,
+                                                             per_worker_buffer_size=self.worker_buffer_size))
+        self._iterator = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._iterator)
+        if self.worker_count > 0:
+            # Worker outputs are views of shared-memory blocks released when the view dies; a plain copy (cheap next
+            # to decoding) keeps a consumer that holds batches from pinning them.
+            batch = {k: np.array(v) for k, v in batch.items()}
+        self._next_batch = int(batch["batch_index"]) + 1
+        self.skipped += int(batch["num_skipped"])
+        return batch
+
+    def get_state(self) -> dict:
+        return {"version": self.STATE_VERSION, "next_batch": self._next_batch, "skipped": self.skipped,
+                "fingerprint": self.dataset.fingerprint()}
+
+    def set_state(self, state: Mapping) -> None:
+        if state.get("version") != self.STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {self.STATE_VERSION}")
+        if state.get("fingerprint") != self.dataset.fingerprint():
+            raise ValueError("data iterator state was saved for a different data config or different streams "
+                             f"(fingerprint {state.get('fingerprint')} != {self.dataset.fingerprint()}); restoring it "
+                             "would not continue the same sequence")
+        self.skipped = int(state["skipped"])
+        self._start(int(state["next_batch"]))
+
+    def close(self) -> None:
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def make_pipeline(streams: Mapping[str, Any], config: DataConfig, *, process_index: int | None = None,
+                  process_count: int | None = None, tokenizer: Callable | None = None, worker_count: int = 0,
+                  worker_buffer_size: int = 2, read_threads: int = 1, prefetch: int = 2) -> DataIterator:
+    """The training input: streams (name -> source) mixed per `config`, this host's share of each global batch."""
+    dataset = BatchDataset(streams, config, process_index, process_count, tokenizer)
+    return DataIterator(dataset, worker_count, worker_buffer_size, read_threads, prefetch)

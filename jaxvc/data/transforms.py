@@ -1,0 +1,129 @@
+"""Per-example transforms: clip sampling, reference selection, resize and crop, subject highlight, reference
+augmentation, frozen videos, and the conversion to float in [-1, 1].
+
+All randomness comes from the `np.random.Generator` passed in, so an example is a pure function of its seed.
+Images are uint8 (H, W, 3) until `to_signed_float`.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def sample_clip(num_available: int, clip_length: int, stride: int, rng: np.random.Generator | None,
+                position: str = "random") -> np.ndarray:
+    """Frame indices (clip_length,) of a clip with the given stride. Too-short videos use the largest stride that
+    fits, and if even stride 1 does not fit, repeat their last frame. position: "random" start, "center" or "start"."""
+    if num_available < 1 or clip_length < 1 or stride < 1:
+        raise ValueError(f"sample_clip: num_available={num_available}, clip_length={clip_length}, stride={stride}")
+    if clip_length > 1 and (clip_length - 1) * stride + 1 > num_available:
+        stride = max(1, (num_available - 1) // (clip_length - 1))
+    span = (clip_length - 1) * stride + 1
+    if span > num_available:
+        return np.minimum(np.arange(clip_length), num_available - 1)
+    if position == "random":
+        start = int(rng.integers(0, num_available - span + 1))
+    elif position == "center":
+        start = (num_available - span) // 2
+    elif position == "start":
+        start = 0
+    else:
+        raise ValueError(f"clip position must be 'random', 'center' or 'start', got {position!r}")
+    return start + stride * np.arange(clip_length)
+
+
+REFERENCE_MODES = ("random", "video", "candidates", "first", "center", "last")
+
+
+def choose_reference(clip: np.ndarray, num_available: int, rng: np.random.Generator, mode: str = "random",
+                     candidates: tuple[int, ...] = (0, 9, 18, 27, 36, 45)) -> int:
+    """Index (into the record's frames) of the reference frame for a video example.
+    random: a random frame of the clip; video: any frame of the record; candidates: a random one of the given
+    positions within the clip (those inside it); first / center / last: that frame of the clip."""
+    if mode == "random":
+        return int(clip[rng.integers(len(clip))])
+    if mode == "video":
+        return int(rng.integers(num_available))
+    if mode == "candidates":
+        inside = [c for c in candidates if 0 <= c < len(clip)] or [0]
+        return int(clip[inside[int(rng.integers(len(inside)))]])
+    if mode == "first":
+        return int(clip[0])
+    if mode == "center":
+        return int(clip[len(clip) // 2])
+    if mode == "last":
+        return int(clip[-1])
+    raise ValueError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}")
+
+
+def crop_box(height: int, width: int, size: tuple[int, int], rng: np.random.Generator | None,
+             random: bool = True) -> tuple[float, float, float, float]:
+    """The (left, top, right, bottom) source box that, resized to `size` (H, W), fills it without distortion
+    (resize the short side, then crop; random or centred offset)."""
+    out_h, out_w = size
+    scale = max(out_h / height, out_w / width)
+    box_w, box_h = out_w / scale, out_h / scale
+    if random and rng is not None:
+        left = rng.uniform(0, width - box_w) if width - box_w > 1e-6 else 0.0
+        top = rng.uniform(0, height - box_h) if height - box_h > 1e-6 else 0.0
+    else:
+        left, top = (width - box_w) / 2, (height - box_h) / 2
+    return (left, top, left + box_w, top + box_h)
+
+
+def resize_crop(frames: np.ndarray, size: tuple[int, int], box) -> np.ndarray:
+    """(K, h, w, 3) uint8 -> (K, H, W, 3): crop `box` and resize (bilinear, antialiased when downscaling)."""
+    out_h, out_w = size
+    if frames.shape[1:3] == (out_h, out_w) and tuple(round(b, 6) for b in box) == (0, 0, out_w, out_h):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.BILINEAR, box=box))
+                     for f in frames])
+
+
+def resize_crop_mask(masks: np.ndarray, size: tuple[int, int], box) -> np.ndarray:
+    """(K, h, w) bool -> (K, H, W) bool, nearest neighbour with the same box as the frames."""
+    out_h, out_w = size
+    if masks.shape[1:3] == (out_h, out_w) and tuple(round(b, 6) for b in box) == (0, 0, out_w, out_h):
+        return masks.astype(bool)
+    return np.stack([np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((out_w, out_h), Image.NEAREST,
+                                                                                 box=box)) > 127 for m in masks])
+
+
+def highlight_subject(image: np.ndarray, mask: np.ndarray, fill: int = 255) -> np.ndarray:
+    """Subject highlight (VideoMaker): pixels outside the subject mask set to `fill` (white)."""
+    out = image.copy()
+    out[~mask.astype(bool)] = fill
+    return out
+
+
+def augment_reference(image: np.ndarray, rng: np.random.Generator, hflip: float = 0.5, degrees: float = 10.0,
+                      translate: float = 0.1, scale: tuple[float, float] = (0.9, 1.1), fill: int = 255) -> np.ndarray:
+    """Random horizontal flip, then a random affine map (rotation within +-degrees, translation within +-translate
+    of the size, scale in the range) about the centre; uncovered pixels get `fill`."""
+    if rng.random() < hflip:
+        image = image[:, ::-1]
+    if degrees == 0 and translate == 0 and scale == (1.0, 1.0):
+        return np.ascontiguousarray(image)
+    h, w = image.shape[:2]
+    angle = np.deg2rad(rng.uniform(-degrees, degrees))
+    tx, ty = rng.uniform(-translate, translate, 2) * (w, h)
+    s = rng.uniform(*scale)
+    cx, cy = w / 2, h / 2
+    # Output pixel p' comes from input p = c + R(-angle) (p' - c - t) / s  (PIL wants this inverse map).
+    cos, sin = np.cos(angle) / s, np.sin(angle) / s
+    a, b, d, e = cos, sin, -sin, cos
+    c = cx - a * (cx + tx) - b * (cy + ty)
+    f = cy - d * (cx + tx) - e * (cy + ty)
+    out = Image.fromarray(np.ascontiguousarray(image)).transform(
+        (w, h), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR, fillcolor=(fill,) * 3)
+    return np.asarray(out)
+
+
+def frozen_video(image: np.ndarray, num_frames: int) -> np.ndarray:
+    """A still image repeated over time: (H, W, C) -> (num_frames, H, W, C)."""
+    return np.repeat(image[None], num_frames, axis=0)
+
+
+def to_signed_float(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
