@@ -70,6 +70,7 @@ def get_config(variant=None):
     config.log_every = 1
     config.sample_every = 0  # steps between sample videos (method.sample), 0: never
     config.max_nonfinite_in_a_row = 3
+    config.preemption_check_every = 10  # steps between the hosts' SIGTERM agreement (multi-process runs only)
     config.peak_flops_per_device = config_dict.placeholder(float)  # None: from the device table (no MFU on CPU)
     config.progress_bar = True
 

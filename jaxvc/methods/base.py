@@ -21,6 +21,11 @@ class Method(abc.ABC):
     """Base class for a trainable method."""
 
     name: str = "method"
+    # False when ``init_params`` reads weight files (not traceable): the trainer then calls it eagerly and places
+    # the host arrays onto their shardings instead of jitting it with ``out_shardings``.
+    init_params_jittable: bool = True
+    # Optional hook, looked up by the trainer: ``sample(self, params, rng) -> {name: (N, F, H, W, 3) videos in
+    # [-1, 1]}``; called every ``config.sample_every`` steps on the (EMA if any) full parameter tree under jit.
 
     @abc.abstractmethod
     def abstract_params(self) -> PyTree:

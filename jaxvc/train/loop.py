@@ -10,6 +10,7 @@
 * each step is one call of the compiled step (state donated); metrics are fetched one step behind so the host
   never stalls the device, except at log/checkpoint/sample points;
 * SIGTERM (preemption) finishes the current step, saves, waits for the write and returns (``preempted=True``);
+  with several processes the hosts agree on stopping every ``config.preemption_check_every`` steps;
   ``config.max_nonfinite_in_a_row`` consecutive non-finite steps raise ``NonFiniteError`` without saving.
 """
 from __future__ import annotations
@@ -273,6 +274,8 @@ class Trainer:
         ckpt_every = int(setting(config, "checkpoint.every", 0))
         sample_every = int(setting(config, "sample_every", 0))
         max_nonfinite = int(setting(config, "max_nonfinite_in_a_row", 0))
+        # One process reads its own SIGTERM flag every step; several must agree (a collective), so less often.
+        check_every = 1 if jax.process_count() == 1 else int(setting(config, "preemption_check_every", 10))
         peak = peak_flops_per_device(self.mesh.devices.flat[0], setting(config, "peak_flops_per_device", None))
         writer = MetricWriter(self.workdir / "tensorboard")
         progress = _progress_bar(bool(setting(config, "progress_bar", True)), self.steps, start)
@@ -320,7 +323,8 @@ class Trainer:
                     window_steps += 1
                     done = step_index + 1
                     progress.update(1)
-                    stop = distributed.any_process(preemption.requested)
+                    stop = (done % check_every == 0 or done == self.steps) and distributed.any_process(
+                        preemption.requested)
                     do_log = log_every > 0 and (done % log_every == 0 or done == self.steps)
                     do_ckpt = stop or done == self.steps or (ckpt_every > 0 and done % ckpt_every == 0)
                     do_sample = sample_every > 0 and done % sample_every == 0
