@@ -66,3 +66,10 @@ def install_reference_injection(unet, num_frames: int, reference_cross_attention
         else:
             processors[name] = AttnProcessor2_0()
     unet.set_attn_processor(processors)
+
+
+def remove_reference_injection(unet) -> None:
+    """Back to plain SDPA attention everywhere."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())

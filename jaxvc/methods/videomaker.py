@@ -1,0 +1,236 @@
+"""VideoMaker (arXiv 2412.19645): zero-shot customized video generation with the video model's own features.
+
+Read top to bottom: the reference image becomes one extra, **last** latent frame of the video; every UNet layer
+processes the F+1 frames (ResNets per frame, motion modules over F+1 frames, cross-attention with the same text);
+in every spatial self-attention (PISA, ``jaxvc/models/transformer2d.py``) each generated frame attends over
+``[its own tokens; the reference tokens]`` and the reference's own outputs are averaged over the F frames.
+No new parameters: training updates the spatial self-attention (attn1 q/k/v/out) and the motion modules.
+
+Training objective, Guidance Information Recognition Loss (GIRL):
+    t ~ U{0..T-1},  z_t = noised video latents (B, F, h, w, c)
+    t' = floor(alpha * t) (alpha = 0.01),  r_t' = reference latent noised at t' (the "remind" timestep)
+    eps_hat = UNet([z_t ; r_t'], t, text)   (B, F+1, h, w, c); the reference frame gets the same t and text
+    L = ||eps - eps_hat[:, :F]||^2 + beta * ||eps_r - eps_hat[:, F]||^2   (beta = 0.1, plain mean MSE)
+Condition dropout for classifier-free guidance: text -> the empty prompt and/or reference -> zeros (the
+unconditional branch at inference uses a zero reference latent, as the authors' code).
+
+Ablation switches (the paper's Table): ``girl`` (off: clean reference, no reference loss), ``reference_cross_attention``
+(off: the reference frame skips attn2), ``train_motion_modules`` (off: only spatial self-attention trains).
+``train_all_unet`` trains every UNet weight (for models trained from scratch, e.g. the demo's synthetic world).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxvc.diffusion import losses as diffusion_losses
+from jaxvc.diffusion.schedule import NoiseSchedule, add_noise, get_target, make_schedule
+from jaxvc.methods.base import Method
+from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
+from jaxvc.models.unet import UNetConfig, UNetMotion
+from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoMakerOptions:
+    girl: bool = True
+    girl_alpha: float = 0.01            # t' = floor(alpha * t)
+    girl_beta: float = 0.1              # weight of the reference-frame loss
+    reference_cross_attention: bool = True
+    train_spatial_self_attention: bool = True
+    train_motion_modules: bool = True
+    train_all_unet: bool = False
+    drop_both_prob: float = 0.1         # text -> "" and reference -> zeros together
+    drop_text_prob: float = 0.0
+    drop_reference_prob: float = 0.0
+    prediction_type: str = "epsilon"
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    snr_gamma: float | None = None      # min-SNR weighting (off by default, as the paper)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> "VideoMakerOptions":
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"videomaker: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def is_spatial_self_attention(path: tuple[str, ...]) -> bool:
+    """``attn1`` of a spatial transformer block (down, mid or up), not of a motion module."""
+    return "attn1" in path and any(p.startswith("attentions_") for p in path) and not is_motion_module(path)
+
+
+def is_motion_module(path: tuple[str, ...]) -> bool:
+    return any(p.startswith("motion_modules_") for p in path)
+
+
+class VideoMaker(Method):
+    """Parameters: ``{"params": {"unet": ..., "text_encoder": ..., "vae": ...}}`` (``vae`` absent in pixel space).
+
+    ``vae_config=None`` runs the diffusion in pixel space (the UNet's in/out channels must then be 3), which is how
+    the demo trains a tiny model from scratch on a CPU.
+    """
+    name = "videomaker"
+
+    def __init__(self, unet_config: UNetConfig, text_config: CLIPTextConfig, vae_config: VAEConfig | None,
+                 options: VideoMakerOptions, empty_prompt_tokens, *, num_frames: int, image_size: int,
+                 pretrained: Mapping[str, Any] | None = None):
+        if unet_config.motion is None:
+            raise ValueError("videomaker: the UNet needs motion modules (unet_config.motion is None)")
+        latent_channels = 3 if vae_config is None else vae_config.latent_channels
+        if unet_config.in_channels != latent_channels or unet_config.out_channels != latent_channels:
+            raise ValueError(f"videomaker: UNet in/out channels ({unet_config.in_channels}, "
+                             f"{unet_config.out_channels}) must equal the latent channels ({latent_channels})")
+        if unet_config.cross_attention_dim != text_config.hidden_size:
+            raise ValueError(f"videomaker: UNet cross_attention_dim {unet_config.cross_attention_dim} != text "
+                             f"encoder hidden_size {text_config.hidden_size}")
+        self.unet = UNetMotion(unet_config)
+        self.text_encoder = CLIPTextEncoder(text_config)
+        self.vae = None if vae_config is None else AutoencoderKL(vae_config)
+        self.options = options
+        self.empty_prompt_tokens = jnp.asarray(empty_prompt_tokens, jnp.int32).reshape(1, -1)  # (1, 77)
+        self.num_frames, self.image_size = num_frames, image_size
+        self.pretrained = dict(pretrained or {})
+        self.schedule: NoiseSchedule = make_schedule(
+            options.beta_schedule, beta_start=options.beta_start, beta_end=options.beta_end,
+            num_train_timesteps=options.num_train_timesteps)
+
+    # ---------------------------------------------------------------- shapes and parameters
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // (1 if self.vae is None else self.vae.config.downsample_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def _unet_example(self):
+        size, c = self.latent_size, self.latent_channels
+        sample = jax.ShapeDtypeStruct((1, self.num_frames, size, size, c), jnp.float32)
+        text = jax.ShapeDtypeStruct((1, self.empty_prompt_tokens.shape[1], self.unet.config.cross_attention_dim),
+                                    jnp.float32)
+        return sample, text
+
+    def abstract_params(self):
+        sample, text = self._unet_example()
+        unet = jax.eval_shape(self.unet.init, jax.random.key(0), sample, jnp.zeros((1,), jnp.int32), text)
+        tree = {"unet": unet["params"],
+                "text_encoder": abstract_clip_text_params(self.text_encoder.config)["params"]}
+        if self.vae is not None:
+            tree["vae"] = abstract_vae_params(self.vae.config)["params"]
+        return {"params": tree}
+
+    def init_params(self, rng):
+        unet_rng, text_rng, vae_rng = jax.random.split(rng, 3)
+        sample, text = self._unet_example()
+        tree = {"unet": nn.unbox(self.unet.init(unet_rng, jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
+                                                jnp.zeros(text.shape)))["params"],
+                "text_encoder": nn.unbox(self.text_encoder.init(
+                    text_rng, jnp.broadcast_to(self.empty_prompt_tokens, (1, self.empty_prompt_tokens.shape[1]))
+                ))["params"]}
+        if self.vae is not None:
+            size = self.vae.config.downsample_factor
+            tree["vae"] = nn.unbox(self.vae.init(vae_rng, jnp.zeros((1, size, size, self.vae.config.in_channels))))[
+                "params"]
+        for name, loaded in self.pretrained.items():
+            if name not in tree:
+                raise ValueError(f"videomaker: pretrained weights given for unknown component '{name}'")
+            tree[name] = loaded
+        return {"params": tree}
+
+    def trainable(self, path: tuple[str, ...]) -> bool:
+        if len(path) < 2 or path[1] != "unet":
+            return False  # VAE and text encoder are frozen
+        if self.options.train_all_unet:
+            return True
+        if self.options.train_spatial_self_attention and is_spatial_self_attention(path):
+            return True
+        return self.options.train_motion_modules and is_motion_module(path)
+
+    # ---------------------------------------------------------------- conditioning
+    def encode_text(self, params, tokens):
+        """tokens (B, 77) -> (B, 77, D) last hidden state of the frozen text encoder."""
+        out = self.text_encoder.apply({"params": params["params"]["text_encoder"]}, tokens)
+        return jax.lax.stop_gradient(out["last_hidden_state"])
+
+    def encode_pixels(self, params, video):
+        """video (B, F, H, W, 3) in [-1, 1] -> latents (B, F, h, w, c) (identity in pixel space)."""
+        if self.vae is None:
+            return video
+        latents = encode_video(self.vae, {"params": params["params"]["vae"]}, video)
+        return jax.lax.stop_gradient(latents)
+
+    def decode_latents(self, params, latents):
+        if self.vae is None:
+            return jnp.clip(latents, -1.0, 1.0)
+        return jnp.clip(decode_video(self.vae, {"params": params["params"]["vae"]}, latents), -1.0, 1.0)
+
+    def denoise(self, params, noisy_latents, timesteps, text_embeddings, reference_latent):
+        """The UNet on [video frames; reference frame]: (B, F, h, w, c) + (B, 1, h, w, c) -> (B, F+1, h, w, c)."""
+        return self.unet.apply({"params": params["params"]["unet"]}, noisy_latents, timesteps, text_embeddings,
+                               reference_latent=reference_latent,
+                               reference_cross_attention=self.options.reference_cross_attention)
+
+    # ---------------------------------------------------------------- the loss
+    def loss(self, params, batch, rng):
+        opts = self.options
+        rng_t, rng_noise, rng_ref_noise, rng_drop = jax.random.split(rng, 4)
+        latents = batch["latents"] if "latents" in batch else self.encode_pixels(params, batch["video"])
+        if "reference_latent" in batch:
+            reference = batch["reference_latent"]
+        else:
+            reference = self.encode_pixels(params, batch["reference"][:, None])  # (B, 1, h, w, c)
+        tokens = batch["tokens"]
+        batch_size, num_frames = latents.shape[:2]
+
+        # condition dropout: per example, both / text only / reference only
+        u = jax.random.uniform(rng_drop, (batch_size,))
+        drop_both = u < opts.drop_both_prob
+        drop_text = drop_both | ((u >= opts.drop_both_prob) & (u < opts.drop_both_prob + opts.drop_text_prob))
+        lo = opts.drop_both_prob + opts.drop_text_prob
+        drop_reference = drop_both | ((u >= lo) & (u < lo + opts.drop_reference_prob))
+        tokens = jnp.where(drop_text[:, None], self.empty_prompt_tokens, tokens)
+        reference = jnp.where(drop_reference[:, None, None, None, None], 0.0, reference)
+        text = self.encode_text(params, tokens)
+
+        t = diffusion_losses.sample_timesteps(rng_t, batch_size, opts.num_train_timesteps)
+        noise = jax.random.normal(rng_noise, latents.shape, latents.dtype)
+        noisy = add_noise(self.schedule, latents, noise, t)
+        if opts.girl:
+            t_ref = jnp.floor(opts.girl_alpha * t).astype(jnp.int32)  # the "remind" timestep t' = floor(0.01 t)
+            reference_noise = jax.random.normal(rng_ref_noise, reference.shape, reference.dtype)
+            reference_input = add_noise(self.schedule, reference, reference_noise, t_ref)
+        else:
+            reference_input = reference
+
+        prediction = self.denoise(params, noisy, t, text, reference_input)  # (B, F+1, h, w, c)
+        video_target = get_target(self.schedule, latents, noise, t, opts.prediction_type)
+        weighting = "min_snr" if opts.snr_gamma else None
+        video_loss, _ = diffusion_losses.diffusion_loss(
+            self.schedule, prediction[:, :num_frames], latents, noise, t, prediction_type=opts.prediction_type,
+            weighting=weighting, snr_gamma=opts.snr_gamma or 5.0)
+        metrics = {"video_loss": video_loss,
+                   "video_mse_unweighted": jnp.mean(jnp.square(prediction[:, :num_frames] - video_target))}
+        total = video_loss
+        if opts.girl:
+            reference_target = get_target(self.schedule, reference, reference_noise, t_ref, opts.prediction_type)
+            reference_loss = jnp.mean(jnp.square(prediction[:, num_frames:] - reference_target))
+            total = total + opts.girl_beta * reference_loss
+            metrics["reference_loss"] = reference_loss
+        metrics["drop_reference_rate"] = jnp.mean(drop_reference.astype(jnp.float32))
+        return total, metrics
+
+    def example_batch(self, batch_size: int):
+        size = self.image_size
+        return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
+                "reference": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                "tokens": jax.ShapeDtypeStruct((batch_size, self.empty_prompt_tokens.shape[1]), jnp.int32)}
