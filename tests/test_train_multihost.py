@@ -55,7 +55,7 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     errors = {}
     for key in keys:
         a, b = multi[key].astype(np.float64), one[key].astype(np.float64)
-        errors[key] = np.linalg.norm(a - b) / np.linalg.norm(b)
+        errors[key] = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
     # float32 rounding (gloo's cross-process all-reduce sums in another order), amplified a little by Adam
     assert max(errors.values()) < 1e-5, errors
     assert list(multi["checkpoints"]) == [2, 3] == list(one["checkpoints"])

@@ -218,3 +218,54 @@ def test_loop_writes_tensorboard_samples_and_config(tmp_path):
     # Running again finds the finished run's checkpoint and does nothing.
     again = train(config, ToyDenoiser(config), lambda rows: toy_data.from_config(config, rows), tmp_path)
     assert again.start_step == 2 and again.history == []
+
+
+def test_checkpoints_keep_latest_and_best(tmp_path):
+    from jaxvc.train.checkpoint import Checkpointer
+
+    cfg = get_config("configs/toy.py").checkpoint
+    cfg.keep, cfg.keep_best, cfg.use_async = 2, 1, False
+    checkpointer = Checkpointer(tmp_path, cfg)
+    for step, loss in zip(range(1, 6), [5.0, 1.0, 4.0, 3.0, 2.0]):
+        checkpointer.save(step, {"x": jnp.full((3,), step, jnp.float32)}, {"next_batch": step}, {"method": "toy"},
+                          {"loss": loss})
+    checkpointer.wait()
+    assert checkpointer.all_steps() == [2, 4, 5]  # the best (loss 1.0) and the latest two
+    tree, data_state, saved_config = checkpointer.restore(2, {"x": jax.ShapeDtypeStruct((3,), jnp.float32)})
+    np.testing.assert_array_equal(np.asarray(tree["x"]), [2, 2, 2])
+    assert data_state == {"next_batch": 2} and saved_config == {"method": "toy"}
+    checkpointer.close()
+
+
+class HostLoadedToy(ToyDenoiser):
+    """Weights 'read from files': the same numpy arrays whatever the key (the path for converted checkpoints)."""
+
+    init_params_jittable = False
+
+    def __init__(self, config, weights):
+        super().__init__(config)
+        self.weights = weights
+
+    def init_params(self, rng):
+        return jax.tree.map(np.copy, self.weights)
+
+
+def test_host_loaded_weights_and_checkpoints_without_frozen(tmp_path):
+    config = fast_config("steps=1", "checkpoint.save_frozen=false")
+    key = jax.random.PRNGKey(3)
+    base = ToyDenoiser(config)
+    weights = jax.tree.map(lambda x: np.asarray(x) + 1.0, jax.device_get(
+        jax.jit(base.init_params).lower(key).compile({"xla_backend_optimization_level": 0})(key)))
+    method = HostLoadedToy(config, weights)
+    trainer = Trainer(config, method, tmp_path)
+    expected = weights
+    result = trainer.fit(toy_data.from_config(config))
+    frozen_expected = split_params(expected, method.trainable)[1]
+    for a, b in zip(jax.tree.leaves(host(result.state.frozen)), jax.tree.leaves(frozen_expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # the checkpoint holds no frozen weights; restoring rebuilds them from the method
+    metadata = trainer.checkpointer.manager.item_metadata(1)["state"]
+    assert "frozen" not in metadata.tree and "params" in metadata.tree
+    restored, _, _ = Trainer(config, method, tmp_path).restore()
+    for a, b in zip(jax.tree.leaves(host(restored)), jax.tree.leaves(host(result.state)), strict=True):
+        np.testing.assert_array_equal(a, b)
