@@ -264,7 +264,10 @@ def _pack_shard(args: tuple[dict, str, dict]) -> dict:
             records.append(serialize_example(example, options["frame_format"], options["quality"]))
         except Exception as e:  # any unreadable file is reported and skipped, never fatal
             where = item.get("paths", [f"synthetic {item.get('synthetic')}"])[0]
-            skipped.append({"path": where, "error": str(e)})
+            message = str(e)
+            if message.startswith(where + ": "):
+                message = message[len(where) + 2:]
+            skipped.append({"path": where, "error": f"{type(e).__name__}: {message}"})
     tmp = os.path.join(output, shard["name"] + ".tmp")
     write_shard(tmp, records)
     os.replace(tmp, os.path.join(output, shard["name"]))

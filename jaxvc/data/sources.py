@@ -40,7 +40,8 @@ class PackedSource:
             self.description = f"{directory} ({', '.join(wanted)})"
         else:
             paths = sorted(glob.glob(directory)) if isinstance(directory, str) else [str(p) for p in directory]
-            self.description = str(directory)
+            where = directory if isinstance(directory, str) else (os.path.dirname(paths[0]) if paths else "none")
+            self.description = paths[0] if len(paths) == 1 else f"{len(paths)} shards in {where}"
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"shard files missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

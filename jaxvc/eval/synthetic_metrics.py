@@ -343,7 +343,7 @@ def evaluate_video(world: "syn.SyntheticWorld", frames, subject_id: int, motion:
         for attr in ("shape", "color", "pattern"):
             hits[attr].append(guess[attr] == getattr(subject, attr))
         hits["subject"].append(all(hits[a][-1] for a in ("shape", "color", "pattern")))
-    scale = len(idx) / len(frames)  # frames without a subject count as misses
+    scale = float(present.mean())  # frames without a subject count as misses
     for key, vals in hits.items():
         result[f"{key}_accuracy"] = float(np.mean(vals)) * scale if vals else 0.0
 

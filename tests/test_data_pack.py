@@ -1,0 +1,167 @@
+"""`jaxvc pack`: folders and manifests of real media (videos via PyAV, images, pairs, captions, masks) into
+ArrayRecord shards; broken files reported and skipped; resumable; the synthetic world packs losslessly."""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxvc import cli
+from jaxvc.data import records
+from jaxvc.data.pipeline import BatchDataset, DataConfig
+from jaxvc.data.sources import FolderSource, PackedSource
+from jaxvc.data.synthetic import SyntheticWorld
+
+
+def write_video(path, frames, codec="mpeg4", fps=8):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def moving_square(n=12, h=24, w=32):
+    frames = np.full((n, h, w, 3), 40, np.uint8)
+    masks = np.zeros((n, h, w), bool)
+    for k in range(n):
+        frames[k, 8:16, 2 + k:10 + k] = (220, 180, 30)
+        masks[k, 8:16, 2 + k:10 + k] = True
+    return frames, masks
+
+
+@pytest.fixture(scope="module")
+def media_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media")
+    frames, masks = moving_square()
+    write_video(root / "clip_a.mp4", frames)
+    write_video(root / "clip_a.mask.mp4", np.repeat(masks[..., None] * np.uint8(255), 3, -1))
+    (root / "clip_a.txt").write_text("a yellow square moves right\na square slides\n")
+    sub = root / "more"
+    sub.mkdir()
+    write_video(sub / "clip_b.webm", frames[:6], codec="libvpx")
+    Image.fromarray(frames[0]).save(root / "photo.png")
+    (root / "photo.txt").write_text("a photo\n")
+    Image.fromarray(frames[1]).save(root / "pair_0.jpg")
+    Image.fromarray(frames[5]).save(root / "pair_1.jpg")
+    (root / "pair_0.txt").write_text("view zero\n")
+    (root / "pair_1.txt").write_text("view one\n")
+    # Broken files: random bytes named .mp4, an empty .mov, a truncated JPEG.
+    (root / "broken.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    (root / "empty.mov").write_bytes(b"")
+    good_jpeg = (root / "pair_0.jpg").read_bytes()
+    (sub / "truncated.jpg").write_bytes(good_jpeg[:60])
+    (root / "notes.md").write_text("not media")
+    return root, frames, masks
+
+
+def shard_times(out):
+    return {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n.endswith(".array_record")}
+
+
+def test_pack_folder_packs_good_files_and_reports_broken(media_folder, tmp_path, capsys):
+    root, frames, masks = media_folder
+    out = str(tmp_path / "packed")
+    rc = cli.main(["pack", str(root), "-o", out, "--records-per-shard", "1", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert "packed 4 records (2 video, 1 image_pair, 1 image)" in text
+    assert "skipped 3 unreadable file(s)" in text
+    for name in ("broken.mp4", "empty.mov", "truncated.jpg"):
+        assert name in text
+    info = json.load(open(os.path.join(out, "dataset_info.json")))
+    assert {k: v["records"] for k, v in info["kinds"].items()} == {"video": 2, "image_pair": 1, "image": 1}
+    assert sorted(os.path.basename(s["path"]) for s in info["skipped"]) == ["broken.mp4", "empty.mov", "truncated.jpg"]
+
+    videos = PackedSource(out, kinds="video")
+    by_source = {os.path.basename(videos[i]["source"]): videos[i] for i in range(len(videos))}
+    clip = by_source["clip_a.mp4"]
+    assert clip["captions"] == ["a yellow square moves right", "a square slides"] and clip["fps"] == 8.0
+    decoded = records.decode_frames(clip)
+    assert decoded.shape == frames.shape
+    assert np.abs(decoded.astype(float) - frames).mean() < 6  # MPEG-4 + JPEG are lossy, but close
+    mask = records.decode_mask(clip)
+    assert mask.shape == masks.shape and (mask == masks).mean() > 0.97
+    assert records.num_frames(by_source["clip_b.webm"]) == 6 and by_source["clip_b.webm"]["mask"] is None
+    pair = PackedSource(out, kinds="image_pair")[0]
+    assert pair["captions"] == ["view zero", "view one"] and records.num_frames(pair) == 2
+    assert PackedSource(out, kinds="image")[0]["captions"] == ["a photo"]
+
+    # The packed folder feeds the pipeline directly.
+    batch = BatchDataset({"video": videos, "pairs": PackedSource(out, kinds=["image_pair", "image"])},
+                         DataConfig(batch_size=4, image_size=16, num_frames=4, frame_stride=2), 0, 1)[0]
+    assert batch["video"].shape == (4, 4, 16, 16, 3) and int(batch["num_skipped"]) == 0
+
+
+def test_pack_resumes_and_refuses_a_different_input(media_folder, tmp_path, capsys):
+    root, _, _ = media_folder
+    out = str(tmp_path / "packed")
+    args = ["pack", str(root), "-o", out, "--records-per-shard", "1", "--no-progress"]
+    assert cli.main(args) == 0
+    first = shard_times(out)
+    assert len(first) == 7  # one planned shard per media file (those of broken files hold no records)
+    assert cli.main(args) == 0  # nothing left to do: no shard rewritten
+    assert shard_times(out) == first
+    # Interrupted run: one shard never finished (its file is missing): only that shard is written again.
+    victim = sorted(first)[0]
+    os.remove(os.path.join(out, victim))
+    assert cli.main(args) == 0
+    again = shard_times(out)
+    assert {n for n in first if again[n] != first[n]} == {victim}
+    # A different plan (other options) refuses to mix into the same output unless --restart.
+    with pytest.raises(ValueError, match="different input or options"):
+        cli.main(args + ["--frame-format", "png"])
+    assert cli.main(args + ["--frame-format", "png", "--restart"]) == 0
+    capsys.readouterr()
+
+
+def test_pack_manifest_with_pairs_panels_and_missing_files(media_folder, tmp_path, capsys):
+    root, frames, _ = media_folder
+    panel = np.concatenate([frames[0], frames[7]], axis=1)  # a two-panel image (Subjects200K style)
+    Image.fromarray(panel).save(tmp_path / "panel.png")
+    manifest = tmp_path / "list.jsonl"
+    lines = [{"images": [str(root / "pair_0.jpg"), str(root / "pair_1.jpg")], "description_0": "d0",
+              "description_1": "d1"},
+             {"image": "panel.png", "split_panels": True, "captions": ["left", "right"]},
+             {"video": str(root / "clip_a.mp4"), "caption": "one caption", "mask": str(root / "clip_a.mask.mp4")},
+             {"video": "does_not_exist.mp4"}]
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = str(tmp_path / "out")
+    assert cli.main(["pack", str(manifest), "-o", out, "--frame-format", "png", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "does_not_exist.mp4" in text and "skipped 1 unreadable" in text
+    pairs = PackedSource(out, kinds="image_pair")
+    got = {tuple(pairs[i]["captions"]): pairs[i] for i in range(len(pairs))}
+    assert set(got) == {("d0", "d1"), ("left", "right")}
+    left, right = records.decode_frames(got[("left", "right")])  # PNG: lossless
+    np.testing.assert_array_equal(left, frames[0])
+    np.testing.assert_array_equal(right, frames[7])
+    video = PackedSource(out, kinds="video")[0]
+    assert video["captions"] == ["one caption"] and records.decode_mask(video).shape == (12, 24, 32)
+    # The same manifest read without packing.
+    folder = FolderSource(str(manifest))
+    assert len(folder) == 4 and folder[0]["kind"] == "image_pair"
+
+
+def test_pack_synthetic_world_is_lossless(tmp_path, capsys):
+    out = str(tmp_path / "syn")
+    rc = cli.main(["pack", "-o", out, "--synthetic-videos", "5", "--synthetic-pairs", "3", "--synthetic-size", "16",
+                   "--synthetic-frames", "4", "--synthetic-subjects", "10", "--synthetic-held-out", "2",
+                   "--frame-format", "png", "--no-progress", "--workers", "1"])
+    assert rc == 0 and "packed 8 records" in capsys.readouterr().out
+    world = SyntheticWorld(image_size=16, num_frames=4, num_subjects=10, held_out=2)
+    videos = PackedSource(out, kinds="video")
+    assert len(videos) == 5
+    rec = videos[2]
+    _, subject, motion, seed = rec["source"].split(":")[1:]
+    frames, masks, caption, _ = world.video(int(subject), motion, seed=int(seed))
+    np.testing.assert_array_equal(records.decode_frames(rec), frames)
+    np.testing.assert_array_equal(records.decode_mask(rec), masks)
+    assert rec["captions"] == [caption]
+    assert int(subject) in world.train_subject_ids

@@ -1,0 +1,236 @@
+"""Grain pipeline: mixture weights, batch-level switching, sharding, shuffling, transforms, corrupt records, and exact
+save/restore of the iterator (with and without worker processes)."""
+import json
+
+import numpy as np
+import pytest
+
+from jaxvc.data import records
+from jaxvc.data.pipeline import BatchDataset, DataConfig, DataIterator, hash_uniform, make_pipeline
+from jaxvc.data.sources import ListSource
+from jaxvc.data.synthetic import SyntheticPairSource, SyntheticVideoSource, SyntheticWorld
+
+SIZE = 8
+
+
+def video_example(i: int, frames: int = 20) -> dict:
+    """Frame k of video i is flat with value 10*k (red) and i (green): the clip's frame indices can be read back."""
+    f = np.zeros((frames, SIZE, SIZE, 3), np.uint8)
+    f[..., 0] = (10 * np.arange(frames))[:, None, None]
+    f[..., 1] = i
+    mask = np.zeros((frames, SIZE, SIZE), bool)
+    mask[:, 2:6, 2:6] = True
+    return {"kind": "video", "frames": f, "mask": mask, "captions": [f"video {i}"], "fps": 8.0, "source": f"v{i}"}
+
+
+def pair_example(i: int) -> dict:
+    views = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    views[0, ..., 2], views[1, ..., 2] = 100, 200
+    views[..., 1] = i
+    return {"kind": "image_pair", "frames": views, "mask": None, "captions": [f"pair {i} view 0", f"pair {i} view 1"],
+            "fps": 0.0, "source": f"p{i}"}
+
+
+class FlakySource(ListSource):
+    """Indices in `bad` raise like an undecodable record."""
+
+    def __init__(self, examples, bad):
+        super().__init__(examples)
+        self.bad = set(bad)
+
+    def __getitem__(self, index):
+        if int(index) in self.bad:
+            raise records.CorruptRecordError(f"record {index} is corrupt")
+        return super().__getitem__(index)
+
+
+PLAIN = dict(image_size=SIZE, num_frames=4, hflip=0.0, affine_degrees=0.0, affine_translate=0.0,
+             affine_scale=(1.0, 1.0), random_crop=False, highlight=False)
+
+
+@pytest.fixture(scope="module")
+def streams():
+    return {"image": ListSource([pair_example(i) for i in range(30)]),
+            "video": ListSource([video_example(i) for i in range(40)])}
+
+
+def test_batch_format(streams):
+    tokenizer = lambda caps: np.array([[len(c), c.count(" ")] for c in caps], np.int32)  # noqa: E731
+    ds = BatchDataset(streams, DataConfig(batch_size=6, image_size=SIZE, num_frames=4), 0, 1, tokenizer)
+    b = ds[3]
+    assert b["video"].shape == (6, 4, SIZE, SIZE, 3) and b["video"].dtype == np.float32
+    assert b["reference"].shape == (6, SIZE, SIZE, 3) and b["reference"].dtype == np.float32
+    assert b["mask"].shape == (6, 4, SIZE, SIZE) and b["has_mask"].dtype == bool
+    assert b["video"].min() >= -1.0 and b["video"].max() <= 1.0
+    assert b["caption"].shape == (6,) and all(isinstance(c, str) for c in b["caption"].tolist())
+    assert b["tokens"].shape == (6, 2) and b["tokens"][0, 0] == len(b["caption"][0])
+    assert set(b["kind"]) <= {"video", "image_pair"} and int(b["batch_index"]) == 3
+    # Masks exist exactly for the video records.
+    np.testing.assert_array_equal(b["has_mask"], b["kind"] == "video")
+
+
+def test_mixture_weights_hold_within_sampling_error(streams):
+    cfg = DataConfig(batch_size=16, weights={"image": 0.7, "video": 0.3}, **PLAIN)
+    ds = BatchDataset(streams, cfg, 0, 1)
+    slots = ds._schedule.streams(0, 2000)  # (batches, slots): stream drawn by every global slot
+    frac = (slots == 1).mean()
+    sigma = np.sqrt(0.3 * 0.7 / slots.size)
+    assert abs(frac - 0.3) < 4 * sigma, (frac, sigma)
+    per_batch = (slots == 1).mean(1)
+    assert np.mean((per_batch > 0) & (per_batch < 1)) > 0.95  # examples of both streams share batches
+    # The materialised batches follow the schedule.
+    for b in range(20):
+        kinds = ds[b]["kind"]
+        np.testing.assert_array_equal(kinds == "video", slots[b] == 1)
+
+
+def test_switching_gives_whole_batches_at_rate_p(streams):
+    p = 0.25
+    cfg = DataConfig(batch_size=8, weights={"image": 1 - p, "video": p}, switch=True, **PLAIN)
+    ds = BatchDataset(streams, cfg, 0, 1)
+    slots = ds._schedule.streams(0, 4000)
+    assert np.all(slots == slots[:, :1])  # one stream per batch
+    frac = (slots[:, 0] == 1).mean()
+    assert abs(frac - p) < 4 * np.sqrt(p * (1 - p) / 4000), frac
+    kinds = [set(ds[b]["kind"].tolist()) for b in range(40)]
+    assert all(len(k) == 1 for k in kinds)
+    assert {next(iter(k)) for k in kinds} == {"video", "image_pair"}
+    # Every host draws the same kind for the same batch.
+    other = BatchDataset(streams, cfg, 1, 2)
+    assert all(set(other[b]["kind"].tolist()) == kinds[b] for b in range(10))
+
+
+def test_every_record_once_per_pass_and_seeded_shuffle(streams):
+    ds = BatchDataset(streams, DataConfig(batch_size=4, seed=3, **PLAIN), 0, 1)
+    n = len(streams["video"])
+    first = [ds.record_index(1, p) for p in range(n)]
+    second = [ds.record_index(1, p) for p in range(n, 2 * n)]
+    assert sorted(first) == list(range(n)) and sorted(second) == list(range(n))
+    assert first != second and first != list(range(n))
+    same = BatchDataset(streams, DataConfig(batch_size=4, seed=3, **PLAIN), 0, 1)
+    other = BatchDataset(streams, DataConfig(batch_size=4, seed=4, **PLAIN), 0, 1)
+    assert [same.record_index(1, p) for p in range(n)] == first
+    assert [other.record_index(1, p) for p in range(n)] != first
+    # Consumed positions per stream are consecutive: after enough batches each stream covered whole passes.
+    cfg = DataConfig(batch_size=10, weights={"image": 0.5, "video": 0.5}, seed=3, **PLAIN)
+    ds = BatchDataset(streams, cfg, 0, 1)
+    seen = [ds._schedule.slots(b) for b in range(30)]
+    video_positions = sorted(p for batch in seen for s, p in batch if s == 1)
+    assert video_positions == list(range(len(video_positions)))
+
+
+def test_per_host_shards_partition_the_global_batch(streams):
+    cfg = DataConfig(batch_size=8, weights={"image": 0.5, "video": 0.5}, **PLAIN)
+    whole = BatchDataset(streams, cfg, 0, 1)
+    hosts = [BatchDataset(streams, cfg, h, 4) for h in range(4)]
+    for b in (0, 5, 17):
+        full = whole[b]
+        parts = [h[b] for h in hosts]
+        for key in ("video", "reference", "mask", "caption", "kind"):
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), full[key])
+    with pytest.raises(ValueError, match="divisible"):
+        BatchDataset(streams, DataConfig(batch_size=6, **PLAIN), 0, 4)
+
+
+def test_clip_sampling_reference_and_frozen_images(streams):
+    cfg = DataConfig(batch_size=16, frame_stride=3, reference="candidates", reference_candidates=(0, 2), **PLAIN)
+    ds = BatchDataset({"video": streams["video"]}, cfg, 0, 1)
+    b = ds[0]
+    frame_ids = np.round((b["video"][..., 0].mean((2, 3)) + 1) * 127.5 / 10).astype(int)  # (B, T)
+    np.testing.assert_array_equal(np.diff(frame_ids, axis=1), 3)  # stride 3, clip length 4
+    ref_ids = np.round((b["reference"][..., 0].mean((1, 2)) + 1) * 127.5 / 10).astype(int)
+    assert all(r in (c[0], c[2]) for r, c in zip(ref_ids, frame_ids))  # one of the candidate positions
+    assert {int(r == c[0]) for r, c in zip(ref_ids, frame_ids)} == {0, 1}
+    # Image pairs: the target is a frozen video of one view; the reference is the other view; caption of target.
+    pairs = BatchDataset({"image": streams["image"]}, DataConfig(batch_size=8, **PLAIN), 0, 1)[0]
+    np.testing.assert_array_equal(pairs["video"], np.repeat(pairs["video"][:, :1], 4, axis=1))
+    target_blue = np.round((pairs["video"][:, 0, 0, 0, 2] + 1) * 127.5)
+    ref_blue = np.round((pairs["reference"][:, 0, 0, 2] + 1) * 127.5)
+    assert set(zip(target_blue.tolist(), ref_blue.tolist())) == {(100.0, 200.0), (200.0, 100.0)}
+    for blue, cap in zip(target_blue, pairs["caption"]):
+        assert cap.endswith("view 0" if blue == 100 else "view 1")
+    single = BatchDataset({"image": streams["image"]}, DataConfig(batch_size=2, image_frames=1, **PLAIN), 0, 1)[0]
+    assert single["video"].shape == (2, 1, SIZE, SIZE, 3)
+
+
+def test_subject_highlight_and_augmentation():
+    world = SyntheticWorld(image_size=32, num_frames=8, num_subjects=12, held_out=2)
+    source = SyntheticVideoSource(world, num_records=10)
+    plain = {**PLAIN, "image_size": 32, "num_frames": 8}
+    hl = BatchDataset({"v": source}, DataConfig(batch_size=4, **{**plain, "highlight": True}, reference="first"),
+                      0, 1)[0]
+    ref = np.round((hl["reference"] + 1) * 127.5)
+    first_mask = hl["mask"][:, 0] > 0
+    assert np.all(ref[~first_mask] == 255)  # outside the subject: white
+    np.testing.assert_array_equal(ref[first_mask], np.round((hl["video"][:, 0] + 1) * 127.5)[first_mask])
+    aug = BatchDataset({"v": source}, DataConfig(batch_size=4, image_size=32, num_frames=8, reference="first",
+                                                 hflip=1.0, affine_degrees=0.0, affine_translate=0.0,
+                                                 affine_scale=(1.0, 1.0), random_crop=False), 0, 1)[0]
+    np.testing.assert_array_equal(aug["reference"], hl["reference"][:, :, ::-1])  # flipped copy of the same view
+
+
+def test_corrupt_records_are_skipped_and_counted():
+    bad = {1, 4, 7, 8}
+    source = FlakySource([video_example(i) for i in range(12)], bad)
+    cfg = DataConfig(batch_size=6, shuffle=False, **PLAIN)
+    it = make_pipeline({"video": source}, cfg, process_index=0, process_count=1)
+    batches = [next(it) for _ in range(4)]  # two passes over the 12 records
+    greens = np.concatenate([np.round((b["video"][:, 0, 0, 0, 1] + 1) * 127.5) for b in batches]).astype(int)
+    assert not set(greens.tolist()) & bad
+    assert sum(int(b["num_skipped"]) for b in batches) >= 2 * len(bad)
+    assert it.skipped == sum(int(b["num_skipped"]) for b in batches)
+    it.close()
+    hopeless = FlakySource([video_example(0)], {0})
+    with pytest.raises(records.CorruptRecordError, match="could not be read"):
+        BatchDataset({"video": hopeless}, DataConfig(batch_size=1, max_retries=2, **PLAIN), 0, 1)[0]
+
+
+def _assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_state_restore_continues_exactly_with_and_without_workers():
+    world = SyntheticWorld(image_size=16, num_frames=4, num_subjects=10, held_out=2)
+    streams = {"image": SyntheticPairSource(world, num_records=20), "video": SyntheticVideoSource(world, num_records=25)}
+    cfg = DataConfig(batch_size=4, image_size=16, num_frames=4, weights={"image": 0.6, "video": 0.4}, seed=7)
+    it = make_pipeline(streams, cfg, process_index=0, process_count=1)
+    for _ in range(9):  # mid-epoch: 9 batches of 4 slots over streams of 20 and 25 records
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["next_batch"] == 9
+    expected = [next(it) for _ in range(4)]
+    # Restoring into a fresh iterator continues exactly; so does restoring into one that already ran elsewhere.
+    it.set_state(state)
+    _assert_same([next(it) for _ in range(4)], expected)
+    it.close()
+    # With worker processes: the same batches, and a worker run saved mid-epoch gives the same state.
+    workers = make_pipeline(streams, cfg, process_index=0, process_count=1, worker_count=2)
+    for _ in range(9):
+        next(workers)
+    assert workers.get_state() == state
+    _assert_same([next(workers) for _ in range(4)], expected)
+    workers.set_state(state)  # restarts the worker processes at batch 9
+    _assert_same([next(workers) for _ in range(4)], expected)
+    workers.close()
+    changed = make_pipeline(streams, DataConfig(batch_size=4, image_size=16, num_frames=4, seed=8),
+                            process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="different data config"):
+        changed.set_state(state)
+    changed.close()
+
+
+def test_hash_uniform_is_uniform_and_keyed():
+    u = hash_uniform(0, np.arange(100_000))
+    assert abs(u.mean() - 0.5) < 0.005 and abs(np.mean(u < 0.1) - 0.1) < 0.005
+    np.testing.assert_array_equal(u[:10], hash_uniform(0, np.arange(10)))
+    assert not np.array_equal(u[:10], hash_uniform(1, np.arange(10)))
+
+
+def test_data_iterator_is_a_plain_iterator(streams):
+    ds = BatchDataset(streams, DataConfig(batch_size=2, num_batches=3, **PLAIN), 0, 1)
+    it = DataIterator(ds)
+    assert [int(b["batch_index"]) for b in it] == [0, 1, 2]

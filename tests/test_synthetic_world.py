@@ -1,0 +1,98 @@
+"""The synthetic subject world: determinism, held-out split, captions, truth consistent with the pixels."""
+import numpy as np
+import pytest
+
+from jaxvc.data import records
+from jaxvc.data.synthetic import (BACKGROUNDS, COLORS, MOTIONS, PATTERNS, SHAPES, SyntheticPairSource,
+                                  SyntheticVideoSource, SyntheticWorld, shade_of, shape_area)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return SyntheticWorld(image_size=32, num_frames=8, num_subjects=64, held_out=8, seed=0)
+
+
+def test_deterministic_from_subject_and_seed(world):
+    a = world.video(5, "left", seed=3)
+    b = SyntheticWorld(image_size=32, num_frames=8, num_subjects=64, held_out=8, seed=0).video(5, "left", seed=3)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert a[2] == b[2]
+    assert not np.array_equal(a[0], world.video(5, "left", seed=4)[0])
+    np.testing.assert_array_equal(world.reference_image(7, 1), world.reference_image(7, 1))
+    np.testing.assert_array_equal(world.image_pair(9, 2)[0], world.image_pair(9, 2)[0])
+
+
+def test_subjects_split_and_palette(world):
+    train, held = set(world.train_subject_ids), set(world.held_out_subject_ids)
+    assert len(held) == 8 and not train & held and train | held == set(range(64))
+    names = {world.subject(i).name for i in range(64)}
+    assert len(names) == 64  # distinct subjects
+    for attr in ("shape", "color", "pattern"):  # held-out subjects recombine attributes seen in training
+        seen = {getattr(world.subject(i), attr) for i in train}
+        assert all(getattr(world.subject(i), attr) in seen for i in held)
+    explicit = SyntheticWorld(num_subjects=20, held_out=[3, 4])
+    assert explicit.held_out_subject_ids == (3, 4) and len(explicit.train_subject_ids) == 18
+    # Segmentation by colour distance is exact because backgrounds are far from every subject colour and shade.
+    subject_colours = [np.array(c, float) for c in COLORS.values()] + [np.array(shade_of(c), float)
+                                                                       for c in COLORS.values()]
+    dist = min(np.linalg.norm(c - np.array(b, float)) for c in subject_colours
+               for b in list(BACKGROUNDS.values()) + [(255, 255, 255)])
+    assert dist > 100
+    with pytest.raises(ValueError, match="num_subjects"):
+        SyntheticWorld(num_subjects=len(SHAPES) * len(COLORS) * len(PATTERNS) + 1)
+
+
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_video_truth_matches_pixels_and_caption(world, motion):
+    sid = world.train_subject_ids[MOTIONS.index(motion)]
+    subject = world.subject(sid)
+    frames, masks, caption, truth = world.video(sid, motion, seed=11)
+    assert frames.shape == (8, 32, 32, 3) and frames.dtype == np.uint8 and masks.shape == (8, 32, 32)
+    assert caption.startswith(("a ", "an ")) and subject.name in caption
+    assert f"on a {truth['background']} background" in caption
+    bg = np.array(BACKGROUNDS[truth["background"]])
+    # Outside the mask the frame is background except anti-aliased rims; inside it is never background.
+    assert np.all(np.abs(frames[masks].astype(int) - bg).sum(-1) > 0)
+    rim = ~masks & np.any(np.abs(frames.astype(int) - bg) > 0, -1)
+    assert rim.sum() < 0.5 * masks.sum()
+    # The mask's area and centroid follow the truth's scale and centre.
+    ys, xs = np.mgrid[0:32, 0:32]
+    for t in range(8):
+        area = masks[t].sum()
+        expected = shape_area(subject.shape) * truth["scales"][t] ** 2
+        assert abs(area - expected) < 0.12 * expected + 3
+        cx, cy = (xs + 0.5)[masks[t]].mean(), (ys + 0.5)[masks[t]].mean()
+        assert np.hypot(cx - truth["centers"][t][0], cy - truth["centers"][t][1]) < 0.6
+        assert not masks[t][[0, -1]].any() and not masks[t][:, [0, -1]].any()  # fully inside the frame
+    c, s, a = truth["centers"], truth["scales"], truth["angles"]
+    dist = 0.4 * 32
+    expect = {"left": c[-1, 0] - c[0, 0] + dist, "right": c[-1, 0] - c[0, 0] - dist,
+              "up": c[-1, 1] - c[0, 1] + dist, "down": c[-1, 1] - c[0, 1] - dist,
+              "bounce": c[-1, 1] - c[0, 1], "rotate_cw": a[-1] - a[0] - 120, "rotate_ccw": a[-1] - a[0] + 120,
+              "grow": s[-1] / s[0] - 13 / 7, "shrink": s[0] / s[-1] - 13 / 7}
+    assert abs(expect[motion]) < 1e-9
+    if motion == "bounce":
+        assert c[:, 1].min() < c[0, 1] - 0.25 * 32  # it leaves the floor
+
+
+def test_image_pairs_and_references(world):
+    images, masks, captions, truth = world.image_pair(12, seed=5)
+    assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)
+    assert truth["backgrounds"][0] != truth["backgrounds"][1]
+    assert all(world.subject(12).name in c for c in captions) and captions[0] != captions[1]
+    assert truth["poses"][0] != truth["poses"][1]
+    ref, ref_mask, _ = world.reference(12, seed=0)
+    assert np.all(ref[~ref_mask].min(-1) >= 128)  # white background (anti-aliased rims lighter than mid-grey)
+    assert np.all(ref[0] == 255) and np.all(ref[:, -1] == 255)
+    np.testing.assert_array_equal(world.reference_image(12, 0), ref)
+
+
+def test_sources_yield_valid_examples(world):
+    videos = SyntheticVideoSource(world, num_records=40)
+    pairs = SyntheticPairSource(world, world.held_out_subject_ids, num_records=10)
+    ex = records.validate_example(videos[3])
+    assert ex["kind"] == "video" and ex["frames"].shape == (8, 32, 32, 3) and ex["mask"].shape == (8, 32, 32)
+    assert {videos[i]["source"].split(":")[3] for i in range(0, 40, len(world.train_subject_ids))} <= set(MOTIONS)
+    ex = records.validate_example(pairs[2])
+    assert ex["kind"] == "image_pair" and int(ex["source"].split(":")[2]) in world.held_out_subject_ids
