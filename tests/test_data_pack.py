@@ -165,3 +165,27 @@ def test_pack_synthetic_world_is_lossless(tmp_path, capsys):
     np.testing.assert_array_equal(records.decode_mask(rec), masks)
     assert rec["captions"] == [caption]
     assert int(subject) in world.train_subject_ids
+
+
+def test_jpeg_frames_decoded_at_reduced_scale_keep_masks_aligned(tmp_path, capsys):
+    """64x64 JPEG frames read for a 16x16 pipeline decode at 1/4 scale (DCT scaling); masks stay full size and must
+    be cropped with the box mapped onto their grid."""
+    out = str(tmp_path / "syn64")
+    assert cli.main(["pack", "-o", out, "--synthetic-videos", "3", "--synthetic-size", "64", "--synthetic-frames", "4",
+                     "--synthetic-subjects", "10", "--synthetic-held-out", "2", "--no-progress"]) == 0
+    capsys.readouterr()
+    source = PackedSource(out, kinds="video")
+    frame = records.decode_frames(source[0], [0], min_size=(16, 16))
+    assert frame.shape == (1, 16, 16, 3)  # decoded small
+    cfg = DataConfig(batch_size=3, image_size=(16, 12), num_frames=4, shuffle=False, clip_position="start",
+                     random_crop=True, hflip=0.0, affine_degrees=0.0, affine_translate=0.0, affine_scale=(1.0, 1.0))
+    batch = BatchDataset({"video": source}, cfg, 0, 1)[0]
+    video = np.round((batch["video"] + 1) * 127.5)
+    mask = batch["mask"] > 0
+    for b in range(3):
+        border = np.concatenate([video[b, :, 0], video[b, :, -1]]).reshape(-1, 3)
+        background = np.median(border, axis=0)
+        far = np.linalg.norm(video[b] - background, axis=-1) > 60
+        inside = far[mask[b]].mean()
+        outside = far[~mask[b]].mean()
+        assert inside > 0.8 and outside < 0.1, (inside, outside)

@@ -195,7 +195,8 @@ def _assert_same(a, b):
 
 def test_state_restore_continues_exactly_with_and_without_workers():
     world = SyntheticWorld(image_size=16, num_frames=4, num_subjects=10, held_out=2)
-    streams = {"image": SyntheticPairSource(world, num_records=20), "video": SyntheticVideoSource(world, num_records=25)}
+    streams = {"image": SyntheticPairSource(world, num_records=20),
+               "video": SyntheticVideoSource(world, num_records=25)}
     cfg = DataConfig(batch_size=4, image_size=16, num_frames=4, weights={"image": 0.6, "video": 0.4}, seed=7)
     it = make_pipeline(streams, cfg, process_index=0, process_count=1)
     for _ in range(9):  # mid-epoch: 9 batches of 4 slots over streams of 20 and 25 records
@@ -221,6 +222,23 @@ def test_state_restore_continues_exactly_with_and_without_workers():
     with pytest.raises(ValueError, match="different data config"):
         changed.set_state(state)
     changed.close()
+
+
+def test_restore_far_into_the_run_uses_saved_counts(streams):
+    cfg = DataConfig(batch_size=4, weights={"image": 0.3, "video": 0.7}, **PLAIN)
+    reference = BatchDataset(streams, cfg, 0, 1)
+    expected = [reference[b] for b in (50_000, 50_001)]  # recounts 50k batches of prefix counts
+    state = {"version": 1, "next_batch": 50_000, "skipped": 0, "fingerprint": reference.fingerprint(),
+             "stream_counts": reference.stream_counts(50_000)}
+    it = make_pipeline(streams, cfg, process_index=0, process_count=1)
+    it.set_state(state)
+    assert 50_000 in it.dataset._schedule._anchors
+    _assert_same([next(it), next(it)], expected)
+    assert it.get_state()["stream_counts"] == reference.stream_counts(50_002)
+    bad = dict(state, stream_counts=[1, 2])
+    with pytest.raises(ValueError, match="do not fit batch"):
+        it.set_state(bad)
+    it.close()
 
 
 def test_hash_uniform_is_uniform_and_keyed():

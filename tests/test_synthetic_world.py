@@ -76,6 +76,15 @@ def test_video_truth_matches_pixels_and_caption(world, motion):
         assert c[:, 1].min() < c[0, 1] - 0.25 * 32  # it leaves the floor
 
 
+def test_captions(world):
+    s = world.subject(0)
+    assert world.caption(0, "left", "gray") == f"a{'n' if s.color == 'orange' else ''} {s.name} moves left on a gray background"
+    assert world.caption(s, "rotate_ccw", name="the subject") == "the subject rotates counterclockwise"
+    assert world.caption(0) == world.caption(s, None, None)
+    with pytest.raises(ValueError, match="unknown motion"):
+        world.caption(0, "teleports")
+
+
 def test_image_pairs_and_references(world):
     images, masks, captions, truth = world.image_pair(12, seed=5)
     assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32)

@@ -13,9 +13,9 @@ How a batch is made. Batch b of the global batch (size G) is a pure function of 
   - a record that fails to read or decode is skipped and counted (`num_skipped` in the batch, `skipped` in the
     iterator), and a deterministic substitute from the same stream takes its place;
   - per-example randomness (clip start, reference frame, crop, flips, affine) is seeded by (seed, stream, position).
-Because batch b is a pure function of b, the iterator state is just the next batch index (plus the skip count):
-`DataIterator.get_state()` is a small JSON-able dict and `set_state()` continues exactly, with or without workers and
-with any worker count.
+Because batch b is a pure function of b, the iterator state is just the next batch index (plus the skip count and
+the per-stream slot counts so far, which spare a recount on restore): `DataIterator.get_state()` is a small JSON-able
+dict and `set_state()` continues exactly, with or without workers and with any worker count.
 
 Batches are dicts of numpy arrays:
   video (B, T, H, W, 3) float32 in [-1, 1]  T = num_frames (image examples: a frozen video of the target view, or
@@ -97,41 +97,62 @@ def hash_uniform(*keys) -> np.ndarray:
 
 
 class _Schedule:
-    """Which stream and which stream position every global slot of every batch reads (see module docstring)."""
+    """Which stream and which stream position every global slot of every batch reads (see module docstring).
 
-    CHECKPOINT = 1024  # batches between cached prefix counts
+    Stream positions need the prefix counts of slots per stream over all earlier batches; they are cached at anchor
+    batches (every CHECKPOINT batches from batch 0 or from an anchor given by `anchor`, e.g. a restored iterator
+    state), so a long sequential run costs O(G) per batch and a restore costs O(1) when its state carries counts.
+    """
+
+    CHECKPOINT = 1024
 
     def __init__(self, config: DataConfig, weights: np.ndarray):
         self.config = config
         self.cumulative = np.cumsum(weights / weights.sum())
         self.cumulative[-1] = 1.0
         self.num_streams = len(weights)
-        self._prefix = [np.zeros(self.num_streams, np.int64)]  # counts before batch k * CHECKPOINT
+        self._anchors = {0: np.zeros(self.num_streams, np.int64)}  # batch -> counts before it
         self._lock = threading.Lock()
+
+    def _draw(self, u: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.cumulative, u, side="right").clip(0, self.num_streams - 1)
 
     def streams(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, G) stream index of every global slot of batches [start, stop)."""
         g = self.config.batch_size
         b = np.arange(start, stop, dtype=np.int64)[:, None]
         if self.config.switch:
-            u = hash_uniform(self.config.seed, 1, b) * np.ones((1, g))
-        else:
-            u = hash_uniform(self.config.seed, 2, b, np.arange(g, dtype=np.int64)[None, :])
-        return np.searchsorted(self.cumulative, u, side="right").clip(0, self.num_streams - 1)
+            return np.repeat(self._draw(hash_uniform(self.config.seed, 1, b)), g, axis=1)
+        return self._draw(hash_uniform(self.config.seed, 2, b, np.arange(g, dtype=np.int64)[None, :]))
 
     def _counts(self, start: int, stop: int) -> np.ndarray:
-        s = self.streams(start, stop)
-        return np.bincount(s.ravel(), minlength=self.num_streams).astype(np.int64)
+        if stop <= start:
+            return np.zeros(self.num_streams, np.int64)
+        if self.config.switch:  # one draw per batch, G slots each
+            draws = self._draw(hash_uniform(self.config.seed, 1, np.arange(start, stop, dtype=np.int64)))
+            return np.bincount(draws, minlength=self.num_streams).astype(np.int64) * self.config.batch_size
+        return np.bincount(self.streams(start, stop).ravel(), minlength=self.num_streams).astype(np.int64)
+
+    def anchor(self, batch: int, counts) -> None:
+        """Record known prefix counts (from a saved state) so positions after `batch` need no recount."""
+        counts = np.asarray(counts, np.int64)
+        if counts.shape != (self.num_streams,) or counts.sum() != batch * self.config.batch_size:
+            raise ValueError(f"stream counts {counts.tolist()} do not fit batch {batch} of size "
+                             f"{self.config.batch_size} over {self.num_streams} streams")
+        with self._lock:
+            self._anchors[int(batch)] = counts
 
     def counts_before(self, batch: int) -> np.ndarray:
         """(num_streams,) slots each stream served in batches [0, batch)."""
-        k = batch // self.CHECKPOINT
         with self._lock:
-            while len(self._prefix) <= k:
-                j = len(self._prefix) - 1
-                self._prefix.append(self._prefix[j] + self._counts(j * self.CHECKPOINT, (j + 1) * self.CHECKPOINT))
-            base = self._prefix[k].copy()
-        return base + self._counts(k * self.CHECKPOINT, batch) if batch > k * self.CHECKPOINT else base
+            start = max(a for a in self._anchors if a <= batch)
+            while batch - start >= self.CHECKPOINT:  # cache anchors along the way
+                nxt = start + self.CHECKPOINT
+                if nxt not in self._anchors:
+                    self._anchors[nxt] = self._anchors[start] + self._counts(start, nxt)
+                start = nxt
+            base = self._anchors[start].copy()
+        return base + self._counts(start, batch)
 
     def slots(self, batch: int) -> list[tuple[int, int]]:
         """(stream, position) for every global slot of `batch`."""
@@ -197,12 +218,19 @@ class BatchDataset(grain.MapDataset):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_schedule"] = None  # holds a lock; rebuilt on the other side
+        state["_schedule"] = None  # holds a lock; rebuilt on the other side with its cached counts
+        state["_anchors"] = dict(self._schedule._anchors)
         return state
 
     def __setstate__(self, state):
+        anchors = state.pop("_anchors")
         self.__dict__.update(state)
         self._schedule = _Schedule(self.config, self.weights)
+        self._schedule._anchors.update(anchors)
+
+    def stream_counts(self, batch: int) -> list[int]:
+        """Slots each stream served before `batch` (saved with the iterator state to make restoring O(1))."""
+        return self._schedule.counts_before(batch).tolist()
 
     def fingerprint(self) -> str:
         """Identifies the data order: config and streams (not the host or worker layout)."""
@@ -277,9 +305,12 @@ class BatchDataset(grain.MapDataset):
             if isinstance(frames, list):
                 raise records.CorruptRecordError(f"{example.get('source')}: video frames differ in size")
             masks = records.decode_mask(example, unique) if has_mask else None
+            frames_hw = frames.shape[1:3]
             box = transforms.crop_box(frames.shape[1], frames.shape[2], size, rng, cfg.random_crop)
             frames = transforms.resize_crop(frames, size, box)
-            masks = transforms.resize_crop_mask(masks, size, box) if has_mask else None
+            if has_mask:  # frames may have been decoded at a reduced scale: map the box onto the mask's grid
+                mask_box = transforms.scale_box(box, frames_hw, masks.shape[1:3])
+                masks = transforms.resize_crop_mask(masks, size, mask_box)
             target, reference = frames[inverse[:-1]], frames[inverse[-1]]
             target_mask = masks[inverse[:-1]] if has_mask else None
             ref_mask = masks[inverse[-1]] if has_mask else None
@@ -294,7 +325,8 @@ class BatchDataset(grain.MapDataset):
                 decoded.append((v, transforms.resize_crop(img[None], size, box)[0]))
                 if has_mask:
                     m = records.decode_mask(example, [v])[0]
-                    decoded_masks.append((v, transforms.resize_crop_mask(m[None], size, box)[0]))
+                    m_box = transforms.scale_box(box, img.shape[:2], m.shape)
+                    decoded_masks.append((v, transforms.resize_crop_mask(m[None], size, m_box)[0]))
             images, view_masks = dict(decoded), dict(decoded_masks)
             t = cfg.image_frames or cfg.num_frames
             target = transforms.frozen_video(images[target_view], t)
@@ -370,7 +402,8 @@ class DataIterator:
 
     def get_state(self) -> dict:
         return {"version": self.STATE_VERSION, "next_batch": self._next_batch, "skipped": self.skipped,
-                "fingerprint": self.dataset.fingerprint()}
+                "fingerprint": self.dataset.fingerprint(),
+                "stream_counts": self.dataset.stream_counts(self._next_batch)}
 
     def set_state(self, state: Mapping) -> None:
         if state.get("version") != self.STATE_VERSION:
@@ -380,6 +413,8 @@ class DataIterator:
                              f"(fingerprint {state.get('fingerprint')} != {self.dataset.fingerprint()}); restoring it "
                              "would not continue the same sequence")
         self.skipped = int(state["skipped"])
+        if "stream_counts" in state:
+            self.dataset._schedule.anchor(int(state["next_batch"]), state["stream_counts"])
         self._start(int(state["next_batch"]))
 
     def close(self) -> None:

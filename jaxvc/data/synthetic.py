@@ -226,9 +226,12 @@ class Subject:
         return f"{self.color} {self.pattern} {self.shape}"
 
 
-def caption(subject: Subject, motion: str | None = None, background: str | None = None) -> str:
-    """'a red striped star moves left on a gray background' (motion None: no verb; background None: no place)."""
-    text = ("an " if subject.name[0] in "aeiou" else "a ") + subject.name
+def caption(subject: Subject, motion: str | None = None, background: str | None = None,
+            name: str | None = None) -> str:
+    """'a red striped star moves left on a gray background' (motion None: no verb; background None: no place).
+    name replaces the subject's description (e.g. "the subject", "<cls> object") for prompts that leave the identity
+    to the reference image."""
+    text = name if name is not None else ("an " if subject.name[0] in "aeiou" else "a ") + subject.name
     if motion is not None:
         if motion not in MOTION_PHRASES:
             raise ValueError(f"unknown motion {motion!r}; expected one of {tuple(MOTION_PHRASES)}")
@@ -242,6 +245,13 @@ def _rng(*keys) -> np.random.Generator:
     """A generator keyed by integers and strings (strings hashed with crc32, stable across processes)."""
     ints = [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) % (2 ** 63) for k in keys]
     return np.random.default_rng(ints)
+
+
+def _seed_of(seed) -> int:
+    """An int seed, or one drawn from a numpy Generator (so callers may pass either)."""
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(2 ** 62))
+    return int(seed)
 
 
 class SyntheticWorld:
@@ -305,13 +315,15 @@ class SyntheticWorld:
             raise ValueError(f"subject_id={subject_id} outside [0, {len(self._subjects)})")
         return self._subjects[int(subject_id)]
 
-    def caption(self, subject: Subject | int, motion: str | None = None, background: str | None = None) -> str:
+    def caption(self, subject: Subject | int, motion: str | None = None, background: str | None = None,
+                name: str | None = None) -> str:
         if not isinstance(subject, Subject):
             subject = self.subject(subject)
-        return caption(subject, motion, background)
+        return caption(subject, motion, background, name)
 
     # ------------------------------------------------------------------------------------------------ rendering
-    def render(self, subject: Subject | int, centers, scales, angles, background=WHITE) -> tuple[np.ndarray, np.ndarray]:
+    def render(self, subject: Subject | int, centers, scales, angles,
+               background=WHITE) -> tuple[np.ndarray, np.ndarray]:
         """Frames (K, H, W, 3) uint8 and masks (K, H, W) bool (coverage >= 0.5) of a subject at K poses."""
         if not isinstance(subject, Subject):
             subject = self.subject(subject)
@@ -331,11 +343,12 @@ class SyntheticWorld:
             center = rng.uniform(scale + 1, size - scale - 1, 2)
         return center, scale, angle
 
-    def reference(self, subject_id: int, seed: int = 0, background: str | tuple = "white"):
-        """A reference view: the subject near the centre on a plain (default white) background.
+    def reference(self, subject_id: int, seed=0, background: str | tuple = "white"):
+        """A reference view: the subject near the centre on a plain (default white) background. seed: int or a
+        numpy Generator (as for every sampling method here).
         Returns (image (H, W, 3) uint8, mask (H, W) bool, truth dict)."""
         rgb = WHITE if background == "white" else BACKGROUNDS.get(background, background)
-        rng = _rng(self.seed, "reference", subject_id, seed)
+        rng = _rng(self.seed, "reference", subject_id, _seed_of(seed))
         center, scale, angle = self._random_pose(rng, PAIR_SCALE_RANGE, centered=True)
         frames, masks = self.render(subject_id, center[None], [scale], [angle], rgb)
         truth = {"subject_id": int(subject_id), "center": center.tolist(), "scale": float(scale),
@@ -350,7 +363,7 @@ class SyntheticWorld:
         """Two views of one subject with different pose and background.
         Returns (images (2, H, W, 3) uint8, masks (2, H, W) bool, captions [str, str], truth dict)."""
         subject = self.subject(subject_id)
-        rng = _rng(self.seed, "pair", subject_id, seed)
+        rng = _rng(self.seed, "pair", subject_id, _seed_of(seed))
         bg_names = list(rng.choice(list(BACKGROUNDS), size=2, replace=False))
         images, masks, poses = [], [], []
         for bg in bg_names:
@@ -405,7 +418,7 @@ class SyntheticWorld:
         """A clip of the subject moving. motion None: drawn from the seed; background None: drawn from the seed.
         Returns (frames (F, H, W, 3) uint8, mask (F, H, W) bool, caption str, truth dict)."""
         subject = self.subject(subject_id)
-        rng = _rng(self.seed, "video", subject_id, seed)
+        rng = _rng(self.seed, "video", subject_id, _seed_of(seed))
         if motion is None:
             motion = MOTIONS[int(rng.integers(len(MOTIONS)))]
         if background is None:

@@ -71,6 +71,14 @@ def crop_box(height: int, width: int, size: tuple[int, int], rng: np.random.Gene
     return (left, top, left + box_w, top + box_h)
 
 
+def scale_box(box, from_hw: tuple[int, int], to_hw: tuple[int, int]):
+    """The same region on a grid of another resolution (a JPEG decoded at reduced scale vs its full-size mask)."""
+    if tuple(from_hw) == tuple(to_hw):
+        return box
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+
+
 def resize_crop(frames: np.ndarray, size: tuple[int, int], box) -> np.ndarray:
     """(K, h, w, 3) uint8 -> (K, H, W, 3): crop `box` and resize (bilinear, antialiased when downscaling)."""
     out_h, out_w = size
