@@ -13,45 +13,15 @@ transformers = pytest.importorskip("transformers")
 from jaxvc.cli import main as jaxvc_main  # noqa: E402
 from jaxvc.convert.pipeline import PipelineFolderError, load_diffusers_pipeline, load_pipeline, tree_equal  # noqa: E402
 from jaxvc.models.clip_text import CLIPTextEncoder  # noqa: E402
-from jaxvc.models.tokenizer import CLIPTokenizer, build_clip_tokenizer_files  # noqa: E402
+from jaxvc.models.tokenizer import CLIPTokenizer  # noqa: E402
 from jaxvc.models.unet import UNetMotion  # noqa: E402
 from jaxvc.models.vae import AutoencoderKL  # noqa: E402
-
-
-def _randomize(module, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+from tests.tiny_models import build_tiny_animatediff_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pipeline_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    tokenizer_dir = build_clip_tokenizer_files(root / "tok_src")
-    unet2d = diffusers.UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
-        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4)
-    adapter = diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=1,
-                                      motion_num_attention_heads=4, motion_norm_num_groups=8,
-                                      motion_max_seq_length=32, use_motion_mid_block=False)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32)
-    text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407))
-    for seed, module in enumerate((unet2d, adapter, vae, text)):
-        _randomize(module, seed)
-    pipe = diffusers.AnimateDiffPipeline(
-        vae=vae, text_encoder=text, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir)),
-        unet=unet2d, motion_adapter=adapter,
-        scheduler=diffusers.DDIMScheduler(beta_schedule="linear", steps_offset=1, clip_sample=False,
-                                          timestep_spacing="linspace"))
-    folder = root / "animatediff"
-    pipe.save_pretrained(str(folder))
-    return folder
+    return build_tiny_animatediff_folder(tmp_path_factory.mktemp("pipeline"))
 
 
 def _outputs(weights):

@@ -1,0 +1,210 @@
+"""``CustomVideoPipeline``: a reference image of a subject + a text prompt -> a video of that subject (VideoMaker).
+
+    pipe = CustomVideoPipeline.from_pretrained("path/to/animatediff-folder-or-jaxvc-checkpoint")
+    frames = pipe("subject.png", "a person walking on the beach", num_frames=16, height=512, width=512)
+    pipe.save(frames, "out/", name="beach", reference="subject.png")   # .mp4, .gif, _sheet.png
+
+Sampling follows the authors' inference: DDIM (``linspace`` spacing, ``steps_offset`` 1, no clipping, eta 0 by
+default), classifier-free guidance 8 whose unconditional branch is (negative prompt, **zero** reference latent), the
+reference latent clean (never noised), and the reference frame's prediction dropped before each scheduler step.
+The denoising loop is one jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``) with a tqdm bar over steps.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from jaxvc import media
+from jaxvc.diffusion.ddim import DDIMSampler
+from jaxvc.diffusion.sampling import classifier_free_guidance, sample
+from jaxvc.diffusion.schedule import schedule_from_diffusers_config
+from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+from jaxvc.models.unet import UNetConfig, UNetMotion
+from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_video
+
+# VideoMaker's inference scheduler settings (authors' code), applied over the checkpoint's scheduler config.
+VIDEOMAKER_SCHEDULER = {"timestep_spacing": "linspace", "steps_offset": 1, "clip_sample": False}
+SD15_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False}
+
+
+def load_reference_image(image, height: int, width: int) -> np.ndarray:
+    """Any image (path, PIL image or uint8/float array; RGB, RGBA, L, P, CMYK...) -> (height, width, 3) in [-1, 1].
+
+    Transparent pixels become white (the papers' references are subjects on white). The image is resized so it
+    covers (height, width) and center-cropped, keeping its aspect ratio.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"reference image {path}: file does not exist")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError) as error:
+            raise ValueError(f"reference image {path}: not a readable image ({error})") from error
+    elif isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.stack([array] * 3, axis=-1)
+        if array.ndim != 3 or array.shape[-1] not in (3, 4):
+            raise ValueError(f"reference image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+        if array.dtype != np.uint8:
+            array = media.to_uint8(array)  # floats are taken to be in [-1, 1]
+        image = Image.fromarray(array)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"reference image: expected a path, PIL image or numpy array, got {type(image).__name__}")
+    if image.mode in ("RGBA", "LA", "P"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    image = image.convert("RGB")
+    scale = max(height / image.height, width / image.width)
+    resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
+                           Image.BICUBIC)
+    left, top = (resized.width - width) // 2, (resized.height - height) // 2
+    cropped = np.asarray(resized.crop((left, top, left + width, top + height)), np.float32)
+    return cropped / 127.5 - 1.0
+
+
+class CustomVideoPipeline:
+    """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model)."""
+
+    def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
+                 tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
+                 scheduler_config: dict | None = None, reference_cross_attention: bool = True):
+        if unet_config.motion is None:
+            raise ValueError("CustomVideoPipeline needs a UNet with motion modules (pass a motion adapter)")
+        self.unet = UNetMotion(unet_config)
+        self.text_encoder = CLIPTextEncoder(text_config)
+        self.vae = None if vae_config is None else AutoencoderKL(vae_config)
+        # the UNet keeps all its variables: a checkpoint whose positional tables differ from the formula carries
+        # them in a "buffers" collection beside "params" (see jaxvc/convert/unet.py)
+        self.params = {"unet": _variables(unet_params), "text_encoder": _params(text_params),
+                       "vae": None if vae_params is None else _params(vae_params)}
+        self.tokenizer = tokenizer
+        self.scheduler_config = {**SD15_SCHEDULER, **(scheduler_config or {}), **VIDEOMAKER_SCHEDULER}
+        self.reference_cross_attention = reference_cross_attention
+
+    @classmethod
+    def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
+                        attention_backend: str | None = None) -> "CustomVideoPipeline":
+        """A diffusers AnimateDiff/SD folder (+ motion adapter) or a jaxvc checkpoint written by ``jaxvc convert``."""
+        from jaxvc.convert.pipeline import load_pipeline
+
+        overrides = {}
+        if dtype is not None:
+            overrides["dtype"] = jnp.dtype(dtype)
+        if attention_backend is not None:
+            overrides["attention_backend"] = attention_backend
+        weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
+        tokenizer = (CLIPTokenizer.from_folder(weights.tokenizer_folder) if weights.tokenizer_folder
+                     else default_tokenizer())
+        return cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
+                   weights.vae_config, weights.vae_params, weights.scheduler_config)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 1 if self.vae is None else self.vae.config.downsample_factor
+
+    # ------------------------------------------------------------------------------------------------- sampling
+    def encode_prompts(self, prompts):
+        ids = jnp.asarray(self.tokenizer(list(prompts)))
+        return self.text_encoder.apply({"params": self.params["text_encoder"]}, ids)["last_hidden_state"]
+
+    def encode_reference(self, reference):
+        """(B, H, W, 3) in [-1, 1] -> clean reference latent (B, 1, h, w, c)."""
+        if self.vae is None:
+            return reference[:, None]
+        return encode_video(self.vae, {"params": self.params["vae"]}, reference[:, None])
+
+    @functools.lru_cache(maxsize=8)
+    def _sampler(self, num_inference_steps: int, eta: float) -> DDIMSampler:
+        return DDIMSampler.from_diffusers_config(self.scheduler_config, num_inference_steps, eta=float(eta))
+
+    def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float, progress: bool):
+        sampler = self._sampler(num_inference_steps, eta)
+        unet, cross = self.unet, self.reference_cross_attention
+
+        def generate(unet_variables, text, negative_text, reference_latent, x_T, rng):
+            batch = x_T.shape[0]
+            text_pair = jnp.concatenate([negative_text, text], axis=0)                       # [uncond; cond]
+            reference_pair = jnp.concatenate([jnp.zeros_like(reference_latent), reference_latent], axis=0)
+            frames = x_T.shape[1]
+
+            def model(x2, t, step_index):
+                out = unet.apply(unet_variables, x2, jnp.full((2 * batch,), t), text_pair,
+                                 reference_latent=reference_pair, reference_cross_attention=cross)
+                return out[:, :frames]                      # drop the reference frame's prediction
+
+            return sample(classifier_free_guidance(model, guidance_scale), x_T, sampler, rng=rng,
+                          progress=True if progress else None, progress_desc="denoising")
+
+        return jax.jit(generate)
+
+    def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
+                 num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
+                 width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8") -> np.ndarray:
+        """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
+        float32 latents (num_frames, h, w, c) before decoding."""
+        if output_type not in ("uint8", "latent"):
+            raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+        # the VAE downsamples by its factor, the UNet halves the latent (levels - 1) times
+        multiple = self.downsample_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        for name, size in (("height", height), ("width", width)):
+            if size % multiple:
+                raise ValueError(f"{name}={size} must be divisible by {multiple} for this model")
+        max_frames = self.unet.config.motion.max_seq_length - 1  # one position is taken by the reference frame
+        if not 1 <= num_frames <= max_frames:
+            raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames "
+                             "(max_seq_length minus the reference frame)")
+        reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
+        reference_latent = self.encode_reference(reference)
+        text = self.encode_prompts([prompt])
+        negative_text = self.encode_prompts([negative_prompt])
+        latent_shape = (1, num_frames, height // self.downsample_factor, width // self.downsample_factor,
+                        self.unet.config.in_channels)
+        rng_init, rng_steps = jax.random.split(jax.random.key(seed))
+        x_T = jax.random.normal(rng_init, latent_shape, jnp.float32)
+        generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale), progress)
+        latents = generate(self.params["unet"], text, negative_text, reference_latent, x_T, rng_steps)
+        if output_type == "latent":
+            return np.asarray(latents[0])
+        if self.vae is None:
+            video = latents
+        else:
+            video = decode_video(self.vae, {"params": self.params["vae"]}, latents)
+        return media.to_uint8(np.clip(np.asarray(video[0]), -1.0, 1.0))
+
+    @staticmethod
+    def save(frames, out_dir, name: str = "video", reference=None, fps: int = 8) -> dict[str, Path]:
+        """Write ``<name>.mp4``, ``<name>.gif`` and ``<name>_sheet.png`` (reference, if given, then the frames)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        frames = media.to_uint8(frames)
+        rows, labels = [frames], ["generated"]
+        if reference is not None:
+            reference = load_reference_image(reference, frames.shape[1], frames.shape[2])
+            rows, labels = [media.to_uint8(reference[None]), frames], ["reference", "generated"]
+        return {"mp4": media.write_mp4(out_dir / f"{name}.mp4", frames, fps=fps),
+                "gif": media.write_gif(out_dir / f"{name}.gif", frames, fps=fps),
+                "sheet": media.save_png(out_dir / f"{name}_sheet.png", media.contact_sheet(rows, labels))}
+
+
+def _variables(variables: Any) -> dict:
+    """Flax variables ``{"params": ..., ...}`` from either variables or a bare parameter tree."""
+    return dict(variables) if isinstance(variables, dict) and "params" in variables else {"params": variables}
+
+
+def _params(variables: Any):
+    """Accept ``{"params": tree}`` or the bare tree."""
+    return variables["params"] if isinstance(variables, dict) and set(variables) == {"params"} else variables

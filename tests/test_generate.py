@@ -1,0 +1,86 @@
+"""Generation: CustomVideoPipeline and `jaxvc generate` on a tiny AnimateDiff folder: shapes, files, the zero-reference
+unconditional branch, reference-image handling and errors."""
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from jaxvc.cli import main as jaxvc_main  # noqa: E402
+from jaxvc.pipeline import CustomVideoPipeline, load_reference_image  # noqa: E402
+from tests.tiny_models import build_tiny_animatediff_folder  # noqa: E402
+
+SETTINGS = dict(num_frames=3, height=16, width=16, num_inference_steps=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_animatediff_folder(tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(scope="module")
+def pipe(folder):
+    return CustomVideoPipeline.from_pretrained(folder)
+
+
+def _image(seed, mode="RGB", size=(40, 24)):
+    pixels = (np.random.default_rng(seed).random((size[1], size[0], 4)) * 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGBA").convert(mode)
+
+
+def test_frames_shape_and_determinism(pipe):
+    frames = pipe(_image(0), "a red star moves left", seed=3, **SETTINGS)
+    assert frames.shape == (3, 16, 16, 3) and frames.dtype == np.uint8
+    again = pipe(_image(0), "a red star moves left", seed=3, **SETTINGS)
+    np.testing.assert_array_equal(frames, again)
+    other_seed = pipe(_image(0), "a red star moves left", seed=4, **SETTINGS)
+    assert np.any(other_seed != frames)
+
+
+def test_unconditional_branch_uses_a_zero_reference(pipe):
+    """guidance 0 returns the unconditional prediction alone, which must not see the reference; guidance 8 must."""
+    base = dict(seed=1, output_type="latent", **SETTINGS)  # latents: random weights move uint8 frames too little
+    uncond_a = pipe(_image(1), "a dog", guidance_scale=0.0, **base)
+    uncond_b = pipe(_image(2), "a dog", guidance_scale=0.0, **base)
+    np.testing.assert_array_equal(uncond_a, uncond_b)
+    guided_a = pipe(_image(1), "a dog", guidance_scale=8.0, **base)
+    guided_b = pipe(_image(2), "a dog", guidance_scale=8.0, **base)
+    # the guidance-0 runs above are bit-identical for different references, so the computation is deterministic:
+    # any difference here comes from the reference (with random weights its effect on the latents is small)
+    assert np.any(guided_a != guided_b)
+
+
+def test_reference_image_modes_and_errors(tmp_path):
+    for mode in ("RGB", "RGBA", "L", "P", "CMYK"):
+        array = load_reference_image(_image(0, mode), 16, 24)
+        assert array.shape == (16, 24, 3) and array.min() >= -1 and array.max() <= 1
+    transparent = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    np.testing.assert_allclose(load_reference_image(transparent, 8, 8), 1.0)  # transparent -> white
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="broken.png: not a readable image"):
+        load_reference_image(broken, 16, 16)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_reference_image(tmp_path / "missing.png", 16, 16)
+
+
+def test_bad_sizes_are_reported(pipe):
+    with pytest.raises(ValueError, match="height=18 must be divisible by 4"):
+        pipe(_image(0), "x", **{**SETTINGS, "height": 18})
+    with pytest.raises(ValueError, match="allows 1..31 frames"):
+        pipe(_image(0), "x", **{**SETTINGS, "num_frames": 40})
+
+
+def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
+    reference = tmp_path / "subject.png"
+    _image(5).save(reference)
+    out = tmp_path / "out"
+    code = jaxvc_main(["generate", "--model", str(folder), "--reference", str(reference), "--prompt", "a cat jumps",
+                       "--frames", "3", "--height", "16", "--width", "16", "--steps", "2", "--out", str(out),
+                       "--name", "cat"])
+    assert code == 0
+    for name in ("cat.mp4", "cat.gif", "cat_sheet.png"):
+        assert (out / name).stat().st_size > 0
+    with Image.open(out / "cat.gif") as gif:
+        assert gif.n_frames == 3
