@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import ml_collections
-from ml_collections import config_dict
 
 OVERRIDE_PREFIX = "--config."
 # The repository root: `configs/toy.py` resolves here when it is not found relative to the working directory.
@@ -224,5 +223,5 @@ def config_from_dict(values: dict) -> ml_collections.ConfigDict:
 
 __all__ = [
     "ConfigError", "load_config", "apply_overrides", "set_override", "split_override_args", "get_config",
-    "parse_value", "config_to_dict", "config_from_dict", "write_config", "config_dict",
+    "parse_value", "config_to_dict", "config_from_dict", "write_config",
 ]

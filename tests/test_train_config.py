@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxvc.config_utils import (ConfigError, apply_overrides, get_config, load_config, split_override_args,
+from jaxvc.config_utils import (ConfigError, get_config, load_config, split_override_args,
                                 write_config)
 from jaxvc.methods import METHODS, build_method
 from jaxvc.train import cli as train_cli

@@ -1,7 +1,8 @@
 """Sharded training equals unsharded training (8 simulated CPU devices), and checkpoints restore onto other meshes.
 
 One subprocess with ``--xla_force_host_platform_device_count=8`` (tests/train_worker.py ``layouts``) trains the toy
-method for 3 steps on a single device and on three layouts of all 8 (pure data, fsdp, fsdp x tensor), then restores
+method for 3 steps on a single device and on three layouts of all 8 (pure data, fsdp, fsdp x tensor), compares
+gradient accumulation on data 2 x fsdp 4 with one device's big-batch step, then restores
 the fsdp run's checkpoint onto a 4-device (fsdp 2 x tensor 2) mesh and onto one device.
 """
 import os
@@ -56,6 +57,13 @@ def test_sharded_step_matches_single_device(layouts, layout):
         assert int(layouts[f"{layout}/opt_sharded_leaves"]) >= 8
     else:
         assert int(layouts["data/sharded_leaves"]) == 0
+
+
+def test_sharded_gradient_accumulation_matches_one_device_big_batch(layouts):
+    np.testing.assert_allclose(layouts["fsdp_accum/loss"], layouts["single_big/loss"], rtol=1e-5)
+    ref, got = params_of(layouts, "single_big"), params_of(layouts, "fsdp_accum")
+    errors = {k: relative_error(got[k], ref[k]) for k in ref}
+    assert max(errors.values()) < 1e-5, errors
 
 
 @pytest.mark.parametrize("target", ["restore4", "restore1"])

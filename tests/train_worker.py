@@ -61,6 +61,15 @@ def layouts(out_path: str, workdir: str) -> None:
         trainer = Trainer(config, method, Path(workdir) / name, mesh=mesh)
         result = trainer.fit(lambda rows: toy_data.from_config(config, rows))
         record(out, name, trainer, result)
+    # Gradient accumulation on a sharded mesh (2 micro-batches of 8 rows over data 2 x fsdp 4) against one device
+    # without accumulation; noise comes with the data so the loss does not depend on the split.
+    accum = ["batch_size=16", "data.with_noise=true"]
+    for name, sizes, extra in (("single_big", {"data": 1}, []),
+                               ("fsdp_accum", {"data": 2, "fsdp": 4}, ["optim.accumulation_steps=2"])):
+        cfg = get_config("configs/toy.py:tiny", OVERRIDES + accum + extra)
+        mesh = make_mesh(sizes, devices[:1] if name == "single_big" else devices)
+        trainer = Trainer(cfg, build_method(cfg), Path(workdir) / name, mesh=mesh)
+        record(out, name, trainer, trainer.fit(lambda rows: toy_data.from_config(cfg, rows)))
     # Restore the fsdp run's checkpoint (written from 8 devices) onto 4 devices and onto 1.
     for name, sizes, devs in (("restore4", {"fsdp": 2, "tensor": 2}, devices[:4]), ("restore1", {"data": 1}, devices[:1])):
         trainer = Trainer(config, method, Path(workdir) / "fsdp", mesh=make_mesh(sizes, devs))

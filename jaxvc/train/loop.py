@@ -23,7 +23,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -120,7 +120,7 @@ class Trainer:
         self.rules = rules_from_config(setting(config, "rules", ()))
         self.batch_size = int(config.batch_size)
         self.steps = int(config.steps)
-        split = self.batch_size_divisor = distributed.batch_axis_size(self.mesh, self.rules)
+        split = self.batch_size_divisor = distributed.batch_axis_size(self.mesh, self.rules)  # ways the batch is cut
         if self.batch_size % split:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by the {split}-way batch split of the "
                              f"mesh {dict(self.mesh.shape)}")
@@ -311,7 +311,11 @@ class Trainer:
         try:
             with _Preemption() as preemption:
                 for step_index in range(start, self.steps):
-                    local = next(data)
+                    try:
+                        local = next(data)
+                    except StopIteration:
+                        raise RuntimeError(f"the data iterator ended after {step_index} batches, before config.steps="
+                                           f"{self.steps}; make the stream repeat or lower steps") from None
                     data_state = json.loads(json.dumps(data.get_state())) if hasattr(data, "get_state") else None
                     batch = distributed.global_batch(local, self.mesh, self.batch_size, self.rules)
                     if self._compiled is None:
