@@ -252,3 +252,24 @@ def test_data_iterator_is_a_plain_iterator(streams):
     ds = BatchDataset(streams, DataConfig(batch_size=2, num_batches=3, **PLAIN), 0, 1)
     it = DataIterator(ds)
     assert [int(b["batch_index"]) for b in it] == [0, 1, 2]
+
+
+def test_from_config_for_the_trainer_rows():
+    from ml_collections import ConfigDict
+
+    from jaxvc.data.build import from_config
+
+    config = ConfigDict({"batch_size": 6, "data": {
+        "streams": {"image": "synthetic:pairs", "video": "synthetic:videos"}, "weights": {"image": 0.8, "video": 0.2},
+        "switch": True, "image_size": 16, "num_frames": 4, "affine_scale": [0.95, 1.05], "seed": 1,
+        "synthetic": {"image_size": 16, "num_frames": 4, "num_subjects": 12, "held_out": 2, "records": 50}}})
+    full = from_config(config, rows=(0, 6))
+    part = from_config(config, rows=(2, 5))
+    for _ in range(3):
+        a, b = next(full), next(part)
+        assert len(set(a["kind"].tolist())) == 1
+        for key in ("video", "reference", "caption"):
+            np.testing.assert_array_equal(a[key][2:5], b[key])
+    assert part.dataset.config.affine_scale == (0.95, 1.05) and part.dataset.weights.tolist() == [0.8, 0.2]
+    full.close()
+    part.close()

@@ -78,7 +78,8 @@ def test_video_truth_matches_pixels_and_caption(world, motion):
 
 def test_captions(world):
     s = world.subject(0)
-    assert world.caption(0, "left", "gray") == f"a{'n' if s.color == 'orange' else ''} {s.name} moves left on a gray background"
+    article = "an" if s.color == "orange" else "a"
+    assert world.caption(0, "left", "gray") == f"{article} {s.name} moves left on a gray background"
     assert world.caption(s, "rotate_ccw", name="the subject") == "the subject rotates counterclockwise"
     assert world.caption(0) == world.caption(s, None, None)
     with pytest.raises(ValueError, match="unknown motion"):

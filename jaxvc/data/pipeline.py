@@ -169,19 +169,28 @@ class BatchDataset(grain.MapDataset):
     """grain.MapDataset whose element b is this host's share of global batch b (a dict of numpy arrays)."""
 
     def __init__(self, streams: Mapping[str, Any], config: DataConfig, process_index: int | None = None,
-                 process_count: int | None = None, tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None):
+                 process_count: int | None = None, tokenizer: Callable[[Sequence[str]], np.ndarray] | None = None,
+                 rows: tuple[int, int] | None = None):
+        """This host's share of each global batch: `rows` [start, stop) if given (the trainer's host rows), else
+        the process_index-th of process_count equal parts (default: jax.process_index() / process_count())."""
         super().__init__()
         if not streams:
             raise ValueError("BatchDataset needs at least one stream")
-        if process_index is None or process_count is None:
-            import jax
+        if rows is None:
+            if process_index is None or process_count is None:
+                import jax
 
-            process_index, process_count = jax.process_index(), jax.process_count()
-        if config.batch_size % process_count:
-            raise ValueError(f"global batch_size {config.batch_size} is not divisible by process_count "
-                             f"{process_count}")
-        if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+                process_index, process_count = jax.process_index(), jax.process_count()
+            if config.batch_size % process_count:
+                raise ValueError(f"global batch_size {config.batch_size} is not divisible by process_count "
+                                 f"{process_count}")
+            if not 0 <= process_index < process_count:
+                raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+            local = config.batch_size // process_count
+            rows = (process_index * local, (process_index + 1) * local)
+        if not 0 <= rows[0] < rows[1] <= config.batch_size:
+            raise ValueError(f"rows {tuple(rows)} are not a non-empty part of the global batch "
+                             f"[0, {config.batch_size})")
         self.names = list(streams)
         self.sources = [streams[n] for n in self.names]
         empty = [n for n, s in zip(self.names, self.sources) if len(s) == 0]
@@ -202,8 +211,8 @@ class BatchDataset(grain.MapDataset):
             raise ValueError(f"reference={config.reference!r}: expected one of {transforms.REFERENCE_MODES}")
         self.config = config
         self.weights = w / w.sum()
-        self.process_index, self.process_count = int(process_index), int(process_count)
-        self.local_batch_size = config.batch_size // process_count
+        self.rows = (int(rows[0]), int(rows[1]))
+        self.local_batch_size = self.rows[1] - self.rows[0]
         self.tokenizer = tokenizer
         self._schedule = _Schedule(config, self.weights)
 
@@ -253,9 +262,8 @@ class BatchDataset(grain.MapDataset):
 
     def batch(self, index: int) -> dict:
         slots = self._schedule.slots(index)
-        lo = self.process_index * self.local_batch_size
         examples, skipped = [], 0
-        for stream, position in slots[lo:lo + self.local_batch_size]:
+        for stream, position in slots[self.rows[0]:self.rows[1]]:
             example, failures = self._example(stream, position)
             examples.append(example)
             skipped += failures
@@ -430,8 +438,10 @@ class DataIterator:
 
 
 def make_pipeline(streams: Mapping[str, Any], config: DataConfig, *, process_index: int | None = None,
-                  process_count: int | None = None, tokenizer: Callable | None = None, worker_count: int = 0,
-                  worker_buffer_size: int = 2, read_threads: int = 1, prefetch: int = 2) -> DataIterator:
-    """The training input: streams (name -> source) mixed per `config`, this host's share of each global batch."""
-    dataset = BatchDataset(streams, config, process_index, process_count, tokenizer)
+                  process_count: int | None = None, rows: tuple[int, int] | None = None,
+                  tokenizer: Callable | None = None, worker_count: int = 0, worker_buffer_size: int = 2,
+                  read_threads: int = 1, prefetch: int = 2) -> DataIterator:
+    """The training input: streams (name -> source) mixed per `config`, this host's share of each global batch
+    (rows, or process_index of process_count). tokenizer: captions -> int array; with workers it must pickle."""
+    dataset = BatchDataset(streams, config, process_index, process_count, tokenizer, rows)
     return DataIterator(dataset, worker_count, worker_buffer_size, read_threads, prefetch)

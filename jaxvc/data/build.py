@@ -1,0 +1,104 @@
+"""Build the training input from a config: `from_config(config, rows)` is the data-source entry point the trainer
+calls (register it as e.g. DATA_SOURCES["grain"] = "jaxvc.data.build:from_config").
+
+It reads `config.batch_size` (global) and `config.data`:
+  streams        {name: spec}; spec is one of
+                   "synthetic:pairs" | "synthetic:videos"          the built-in world (config.data.synthetic)
+                   "packed:DIR" | "packed:DIR:KIND[,KIND]"          shards from `jaxvc pack`
+                   "tfds:NAME:SPLIT[:KIND]"                         TFDS ArrayRecord (data_dir = config.data.tfds_dir)
+                   "folder:PATH"                                    media folder / JSONL manifest read directly
+  weights        {name: weight} (default equal); switch: True for one stream per batch (method (e): p = weight)
+  image_size, num_frames, frame_stride, image_frames, reference, reference_candidates, highlight, hflip,
+  affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
+                 `DataConfig` fields (only the ones present are read)
+  workers, read_threads, prefetch  Grain worker processes / threads / prefetch depth
+  synthetic      {image_size, num_frames, num_subjects, held_out, seed, records, split ("train" | "held_out")}
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxvc.data.pipeline import DataConfig, DataIterator, make_pipeline
+
+
+def _get(cfg, key, default=None):
+    if cfg is None:
+        return default
+    if hasattr(cfg, "get"):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _plain(value):
+    """ConfigDict / FrozenConfigDict / tuples -> plain dicts and tuples."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def build_source(spec: str, data_cfg=None):
+    """One source from a spec string (see the module docstring)."""
+    kind, _, rest = spec.partition(":")
+    if kind == "synthetic":
+        from jaxvc.data.synthetic import SyntheticPairSource, SyntheticVideoSource, SyntheticWorld
+
+        syn = _plain(_get(data_cfg, "synthetic", None)) or {}
+        world = SyntheticWorld(image_size=syn.get("image_size", _get(data_cfg, "image_size", 32)),
+                               num_frames=syn.get("num_frames", _get(data_cfg, "num_frames", 8)),
+                               num_subjects=syn.get("num_subjects", 64), held_out=syn.get("held_out", 8),
+                               seed=syn.get("seed", 0))
+        ids = world.held_out_subject_ids if syn.get("split", "train") == "held_out" else world.train_subject_ids
+        records = syn.get("records", 4096)
+        if rest == "pairs":
+            return SyntheticPairSource(world, ids, records, seed=syn.get("seed", 0))
+        if rest == "videos":
+            return SyntheticVideoSource(world, ids, records, seed=syn.get("seed", 0))
+        raise ValueError(f"stream spec {spec!r}: expected synthetic:pairs or synthetic:videos")
+    if kind == "packed":
+        from jaxvc.data.sources import PackedSource
+
+        path, _, kinds = rest.partition(":")
+        return PackedSource(path, kinds.split(",") if kinds else None)
+    if kind == "tfds":
+        from jaxvc.data.sources import TfdsSource
+
+        parts = rest.split(":")
+        if len(parts) < 2:
+            raise ValueError(f"stream spec {spec!r}: expected tfds:NAME:SPLIT[:KIND]")
+        return TfdsSource(parts[0], split=parts[1], data_dir=_get(data_cfg, "tfds_dir", None),
+                          kind=parts[2] if len(parts) > 2 else "video")
+    if kind == "folder":
+        from jaxvc.data.sources import FolderSource
+
+        return FolderSource(rest)
+    raise ValueError(f"stream spec {spec!r}: expected synthetic:, packed:, tfds: or folder:")
+
+
+def data_config(config) -> DataConfig:
+    """DataConfig from config.batch_size and the DataConfig fields present in config.data."""
+    data_cfg = config.data
+    fields = {}
+    for f in dataclasses.fields(DataConfig):
+        if f.name == "batch_size":
+            continue
+        value = _get(data_cfg, f.name, None)
+        if value is not None:
+            fields[f.name] = _plain(value)
+    return DataConfig(batch_size=int(config.batch_size), **fields)
+
+
+def from_config(config, rows: tuple[int, int] | None = None, tokenizer=None) -> DataIterator:
+    """The data iterator for this host's `rows` of every global batch (see the module docstring)."""
+    data_cfg = config.data
+    specs: dict[str, Any] = _plain(_get(data_cfg, "streams", None)) or {"image": "synthetic:pairs",
+                                                                         "video": "synthetic:videos"}
+    streams = {name: build_source(spec, data_cfg) for name, spec in specs.items()}
+    return make_pipeline(streams, data_config(config), rows=rows, tokenizer=tokenizer,
+                         worker_count=int(_get(data_cfg, "workers", 0) or 0),
+                         read_threads=int(_get(data_cfg, "read_threads", 1) or 1),
+                         prefetch=int(_get(data_cfg, "prefetch", 2) or 2))
