@@ -106,3 +106,9 @@ def test_sources_yield_valid_examples(world):
     assert {videos[i]["source"].split(":")[3] for i in range(0, 40, len(world.train_subject_ids))} <= set(MOTIONS)
     ex = records.validate_example(pairs[2])
     assert ex["kind"] == "image_pair" and int(ex["source"].split(":")[2]) in world.held_out_subject_ids
+    named = SyntheticVideoSource(world, num_records=40, caption_name="a subject")[3]
+    np.testing.assert_array_equal(named["frames"], videos[3]["frames"])
+    shown = world.subject(int(named["source"].split(":")[2]))
+    assert named["captions"][0].startswith("a subject ") and shown.name not in named["captions"][0]
+    assert shown.name in videos[3]["captions"][0]
+    assert SyntheticPairSource(world, num_records=4, caption_name="it")[1]["captions"][0].startswith("it on a ")

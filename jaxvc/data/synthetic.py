@@ -444,12 +444,15 @@ class SyntheticVideoSource:
     """
 
     def __init__(self, world: SyntheticWorld, subject_ids: Sequence[int] | None = None, num_records: int = 4096,
-                 motions: Sequence[str] | None = None, seed: int = 0):
+                 motions: Sequence[str] | None = None, seed: int = 0, caption_name: str | None = None):
+        """caption_name: name the subject with these words instead of its description ("a subject moves left on a
+        gray background"), leaving its identity to the reference image."""
         self.world = world
         self.subject_ids = tuple(world.train_subject_ids if subject_ids is None else subject_ids)
         self.motions = tuple(world.motions if motions is None else motions)
         self.num_records = int(num_records)
         self.seed = int(seed)
+        self.caption_name = caption_name
         if not self.subject_ids or not self.motions or self.num_records <= 0:
             raise ValueError("SyntheticVideoSource needs subjects, motions and num_records > 0")
 
@@ -461,7 +464,9 @@ class SyntheticVideoSource:
         s = len(self.subject_ids)
         subject_id = self.subject_ids[index % s]
         motion = self.motions[(index // s) % len(self.motions)]
-        frames, masks, text, _ = self.world.video(subject_id, motion, seed=self.seed * 1_000_003 + index)
+        frames, masks, text, truth = self.world.video(subject_id, motion, seed=self.seed * 1_000_003 + index)
+        if self.caption_name is not None:
+            text = caption(self.world.subject(subject_id), motion, truth["background"], self.caption_name)
         return {"kind": "video", "frames": frames, "mask": masks, "captions": [text], "fps": 8.0,
                 "source": f"synthetic:video:{subject_id}:{motion}:{index}"}
 
@@ -470,11 +475,12 @@ class SyntheticPairSource:
     """Random-access source of synthetic subject image pairs (record i shows subject `subject_ids[i % S]`)."""
 
     def __init__(self, world: SyntheticWorld, subject_ids: Sequence[int] | None = None, num_records: int = 4096,
-                 seed: int = 0):
+                 seed: int = 0, caption_name: str | None = None):
         self.world = world
         self.subject_ids = tuple(world.train_subject_ids if subject_ids is None else subject_ids)
         self.num_records = int(num_records)
         self.seed = int(seed)
+        self.caption_name = caption_name
         if not self.subject_ids or self.num_records <= 0:
             raise ValueError("SyntheticPairSource needs subjects and num_records > 0")
 
@@ -484,6 +490,9 @@ class SyntheticPairSource:
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         subject_id = self.subject_ids[index % len(self.subject_ids)]
-        images, masks, captions, _ = self.world.image_pair(subject_id, seed=self.seed * 1_000_003 + index)
+        images, masks, captions, truth = self.world.image_pair(subject_id, seed=self.seed * 1_000_003 + index)
+        if self.caption_name is not None:
+            captions = [caption(self.world.subject(subject_id), None, bg, self.caption_name)
+                        for bg in truth["backgrounds"]]
         return {"kind": "image_pair", "frames": images, "mask": masks, "captions": captions, "fps": 0.0,
                 "source": f"synthetic:pair:{subject_id}:{index}"}
