@@ -26,6 +26,7 @@ from jaxvc.diffusion.ddim import DDIMSampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.diffusion.schedule import schedule_from_diffusers_config
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_video
@@ -77,11 +78,13 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
 
 
 class CustomVideoPipeline:
-    """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model)."""
+    """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model, optionally on
+    ``pixel_patch`` x ``pixel_patch`` blocks folded into channels)."""
 
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
                  tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
-                 scheduler_config: dict | None = None, reference_cross_attention: bool = True):
+                 scheduler_config: dict | None = None, reference_cross_attention: bool = True,
+                 pixel_patch: int = 1):
         if unet_config.motion is None:
             raise ValueError("CustomVideoPipeline needs a UNet with motion modules (pass a motion adapter)")
         self.unet = UNetMotion(unet_config)
@@ -94,6 +97,7 @@ class CustomVideoPipeline:
         self.tokenizer = tokenizer
         self.scheduler_config = {**SD15_SCHEDULER, **(scheduler_config or {}), **VIDEOMAKER_SCHEDULER}
         self.reference_cross_attention = reference_cross_attention
+        self.pixel_patch = 1 if vae_config is not None else int(pixel_patch)
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
@@ -114,7 +118,7 @@ class CustomVideoPipeline:
 
     @property
     def downsample_factor(self) -> int:
-        return 1 if self.vae is None else self.vae.config.downsample_factor
+        return self.pixel_patch if self.vae is None else self.vae.config.downsample_factor
 
     # ------------------------------------------------------------------------------------------------- sampling
     def encode_prompts(self, prompts):
@@ -124,7 +128,7 @@ class CustomVideoPipeline:
     def encode_reference(self, reference):
         """(B, H, W, 3) in [-1, 1] -> clean reference latent (B, 1, h, w, c)."""
         if self.vae is None:
-            return reference[:, None]
+            return to_patches(reference[:, None], self.pixel_patch)
         return encode_video(self.vae, {"params": self.params["vae"]}, reference[:, None])
 
     @functools.lru_cache(maxsize=8)
@@ -155,7 +159,8 @@ class CustomVideoPipeline:
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
                  width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8") -> np.ndarray:
         """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
-        float32 latents (num_frames, h, w, c) before decoding."""
+        float32 latents (num_frames, h, w, c) before decoding. ``reference_image=None`` generates without a subject
+        (zero reference latent, text only)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
         # the VAE downsamples by its factor, the UNet halves the latent (levels - 1) times
@@ -167,8 +172,12 @@ class CustomVideoPipeline:
         if not 1 <= num_frames <= max_frames:
             raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames "
                              "(max_seq_length minus the reference frame)")
-        reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
-        reference_latent = self.encode_reference(reference)
+        if reference_image is None:  # no subject: the zero reference latent of the unconditional branch
+            reference_latent = jnp.zeros((1, 1, height // self.downsample_factor, width // self.downsample_factor,
+                                          self.unet.config.in_channels), jnp.float32)
+        else:
+            reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
+            reference_latent = self.encode_reference(reference)
         text = self.encode_prompts([prompt])
         negative_text = self.encode_prompts([negative_prompt])
         latent_shape = (1, num_frames, height // self.downsample_factor, width // self.downsample_factor,
@@ -180,7 +189,7 @@ class CustomVideoPipeline:
         if output_type == "latent":
             return np.asarray(latents[0])
         if self.vae is None:
-            video = latents
+            video = from_patches(latents, self.pixel_patch)
         else:
             video = decode_video(self.vae, {"params": self.params["vae"]}, latents)
         return media.to_uint8(np.clip(np.asarray(video[0]), -1.0, 1.0))

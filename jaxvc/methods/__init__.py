@@ -9,6 +9,7 @@ import importlib
 
 METHODS: dict[str, str] = {
     "toy": "jaxvc.methods.toy_denoiser:ToyDenoiser",
+    "videomaker": "jaxvc.methods.videomaker:from_config",
 }
 
 

@@ -31,6 +31,7 @@ from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import NoiseSchedule, add_noise, get_target, make_schedule
 from jaxvc.methods.base import Method
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
+from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
 
@@ -76,17 +77,21 @@ def is_motion_module(path: tuple[str, ...]) -> bool:
 class VideoMaker(Method):
     """Parameters: ``{"params": {"unet": ..., "text_encoder": ..., "vae": ...}}`` (``vae`` absent in pixel space).
 
-    ``vae_config=None`` runs the diffusion in pixel space (the UNet's in/out channels must then be 3), which is how
-    the demo trains a tiny model from scratch on a CPU.
+    ``vae_config=None`` runs the diffusion in pixel space, optionally on ``pixel_patch`` x ``pixel_patch`` blocks
+    folded into channels (``jaxvc/models/patchify.py``; the UNet's in/out channels are then 3 * pixel_patch^2), which
+    is how the demo trains a tiny model from scratch on a CPU.
     """
     name = "videomaker"
 
     def __init__(self, unet_config: UNetConfig, text_config: CLIPTextConfig, vae_config: VAEConfig | None,
                  options: VideoMakerOptions, empty_prompt_tokens, *, num_frames: int, image_size: int,
-                 pretrained: Mapping[str, Any] | None = None):
+                 pretrained: Mapping[str, Any] | None = None, pixel_patch: int = 1):
         if unet_config.motion is None:
             raise ValueError("videomaker: the UNet needs motion modules (unet_config.motion is None)")
-        latent_channels = 3 if vae_config is None else vae_config.latent_channels
+        if vae_config is not None and pixel_patch != 1:
+            raise ValueError("videomaker: pixel_patch applies to pixel-space models only (vae_config is set)")
+        self.pixel_patch = int(pixel_patch)
+        latent_channels = 3 * self.pixel_patch ** 2 if vae_config is None else vae_config.latent_channels
         if unet_config.in_channels != latent_channels or unet_config.out_channels != latent_channels:
             raise ValueError(f"videomaker: UNet in/out channels ({unet_config.in_channels}, "
                              f"{unet_config.out_channels}) must equal the latent channels ({latent_channels})")
@@ -107,7 +112,7 @@ class VideoMaker(Method):
     # ---------------------------------------------------------------- shapes and parameters
     @property
     def latent_size(self) -> int:
-        return self.image_size // (1 if self.vae is None else self.vae.config.downsample_factor)
+        return self.image_size // (self.pixel_patch if self.vae is None else self.vae.config.downsample_factor)
 
     @property
     def latent_channels(self) -> int:
@@ -163,15 +168,15 @@ class VideoMaker(Method):
         return jax.lax.stop_gradient(out["last_hidden_state"])
 
     def encode_pixels(self, params, video):
-        """video (B, F, H, W, 3) in [-1, 1] -> latents (B, F, h, w, c) (identity in pixel space)."""
+        """video (B, F, H, W, 3) in [-1, 1] -> latents (B, F, h, w, c) (pixel space: blocks folded into channels)."""
         if self.vae is None:
-            return video
+            return to_patches(video, self.pixel_patch)
         latents = encode_video(self.vae, {"params": params["params"]["vae"]}, video)
         return jax.lax.stop_gradient(latents)
 
     def decode_latents(self, params, latents):
         if self.vae is None:
-            return jnp.clip(latents, -1.0, 1.0)
+            return jnp.clip(from_patches(latents, self.pixel_patch), -1.0, 1.0)
         return jnp.clip(decode_video(self.vae, {"params": params["params"]["vae"]}, latents), -1.0, 1.0)
 
     def denoise(self, params, noisy_latents, timesteps, text_embeddings, reference_latent):
@@ -234,3 +239,39 @@ class VideoMaker(Method):
         return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
                 "reference": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
                 "tokens": jax.ShapeDtypeStruct((batch_size, self.empty_prompt_tokens.shape[1]), jnp.int32)}
+
+
+def from_config(config) -> VideoMaker:
+    """Build VideoMaker from ``configs/videomaker.py``: named sizes, or weights from local files
+    (``config.model.pretrained`` pipeline folder/checkpoint + ``config.model.motion_adapter``)."""
+    from jaxvc.models.clip_text import CLIPTextConfig
+    from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+    from jaxvc.models.unet import unet_config
+    from jaxvc.train.compute import compute_dtype
+
+    model = config.model
+    dtype = compute_dtype(config.get("compute_dtype", "float32"))
+    remat = config.get("remat_policy", "none") not in ("none", None, "")
+    pretrained, tokenizer_folder = {}, model.get("tokenizer") or None
+    if model.pretrained:
+        from jaxvc.convert.pipeline import load_pipeline
+        weights = load_pipeline(model.pretrained, motion_adapter=model.motion_adapter or None,
+                                allow_pickle=model.allow_pickle, dtype=dtype, remat=remat)
+        unet, text, vae = weights.unet_config, weights.text_config, weights.vae_config
+        pretrained = {"unet": weights.unet_params["params"], "text_encoder": weights.text_params["params"]}
+        if weights.vae_params is not None:
+            pretrained["vae"] = weights.vae_params["params"]
+        tokenizer_folder = tokenizer_folder or weights.tokenizer_folder
+    else:
+        vae = None if model.vae_variant == "none" else VAEConfig.variant(model.vae_variant)
+        channels = 3 * model.get("pixel_patch", 1) ** 2 if vae is None else vae.latent_channels
+        text = CLIPTextConfig.variant(model.text_variant)
+        overrides = dict(model.unet_overrides.to_dict()) if model.get("unet_overrides") else {}
+        unet = unet_config(model.unet_variant, model.motion_layout, in_channels=channels, out_channels=channels,
+                           cross_attention_dim=text.hidden_size, dtype=dtype, remat=remat, **overrides)
+    tokenizer = CLIPTokenizer.from_folder(tokenizer_folder) if tokenizer_folder else default_tokenizer()
+    method = VideoMaker(unet, text, vae, VideoMakerOptions.from_mapping(model.options.to_dict()), tokenizer(""),
+                        num_frames=model.num_frames, image_size=model.image_size, pretrained=pretrained,
+                        pixel_patch=model.get("pixel_patch", 1) if not model.pretrained else 1)
+    method.init_params_jittable = not pretrained  # loaded weights are host arrays the trainer places itself
+    return method

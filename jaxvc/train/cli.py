@@ -19,6 +19,9 @@ from jaxvc.config_utils import ConfigError, OVERRIDE_PREFIX, apply_overrides, lo
 
 DATA_SOURCES: dict[str, str] = {
     "toy": "jaxvc.train.toy_data:from_config",
+    "synthetic": "jaxvc.data.training_streams:from_config",
+    "packed": "jaxvc.data.training_streams:from_config",
+    "grain": "jaxvc.data.build:from_config",  # generic stream specs (config.data.streams), see jaxvc/data/build.py
 }
 
 

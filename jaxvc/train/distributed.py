@@ -85,10 +85,16 @@ def host_batch_rows(sharding: NamedSharding, global_batch_size: int) -> tuple[in
 
 
 def global_batch(local_batch: Mapping[str, Any], mesh, global_batch_size: int, rules=None) -> dict[str, jax.Array]:
-    """Host-local numpy arrays (this process's rows) -> global ``jax.Array``s sharded over the batch axis."""
+    """Host-local numpy arrays (this process's rows) -> global ``jax.Array``s sharded over the batch axis.
+
+    Entries that cannot enter a jitted step are left on the host: strings (captions, kinds) and per-batch scalars
+    (``batch_index``, ``num_skipped``) are bookkeeping of the data pipeline, not model inputs.
+    """
     out = {}
     for key, value in local_batch.items():
         value = np.asarray(value)
+        if value.ndim == 0 or value.dtype.kind in "USO":
+            continue
         sharding = batch_sharding(mesh, value.ndim, rules)
         start, stop = host_batch_rows(sharding, global_batch_size)
         if value.shape[0] != stop - start:

@@ -1,0 +1,129 @@
+"""VideoMaker (jaxvc/methods/videomaker.py): reference-injected self-attention (PISA) + GIRL.
+
+Variants (``--config configs/videomaker.py:<variant>``):
+  demo    a tiny pixel-space model trained from scratch on the synthetic subject world (what `jaxvc demo` runs):
+          32x32, 8 frames, every UNet weight trains (there is no pretrained base to fine-tune)
+  tiny    the same tiny UNet in the latent space of a tiny VAE (CPU tests of the latent path)
+  sd15    the paper's setting: SD1.5 + AnimateDiff v1-5-3 (v3 layout) loaded from local files
+          (--config.model.pretrained=/path/to/sd15-folder --config.model.motion_adapter=/path/to/adapter),
+          16 frames at 512x512, spatial self-attention + motion modules train, AdamW lr 1e-5, wd 1e-2
+Ablations of the paper's Table are switches: --config.model.options.girl=False,
+--config.model.options.reference_cross_attention=False, --config.model.options.train_motion_modules=False.
+"""
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config(variant=None):
+    variant = variant or "demo"
+    config = ConfigDict()
+    config.method = "videomaker"
+    config.seed = 0
+    config.steps = 600
+    config.batch_size = 8
+    config.workdir = ""
+
+    config.model = ConfigDict()
+    config.model.unet_variant = "tiny"
+    config.model.motion_layout = "v3"
+    config.model.unet_overrides = ConfigDict()  # UNetConfig fields, e.g. down_block_types
+    config.model.text_variant = "tiny"
+    config.model.vae_variant = "none"  # "none": pixel space; "tiny" / "sd": a VAE of that size
+    config.model.pixel_patch = 1  # pixel space: p x p blocks folded into channels (jaxvc/models/patchify.py)
+    config.model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (weights for unet/vae/text)
+    config.model.motion_adapter = ""  # MotionAdapter folder or AnimateDiff motion-module file
+    config.model.allow_pickle = False
+    config.model.tokenizer = ""  # tokenizer folder; "" = the pretrained folder's, else jaxvc's default CLIP BPE
+    config.model.num_frames = 8
+    config.model.image_size = 32
+    config.model.options = ConfigDict(dict(
+        girl=True, girl_alpha=0.01, girl_beta=0.1, reference_cross_attention=True,
+        train_spatial_self_attention=True, train_motion_modules=True, train_all_unet=False,
+        drop_both_prob=0.1, drop_text_prob=0.0, drop_reference_prob=0.0, prediction_type="epsilon",
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        snr_gamma=config_dict.placeholder(float)))
+
+    config.data = ConfigDict()
+    config.data.source = "synthetic"  # synthetic | packed
+    config.data.paths = ()  # packed: ArrayRecord shard globs; synthetic: unused
+    config.data.caption_name = "a subject"  # synthetic: captions leave the identity to the reference image
+    config.data.num_subjects = 64
+    config.data.held_out = 8
+    config.data.seed = 0
+    config.data.workers = 0
+    config.data.reference = "random"  # a random frame of the clip, highlighted by its mask
+    config.data.frame_stride = 1
+
+    config.optim = ConfigDict()
+    config.optim.lr = 1e-5
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
+    config.optim.decay_steps = config_dict.placeholder(int)
+    config.optim.end_lr_ratio = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 1e-2
+    config.optim.clip_norm = 1.0
+    config.optim.accumulation_steps = 1
+    config.optim.ema_decay = config_dict.placeholder(float)
+
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    config.rules = ()
+    config.remat_policy = "none"
+    config.compute_dtype = "float32"
+    config.matmul_precision = config_dict.placeholder(str)
+
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every = 200
+    config.checkpoint.keep = 2
+    config.checkpoint.keep_best = 0
+    config.checkpoint.best_metric = "loss"
+    config.checkpoint.best_mode = "min"
+    config.checkpoint.use_async = True
+    config.checkpoint.save_frozen = True
+
+    config.log_every = 10
+    config.sample_every = 0
+    config.max_nonfinite_in_a_row = 3
+    config.peak_flops_per_device = config_dict.placeholder(float)
+    config.progress_bar = True
+
+    if variant == "demo":
+        # 32x32 pixels as 16x16 positions of 2x2 blocks (12 channels); the top level is a plain ResNet level, PISA
+        # runs at 8x8 and 4x4. About 1 s per step at batch 6 on 2 CPU cores.
+        config.steps = 450
+        config.batch_size = 6
+        config.model.pixel_patch = 2
+        config.model.unet_overrides = ConfigDict(dict(
+            block_out_channels=(32, 64, 64), layers_per_block=1, attention_heads=4, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")))
+        config.model.options.train_all_unet = True
+        config.model.options.beta_schedule = "squaredcos_cap_v2"  # pixel space: cosine schedule
+        config.model.options.drop_reference_prob = 0.1  # learn text-only generation too (the baseline)
+        config.optim.lr = 1e-3
+        config.optim.schedule = "warmup_cosine"
+        config.optim.warmup_steps = 50
+        config.optim.end_lr_ratio = 0.1
+    elif variant == "tiny":
+        config.model.vae_variant = "tiny"
+        config.model.options.train_all_unet = True
+        config.optim.lr = 1e-3
+    elif variant == "sd15":
+        config.model.unet_variant = "sd15"
+        config.model.text_variant = "sd15"
+        config.model.vae_variant = "sd"
+        config.model.num_frames = 16
+        config.model.image_size = 512
+        config.batch_size = 4
+        config.steps = 150_000
+        config.checkpoint.every = 1000
+        config.log_every = 50
+        config.remat_policy = "full"
+        config.compute_dtype = "bfloat16"
+        config.data.source = "packed"
+        config.data.frame_stride = 8
+        config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+    else:
+        raise ValueError(f"configs/videomaker.py: unknown variant '{variant}' (demo, tiny, sd15)")
+    return config

@@ -1,0 +1,47 @@
+"""The training input of the reference-conditioned methods, built from a config (``config.data``).
+
+``config.data.source``: ``"synthetic"`` (the built-in subject world: its video stream, captions that leave the
+identity to the reference image) or ``"packed"`` (ArrayRecord shards written by ``jaxvc pack``, paths in
+``config.data.paths``). Registered in ``jaxvc/train/cli.py`` so ``jaxvc train`` and ``jaxvc demo`` share it.
+"""
+from __future__ import annotations
+
+from jaxvc.data import synthetic
+from jaxvc.data.pipeline import DataConfig, make_pipeline
+
+
+def world_from_config(config) -> synthetic.SyntheticWorld:
+    return synthetic.SyntheticWorld(image_size=config.model.image_size, num_frames=config.model.num_frames,
+                                    num_subjects=config.data.num_subjects, held_out=config.data.held_out,
+                                    seed=config.data.seed)
+
+
+def streams_from_config(config) -> dict:
+    source = config.data.source
+    if source == "synthetic":
+        world = world_from_config(config)
+        # captions name the subject generically ("a subject moves left ..."): only the reference shows what it is
+        return {"video": synthetic.SyntheticVideoSource(
+            world, num_records=max(4096, 64 * len(world.train_subject_ids)), seed=config.data.seed,
+            caption_name=config.data.caption_name)}
+    if source == "packed":
+        from jaxvc.data.sources import PackedSource
+        if not config.data.paths:
+            raise ValueError("config.data.source='packed' needs config.data.paths (folders or shard globs from "
+                             "`jaxvc pack`)")
+        return {"video": PackedSource(list(config.data.paths) if len(config.data.paths) > 1
+                                      else config.data.paths[0], kinds=["video"])}
+    raise ValueError(f"config.data.source={source!r}: expected 'synthetic' or 'packed'")
+
+
+def from_config(config, rows: tuple[int, int]):
+    """This host's share (rows [start, stop) of the global batch) of the training stream, with tokens."""
+    from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+
+    tokenizer = CLIPTokenizer.from_folder(config.model.tokenizer) if config.model.get("tokenizer") else \
+        default_tokenizer()
+    data_config = DataConfig(batch_size=config.batch_size, image_size=config.model.image_size,
+                             num_frames=config.model.num_frames, frame_stride=config.data.frame_stride,
+                             reference=config.data.reference, seed=config.data.seed, with_mask=False)
+    return make_pipeline(streams_from_config(config), data_config, rows=tuple(rows), tokenizer=tokenizer,
+                         worker_count=config.data.workers)
