@@ -81,8 +81,12 @@ def run(args) -> int:
         _tokenizer(config), None, None,
         scheduler_config={"beta_schedule": opts.beta_schedule, "beta_start": opts.beta_start,
                           "beta_end": opts.beta_end, "num_train_timesteps": opts.num_train_timesteps,
-                          "prediction_type": opts.prediction_type},
-        reference_cross_attention=opts.reference_cross_attention)
+                          "prediction_type": opts.prediction_type, "timestep_spacing": "linspace",
+                          "steps_offset": 1, "set_alpha_to_one": False,
+                          # pixel space with a cosine schedule: clip the x0 estimate to the image range (near
+                          # t = T, sqrt(alpha_bar) ~ 0 and an unclipped estimate explodes)
+                          "clip_sample": True},
+        reference_cross_attention=opts.reference_cross_attention, pixel_patch=method.pixel_patch)
     world = world_from_config(config)
     motions = [m.strip() for m in args.motions.split(",") if m.strip()]
     subjects = list(world.held_out_subject_ids[:args.subjects])

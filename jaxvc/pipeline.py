@@ -95,7 +95,8 @@ class CustomVideoPipeline:
         self.params = {"unet": _variables(unet_params), "text_encoder": _params(text_params),
                        "vae": None if vae_params is None else _params(vae_params)}
         self.tokenizer = tokenizer
-        self.scheduler_config = {**SD15_SCHEDULER, **(scheduler_config or {}), **VIDEOMAKER_SCHEDULER}
+        # defaults: SD1.5's training schedule with VideoMaker's inference settings; a given config wins
+        self.scheduler_config = {**SD15_SCHEDULER, **VIDEOMAKER_SCHEDULER, **(scheduler_config or {})}
         self.reference_cross_attention = reference_cross_attention
         self.pixel_patch = 1 if vae_config is not None else int(pixel_patch)
 
@@ -113,8 +114,9 @@ class CustomVideoPipeline:
         weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
         tokenizer = (CLIPTokenizer.from_folder(weights.tokenizer_folder) if weights.tokenizer_folder
                      else default_tokenizer())
+        # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
         return cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
-                   weights.vae_config, weights.vae_params, weights.scheduler_config)
+                   weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})
 
     @property
     def downsample_factor(self) -> int:
@@ -135,7 +137,9 @@ class CustomVideoPipeline:
     def _sampler(self, num_inference_steps: int, eta: float) -> DDIMSampler:
         return DDIMSampler.from_diffusers_config(self.scheduler_config, num_inference_steps, eta=float(eta))
 
+    @functools.lru_cache(maxsize=8)
     def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float, progress: bool):
+        """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
         sampler = self._sampler(num_inference_steps, eta)
         unet, cross = self.unet, self.reference_cross_attention
 
