@@ -3,11 +3,9 @@
 The check runs in a subprocess because the device count (``XLA_FLAGS=--xla_force_host_platform_device_count=8``)
 must be set before JAX initialises, and the pytest process may already have JAX running with one device.
 """
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+
+from tests.multidevice import run_with_devices
 
 SCRIPT = textwrap.dedent('''
     import os
@@ -61,11 +59,4 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_forward_matches_single_device():
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SHARDED_OK" in result.stdout
+    run_with_devices(SCRIPT)

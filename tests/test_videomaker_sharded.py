@@ -1,11 +1,9 @@
 """PISA under sharding: the reference-injected UNet on 8 simulated CPU devices (batch over data x fsdp, the F+1
 frames of the video axis over ``sequence``) equals one device. Runs in a subprocess: the device count must be set
 before JAX initialises."""
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+
+from tests.multidevice import run_with_devices
 
 SCRIPT = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np
@@ -54,11 +52,4 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_reference_injected_unet_sharded_matches_single_device():
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=root, env=env, capture_output=True, text=True,
-                            timeout=600)
-    print(result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "SHARDED_OK" in result.stdout
+    run_with_devices(SCRIPT)
