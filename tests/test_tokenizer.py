@@ -89,7 +89,7 @@ def test_decode_round_trip(folder):
 
 def test_missing_files_raise_a_clear_error(tmp_path):
     (tmp_path / "vocab.json").write_text("{}")
-    with pytest.raises(TokenizerFilesError, match=r"needs vocab.json and merges.txt; missing \['merges.txt'\]"):
+    with pytest.raises(TokenizerFilesError, match=r"needs vocab.json and merges.txt \(or a tokenizer.json\); missing \['merges.txt'\]"):
         CLIPTokenizer.from_folder(tmp_path)
     with pytest.raises(TokenizerFilesError, match="does not exist"):
         CLIPTokenizer.from_folder(tmp_path / "nowhere")
