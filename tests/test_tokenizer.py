@@ -111,3 +111,17 @@ def test_bpe_path_env_override(tmp_path, monkeypatch):
     monkeypatch.setenv(tokenizer_module.BPE_PATH_ENV, str(tmp_path / "missing.txt.gz"))
     with pytest.raises(TokenizerFilesError, match="missing.txt.gz: file does not exist"):
         find_open_clip_bpe()
+
+
+def test_transformers5_tokenizer_json_folder_gives_the_same_ids(tmp_path):
+    """transformers 5 saves a CLIP tokenizer as tokenizer.json only (no vocab.json/merges.txt); it must load the same."""
+    transformers = pytest.importorskip("transformers")
+    try:
+        source = build_clip_tokenizer_files(tmp_path / "derived")
+    except TokenizerFilesError as error:
+        pytest.skip(str(error))
+    transformers.CLIPTokenizer.from_pretrained(str(source)).save_pretrained(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "tokenizer.json").is_file() and not (tmp_path / "saved" / "merges.txt").exists()
+    prompts = ["a photo of a cat", "A Subject rotates clockwise, on a SKY background!", "émoji 🐱 and CJK 猫"]
+    np.testing.assert_array_equal(CLIPTokenizer.from_folder(tmp_path / "saved")(prompts),
+                                  CLIPTokenizer.from_folder(source)(prompts))
