@@ -35,8 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: let JAX find the cluster (TPU pods, SLURM); env: use the flags below or the "
                              "JAX_* environment variables if set; off: single process")
     parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--num_processes", type=int, default=None, help="number of processes (hosts) in the job")
+    parser.add_argument("--process_id", type=int, default=None, help="this process's index, 0 .. num_processes - 1")
     # argparse would reject --config.a.b=value as an unknown option: take the overrides out first.
     plain_parse_args = parser.parse_args
 
