@@ -48,7 +48,7 @@ def run(args) -> int:
     from jaxvc.data.training_streams import from_config as data_from_config, world_from_config
     from jaxvc.eval.synthetic_metrics import evaluate_videos
     from jaxvc.methods import build_method
-    from jaxvc.pipeline import CustomVideoPipeline
+    from jaxvc.models.tokenizer import load_tokenizer
     from jaxvc.train.loop import train
 
     out = Path(args.out)
@@ -74,19 +74,7 @@ def run(args) -> int:
           f"{np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}" if losses else "")
 
     # ------------------------------------------------------------------------------------------ 2. generate
-    params = result.state.full_params()["params"]
-    opts = method.options
-    pipe = CustomVideoPipeline(
-        method.unet.config, {"params": params["unet"]}, method.text_encoder.config, {"params": params["text_encoder"]},
-        _tokenizer(config), None, None,
-        scheduler_config={"beta_schedule": opts.beta_schedule, "beta_start": opts.beta_start,
-                          "beta_end": opts.beta_end, "num_train_timesteps": opts.num_train_timesteps,
-                          "prediction_type": opts.prediction_type, "timestep_spacing": "linspace",
-                          "steps_offset": 1, "set_alpha_to_one": False,
-                          # pixel space with a cosine schedule: clip the x0 estimate to the image range (near
-                          # t = T, sqrt(alpha_bar) ~ 0 and an unclipped estimate explodes)
-                          "clip_sample": True},
-        reference_cross_attention=opts.reference_cross_attention, pixel_patch=method.pixel_patch)
+    pipe = method.pipeline(result.state.full_params(), load_tokenizer(config.model.get("tokenizer")))
     world = world_from_config(config)
     motions = [m.strip() for m in args.motions.split(",") if m.strip()]
     subjects = list(world.held_out_subject_ids[:args.subjects])
@@ -117,11 +105,6 @@ def run(args) -> int:
     _print_table(scores)
     _write_outputs(out, videos, references, prompts, scores, args.videos, train_seconds, sample_seconds, result)
     return 0
-
-
-def _tokenizer(config):
-    from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
-    return CLIPTokenizer.from_folder(config.model.tokenizer) if config.model.get("tokenizer") else default_tokenizer()
 
 
 def _print_table(scores) -> None:

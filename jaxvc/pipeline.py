@@ -27,7 +27,7 @@ from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.diffusion.schedule import schedule_from_diffusers_config
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from jaxvc.models.patchify import from_patches, to_patches
-from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+from jaxvc.models.tokenizer import CLIPTokenizer, load_tokenizer
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_video
 
@@ -112,8 +112,7 @@ class CustomVideoPipeline:
         if attention_backend is not None:
             overrides["attention_backend"] = attention_backend
         weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
-        tokenizer = (CLIPTokenizer.from_folder(weights.tokenizer_folder) if weights.tokenizer_folder
-                     else default_tokenizer())
+        tokenizer = load_tokenizer(weights.tokenizer_folder)
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
         return cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
                    weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})

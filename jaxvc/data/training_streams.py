@@ -36,10 +36,9 @@ def streams_from_config(config) -> dict:
 
 def from_config(config, rows: tuple[int, int]):
     """This host's share (rows [start, stop) of the global batch) of the training stream, with tokens."""
-    from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+    from jaxvc.models.tokenizer import load_tokenizer
 
-    tokenizer = CLIPTokenizer.from_folder(config.model.tokenizer) if config.model.get("tokenizer") else \
-        default_tokenizer()
+    tokenizer = load_tokenizer(config.model.get("tokenizer"))
     data_config = DataConfig(batch_size=config.batch_size, image_size=config.model.image_size,
                              num_frames=config.model.num_frames, frame_stride=config.data.frame_stride,
                              reference=config.data.reference, seed=config.data.seed, with_mask=False)

@@ -234,6 +234,29 @@ class VideoMaker(Method):
         metrics["drop_reference_rate"] = jnp.mean(drop_reference.astype(jnp.float32))
         return total, metrics
 
+    # ---------------------------------------------------------------- sampling
+    def scheduler_config(self) -> dict:
+        """The training noise schedule in diffusers' scheduler-config terms, with VideoMaker's inference settings.
+
+        Pixel-space models clip the DDIM x0 estimate to the image range: near t = T, sqrt(alpha_bar) ~ 0 and an
+        unclipped estimate explodes (latent-space models follow the authors and do not clip)."""
+        opts = self.options
+        return {"beta_schedule": opts.beta_schedule, "beta_start": opts.beta_start, "beta_end": opts.beta_end,
+                "num_train_timesteps": opts.num_train_timesteps, "prediction_type": opts.prediction_type,
+                "timestep_spacing": "linspace", "steps_offset": 1, "set_alpha_to_one": False,
+                "clip_sample": self.vae is None}
+
+    def pipeline(self, params, tokenizer):
+        """A ``CustomVideoPipeline`` sampling this model with trained ``params`` ({"params": {...}})."""
+        from jaxvc.pipeline import CustomVideoPipeline
+
+        tree = params["params"]
+        return CustomVideoPipeline(
+            self.unet.config, {"params": tree["unet"]}, self.text_encoder.config, {"params": tree["text_encoder"]},
+            tokenizer, None if self.vae is None else self.vae.config,
+            None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
+            reference_cross_attention=self.options.reference_cross_attention, pixel_patch=self.pixel_patch)
+
     def example_batch(self, batch_size: int):
         size = self.image_size
         return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
@@ -245,7 +268,7 @@ def from_config(config) -> VideoMaker:
     """Build VideoMaker from ``configs/videomaker.py``: named sizes, or weights from local files
     (``config.model.pretrained`` pipeline folder/checkpoint + ``config.model.motion_adapter``)."""
     from jaxvc.models.clip_text import CLIPTextConfig
-    from jaxvc.models.tokenizer import CLIPTokenizer, default_tokenizer
+    from jaxvc.models.tokenizer import load_tokenizer
     from jaxvc.models.unet import unet_config
     from jaxvc.train.compute import compute_dtype
 
@@ -269,7 +292,7 @@ def from_config(config) -> VideoMaker:
         overrides = dict(model.unet_overrides.to_dict()) if model.get("unet_overrides") else {}
         unet = unet_config(model.unet_variant, model.motion_layout, in_channels=channels, out_channels=channels,
                            cross_attention_dim=text.hidden_size, dtype=dtype, remat=remat, **overrides)
-    tokenizer = CLIPTokenizer.from_folder(tokenizer_folder) if tokenizer_folder else default_tokenizer()
+    tokenizer = load_tokenizer(tokenizer_folder)
     method = VideoMaker(unet, text, vae, VideoMakerOptions.from_mapping(model.options.to_dict()), tokenizer(""),
                         num_frames=model.num_frames, image_size=model.image_size, pretrained=pretrained,
                         pixel_patch=model.get("pixel_patch", 1) if not model.pretrained else 1)

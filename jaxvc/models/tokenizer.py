@@ -255,3 +255,8 @@ def default_tokenizer() -> CLIPTokenizer:
         except OSError:  # read-only or unwritable cache: build into a private temporary folder instead
             folder = build_clip_tokenizer_files(tempfile.mkdtemp(prefix="jaxvc_clip_tokenizer_"))
     return CLIPTokenizer.from_folder(folder)
+
+
+def load_tokenizer(folder: str | os.PathLike | None = None) -> CLIPTokenizer:
+    """The tokenizer in ``folder`` (vocab.json + merges.txt, or tokenizer.json), or jaxvc's default when None/""."""
+    return CLIPTokenizer.from_folder(folder) if folder else default_tokenizer()
