@@ -94,6 +94,17 @@ class Conv(nn.Module):
         return y
 
 
+def _affine(module: nn.Module, y, with_bias: bool = True):
+    """A norm's learned per-channel ``scale`` (and ``bias``), applied in float32 to y (..., C)."""
+    features = y.shape[-1]
+    scale = module.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (features,), module.param_dtype)
+    y = y * scale.astype(jnp.float32)
+    if with_bias:
+        bias = module.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (features,), module.param_dtype)
+        y = y + bias.astype(jnp.float32)
+    return y
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over the channel (last) axis with float32 statistics and exact (two-pass) variance.
 
@@ -118,9 +129,7 @@ class GroupNorm(nn.Module):
         var = jnp.square(grouped - mean).mean(axis=reduce_axes, keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         if self.use_affine:
-            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (channels,), self.param_dtype)
-            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (channels,), self.param_dtype)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = _affine(self, y)
         return y.astype(self.dtype)
 
 
@@ -138,10 +147,7 @@ class LayerNorm(nn.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_affine:
-            features = x.shape[-1]
-            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (features,), self.param_dtype)
-            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (features,), self.param_dtype)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = _affine(self, y)
         return y.astype(self.dtype)
 
 
@@ -157,9 +163,7 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
         if self.use_affine:
-            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (x.shape[-1],),
-                               self.param_dtype)
-            y = y * scale.astype(jnp.float32)
+            y = _affine(self, y, with_bias=False)
         return y.astype(self.dtype)
 
 
