@@ -70,7 +70,13 @@ config_exports() {
 }
 
 # The exports as one line of shell ('export A=1; export B=2; '), for a remote command.
-exports_inline() { tr '\n' ';' <<<"$1" | sed 's/;$/; /; s/;\([^ ]\)/; \1/g'; }
+exports_inline() {
+  local line out=""
+  while IFS= read -r line; do
+    if [ -n "$line" ]; then out+="$line; "; fi
+  done <<<"$1"
+  printf '%s' "$out"
+}
 
 # Pinned versions from the lock file (e.g. `pinned jax` -> 0.10.2).
 pinned() { sed -n "s/^$1==//p" "$REPO_ROOT/launch/requirements-lock.txt"; }
