@@ -15,6 +15,7 @@ COMMANDS = {
     "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
     "convert": ("jaxvc.convert.cli", "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
+    "sweep": ("jaxvc.sweep.cli", "scaling study: a grid of training runs -> results table, scaling fits, plots"),
 }
 
 
