@@ -16,6 +16,7 @@
 # workers (SIGTERM: the trainer saves a checkpoint; SIGKILL after --stop-timeout s); --detach returns after the
 # start instead, --logs re-attaches, --stop stops, --delete stops and deletes the VM / queued resource.
 # --workdir must be storage every worker sees (gs://...). --dry-run prints the commands instead of running them.
+# $JAXVC_POLL_SECONDS: how often a queued resource's state is checked (30).
 set -euo pipefail
 PROG=tpu_vm.sh
 # shellcheck source=launch/common.sh
@@ -125,7 +126,7 @@ else
   if [ "$queued" = 1 ]; then
     while state="$("${describe[@]}")" && [ "$state" != ACTIVE ]; do
       case "$state" in FAILED|SUSPENDED) die "queued resource $name is $state";; esac
-      note "queued resource $name is $state; waiting"; sleep 30
+      note "queued resource $name is $state; waiting"; sleep "${JAXVC_POLL_SECONDS:-30}"
     done
   fi
 fi

@@ -17,6 +17,7 @@
 # deletes the workload (its pods get SIGTERM: the trainer saves a checkpoint in the grace period). --detach only
 # creates it; --logs re-attaches; --delete deletes it; --list lists the cluster's workloads.
 # --workdir must be storage every pod sees (gs://...). --dry-run prints the commands instead of running them.
+# $JAXVC_POLL_SECONDS: how often to look for the workload's pods while it is queued (10).
 set -euo pipefail
 PROG=xpk.sh
 # shellcheck source=launch/common.sh
@@ -121,7 +122,7 @@ if [ "$DRY_RUN" = 1 ]; then
   quote_cmd "${pods[@]}"
 else
   note "waiting for the pods of $workload (queued until the cluster has capacity)"
-  until [ -n "$("${pods[@]}" 2>/dev/null)" ]; do sleep 10; done
+  until [ -n "$("${pods[@]}" 2>/dev/null)" ]; do sleep "${JAXVC_POLL_SECONDS:-10}"; done
 fi
 run kubectl wait --for=condition=Ready pod -l "$selector" --timeout=24h
 note "on Ctrl-C or SIGTERM:"

@@ -455,3 +455,117 @@ def test_gpu_ssh_real_run_two_processes_then_sigterm_stops_both(tmp_path):
         pid = int((home / "jaxvc-logs" / "run" / f"process-{i}.pid").read_text().split()[0])
         assert not Path(f"/proc/{pid}").exists()
         assert f"[process-{i}] " in (logs / f"process-{i}.log").read_text()
+
+
+# ---------------------------------------------------------------- tpu_vm.sh for real, against a stand-in gcloud
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# stands in for gcloud: records each call in $FAKE/calls and plays a queued TPU slice of two workers whose home
+# folders are $FAKE/worker-0 and $FAKE/worker-1
+set -euo pipefail
+printf '%s\n' "$*" >> "$FAKE/calls"
+case "$*" in
+  *" describe "*)
+    [ -f "$FAKE/exists" ] || { echo "ERROR: NOT_FOUND" >&2; exit 1; }
+    if [ -s "$FAKE/states" ]; then head -n 1 "$FAKE/states"; sed -i 1d "$FAKE/states"; else echo ACTIVE; fi ;;
+  *" create "*) touch "$FAKE/exists"; printf 'WAITING_FOR_RESOURCES\nPROVISIONING\n' > "$FAKE/states" ;;
+  *" scp "*) for w in 0 1; do mkdir -p "$FAKE/worker-$w"; cp "$5" "$FAKE/worker-$w/${6#*:}"; done ;;
+  *" ssh "*)
+    command=""
+    for arg in "$@"; do case "$arg" in --command=*) command=${arg#--command=} ;; esac; done
+    for w in 0 1; do
+      # the training command is a stub on the fake workers: it shows its arguments and environment
+      if [ -d "$FAKE/worker-$w/jaxvc" ]; then
+        mkdir -p "$FAKE/worker-$w/jaxvc/.venv/bin"
+        printf '#!/usr/bin/env bash\necho "args: $*"\necho "LIBTPU_INIT_ARGS=$LIBTPU_INIT_ARGS"\n' \
+          > "$FAKE/worker-$w/jaxvc/.venv/bin/jaxvc"
+        chmod +x "$FAKE/worker-$w/jaxvc/.venv/bin/jaxvc"
+      fi
+      (cd "$FAKE/worker-$w" && HOME="$FAKE/worker-$w" FAKE_WORKER=$w bash -c "$command")
+    done ;;
+esac
+"""
+FAKE_CURL = '#!/usr/bin/env bash\necho "$FAKE_WORKER"  # the metadata server: agent-worker-number\n'
+
+
+def test_tpu_vm_real_run_against_stand_in_gcloud(tmp_path):
+    fake, bin_dir = tmp_path / "fake", tmp_path / "bin"
+    fake.mkdir()
+    bin_dir.mkdir()
+    for name, text in (("gcloud", FAKE_GCLOUD), ("curl", FAKE_CURL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = script_env(FAKE=str(fake), PATH=f"{bin_dir}:{os.environ['PATH']}", JAXVC_POLL_SECONDS="0",
+                     TMPDIR=str(tmp_path))
+    args = [*TPU_ARGS[:-1], "--queued", "--no-setup", "--log-dir", str(tmp_path / "logs"), "--", OVERRIDES[0]]
+    out = launch("tpu_vm.sh", *args, env=env)
+    calls = (fake / "calls").read_text().splitlines()
+    loc = " ".join(LOC)
+    describe = f"compute tpus queued-resources describe my-pod {loc} --format=value(state.state)"
+    assert calls[:5] == [
+        describe,  # not found ...
+        f"compute tpus queued-resources create my-pod --node-id=my-pod {loc} --accelerator-type=v5p-128 "
+        f"--runtime-version=v2-alpha-tpuv5",  # ... so created, then polled until ACTIVE
+        describe, describe, describe]
+    assert calls[5] == f"compute tpus tpu-vm scp {tmp_path}/jaxvc-my-pod.tgz my-pod:jaxvc-src.tgz {loc} --worker=all"
+    assert [c.split(" --command=")[0] for c in calls[6:]] == [f"compute tpus tpu-vm ssh my-pod {loc} --worker=all"] * 2
+    for w in (0, 1):
+        tree = fake / f"worker-{w}" / "jaxvc"
+        # the working tree arrived (tracked and untracked files, nothing git ignores)
+        assert (tree / "launch" / "tpu_vm.sh").read_text() == (LAUNCH / "tpu_vm.sh").read_text()
+        assert (tree / "configs" / "videomaker.py").is_file() and not (tree / ".git").exists()
+        log = (fake / f"worker-{w}" / "jaxvc-logs" / "my-pod" / f"worker-{w}.log").read_text()
+        assert log == (f"args: train --config {SD15} --workdir gs://bucket/runs/r1 --distributed=auto "
+                       f"{OVERRIDES[0]}\nLIBTPU_INIT_ARGS={LIBTPU_SD15}\n")
+        # streamed here with the worker's prefix, and kept in the local log
+        assert f"[worker-{w}] args: train --config {SD15}" in out.stdout
+        assert f"[worker-{w}] LIBTPU_INIT_ARGS={LIBTPU_SD15}" in (tmp_path / "logs" / "train.log").read_text()
+    assert "reusing" not in out.stderr and "creating my-pod" in out.stderr
+    # a second run reuses the slice; --stop finds nothing left running
+    (fake / "calls").unlink()
+    launch("tpu_vm.sh", "--no-copy", *args, env=env)
+    calls = (fake / "calls").read_text().splitlines()
+    assert calls[0] == describe and not any(" create " in c for c in calls) and len(calls) == 3
+    stop = launch("tpu_vm.sh", "--name", "my-pod", "--zone", "us-east5-a", "--project", "proj", "--stop", env=env)
+    assert stop.stdout.splitlines() == ["[worker-0] not running", "[worker-1] not running"]
+
+
+FAKE_RECORDER = r"""#!/usr/bin/env bash
+# stands in for xpk / kubectl / gcloud: records each call (one argument a line, then a blank line)
+set -euo pipefail
+{ echo "$(basename "$0")"; printf '%s\n' "$@"; echo; } >> "$FAKE/calls"
+case "$(basename "$0") $*" in
+  "kubectl get pods"*)  # the workload waits in the queue for one poll, then its pods exist
+    if [ -f "$FAKE/queued" ]; then echo pod/sd15-a-slice-job-0-0; else touch "$FAKE/queued"; fi ;;
+  "kubectl logs"*) echo "[pod/sd15-a-slice-job-0-0/jax-tpu] step 1"; echo "[pod/sd15-a-slice-job-1-0/jax-tpu] step 1" ;;
+esac
+"""
+
+
+def test_xpk_real_run_against_stand_ins(tmp_path):
+    fake, bin_dir = tmp_path / "fake", tmp_path / "bin"
+    fake.mkdir()
+    bin_dir.mkdir()
+    for name in ("xpk", "kubectl", "gcloud"):
+        (bin_dir / name).write_text(FAKE_RECORDER)
+        (bin_dir / name).chmod(0o755)
+    env = script_env(FAKE=str(fake), PATH=f"{bin_dir}:{os.environ['PATH']}", JAXVC_POLL_SECONDS="0",
+                     TMPDIR=str(tmp_path))
+    out = launch("xpk.sh", *XPK_ARGS[:-1], "--base-docker-image", "python:3.11", "--log-dir", str(tmp_path / "logs"),
+                 "--", "--config.steps=100", env=env)
+    calls = [c.splitlines() for c in (fake / "calls").read_text().split("\n\n") if c]
+    stage = str(tmp_path / "jaxvc-xpk-sd15-a")
+    create = calls[0]
+    assert create[:4] == ["xpk", "workload", "create", "--workload=sd15-a"]
+    assert f"--script-dir={stage}" in create and "--base-docker-image=python:3.11" in create
+    command = option(create, "--command")  # arrived as one argument, unmangled
+    assert command.endswith(f"; .venv/bin/jaxvc train --config {SD15} --workdir gs://b/r --distributed=auto "
+                            f"--config.steps=100")
+    assert f"export LIBTPU_INIT_ARGS='{LIBTPU_SD15}'" in command
+    assert (Path(stage) / "launch" / "setup_env.sh").is_file() and not (Path(stage) / ".venv").exists()
+    assert calls[1] == ["gcloud", "container", "clusters", "get-credentials", "c1", "--region=us-east5",
+                        "--project=proj"]
+    assert calls[2] == calls[3] == ["kubectl", "get", "pods", "-l", SELECTOR, "-o", "name"]  # polled while queued
+    assert calls[4][:2] == ["kubectl", "wait"] and calls[5][:3] == ["kubectl", "logs", "-f"] and len(calls) == 6
+    assert "[pod/sd15-a-slice-job-1-0/jax-tpu] step 1" in out.stdout
+    assert "[pod/sd15-a-slice-job-0-0/jax-tpu] step 1" in (tmp_path / "logs" / "train.log").read_text()
