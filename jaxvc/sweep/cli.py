@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a grid axis (repeatable; the first is the outer loop): model=<sizes> (see "
                              "jaxvc/sweep/sizes.py), mesh=<layout>|<layout> (e.g. 'data=1|data=2,fsdp=2'), or any "
                              "config key (batch_size=4,8, optim.lr=1e-4,3e-4)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per point (default: the config's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per point (None: the config's)")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the step time (compile, caches)")
     parser.add_argument("--devices", type=int, default=None,
                         help="simulate this many CPU devices in every point (XLA_FLAGS="
@@ -51,19 +51,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip the points already finished in --out")
     parser.add_argument("--dry-run", action="store_true", help="list the points (and which are done) and exit")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="peak FLOP/s per device for MFU (default: the device table in jaxvc/train/metrics.py; "
+                        help="peak FLOP/s per device for MFU (None: the device table in jaxvc/train/metrics.py; "
                              "a CPU has none)")
     parser.add_argument("--fast-compile", action="store_true",
                         help="compile with xla_backend_optimization_level=0 (CPU smoke sweeps: faster compiles, "
                              "slower steps)")
     parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep each point's final checkpoint (default: delete it once the point is recorded)")
+                        help="keep each point's final checkpoint (else it is deleted once the point is recorded)")
     parser.add_argument("--point-timeout", type=float, default=None, help="seconds before a point is stopped")
     parser.add_argument("--distributed", choices=("off", "auto", "env"), default="env",
                         help="as in jaxvc train; passed to every point's process")
     parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0 (as in jaxvc train)")
     parser.add_argument("--num_processes", type=int, default=None, help="number of processes (as in jaxvc train)")
     parser.add_argument("--process_id", type=int, default=None, help="this process's index (as in jaxvc train)")
+    parser.epilog = ("Pods: run the same command on every host with the jax.distributed flags of jaxvc train "
+                     "(--distributed=auto on Cloud TPU); --out on storage all hosts see. See the module docstring "
+                     "of jaxvc/sweep/cli.py.")
     plain_parse_args = parser.parse_args
 
     def parse_args(args=None, namespace=None):
@@ -128,7 +131,8 @@ def check_points(args, points) -> None:
 def run_one(args, point, folder: Path, env: dict) -> tuple[bool, float]:
     """Run the point's process; its output goes to ``log.txt``. Returns (succeeded, seconds)."""
     if (folder / "run").exists():
-        shutil.rmtree(folder / "run")  # an interrupted attempt: a point is always timed from a fresh run
+        # an interrupted attempt: a point is always timed from a fresh run (hosts sharing --out all delete it)
+        shutil.rmtree(folder / "run", ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
     spec_path = folder / "spec.json"
     spec_path.write_text(json.dumps(point_spec(args, point, folder), indent=1) + "\n")
@@ -189,7 +193,8 @@ def run(args) -> int:
         print(f"jaxvc sweep: {len(points)} points of {args.config}, {args.steps} steps each -> {out}")
         for i, point in enumerate(points):
             mesh = point.mesh
-            where = f"mesh {format_mesh(mesh)} ({mesh_chips(mesh, args.devices)} chips)" if mesh else ""
+            chips = mesh_chips(mesh, args.devices) if mesh else None
+            where = f"mesh {format_mesh(mesh)} ({chips or 'all'} chips)" if mesh else ""
             state = "done" if point.id in finished else "to run"
             print(f"  {i:3d}  {point.id:50s} {where:32s} {state}")
         models = list(dict.fromkeys(p.model for p in points if p.model))

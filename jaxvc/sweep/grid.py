@@ -102,7 +102,9 @@ class Point:
 
     @property
     def id(self) -> str:
-        parts = [f"{ID_NAMES.get(key, key)}-{_slug(value)}" for key, value in self.values]
+        # a -1 mesh axis (all remaining devices) reads "all": "fsdp-1" would look like fsdp=1
+        parts = [f"{ID_NAMES.get(key, key)}-{_slug(value.replace('=-1', '=all') if key == MESH_KEY else value)}"
+                 for key, value in self.values]
         return "_".join(parts) or "base"
 
     @property

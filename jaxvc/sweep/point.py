@@ -130,6 +130,9 @@ def run_point(spec: dict) -> dict:
         return streams[0]
 
     result = trainer.fit(data)
+    if result.preempted:
+        raise RuntimeError(f"point {spec.get('point_id')}: stopped by SIGTERM after step {result.final_step}; "
+                           f"`jaxvc sweep --resume` runs it again from the start")
     if result.start_step != 0:
         raise RuntimeError(f"point {spec.get('point_id')}: the run folder {spec['workdir']} held a checkpoint at step "
                            f"{result.start_step}; a point's timing and loss curve need a fresh run")
