@@ -15,7 +15,9 @@ COMMANDS = {
     "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
     "convert": ("jaxvc.convert.cli", "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
+    "bench": ("jaxvc.bench.cli", "time the VideoMaker train step, sampling and VAE decode: jaxvc vs diffusers PyTorch"),
     "sweep": ("jaxvc.sweep.cli", "scaling study: a grid of training runs -> results table, scaling fits, plots"),
+    "plan": ("jaxvc.plan.cli", "compile the sharded train step for a TPU slice on CPU: memory, FLOPs, collectives"),
 }
 
 

@@ -1,1 +1,2 @@
-"""Benchmarks runnable with `python -m jaxvc.bench.<name>`."""
+"""Benchmarks: `python -m jaxvc.bench` (train step, sampling and VAE decode, jaxvc vs diffusers; cli.py) and
+`python -m jaxvc.bench.data_throughput` (the input pipeline)."""

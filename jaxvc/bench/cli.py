@@ -1,0 +1,268 @@
+"""``python -m jaxvc.bench`` / ``jaxvc bench``: VideoMaker train step, 30-step guided sampling and VAE decode timed
+in jaxvc and in the diffusers PyTorch reference in the same run, printed as one side-by-side table.
+
+    python -m jaxvc.bench --size tiny                                   # CPU, a minute or two
+    python -m jaxvc.bench --size sd15 --image-size 256 512 --torch-compile --out results/bench_h100   # a GPU
+
+Every number is the median of --iters synchronized calls after --warmup calls. MFU = FLOPs / step time / the
+device's peak FLOP/s, measured once here with a large matmul (bf16 on accelerators, fp32 on CPU where XLA has no
+native bf16 matmul). jaxvc's FLOPs come from the compiled executable's cost_analysis(); the analytic count
+(jaxvc/bench/flops.py: convs, matmuls, attention incl. the reference tokens) is printed beside it and is what
+the torch columns' MFU uses. Memory: on GPU the allocator peak (JAX: process-wide so far; torch: per workload);
+on CPU the process peak RSS, shared by both implementations.
+On GPU, torch runs first and frees its cache before jaxvc starts (the two allocators share the device).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the device in the same process
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+WORKLOAD_NAMES = {"train": "train step", "sampling": "sampling", "vae": "VAE decode"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxvc.bench.sizes import SIZES
+
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                        help="model size: tiny (CPU topology, CI-friendly) or sd15 (SD1.5 UNet + AnimateDiff v3 "
+                             "motion modules, SD VAE, CLIP ViT-L text encoder)")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None,
+                        help="pixel side length(s); one table row group each (default: tiny 32, sd15 256 512)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="generated frames per video; the reference adds one through the UNet (default: tiny 4, "
+                             "sd15 16)")
+    parser.add_argument("--batch", type=int, default=None, help="videos per train step / per sampling run (default 1)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="compute dtype of both implementations (parameters stay fp32 for training, norms and "
+                             "softmax in fp32); auto: bfloat16 on GPU/TPU, float32 on CPU")
+    parser.add_argument("--attention", choices=["auto", "xla", "jax", "cudnn"], default="auto",
+                        help="jaxvc UNet attention backend: xla (einsum + fp32 softmax), jax "
+                             "(jax.nn.dot_product_attention), cudnn (cuDNN flash attention; GPU, bf16/fp16 only); "
+                             "auto: cudnn on a GPU with bf16, else xla. The VAE and text encoder keep xla")
+    parser.add_argument("--remat", choices=["auto", "none", "full"], default="auto",
+                        help="jaxvc train-step rematerialization: full = every ResNet/transformer/motion block "
+                             "recomputes its activations in the backward pass (nn.remat, nothing saved inside); "
+                             "auto: full for sd15, none for tiny")
+    parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOAD_NAMES), default=sorted(WORKLOAD_NAMES),
+                        help="which rows to measure")
+    parser.add_argument("--sampling-steps", type=int, default=30, help="DDIM steps of the sampling row")
+    parser.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--vae-chunk", type=int, default=None,
+                        help="jaxvc VAE decode: frames decoded at once (default: all B*F together)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default: tiny 1, "
+                                                                  "sd15 2)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls; the median is reported (default: "
+                                                                 "tiny 3, sd15 5)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference columns")
+    parser.add_argument("--torch-compile", action="store_true",
+                        help="also time torch.compile(UNet / VAE) (a compile failure becomes 'n/a' with the reason)")
+    parser.add_argument("--torch-compile-mode", choices=["default", "reduce-overhead", "max-autotune"],
+                        default="default", help="torch.compile mode")
+    parser.add_argument("--torch-device", default="auto", help="torch device (auto: cuda if available, else cpu)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="device peak FLOP/s for MFU instead of measuring it with a matmul")
+    parser.add_argument("--xla-fast-compile", action="store_true",
+                        help="compile jaxvc with XLA backend optimization level 0 (several times faster XLA:CPU "
+                             "compiles, slower code: for smoke tests only, never for reported timings; FLOP "
+                             "counts are unaffected)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None,
+                        help="write <out>.json (header, every measurement, the table) and <out>.csv")
+
+
+def resolve(args, platform_name: str) -> argparse.Namespace:
+    """Fill the 'auto'/None defaults from the size and the platform."""
+    from jaxvc.bench.sizes import SIZES
+
+    spec = SIZES[args.size]
+    on_accelerator = platform_name != "cpu"
+    args.image_size = args.image_size or list(spec.image_sizes)
+    args.frames = args.frames or spec.frames
+    args.batch = args.batch or spec.batch
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if on_accelerator else "float32"
+    if args.attention == "auto":
+        args.attention = "cudnn" if platform_name == "gpu" and args.dtype == "bfloat16" else "xla"
+    if args.remat == "auto":
+        args.remat = "full" if args.size == "sd15" else "none"
+    if args.warmup is None:
+        args.warmup = 2 if args.size == "sd15" else 1
+    if args.iters is None:
+        args.iters = 5 if args.size == "sd15" else 3
+    return args
+
+
+def versions() -> dict:
+    import diffusers
+    import flax
+    import jax
+    import jaxlib
+
+    out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+           "flax": flax.__version__, "diffusers": diffusers.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        out["torch"] = None
+    return out
+
+
+def run(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxvc.bench import flops as analytic
+    from jaxvc.bench import jax_workloads
+    from jaxvc.bench.report import finish, format_table, table_rows, write_outputs
+    from jaxvc.bench.sizes import model_configs
+    from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
+
+    device = jax.devices()[0]
+    args = resolve(args, device.platform)
+    if args.attention == "cudnn" and device.platform != "gpu":
+        raise SystemExit("--attention cudnn needs an NVIDIA GPU (cuDNN flash attention); use xla or jax here")
+    if args.attention == "cudnn" and args.dtype == "float32":
+        raise SystemExit("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention takes bf16/fp16 only)")
+    wanted = [WORKLOAD_NAMES[w] for w in sorted(args.workloads, key=list(WORKLOAD_NAMES).index)]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat == "full")
+
+    peak = ({"flops_per_s": args.peak_flops, "dtype": "given", "size": None} if args.peak_flops
+            else measure_peak_flops(device))
+    header = {"device": f"{device.platform}: {device.device_kind} (x{jax.device_count()})",
+              "host": f"{platform.node()} {os.cpu_count()} CPUs", "versions": versions(),
+              "peak_flops_per_s": peak["flops_per_s"],
+              "peak_flops_how": (f"measured: {peak['size']}^3 {peak['dtype']} matmul" if peak["size"]
+                                 else "given with --peak-flops"),
+              "settings": {k: getattr(args, k) for k in ("size", "image_size", "frames", "batch", "dtype",
+                                                         "attention", "remat", "sampling_steps", "guidance",
+                                                         "warmup", "iters", "vae_chunk", "torch_compile",
+                                                         "torch_compile_mode", "xla_fast_compile")}}
+    print(f"jaxvc bench: {header['device']}; {header['host']}; " +
+          ", ".join(f"{k} {v}" for k, v in header["versions"].items()), flush=True)
+    print(f"  peak {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({header['peak_flops_how']}); size {args.size}, "
+          f"{args.frames}+1 frames, batch {args.batch}, {args.dtype}, attention {args.attention}, remat "
+          f"{args.remat}, {args.sampling_steps} DDIM steps, warmup {args.warmup}, iters {args.iters}", flush=True)
+
+    latent_of = lambda image_size: image_size // configs.vae.downsample_factor
+    trainable = jax_workloads._trainable_path(jax_workloads.build_method(configs, args.frames, args.image_size[0]))
+    analytic_counts = {}
+    for size in args.image_size:
+        latent = latent_of(size)
+        analytic_counts[(size, "train step")] = analytic.train_step_flops(
+            configs.unet, configs.text, args.batch, args.frames, latent, trainable)["total"]
+        analytic_counts[(size, "sampling")] = analytic.sampling_flops(configs.unet, args.batch, args.frames, latent,
+                                                                      args.sampling_steps)
+        analytic_counts[(size, "VAE decode")] = analytic.vae_decode_flops(configs.vae, args.batch * args.frames,
+                                                                          latent)
+
+    measurements = []
+    if not args.no_torch:
+        measurements += run_torch(args, configs, wanted, latent_of, analytic_counts)
+
+    loop_once = xla_counts_loop_body_once()
+    params = None
+    for size in args.image_size:
+        method = jax_workloads.build_method(configs, args.frames, size)
+        if params is None:
+            # the same weights serve every resolution
+            params = jax_workloads.init_params(method, args.seed, on_host=device.platform == "cpu")
+        common = dict(warmup=args.warmup, iters=args.iters,
+                      compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
+        for workload in wanted:
+            print(f"  jaxvc {workload} @{size}px ...", flush=True)
+            if workload == "VAE decode":
+                m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, **common)
+            elif workload == "sampling":
+                m = jax_workloads.sampling(method, params, args.batch, steps=args.sampling_steps,
+                                           guidance=args.guidance, loop_counted_once=loop_once, **common)
+            else:
+                m = jax_workloads.train_step(method, params, args.batch, **common)
+            measurements.append(m)
+    for m in measurements:
+        finish(m, peak["flops_per_s"])
+
+    rows = table_rows(measurements)
+    print()
+    print(format_table(rows))
+    memory_kinds = sorted({f"{m.implementation}: {m.memory_kind}" for m in measurements if m.memory_kind})
+    print(f"\nmemory columns: {'; '.join(memory_kinds)}. Ratios = torch time / jaxvc time (>1: jaxvc faster). "
+          f"MFU jaxvc from XLA's count, torch from the analytic count.")
+    if args.out:
+        paths = write_outputs(args.out, header, measurements, rows)
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_torch(args, configs, wanted, latent_of, analytic_counts) -> list:
+    """Every wanted workload in torch eager, then (with --torch-compile) in torch.compile; frees the device after."""
+    try:
+        import torch
+    except ImportError:
+        print("  torch is not installed: the PyTorch columns are skipped", flush=True)
+        return []
+    from jaxvc.bench import torch_workloads as tw
+    from jaxvc.bench.report import Measurement
+
+    device = args.torch_device if args.torch_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    torch_dtype = args.dtype if device != "cpu" else "float32"
+    if torch_dtype != args.dtype:
+        print(f"  torch on CPU runs float32 (bf16 CPU kernels are not representative)", flush=True)
+    models = tw.TorchModels(configs, device, seed=args.seed)
+    compile_problem = tw.describe_compile_support(device) if args.torch_compile else None
+    if args.torch_compile and compile_problem is None:
+        try:
+            tw.timed_compile_probe()
+        except Exception as error:
+            compile_problem = f"torch.compile probe failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+    if compile_problem:
+        print(f"  torch.compile unavailable here: {compile_problem}", flush=True)
+    modes = [False] + ([True] if args.torch_compile else [])
+    out = []
+    for size in args.image_size:
+        latent = latent_of(size)
+        for compile in modes:
+            implementation = "torch.compile" if compile else "torch eager"
+            for workload in wanted:
+                if compile and compile_problem:
+                    out.append(Measurement(workload, implementation, size, args.batch, error=compile_problem))
+                    continue
+                print(f"  {implementation} {workload} @{size}px ...", flush=True)
+                common = dict(batch=args.batch, frames=args.frames, latent=latent, image_size=size, dtype=torch_dtype,
+                              compile=compile, compile_mode=args.torch_compile_mode, warmup=args.warmup,
+                              iters=args.iters, analytic_flops=analytic_counts[(size, workload)])
+                if workload == "train step":
+                    m = tw.train_step(models, **common)
+                elif workload == "sampling":
+                    m = tw.sampling(models, steps=args.sampling_steps, guidance=args.guidance, **common)
+                else:
+                    m = tw.vae_decode(models, **common)
+                if m.error:
+                    print(f"    {implementation} {workload}: {m.error}", flush=True)
+                out.append(m)
+    del models
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxvc.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
