@@ -1,0 +1,157 @@
+"""``jaxvc plan``: will this config's train step fit a TPU slice, and how fast could it run? Answered on a CPU.
+
+    jaxvc plan --config configs/videomaker.py:sd15 --topology v5p:4x4x4 \\
+        --mesh data=64 --mesh data=1,fsdp=64 [--batch-per-chip 1 | --global-batch 64] \\
+        [--remat none|full|...] [--dtype bfloat16] [--hbm-gib 16] [--config.a.b=value ...] [--json plan.json]
+
+Each ``--mesh`` is one layout; all are compiled with the real TPU compiler (libtpu's abstract topology) and
+compared in one table: memory per device against the chip's HBM, FLOPs, collectives, roofline step time and MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jaxvc.config_utils import ConfigError, OVERRIDE_PREFIX, apply_overrides, load_config, split_override_args
+from jaxvc.plan.hardware import CHIPS, GiB, TopologyError
+from jaxvc.plan.hlo import KINDS
+
+SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to-all": "A2A",
+         "collective-permute": "CP"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE.py[:VARIANT]",
+                        help="config file and variant, e.g. configs/videomaker.py:sd15")
+    parser.add_argument("--topology", required=True,
+                        help=f"TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4, v6e:4x4 ({', '.join(CHIPS)})")
+    parser.add_argument("--mesh", action="append", default=None, metavar="AXIS=N,...",
+                        help="mesh layout (data, fsdp, tensor, sequence; one may be -1); repeat to compare "
+                             "layouts; default: the config's mesh")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--batch-per-chip", type=int, default=None, help="global batch = this x chips")
+    batch.add_argument("--global-batch", type=int, default=None, help="default: the config's batch_size")
+    parser.add_argument("--remat", default=None, help="config.remat_policy: none | full | ... (default: config's)")
+    parser.add_argument("--dtype", default=None, help="config.compute_dtype, e.g. bfloat16 (default: config's)")
+    parser.add_argument("--hbm-gib", type=float, default=None,
+                        help="pretend each device has this much HBM (GiB) in the fit check")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write every figure of every layout here")
+    plain_parse_args = parser.parse_args
+
+    def parse_args(args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            overrides, rest = split_override_args(argv)
+        except ConfigError as err:
+            parser.error(str(err))
+        parsed = plain_parse_args(rest, namespace)
+        parsed.config_overrides = overrides
+        return parsed
+
+    parser.parse_args = parse_args
+    parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
+
+
+def _gib(value) -> str:
+    return "-" if value is None else f"{value / GiB:.2f}"
+
+
+def _si(value) -> str:
+    """1.23e12 -> "1.23T" (FLOPs of tiny test models and of pods in one column)."""
+    if value is None:
+        return "-"
+    for scale, unit in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def format_table(reports: list[dict]) -> str:
+    """One row per layout."""
+    header = ["mesh", "batch", "args", "out", "temp", "code", "total", "HBM", "fit", "FLOP/dev", "FLOP all",
+              *[f"{SHORT[k]} n/GiB" for k in KINDS], "step ms", "bound", "MFU", "compile s"]
+    rows = []
+    for r in reports:
+        mem = r.get("memory") or {}
+        comms = r.get("collectives") or {}
+        roof = r.get("roofline") or {}
+        rows.append([
+            r["mesh_label"], f"{r['global_batch']} ({r['batch_per_chip']:g}/chip)",
+            _gib(mem.get("arguments")), _gib(mem.get("outputs")), _gib(mem.get("temporaries")),
+            _gib(mem.get("generated_code")), _gib(mem.get("total")), _gib(r["hbm_capacity"]),
+            "FITS" if r["fits"] else "DOES NOT FIT",
+            _si(r.get("flops_per_device")), _si(r.get("flops_total")),
+            *["-" if k not in comms else f"{comms[k]['count']}/{comms[k]['bytes'] / GiB:.2f}" for k in KINDS],
+            "-" if not roof else f"{roof['step_s'] * 1e3:.1f}", roof.get("bound", "-"),
+            "-" if not roof.get("mfu") else f"{roof['mfu']:.1%}", f"{r['compile_s']:.0f}"])
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in
+                                   enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def run(args) -> int:
+    from jaxvc.plan.hardware import slice_devices
+    from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout
+
+    try:
+        config = load_config(args.config)
+        apply_overrides(config, getattr(args, "config_overrides", ()))
+        tpu_slice = slice_devices(args.topology)
+        layouts = [parse_mesh(m) for m in (args.mesh or [])] or [dict(config.get("mesh") or {"data": -1})]
+        if args.batch_per_chip is not None:
+            if args.batch_per_chip < 1:
+                raise PlanError(f"--batch-per-chip must be >= 1, got {args.batch_per_chip}")
+            config.batch_size = args.batch_per_chip * tpu_slice.num_chips
+        elif args.global_batch is not None:
+            if args.global_batch < 1:
+                raise PlanError(f"--global-batch must be >= 1, got {args.global_batch}")
+            config.batch_size = args.global_batch
+        if args.remat is not None:
+            from jaxvc.train.compute import remat_policy
+            remat_policy(args.remat)  # unknown names fail here, before any compile
+            config.remat_policy = args.remat
+        if args.dtype is not None:
+            from jaxvc.train.compute import compute_dtype
+            compute_dtype(args.dtype)
+            config.compute_dtype = args.dtype
+    except (ConfigError, TopologyError, PlanError, ValueError) as err:
+        print(f"jaxvc plan: {err}", file=sys.stderr)
+        return 2
+
+    from jaxvc.methods import build_method
+
+    started = time.perf_counter()
+    method = build_method(config)
+    hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
+    chip = tpu_slice.chip
+    print(f"jaxvc plan: {args.config} on {tpu_slice.topology}: {tpu_slice.num_chips} {chip.generation} chips, "
+          f"{len(tpu_slice.devices)} devices; per chip {chip.hbm_bytes / GiB:g} GiB HBM, "
+          f"{chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16, HBM {chip.hbm_bandwidth / 1e9:g} GB/s, "
+          f"ICI {chip.ici_bandwidth / 1e9:g} GB/s; remat {config.get('remat_policy')}, "
+          f"dtype {config.get('compute_dtype')}", flush=True)
+    reports = []
+    for sizes in layouts:
+        try:
+            report = plan_layout(config, method, tpu_slice, sizes, hbm_bytes=hbm)
+        except (PlanError, ValueError) as err:
+            print(f"jaxvc plan: {err}", file=sys.stderr)
+            return 2
+        reports.append(report)
+        note = "" if report["fits"] else " (does not fit)"
+        print(f"  compiled mesh {report['mesh_label']} in {report['compile_s']:.0f} s{note}", flush=True)
+    print("memory in GiB per device; collectives: count / GiB of results per device; step = roofline estimate")
+    print(format_table(reports))
+    for r in reports:
+        if r.get("error"):
+            print(f"  {r['mesh_label']}: the TPU compiler: {r['error']}")
+    if args.json:
+        summary = {"config": args.config, "overrides": list(getattr(args, "config_overrides", ())),
+                   "topology": tpu_slice.topology, "chip": chip.__dict__, "layouts": reports,
+                   "wall_s": time.perf_counter() - started}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        print(f"jaxvc plan: wrote {args.json}")
+    return 0
