@@ -119,3 +119,30 @@ def test_valid_taps_excludes_padding():
     assert valid_taps(8, 3, 1, 1) == 8 * 3 - 2      # the two border outputs lose one tap each
     assert valid_taps(8, 1, 1, 0) == 8
     assert valid_taps(8, 3, 2, 1) == 4 * 3 - 1      # stride 2: only the first output reads the padding
+
+
+@pytest.mark.parametrize("size", ["tiny", "sd15"])
+def test_torch_reference_has_the_same_architecture(size):
+    """The diffusers/transformers modules built from sizes.py hold exactly as many weights as jaxvc's, component by
+    component (torch on the meta device and jax.eval_shape: nothing is allocated)."""
+    import diffusers
+    import torch
+    import transformers
+
+    from jaxvc.bench.jax_workloads import build_method
+    from jaxvc.bench.sizes import (diffusers_unet_kwargs, diffusers_vae_kwargs, model_configs,
+                                   transformers_clip_kwargs)
+    from jaxvc.train.state import unbox
+
+    configs = model_configs(size, dtype=jnp.float32)
+    abstract = unbox(build_method(configs, 4, 64).abstract_params())["params"]
+    with torch.device("meta"):
+        reference = {"unet": diffusers.UNetMotionModel(**diffusers_unet_kwargs(configs.unet)),
+                     "vae": diffusers.AutoencoderKL(**diffusers_vae_kwargs(configs.vae)),
+                     "text_encoder": transformers.CLIPTextModel(
+                         transformers.CLIPTextConfig(**transformers_clip_kwargs(configs.text)))}
+    for name, module in reference.items():
+        ours = sum(leaf.size for leaf in jax.tree.leaves(abstract[name]))
+        assert ours == sum(p.numel() for p in module.parameters()), name
+    if size == "sd15":
+        assert sum(leaf.size for leaf in jax.tree.leaves(abstract["unet"])) == 1_276_658_564

@@ -1,7 +1,7 @@
 """``python -m jaxvc.bench`` / ``jaxvc bench``: VideoMaker train step, 30-step guided sampling and VAE decode timed
 in jaxvc and in the diffusers PyTorch reference in the same run, printed as one side-by-side table.
 
-    python -m jaxvc.bench --size tiny                                   # CPU, a minute or two
+    python -m jaxvc.bench --size tiny                                   # CPU, minutes on 2 cores
     python -m jaxvc.bench --size sd15 --image-size 256 512 --torch-compile --out results/bench_h100   # a GPU
 
 Every number is the median of --iters synchronized calls after --warmup calls. MFU = FLOPs / step time / the
@@ -140,15 +140,18 @@ def run(args) -> int:
             else measure_peak_flops(device))
     header = {"device": f"{device.platform}: {device.device_kind} (x{jax.device_count()})",
               "host": f"{platform.node()} {os.cpu_count()} CPUs", "versions": versions(),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "peak_flops_per_s": peak["flops_per_s"],
               "peak_flops_how": (f"measured: {peak['size']}^3 {peak['dtype']} matmul" if peak["size"]
                                  else "given with --peak-flops"),
               "settings": {k: getattr(args, k) for k in ("size", "image_size", "frames", "batch", "dtype",
                                                          "attention", "remat", "sampling_steps", "guidance",
                                                          "warmup", "iters", "vae_chunk", "torch_compile",
-                                                         "torch_compile_mode", "xla_fast_compile")}}
+                                                         "torch_compile_mode", "torch_threads",
+                                                         "xla_fast_compile")}}
     print(f"jaxvc bench: {header['device']}; {header['host']}; " +
-          ", ".join(f"{k} {v}" for k, v in header["versions"].items()), flush=True)
+          ", ".join(f"{k} {v}" for k, v in header["versions"].items()) +
+          (f"; XLA_FLAGS={header['xla_flags']}" if header["xla_flags"] else ""), flush=True)
     print(f"  peak {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({header['peak_flops_how']}); size {args.size}, "
           f"{args.frames}+1 frames, batch {args.batch}, {args.dtype}, attention {args.attention}, remat "
           f"{args.remat}, {args.sampling_steps} DDIM steps, warmup {args.warmup}, iters {args.iters}", flush=True)
@@ -178,7 +181,8 @@ def run(args) -> int:
             params = jax_workloads.init_params(method, args.seed, on_host=device.platform == "cpu")
         common = dict(warmup=args.warmup, iters=args.iters,
                       compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
-        for workload in wanted:
+        # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"
+        for workload in sorted(wanted, key=["VAE decode", "sampling", "train step"].index):
             print(f"  jaxvc {workload} @{size}px ...", flush=True)
             if workload == "VAE decode":
                 m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, **common)
@@ -243,7 +247,7 @@ def run_torch(args, configs, wanted, latent_of, analytic_counts) -> list:
                               compile=compile, compile_mode=args.torch_compile_mode, warmup=args.warmup,
                               iters=args.iters, analytic_flops=analytic_counts[(size, workload)])
                 if workload == "train step":
-                    m = tw.train_step(models, **common)
+                    m = tw.train_step(models, gradient_checkpointing=args.remat == "full", **common)
                 elif workload == "sampling":
                     m = tw.sampling(models, steps=args.sampling_steps, guidance=args.guidance, **common)
                 else:

@@ -7,7 +7,8 @@ injection comes from ``jaxvc/bench/torch_pisa.py`` (PISA processors on every spa
 * train step: frozen CLIP text encoder (no grad) -> GIRL noising of video and reference latents -> UNet on F+1
   frames -> video MSE + 0.1 reference MSE -> backward -> global-norm clip 1.0 -> AdamW (lr 1e-5, wd 1e-2) over the
   same trainable subset (spatial attn1 + motion modules). fp32 master weights; on GPU the forward runs under
-  ``torch.autocast(bfloat16)`` (jaxvc: fp32 parameters, bf16 compute).
+  ``torch.autocast(bfloat16)`` (jaxvc: fp32 parameters, bf16 compute). With jaxvc's ``--remat full`` the UNet
+  uses diffusers' gradient checkpointing, so both sides trade the same recompute for memory.
 * sampling: ``DDIMScheduler`` (linspace, steps_offset 1, no clipping), 30 steps, classifier-free guidance with the
   zero-reference unconditional branch in one doubled batch, reference prediction dropped before each step.
 * VAE decode: ``AutoencoderKL.decode`` of the B*F latents.
@@ -105,12 +106,17 @@ def _run(workload, implementation, image_size, batch, device, call, *, warmup, i
 
 
 def train_step(models: TorchModels, *, batch: int, frames: int, latent: int, image_size: int, dtype: str,
-               compile: bool, compile_mode: str, warmup: int, iters: int, analytic_flops: float) -> Measurement:
+               compile: bool, compile_mode: str, warmup: int, iters: int, analytic_flops: float,
+               gradient_checkpointing: bool = False) -> Measurement:
     from diffusers import DDPMScheduler
 
     device, implementation = models.device, "torch.compile" if compile else "torch eager"
     unet = models.unet.to(torch.float32).train()
     install_reference_injection(unet, frames + 1)
+    if gradient_checkpointing:  # the counterpart of jaxvc's --remat full (diffusers checkpoints every block)
+        unet.enable_gradient_checkpointing()
+    else:
+        unet.disable_gradient_checkpointing()
     parameters = models.trainable_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, weight_decay=1e-2, fused=device.type == "cuda")
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -157,6 +163,7 @@ def sampling(models: TorchModels, *, batch: int, frames: int, latent: int, image
     device, implementation = models.device, "torch.compile" if compile else "torch eager"
     torch_dtype = TORCH_DTYPES[dtype]
     unet = models.unet.to(torch_dtype).eval()
+    unet.disable_gradient_checkpointing()
     install_reference_injection(unet, frames + 1)
     model = _maybe_compile(unet, compile, compile_mode)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
@@ -177,7 +184,8 @@ def sampling(models: TorchModels, *, batch: int, frames: int, latent: int, image
             doubled = torch.cat([latents, latents])                          # [uncond; cond]
             out = model(torch.cat([doubled, reference_pair], dim=2), t, text_pair).sample[:, :, :frames]
             uncond, cond = out.chunk(2)
-            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
+            # the scheduler's float32 alphas promote the sample; the next UNet call wants the model's dtype
+            latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample.to(torch_dtype)
         return latents
 
     return _run("sampling", implementation, image_size, batch, device, generate, warmup=warmup, iters=iters,
