@@ -94,13 +94,15 @@ def format_table(reports: list[dict]) -> str:
 
 def run(args) -> int:
     from jaxvc.plan.hardware import slice_devices
-    from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout
+    from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout, resolve_mesh
 
     try:
         config = load_config(args.config)
         apply_overrides(config, getattr(args, "config_overrides", ()))
         tpu_slice = slice_devices(args.topology)
         layouts = [parse_mesh(m) for m in (args.mesh or [])] or [dict(config.get("mesh") or {"data": -1})]
+        for sizes in layouts:  # before the (slow) model building
+            resolve_mesh(sizes, tpu_slice)
         if args.batch_per_chip is not None:
             if args.batch_per_chip < 1:
                 raise PlanError(f"--batch-per-chip must be >= 1, got {args.batch_per_chip}")
@@ -133,6 +135,14 @@ def run(args) -> int:
           f"ICI {chip.ici_bandwidth / 1e9:g} GB/s; remat {config.get('remat_policy')}, "
           f"dtype {config.get('compute_dtype')}", flush=True)
     reports = []
+
+    def write_json():
+        summary = {"config": args.config, "overrides": list(getattr(args, "config_overrides", ())),
+                   "topology": tpu_slice.topology, "chip": chip.__dict__, "layouts": reports,
+                   "wall_s": time.perf_counter() - started}
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+
     for sizes in layouts:
         try:
             report = plan_layout(config, method, tpu_slice, sizes, hbm_bytes=hbm)
@@ -140,18 +150,16 @@ def run(args) -> int:
             print(f"jaxvc plan: {err}", file=sys.stderr)
             return 2
         reports.append(report)
-        note = "" if report["fits"] else " (does not fit)"
+        note = "" if report["fits"] else " (DOES NOT FIT)"
         print(f"  compiled mesh {report['mesh_label']} in {report['compile_s']:.0f} s{note}", flush=True)
+        if args.json:  # layouts of big models take minutes each: keep what is done
+            write_json()
     print("memory in GiB per device; collectives: count / GiB of results per device; step = roofline estimate")
     print(format_table(reports))
     for r in reports:
         if r.get("error"):
             print(f"  {r['mesh_label']}: the TPU compiler: {r['error']}")
     if args.json:
-        summary = {"config": args.config, "overrides": list(getattr(args, "config_overrides", ())),
-                   "topology": tpu_slice.topology, "chip": chip.__dict__, "layouts": reports,
-                   "wall_s": time.perf_counter() - started}
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        write_json()
         print(f"jaxvc plan: wrote {args.json}")
     return 0
