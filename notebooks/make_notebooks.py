@@ -34,6 +34,8 @@ SETUP = '''
     # on a TPU runtime). Everywhere: fast XLA compiles on a CPU-only machine, then report the devices JAX sees.
     import importlib.util, os, subprocess, sys, time
 
+    DRIVE_PATHS = [@DRIVE_PATHS@]
+
     IN_COLAB = "google.colab" in sys.modules
     if IN_COLAB:
         if any(str(p).startswith("/content/drive") for p in DRIVE_PATHS):
@@ -98,8 +100,8 @@ INFERENCE = [
         OUTPUT_DIR = "outputs"  # on Colab, a Drive folder keeps the files
         TINY_SETTINGS = dict(FRAMES=8, HEIGHT=32, WIDTH=32, STEPS=4)  # replace the above when MODEL_DIR == ""
     ''', "parameters"),
-    _code("DRIVE_PATHS = [JAXVC_SOURCE, MODEL_DIR, MOTION_ADAPTER, REFERENCE_IMAGE, OUTPUT_DIR]\n"
-          + textwrap.dedent(SETUP).strip(), "setup"),
+    _code(SETUP.replace("@DRIVE_PATHS@", "JAXVC_SOURCE, MODEL_DIR, MOTION_ADAPTER, REFERENCE_IMAGE, OUTPUT_DIR"),
+          "setup"),
     _md('''
         ## Load the pipeline
 
@@ -221,7 +223,7 @@ TRAINING = [
         GUIDANCE = 3.0
         SEED = 0
     ''', "parameters"),
-    _code("DRIVE_PATHS = [JAXVC_SOURCE, WORKDIR]\n" + textwrap.dedent(SETUP).strip(), "setup"),
+    _code(SETUP.replace("@DRIVE_PATHS@", "JAXVC_SOURCE, WORKDIR"), "setup"),
     _md('''
         ## The config
 

@@ -78,14 +78,27 @@ def _png_sizes(cell) -> list[tuple[int, int]]:
 
 
 def _assert_shows(video_bytes: bytes, frames: np.ndarray) -> None:
-    """The inline MP4 holds ``frames`` (nearest-upscaled by jaxvc.media to >= 128 px, then H.264 at crf 18)."""
+    """The inline MP4 holds ``frames`` (nearest-upscaled by jaxvc.media to >= 128 px, then H.264 at crf 18).
+
+    H.264 at crf 18 is lossy and its error depends on the content: the mean absolute error after pooling each
+    upscaled block back to one pixel measured 0.6 / 255 on a clean synthetic clip, 3.0 with added noise (std 20) and
+    8.1-8.4 per frame on uniform noise, the worst case; a wrong or shifted video is off by tens."""
     decoded = _decode_mp4(video_bytes).astype(np.float64)
     factor = decoded.shape[1] // frames.shape[1]
     assert decoded.shape == (frames.shape[0], frames.shape[1] * factor, frames.shape[2] * factor, 3), decoded.shape
     # average each upscaled block back to one pixel; lossy coding keeps the mean error small
     pooled = decoded.reshape(frames.shape[0], frames.shape[1], factor, frames.shape[2], factor, 3).mean((2, 4))
-    error = np.abs(pooled - frames).mean()
-    assert error < 6.0, f"inline video differs from the generated frames by {error:.2f} / 255 on average"
+    errors = np.abs(pooled - frames).mean(axis=(1, 2, 3))  # per frame
+    assert errors.max() < 10.0, f"inline video differs from the generated frames by {errors.round(2)} / 255"
+
+
+def _assert_setup_reported(notebook) -> None:
+    """The setup cell printed the interpreter and JAX's devices, and chose fast CPU compiles only without a TPU/GPU."""
+    from jaxvc.notebook import accelerator_present
+
+    printed = "".join(o.get("text", "") for o in _tagged(notebook, "setup").outputs if o.output_type == "stream")
+    assert f"python {sys.executable}" in printed and "devices [" in printed, printed
+    assert ("optimization level 0" in printed) == (not accelerator_present()), printed
 
 
 def test_stored_notebooks_are_generated_and_have_no_outputs():
@@ -111,6 +124,7 @@ def test_inference_notebook_runs_on_cpu(tmp_path):
     notebook, state, seconds = _execute("colab_tpu_inference.ipynb", tmp_path, check)
     print(f"colab_tpu_inference.ipynb: {seconds:.1f}s")
     assert state["prefix"] == sys.prefix  # the kernel ran this environment's interpreter
+    _assert_setup_reported(notebook)
     # MODEL_DIR was empty: a tiny checkpoint in the `jaxvc convert` format, written in the working directory
     assert Path(state["model_path"]) == tmp_path / "tiny_videomaker_checkpoint"
     assert (tmp_path / "tiny_videomaker_checkpoint" / "jaxvc_pipeline.json").is_file()
@@ -138,6 +152,7 @@ def test_training_notebook_runs_on_cpu(tmp_path):
     notebook, state, seconds = _execute("train_tiny.ipynb", tmp_path, check)
     print(f"train_tiny.ipynb: {seconds:.1f}s")
     assert state["prefix"] == sys.prefix
+    _assert_setup_reported(notebook)
     steps = state["steps"]
     assert state["final_step"] == steps == len(state["losses"]) == 30
     losses = np.asarray(state["losses"])
@@ -164,3 +179,27 @@ def test_training_notebook_runs_on_cpu(tmp_path):
     assert len(_png_sizes(shown)) == 1
     assert len(_png_sizes(_tagged(notebook, "data"))) == 1  # the first batch's contact sheet
     assert sorted(p.name for p in NOTEBOOKS.iterdir()) == before
+
+
+def test_notebook_helpers():
+    import subprocess
+
+    from jaxvc.notebook import FAST_CPU_COMPILE_FLAGS, accelerator_present, moving_average
+
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(moving_average([4, 2, 6], 10), [4, 3, 4])  # fewer points than the window: running mean
+    np.testing.assert_allclose(moving_average([3, 1, 2], 1), [3, 1, 2])
+    # in a fresh interpreter: the flags are added once (keeping the user's), and asking after JAX started raises
+    script = ("import os\nfrom jaxvc.notebook import use_fast_cpu_compiles\n"
+              "print(use_fast_cpu_compiles(), use_fast_cpu_compiles(), os.environ['XLA_FLAGS'])\n"
+              "import jax\njax.devices()\n"
+              "try:\n    use_fast_cpu_compiles()\nexcept RuntimeError:\n    print('raised')\n")
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if accelerator_present():
+        assert out.stdout.split()[:2] == ["False", "False"]
+    else:
+        assert out.stdout.split() == ["True", "True", "--xla_cpu_enable_fast_math=false", *FAST_CPU_COMPILE_FLAGS,
+                                      "raised"]
