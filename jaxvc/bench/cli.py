@@ -122,7 +122,7 @@ def run(args) -> int:
 
     from jaxvc.bench import flops as analytic
     from jaxvc.bench import jax_workloads
-    from jaxvc.bench.report import finish, format_table, table_rows, write_outputs
+    from jaxvc.bench.report import Measurement, finish, format_table, table_rows, write_outputs
     from jaxvc.bench.sizes import model_configs
     from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
 
@@ -184,13 +184,19 @@ def run(args) -> int:
         # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"
         for workload in sorted(wanted, key=["VAE decode", "sampling", "train step"].index):
             print(f"  jaxvc {workload} @{size}px ...", flush=True)
-            if workload == "VAE decode":
-                m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, **common)
-            elif workload == "sampling":
-                m = jax_workloads.sampling(method, params, args.batch, steps=args.sampling_steps,
-                                           guidance=args.guidance, loop_counted_once=loop_once, **common)
-            else:
-                m = jax_workloads.train_step(method, params, args.batch, **common)
+            try:
+                if workload == "VAE decode":
+                    m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, **common)
+                elif workload == "sampling":
+                    m = jax_workloads.sampling(method, params, args.batch, steps=args.sampling_steps,
+                                               guidance=args.guidance, loop_counted_once=loop_once, **common)
+                else:
+                    m = jax_workloads.train_step(method, params, args.batch, **common)
+            except Exception as error:  # out of memory, an attention backend that rejects a shape, ...
+                message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
+                print(f"    jaxvc {workload}: {message}", flush=True)
+                m = Measurement(workload, "jaxvc", size, args.batch, error=message,
+                                analytic_flops=analytic_counts[(size, workload)])
             measurements.append(m)
     for m in measurements:
         finish(m, peak["flops_per_s"])

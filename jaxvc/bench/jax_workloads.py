@@ -9,7 +9,8 @@
 * VAE decode: ``decode_video`` of B x F latents.
 
 Weights are random: ``jax.jit(method.init_params)`` creates them on an accelerator; a CPU run draws them with numpy
-(``init_params(on_host=True)``; compiling every layer's initializer is the slow part there). Inference workloads use the weights cast to the compute dtype (as a bf16 diffusers pipeline holds them).
+(``init_params(on_host=True)``; compiling every layer's initializer is the slow part there). Inference workloads
+use the weights cast to the compute dtype (as a bf16 diffusers pipeline holds them).
 """
 from __future__ import annotations
 
