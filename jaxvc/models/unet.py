@@ -170,7 +170,7 @@ def unet_config(variant: str = "sd15", motion: str | None = "v2", **overrides) -
     motion_fields = {k[len("motion_"):]: overrides.pop(k) for k in list(overrides) if k.startswith("motion_")}
     motion_config = None
     if motion is not None:
-        motion_config = MotionConfig(heads=motion_heads, **{**MOTION_LAYOUTS[motion], **motion_fields})
+        motion_config = MotionConfig(**{"heads": motion_heads, **MOTION_LAYOUTS[motion], **motion_fields})
     elif motion_fields:
         raise ValueError(f"motion overrides {sorted(motion_fields)} given without a motion layout")
     return UNetConfig(**{**fields, **overrides}, motion=motion_config)
