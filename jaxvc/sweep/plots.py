@@ -1,6 +1,7 @@
 """The sweep's PNGs (matplotlib, Agg backend): what people look at after a scaling study.
 
-* ``loss_vs_compute.png``       final loss vs training compute (FLOPs), one line per model size, and the power law
+* ``loss_vs_compute.png``       per model size, the best run's loss curve against compute (FLOPs) and every point's
+                                final loss; the power law fitted to the best final losses
 * ``throughput_vs_chips.png``   samples/s vs chips per group, with the ideal linear scaling from the smallest count
 * ``optimal_lr_vs_batch.png``   the best LR of each batch size per model size, and the fitted ``lr* ∝ batch^k``
 * ``loss_curves.png``           training loss vs step of every point
@@ -35,27 +36,42 @@ def _done(rows):
     return [r for r in rows if r.get("status") == "done"]
 
 
+def smooth(values, window: int) -> np.ndarray:
+    """Running mean over the last ``window`` values (shorter at the start): training losses are noisy."""
+    values = np.asarray(values, np.float64)
+    sums = np.cumsum(np.insert(values, 0, 0.0))
+    starts = np.maximum(np.arange(1, values.size + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, values.size + 1) - starts)
+
+
 def _loss_vs_compute(ax, rows, fits) -> None:
-    lines = defaultdict(list)
-    for r in _done(rows):
-        if r.get("compute_flops") and np.isfinite(r["final_loss"]):
-            lines[r.get("model") or "config"].append((r["compute_flops"], r["final_loss"]))
-    if not lines:
+    done = [r for r in _done(rows) if r.get("flops_per_step") and np.isfinite(r["final_loss"])]
+    if not done:
         _empty(ax, "no finished point with FLOPs and a finite loss")
         return
-    for model, pairs in lines.items():
-        pairs.sort()
-        ax.plot(*zip(*pairs), "o-", label=f"model {model}", alpha=0.8)
+    best: dict[str, dict] = {}
+    for r in done:
+        model = r.get("model") or "config"
+        if model not in best or r["final_loss"] < best[model]["final_loss"]:
+            best[model] = r
+    for model, r in best.items():  # the best run of each size: its loss curve in compute units
+        steps, losses = (np.array(v) for v in zip(*r["loss_curve"]))
+        window = max(1, int(round(0.2 * steps.size)))  # the final-loss window
+        line, = ax.plot(steps * r["flops_per_step"], smooth(losses, window), "-",
+                        label=f"model {model} ({r['params_trainable']:,} params), best: {r['id']}")
+        others = [o for o in done if (o.get("model") or "config") == model]
+        ax.plot([o["compute_flops"] for o in others], [o["final_loss"] for o in others], "o",
+                color=line.get_color(), alpha=0.6)
     power = fits.get("loss_vs_compute", {}).get("power_law", {})
     if "b" in power:
-        compute = np.array([c for pairs in lines.values() for c, _ in pairs])
+        compute = np.array([p["compute_flops"] for p in fits["loss_vs_compute"]["points"]])
         grid = np.geomspace(compute.min(), compute.max(), 100)
         ax.plot(grid, fits_lib.power_law(grid, power), "k--",
                 label=f"fit: {power['a']:.3g}·C^-{power['b']:.3g} + {power['c']:.3g}")
     ax.set_xscale("log")
-    ax.set_xlabel("training compute (FLOPs)")
-    ax.set_ylabel("final loss")
-    ax.legend(fontsize=7)
+    ax.set_xlabel("training compute (FLOPs); dots: final loss of every point")
+    ax.set_ylabel("loss (running mean)")
+    ax.legend(fontsize=6)
 
 
 def _throughput(ax, fits) -> None:
