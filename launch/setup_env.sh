@@ -21,7 +21,7 @@ fi
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 files=(launch/requirements-lock.txt setup.py)
-[ "$want_test" = 1 ] && files+=(launch/requirements-test.txt)
+[ "$want_test" = 1 ] && files+=(launch/requirements-test.txt launch/requirements-libtpu.txt)
 stamp=".venv/.jaxvc-installed-$(cat "${files[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup_env.sh: installing pinned dependencies into .venv (a minute or two the first time)" >&2
@@ -32,5 +32,9 @@ if [ ! -f "$stamp" ]; then
   # so the wheel goes in without its dependencies (torchvision has no CPU build here).
   "${pip[@]}" --no-deps open_clip_torch==3.3.0
   "${pip[@]}" --no-deps -e .
+  if [ "$want_test" = 1 ]; then
+    # libtpu for `jaxvc plan`, outside site-packages (see launch/requirements-libtpu.txt)
+    "${pip[@]}" --no-deps --upgrade --target .venv/opt/libtpu -r launch/requirements-libtpu.txt
+  fi
   touch "$stamp"
 fi

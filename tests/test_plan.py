@@ -10,7 +10,11 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("libtpu")
+from jaxvc.plan.hardware import find_libtpu  # noqa: E402
+
+if find_libtpu() is None:
+    pytest.skip("libtpu is not installed (bash launch/setup_env.sh --test puts it in .venv/opt/libtpu)",
+                allow_module_level=True)
 
 from jaxvc.cli import main  # noqa: E402
 from jaxvc.plan.hardware import CHIPS, GiB, TopologyError, parse_topology, slice_devices  # noqa: E402

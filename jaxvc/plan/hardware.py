@@ -10,8 +10,11 @@ per TensorCore (two per chip); v5e/v5p/v6e with one device per chip. Per-device 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import re
+import sys
+from pathlib import Path
 
 GiB = 1024 ** 3
 
@@ -95,9 +98,34 @@ def parse_topology(name: str) -> tuple[str, tuple[int, ...]]:
     return generation, dims
 
 
+def find_libtpu() -> str | None:
+    """Path of libtpu.so: $TPU_LIBRARY_PATH, a pip-installed ``libtpu``, or ``<venv>/opt/libtpu`` (where
+    ``launch/setup_env.sh --test`` puts it, outside site-packages: an importable libtpu makes every JAX process on a
+    machine without TPUs try to start the TPU runtime and print errors)."""
+    from_env = os.environ.get("TPU_LIBRARY_PATH")
+    if from_env and os.path.isfile(from_env):
+        return from_env
+    spec = importlib.util.find_spec("libtpu")
+    candidates = [Path(p) / "libtpu.so" for p in (spec.submodule_search_locations or [])] if spec else []
+    candidates.append(Path(sys.prefix) / "opt" / "libtpu" / "libtpu" / "libtpu.so")
+    return next((str(p) for p in candidates if p.is_file()), None)
+
+
+def use_libtpu() -> str:
+    """Point JAX's TPU plugin at libtpu for this process (works after JAX started: the topology client loads the
+    plugin on first use). Raises TopologyError naming how to install it."""
+    path = find_libtpu()
+    if path is None:
+        raise TopologyError("libtpu is not installed: `bash launch/setup_env.sh --test` (puts it in .venv/opt/libtpu), "
+                            "`pip install libtpu==0.0.52`, or set TPU_LIBRARY_PATH to a libtpu.so")
+    os.environ["TPU_LIBRARY_PATH"] = path
+    return path
+
+
 def slice_devices(name: str) -> Slice:
     """The abstract devices of a TPU slice, from libtpu (no TPU needed)."""
     generation, dims = parse_topology(name)
+    use_libtpu()
     # libtpu takes a machine-wide lock file so that two processes do not drive one TPU; the topology client drives
     # nothing, and several planners (or a planner beside a test) must be able to run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
