@@ -79,8 +79,8 @@ INFERENCE = [
 
         **Without weights** (`MODEL_DIR = ""`, e.g. on a CPU or in CI) the notebook builds a tiny *untrained*
         VideoMaker (`configs/videomaker.py:tiny`), saves it in the `jaxvc convert` checkpoint format and loads it
-        back through the same path, at 32x32 with 8 frames and 4 steps: it runs top to bottom in well under a
-        minute on a laptop CPU, and its video is noise. For a small model that has learned something on a CPU,
+        back through the same path, at 32x32 with 8 frames and 4 steps: it runs top to bottom on a CPU (most of the
+        time is XLA compiling the model once), and its video is noise. For a small model that has learned something on a CPU,
         see `train_tiny.ipynb` and `jaxvc demo`.
     '''),
     _code('''
@@ -174,8 +174,8 @@ INFERENCE = [
     _md('''
         ## Generate
 
-        The first call compiles the sampling loop for these shapes (on a TPU about a minute for SD1.5 at 512x512);
-        later calls with the same sizes and step count reuse it.
+        The first call compiles the sampling loop for these shapes, so it takes longer than the rest; later calls
+        with the same sizes, step count and guidance scale reuse the compiled loop.
     '''),
     _code('''
         start = time.perf_counter()
@@ -201,21 +201,21 @@ TRAINING = [
     _md('''
         # jaxvc: train a tiny VideoMaker on the synthetic subject world
 
-        The whole training loop at toy scale on a CPU in about a minute: the config, the Grain input pipeline,
+        The whole training loop at toy scale, on a CPU in minutes: the config, the Grain input pipeline,
         `jaxvc.train.loop.train` (the same trainer `jaxvc train` runs on a TPU pod), the loss curve, then a video
         of a subject the model never saw, generated with and without its reference image. The captions say how the
         subject moves but not what it looks like ("a subject moves left on a sky background"), so only the
         reference carries the identity.
 
-        A few dozen steps only start to learn (colour blobs, not yet the subject): `jaxvc demo` trains the demo
-        model for 450 steps and scores it with the synthetic world's exact metrics.
+        A few dozen steps only start to learn (colour blobs, not yet the subject): `jaxvc demo` trains the full demo
+        model (`configs/videomaker.py:demo`) and scores it with the synthetic world's exact metrics.
     '''),
     _code('''
         # Parameters (papermill: this cell is tagged "parameters")
         JAXVC_SOURCE = "/content/drive/MyDrive/jaxvc"  # Colab only: the jaxvc repository (a Drive folder or a git URL)
-        STEPS = 30              # the demo trains 450
-        BATCH_SIZE = 4          # the demo uses 6
-        WARMUP_STEPS = 5        # the demo warms up for 50
+        STEPS = 30              # the demo config trains 550
+        BATCH_SIZE = 4          # the demo config uses 8
+        WARMUP_STEPS = 5        # the demo config warms up for 50
         UNET_WIDTHS = (16, 32, 32)  # the demo's UNet is (32, 64, 64); narrower trains faster on a CPU
         WORKDIR = "train_tiny_run"  # checkpoints, TensorBoard logs and config.json
         FRESH_RUN = True        # delete WORKDIR first (train() would otherwise resume from its checkpoints)

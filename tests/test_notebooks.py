@@ -148,7 +148,7 @@ def test_training_notebook_runs_on_cpu(tmp_path):
     check = (f"import json\nprint({CHECK_PREFIX!r} + json.dumps(dict(prefix=sys.prefix, steps=STEPS, "
              "final_step=int(result.final_step), losses=losses.tolist(), tensorboard_loss=scalars['train/loss'], "
              "with_reference=with_reference.tolist(), without_reference=without_reference.tolist(), "
-             "workdir=str(Path(WORKDIR).resolve()), checkpoints=checkpoints)))")
+             "workdir=str(Path(WORKDIR).resolve()), checkpoints=checkpoints, num_frames=config.model.num_frames)))")
     notebook, state, seconds = _execute("train_tiny.ipynb", tmp_path, check)
     print(f"train_tiny.ipynb: {seconds:.1f}s")
     assert state["prefix"] == sys.prefix
@@ -157,7 +157,8 @@ def test_training_notebook_runs_on_cpu(tmp_path):
     assert state["final_step"] == steps == len(state["losses"]) == 30
     losses = np.asarray(state["losses"])
     assert np.all(np.isfinite(losses))
-    # the loss falls: measured 1.31 (first 3 steps) -> 0.68 (last 10) for this deterministic run
+    # the loss falls (a deterministic run: the means are printed)
+    print(f"loss: first 3 steps {losses[:3].mean():.3f}, last 10 {losses[-10:].mean():.3f}")
     assert losses[-10:].mean() < 0.75 * losses[:3].mean(), (losses[:3].mean(), losses[-10:].mean())
     # the TensorBoard log holds the same losses every log_every=5 steps
     logged = dict(state["tensorboard_loss"])
@@ -168,7 +169,8 @@ def test_training_notebook_runs_on_cpu(tmp_path):
     assert len(_png_sizes(_tagged(notebook, "loss-plot"))) == 1
     with_reference, without_reference = (np.asarray(state[k], np.uint8) for k in ("with_reference",
                                                                                    "without_reference"))
-    assert with_reference.shape == without_reference.shape == (8, 32, 32, 3)
+    assert state["num_frames"] >= 2  # the demo config's clip length
+    assert with_reference.shape == without_reference.shape == (state["num_frames"], 32, 32, 3)
     # same noise and prompt, only the reference differs: the reference reaches the output
     assert np.abs(with_reference.astype(float) - without_reference).mean() > 1.0
     shown = _tagged(notebook, "show-video")
