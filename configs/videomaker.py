@@ -46,6 +46,7 @@ def get_config(variant=None):
     config.data.source = "synthetic"  # synthetic | packed
     config.data.paths = ()  # packed: ArrayRecord shard globs; synthetic: unused
     config.data.caption_name = "a subject"  # synthetic: captions leave the identity to the reference image
+    config.data.motions = ()  # synthetic: train on these motions only (jaxvc/data/synthetic.py MOTIONS); () = all
     config.data.num_subjects = 64
     config.data.held_out = 8
     config.data.seed = 0

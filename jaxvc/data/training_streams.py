@@ -21,8 +21,9 @@ def streams_from_config(config) -> dict:
     if source == "synthetic":
         world = world_from_config(config)
         # captions name the subject generically ("a subject moves left ..."): only the reference shows what it is
+        motions = tuple(config.data.get("motions", ())) or None  # () = every motion of the world
         return {"video": synthetic.SyntheticVideoSource(
-            world, num_records=max(4096, 64 * len(world.train_subject_ids)), seed=config.data.seed,
+            world, num_records=max(4096, 64 * len(world.train_subject_ids)), motions=motions, seed=config.data.seed,
             caption_name=config.data.caption_name)}
     if source == "packed":
         from jaxvc.data.sources import PackedSource
