@@ -183,6 +183,28 @@ def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], lis
     return overrides, rest
 
 
+
+def accept_config_overrides(parser, epilog: bool = True) -> None:
+    """Make ``parser.parse_args`` take ``--config.<key>=<value>`` overrides (argparse would reject them as unknown
+    options): they are split off first and land in ``args.config_overrides`` as (key, value) pairs."""
+    import sys
+
+    plain_parse_args = parser.parse_args
+
+    def parse_args(args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            overrides, rest = split_override_args(argv)
+        except ConfigError as err:
+            parser.error(str(err))
+        parsed = plain_parse_args(rest, namespace)
+        parsed.config_overrides = overrides
+        return parsed
+
+    parser.parse_args = parse_args
+    if epilog:
+        parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str] | str]) -> ml_collections.ConfigDict:
     """Apply overrides given as ``(key, value)`` pairs or ``"a.b=value"`` strings, in order; returns ``config``."""
     for item in overrides:

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from jaxvc.config_utils import ConfigError, OVERRIDE_PREFIX, apply_overrides, load_config, split_override_args
+from jaxvc.config_utils import ConfigError, accept_config_overrides, apply_overrides, load_config
 from jaxvc.plan.hardware import CHIPS, GiB, TopologyError
 from jaxvc.plan.hlo import KINDS
 
@@ -38,20 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="pretend each device has this much HBM (GiB) in the fit check")
     parser.add_argument("--json", default=None, metavar="FILE", help="write every figure of every layout here")
-    plain_parse_args = parser.parse_args
-
-    def parse_args(args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            overrides, rest = split_override_args(argv)
-        except ConfigError as err:
-            parser.error(str(err))
-        parsed = plain_parse_args(rest, namespace)
-        parsed.config_overrides = overrides
-        return parsed
-
-    parser.parse_args = parse_args
-    parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
+    accept_config_overrides(parser)
 
 
 def _gib(value) -> str:

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from jaxvc.config_utils import REPO_ROOT, ConfigError, split_override_args
+from jaxvc.config_utils import REPO_ROOT, ConfigError, accept_config_overrides
 
 _STOP: list[bool] = []  # set by SIGTERM while a point runs: finish that point's shutdown, then stop the sweep
 
@@ -67,19 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = ("Pods: run the same command on every host with the jax.distributed flags of jaxvc train "
                      "(--distributed=auto on Cloud TPU); --out on storage all hosts see. See the module docstring "
                      "of jaxvc/sweep/cli.py.")
-    plain_parse_args = parser.parse_args
-
-    def parse_args(args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            overrides, rest = split_override_args(argv)
-        except ConfigError as err:
-            parser.error(str(err))
-        parsed = plain_parse_args(rest, namespace)
-        parsed.config_overrides = overrides
-        return parsed
-
-    parser.parse_args = parse_args
+    accept_config_overrides(parser, epilog=False)
 
 
 def point_spec(args, point, folder: Path) -> dict:

@@ -15,7 +15,7 @@ import argparse
 import importlib
 import sys
 
-from jaxvc.config_utils import ConfigError, OVERRIDE_PREFIX, apply_overrides, load_config, split_override_args
+from jaxvc.config_utils import ConfigError, accept_config_overrides, apply_overrides, load_config
 
 DATA_SOURCES: dict[str, str] = {
     "toy": "jaxvc.train.toy_data:from_config",
@@ -37,21 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator_address", default=None, help="HOST:PORT of process 0")
     parser.add_argument("--num_processes", type=int, default=None, help="number of processes (hosts) in the job")
     parser.add_argument("--process_id", type=int, default=None, help="this process's index, 0 .. num_processes - 1")
-    # argparse would reject --config.a.b=value as an unknown option: take the overrides out first.
-    plain_parse_args = parser.parse_args
-
-    def parse_args(args=None, namespace=None):
-        argv = list(sys.argv[1:] if args is None else args)
-        try:
-            overrides, rest = split_override_args(argv)
-        except ConfigError as err:
-            parser.error(str(err))
-        parsed = plain_parse_args(rest, namespace)
-        parsed.config_overrides = overrides
-        return parsed
-
-    parser.parse_args = parse_args
-    parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
+    accept_config_overrides(parser)
 
 
 def build_data(config, rows: tuple[int, int]):
