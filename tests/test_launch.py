@@ -121,13 +121,16 @@ def test_launch_env_cli():
 
 
 def test_sd15_libtpu_flags_are_known_to_libtpu():
-    pytest.importorskip("libtpu")
+    from jaxvc.plan.hardware import find_libtpu
+    libtpu = find_libtpu()  # .venv/opt/libtpu (setup_env.sh --test) or an installed libtpu package
+    if libtpu is None:
+        pytest.skip("libtpu is not installed (bash launch/setup_env.sh --test puts it in .venv/opt/libtpu)")
     probe = ("from jax.experimental import topologies\n"
              "print(len(topologies.get_topology_desc('v5p:2x2x1', 'tpu').devices))")
 
     def start_libtpu(args):
         # ALLOW_MULTIPLE_LIBTPU_LOAD: other processes on this machine (jaxvc plan) may hold libtpu's lock file
-        env = script_env(LIBTPU_INIT_ARGS=args, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="")
+        env = script_env(LIBTPU_INIT_ARGS=args, ALLOW_MULTIPLE_LIBTPU_LOAD="1", JAX_PLATFORMS="", TPU_LIBRARY_PATH=libtpu)
         return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
 
     good = start_libtpu(launch_env(load_config(SD15), "tpu")["LIBTPU_INIT_ARGS"])
