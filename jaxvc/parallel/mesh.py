@@ -12,11 +12,36 @@ from jax.sharding import AxisType, Mesh
 from jaxvc.parallel.rules import DEFAULT_RULES, MESH_AXES
 
 
+def parse_axis_sizes(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=32"`` -> ``{"data": 2, "fsdp": 32}``: the axes given (data, fsdp, tensor, sequence), each a
+    size >= 1 or -1 (fill the rest; at most one). Raises ValueError naming the bad part."""
+    sizes: dict[str, int] = {}
+    parts = [part.strip() for part in (text or "").split(",") if part.strip()]
+    if not parts:
+        raise ValueError(f"mesh '{text}': no axes given (e.g. data=4 or data=1,fsdp=64)")
+    for part in parts:
+        name, eq, value = part.partition("=")
+        name = name.strip()
+        if not eq or name not in MESH_AXES:
+            raise ValueError(f"mesh '{text}': '{part}' is not AXIS=SIZE with the axis one of "
+                             f"{', '.join(MESH_AXES)}")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"mesh '{text}': size '{value}' of axis {name} is not an integer") from None
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh '{text}': axis {name} has size {size}; sizes are >= 1 (or -1 to fill)")
+        if name in sizes:
+            raise ValueError(f"mesh '{text}': axis {name} given twice")
+        sizes[name] = size
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh '{text}': at most one axis may be -1")
+    return sizes
+
+
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Fill the one axis given as -1 so that the product equals ``num_devices``; check the product otherwise."""
-    unknown = [a for a in MESH_AXES if a not in sizes]
     sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-    del unknown
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got {fill} in {sizes}")

@@ -22,7 +22,7 @@ from typing import Mapping
 
 import jax
 
-from jaxvc.parallel.mesh import make_mesh
+from jaxvc.parallel.mesh import make_mesh, parse_axis_sizes
 from jaxvc.parallel.rules import MESH_AXES
 from jaxvc.plan.hardware import GiB, Slice
 from jaxvc.plan.hlo import collectives
@@ -34,26 +34,10 @@ class PlanError(ValueError):
 
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data=2,fsdp=32"`` -> ``{"data": 2, "fsdp": 32}`` (axes: data, fsdp, tensor, sequence; one may be -1)."""
-    sizes: dict[str, int] = {}
-    for part in (p.strip() for p in (text or "").split(",")):
-        if not part:
-            continue
-        name, eq, value = part.partition("=")
-        name = name.strip()
-        if not eq or name not in MESH_AXES:
-            raise PlanError(f"mesh '{text}': '{part}' is not AXIS=SIZE with AXIS one of {', '.join(MESH_AXES)}")
-        try:
-            size = int(value)
-        except ValueError:
-            raise PlanError(f"mesh '{text}': size '{value}' of axis {name} is not an integer") from None
-        if size < 1 and size != -1:
-            raise PlanError(f"mesh '{text}': axis {name} has size {size}; sizes are >= 1 (or -1 to fill)")
-        if name in sizes:
-            raise PlanError(f"mesh '{text}': axis {name} given twice")
-        sizes[name] = size
-    if not sizes:
-        raise PlanError(f"mesh '{text}': no axes given (e.g. data=4 or data=1,fsdp=64)")
-    return sizes
+    try:
+        return parse_axis_sizes(text)
+    except ValueError as err:
+        raise PlanError(str(err)) from None
 
 
 def resolve_mesh(sizes: Mapping[str, int], tpu_slice: Slice) -> dict[str, int]:

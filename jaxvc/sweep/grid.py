@@ -15,7 +15,7 @@ import itertools
 import math
 import re
 
-from jaxvc.parallel.mesh import MESH_AXES
+from jaxvc.parallel.mesh import MESH_AXES, parse_axis_sizes
 
 MODEL_KEY = "model"
 MESH_KEY = "mesh"
@@ -29,26 +29,10 @@ class GridError(ValueError):
 
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data=2,fsdp=2"`` -> ``{"data": 2, "fsdp": 2, "tensor": 1, "sequence": 1}`` (axes left out are 1)."""
-    sizes = {axis: 1 for axis in MESH_AXES}
-    given = [part.strip() for part in text.split(",") if part.strip()]
-    if not given:
-        raise GridError(f"mesh layout '{text}' is empty; expected e.g. data=2,fsdp=2")
-    for part in given:
-        axis, sep, value = part.partition("=")
-        axis = axis.strip()
-        if not sep or axis not in MESH_AXES:
-            raise GridError(f"mesh layout '{text}': '{part}' should be <axis>=<size> with axis one of "
-                            f"{', '.join(MESH_AXES)}")
-        try:
-            size = int(value)
-        except ValueError:
-            raise GridError(f"mesh layout '{text}': size '{value}' of axis '{axis}' is not an integer") from None
-        if size < 1 and size != -1:
-            raise GridError(f"mesh layout '{text}': axis '{axis}' has size {size}; expected >= 1 or -1")
-        sizes[axis] = size
-    if list(sizes.values()).count(-1) > 1:
-        raise GridError(f"mesh layout '{text}': at most one axis may be -1")
-    return sizes
+    try:
+        return {**{axis: 1 for axis in MESH_AXES}, **parse_axis_sizes(text)}
+    except ValueError as err:
+        raise GridError(str(err)) from None
 
 
 def mesh_chips(sizes: dict[str, int], num_devices: int | None = None) -> int | None:
