@@ -37,7 +37,7 @@ def get_config(variant=None):
     config.model.image_size = 32
     config.model.options = ConfigDict(dict(
         girl=True, girl_alpha=0.01, girl_beta=0.1, reference_cross_attention=True,
-        train_spatial_self_attention=True, train_motion_modules=True, train_all_unet=False,
+        train_spatial_self_attention=True, train_motion_modules=True, train_all_unet=False, train_text_encoder=False,
         drop_both_prob=0.1, drop_text_prob=0.0, drop_reference_prob=0.0, prediction_type="epsilon",
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
         snr_gamma=config_dict.placeholder(float)))
@@ -53,6 +53,7 @@ def get_config(variant=None):
     config.data.workers = 0
     config.data.reference = "random"  # a random frame of the clip, highlighted by its mask
     config.data.frame_stride = 1
+    config.data.center_reference = False  # move the highlighted subject to the centre of the reference image
 
     config.optim = ConfigDict()
     config.optim.lr = 1e-5

@@ -169,6 +169,33 @@ def test_subject_highlight_and_augmentation():
     np.testing.assert_array_equal(aug["reference"], hl["reference"][:, :, ::-1])  # flipped copy of the same view
 
 
+def test_centred_reference_hides_where_the_subject_was():
+    """center_reference: the highlighted subject is moved (whole pixels, unchanged) to the image centre, so the
+    reference no longer says where the subject is in its frame; without a mask nothing moves."""
+    from jaxvc.data.transforms import center_subject
+
+    world = SyntheticWorld(image_size=32, num_frames=8, num_subjects=12, held_out=2)
+    source = SyntheticVideoSource(world, num_records=10)
+    common = dict(batch_size=4, image_size=32, num_frames=8, reference="first", hflip=0.0, affine_degrees=0.0,
+                  affine_translate=0.0, affine_scale=(1.0, 1.0), random_crop=False, shuffle=False)
+    plain = BatchDataset({"v": source}, DataConfig(**common), 0, 1)[0]
+    centred = BatchDataset({"v": source}, DataConfig(**common, center_reference=True), 0, 1)[0]
+    for before, after, mask in zip(plain["reference"], centred["reference"], plain["mask"][:, 0] > 0):
+        subject = np.any(after < 1.0, axis=-1)  # non-white pixels
+        rows, cols = np.nonzero(subject)
+        assert abs((rows.min() + rows.max() + 1) / 2 - 16) <= 0.5 and abs((cols.min() + cols.max() + 1) / 2 - 16) <= 0.5
+        np.testing.assert_array_equal(np.sort(after[subject], axis=0), np.sort(before[mask], axis=0))
+    assert not np.array_equal(plain["reference"], centred["reference"])  # these subjects were off-centre
+
+    image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
+    mask = np.zeros((8, 8), bool)
+    mask[0:2, 5:8] = True  # box centre (1, 6.5) -> (4, 4): down 3, left 2 (6.5 - 4 = 2.5 rounds to 2)
+    moved = center_subject(image, mask, fill=255)
+    np.testing.assert_array_equal(moved[3:5, 3:6], image[0:2, 5:8])
+    assert np.all(moved[:3] == 255) and np.all(moved[:, 6:] == 255)
+    np.testing.assert_array_equal(center_subject(image, np.zeros((8, 8), bool)), image)
+
+
 def test_corrupt_records_are_skipped_and_counted():
     bad = {1, 4, 7, 8}
     source = FlakySource([video_example(i) for i in range(12)], bad)

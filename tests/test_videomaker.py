@@ -159,6 +159,36 @@ def test_trainable_subset_is_spatial_self_attention_and_motion_modules(method):
     assert not method.trainable(("params", "unet", "down_blocks_0", "resnets_0", "conv1", "kernel"))
 
 
+def test_text_encoder_trains_only_when_asked(method):
+    """train_text_encoder (models trained from scratch): every text-encoder weight is trainable and gets a non-zero
+    gradient from the loss; by default (the paper) the text encoder is frozen and the loss sends it no gradient."""
+    import dataclasses
+
+    from flax import linen as nn
+    from flax import traverse_util
+
+    from jaxvc.methods.videomaker import VideoMaker
+
+    params = nn.unbox(method.init_params(jax.random.key(0)))
+    rng = np.random.default_rng(5)
+    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
+             "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
+             "tokens": jnp.asarray(np.tile(np.array([[49406, 320, 1823, 49407] + [49407] * 73]), (BATCH, 1)),
+                                   jnp.int32)}
+    trained = VideoMaker(method.unet.config, method.text_encoder.config, None,
+                         dataclasses.replace(method.options, train_text_encoder=True), method.empty_prompt_tokens,
+                         num_frames=GENERATED, image_size=SIZE)
+    for model, trains in ((method, False), (trained, True)):
+        grads = jax.grad(lambda p: model.loss(p, batch, jax.random.key(1))[0])(params)
+        flat = traverse_util.flatten_dict(grads)
+        text_paths = [path for path in flat if path[1] == "text_encoder"]
+        assert text_paths and all(model.trainable(path) == trains for path in text_paths)
+        text_grad = sum(float(jnp.abs(flat[path]).sum()) for path in text_paths)
+        assert (text_grad > 0) == trains, text_grad
+        assert model.trainable(("params", "unet", "down_blocks_0", "attentions_0", "transformer_blocks_0", "attn1",
+                                "to_q", "kernel"))
+
+
 def test_girl_loss_is_the_paper_formula(method):
     """Recompute GIRL by hand from the same random draws: t' = floor(0.01 t), beta = 0.1, plain mean MSE."""
     from flax import linen as nn

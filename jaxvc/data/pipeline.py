@@ -59,6 +59,7 @@ class DataConfig:
     reference: str = "random"  # see transforms.REFERENCE_MODES
     reference_candidates: tuple[int, ...] = (0, 9, 18, 27, 36, 45)
     highlight: bool = True  # outside-mask pixels of the reference set to white where a mask exists
+    center_reference: bool = False  # shift the highlighted subject to the centre (where a mask exists)
     hflip: float = 0.5  # reference augmentation
     affine_degrees: float = 10.0
     affine_translate: float = 0.1
@@ -349,6 +350,8 @@ class BatchDataset(grain.MapDataset):
             raise records.CorruptRecordError(f"{example.get('source')}: unknown kind {kind!r}")
         if cfg.highlight and ref_mask is not None:
             reference = transforms.highlight_subject(reference, ref_mask)
+        if cfg.center_reference and ref_mask is not None:
+            reference = transforms.center_subject(reference, ref_mask, cfg.reference_fill)
         reference = transforms.augment_reference(reference, rng, cfg.hflip, cfg.affine_degrees, cfg.affine_translate,
                                                  tuple(cfg.affine_scale), cfg.reference_fill)
         out = {"video": transforms.to_signed_float(target), "reference": transforms.to_signed_float(reference),

@@ -42,6 +42,7 @@ def from_config(config, rows: tuple[int, int]):
     tokenizer = load_tokenizer(config.model.get("tokenizer"))
     data_config = DataConfig(batch_size=config.batch_size, image_size=config.model.image_size,
                              num_frames=config.model.num_frames, frame_stride=config.data.frame_stride,
-                             reference=config.data.reference, seed=config.data.seed, with_mask=False)
+                             reference=config.data.reference, seed=config.data.seed, with_mask=False,
+                             center_reference=bool(config.data.get("center_reference", False)))
     return make_pipeline(streams_from_config(config), data_config, rows=tuple(rows), tokenizer=tokenizer,
                          worker_count=config.data.workers)

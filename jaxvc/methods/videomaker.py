@@ -16,7 +16,8 @@ unconditional branch at inference uses a zero reference latent, as the authors' 
 
 Ablation switches (the paper's Table): ``girl`` (off: clean reference, no reference loss), ``reference_cross_attention``
 (off: the reference frame skips attn2), ``train_motion_modules`` (off: only spatial self-attention trains).
-``train_all_unet`` trains every UNet weight (for models trained from scratch, e.g. the demo's synthetic world).
+``train_all_unet`` trains every UNet weight and ``train_text_encoder`` the text encoder too (for models trained from
+scratch, e.g. the demo's synthetic world, whose text encoder has no pretrained weights to keep).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class VideoMakerOptions:
     train_spatial_self_attention: bool = True
     train_motion_modules: bool = True
     train_all_unet: bool = False
+    train_text_encoder: bool = False    # the paper freezes CLIP; a model trained from scratch has no CLIP to keep
     drop_both_prob: float = 0.1         # text -> "" and reference -> zeros together
     drop_text_prob: float = 0.0
     drop_reference_prob: float = 0.0
@@ -153,8 +155,10 @@ class VideoMaker(Method):
         return {"params": tree}
 
     def trainable(self, path: tuple[str, ...]) -> bool:
+        if len(path) >= 2 and path[1] == "text_encoder":
+            return self.options.train_text_encoder
         if len(path) < 2 or path[1] != "unet":
-            return False  # VAE and text encoder are frozen
+            return False  # the VAE is frozen
         if self.options.train_all_unet:
             return True
         if self.options.train_spatial_self_attention and is_spatial_self_attention(path):
@@ -163,8 +167,10 @@ class VideoMaker(Method):
 
     # ---------------------------------------------------------------- conditioning
     def encode_text(self, params, tokens):
-        """tokens (B, 77) -> (B, 77, D) last hidden state of the frozen text encoder."""
+        """tokens (B, 77) -> (B, 77, D) last hidden state of the text encoder (frozen unless train_text_encoder)."""
         out = self.text_encoder.apply({"params": params["params"]["text_encoder"]}, tokens)
+        if self.options.train_text_encoder:
+            return out["last_hidden_state"]
         return jax.lax.stop_gradient(out["last_hidden_state"])
 
     def encode_pixels(self, params, video):
