@@ -17,14 +17,44 @@ WEIGHTINGS = (None, "min_snr", "inverse_one_minus_alpha_bar")
 LOSS_SPACES = ("target", "x0")
 
 
+TIMESTEP_BIAS_STRATEGIES = ("none", "later", "earlier")
+
+
+def check_timestep_bias(strategy: str, multiplier: float, portion: float) -> None:
+    """Clear errors for bad timestep-bias settings (plain Python: safe before JAX initialises its backends)."""
+    if strategy not in TIMESTEP_BIAS_STRATEGIES:
+        raise ValueError(f"timestep bias strategy {strategy!r}: expected one of {TIMESTEP_BIAS_STRATEGIES}")
+    if not 0.0 < portion <= 1.0 or multiplier <= 0.0:
+        raise ValueError(f"timestep bias: need 0 < portion <= 1 (got {portion}) and multiplier > 0 (got {multiplier})")
+
+
+def timestep_weights(num_train_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
+                     portion: float = 0.25):
+    """(T,) relative sampling weights of the training timesteps, as diffusers' ``--timestep_bias_strategy``:
+    "later" multiplies the weight of the last ``portion`` of the timesteps (the noisiest) by ``multiplier``,
+    "earlier" the first ``portion``; "none" is uniform."""
+    check_timestep_bias(strategy, multiplier, portion)
+    weights = jnp.ones((num_train_timesteps,), jnp.float32)
+    count = max(1, int(portion * num_train_timesteps))  # int() as diffusers does
+    if strategy == "later":
+        weights = weights.at[num_train_timesteps - count:].multiply(multiplier)
+    elif strategy == "earlier":
+        weights = weights.at[:count].multiply(multiplier)
+    return weights
+
+
 def sample_timesteps(rng, batch_size: int, num_train_timesteps: int = 1000, *, min_timestep: int = 0,
-                     max_timestep: int | None = None):
-    """One training timestep per example, uniform on {min_timestep, ..., max_timestep - 1} (default all T)."""
+                     max_timestep: int | None = None, weights=None):
+    """One training timestep per example on {min_timestep, ..., max_timestep - 1} (default all T): uniform, or
+    drawn in proportion to `weights` ((T,), e.g. `timestep_weights`)."""
     max_timestep = num_train_timesteps if max_timestep is None else max_timestep
     if not 0 <= min_timestep < max_timestep <= num_train_timesteps:
         raise ValueError(f"sample_timesteps: need 0 <= min_timestep ({min_timestep}) < max_timestep ({max_timestep})"
                          f" <= num_train_timesteps ({num_train_timesteps})")
-    return jax.random.randint(rng, (batch_size,), min_timestep, max_timestep, dtype=jnp.int32)
+    if weights is None:
+        return jax.random.randint(rng, (batch_size,), min_timestep, max_timestep, dtype=jnp.int32)
+    logits = jnp.log(jnp.asarray(weights, jnp.float32)[min_timestep:max_timestep])
+    return (min_timestep + jax.random.categorical(rng, logits, shape=(batch_size,))).astype(jnp.int32)
 
 
 def sample_noise(rng, shape, dtype=jnp.float32):

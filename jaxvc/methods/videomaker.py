@@ -56,6 +56,15 @@ class VideoMakerOptions:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     snr_gamma: float | None = None      # min-SNR weighting (off by default, as the paper)
+    # Training timesteps: uniform as in the paper ("none"), or diffusers' timestep bias: "later" draws the noisiest
+    # `portion` of the timesteps `multiplier` times as often (where the layout, hence the caption, decides).
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+
+    def __post_init__(self):
+        diffusion_losses.check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier,
+                                             self.timestep_bias_portion)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "VideoMakerOptions":
@@ -213,7 +222,11 @@ class VideoMaker(Method):
         reference = jnp.where(drop_reference[:, None, None, None, None], 0.0, reference)
         text = self.encode_text(params, tokens)
 
-        t = diffusion_losses.sample_timesteps(rng_t, batch_size, opts.num_train_timesteps)
+        weights = None
+        if opts.timestep_bias_strategy != "none":
+            weights = diffusion_losses.timestep_weights(opts.num_train_timesteps, opts.timestep_bias_strategy,
+                                                        opts.timestep_bias_multiplier, opts.timestep_bias_portion)
+        t = diffusion_losses.sample_timesteps(rng_t, batch_size, opts.num_train_timesteps, weights=weights)
         noise = jax.random.normal(rng_noise, latents.shape, latents.dtype)
         noisy = add_noise(self.schedule, latents, noise, t)
         if opts.girl:
