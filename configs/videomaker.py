@@ -54,6 +54,7 @@ def get_config(variant=None):
     config.data.workers = 0
     config.data.reference = "random"  # a random frame of the clip, highlighted by its mask
     config.data.frame_stride = 1
+    config.data.placement = "random"  # synthetic: "centered" centres every clip's motion path on the image
     config.data.center_reference = False  # move the highlighted subject to the centre of the reference image
 
     config.optim = ConfigDict()

@@ -76,6 +76,29 @@ def test_video_truth_matches_pixels_and_caption(world, motion):
         assert c[:, 1].min() < c[0, 1] - 0.25 * 32  # it leaves the floor
 
 
+@pytest.mark.parametrize("motion", MOTIONS)
+def test_centered_placement_centres_the_path_and_keeps_the_motion(world, motion):
+    """placement="centered": the same motion (displacement, rotation, scaling, within 1e-9 of the random placement's
+    clip), with the path's middle at the image centre +- CENTER_JITTER, and the sprite fully inside every frame."""
+    from jaxvc.data.synthetic import CENTER_JITTER
+
+    centred = SyntheticWorld(image_size=32, num_frames=8, num_subjects=64, held_out=8, seed=0, placement="centered")
+    sid = world.train_subject_ids[0]
+    for seed in range(6):
+        _, _, _, free = world.video(sid, motion, seed=seed)
+        frames, masks, caption, truth = centred.video(sid, motion, seed=seed)
+        assert caption == world.video(sid, motion, seed=seed)[2]
+        np.testing.assert_allclose(np.diff(truth["centers"], axis=0), np.diff(free["centers"], axis=0), atol=1e-9)
+        np.testing.assert_array_equal(truth["scales"], free["scales"])
+        np.testing.assert_array_equal(truth["angles"], free["angles"])
+        middle = (truth["centers"].min(axis=0) + truth["centers"].max(axis=0)) / 2
+        assert np.all(np.abs(middle - 16) <= CENTER_JITTER * 32 + 1e-9)
+        assert masks.any(axis=(1, 2)).all()
+        assert not masks[:, [0, -1]].any() and not masks[:, :, [0, -1]].any()
+    with pytest.raises(ValueError, match="placement='middle'"):
+        SyntheticWorld(placement="middle")
+
+
 def test_captions(world):
     s = world.subject(0)
     article = "an" if s.color == "orange" else "a"

@@ -62,6 +62,8 @@ ROTATION_DEGREES = 120.0
 GROW_RANGE = (0.7, 1.3)
 VIDEO_SCALE_RANGE = (0.19, 0.24)  # base sprite radius / image size in videos
 PAIR_SCALE_RANGE = (0.19, 0.26)  # in image pairs and reference images
+PLACEMENTS = ("random", "centered")  # where a clip's motion path lies: anywhere inside, or about the image centre
+CENTER_JITTER = 0.03  # "centered": the path's midpoint is the image centre +- this fraction of the image size
 
 
 # ------------------------------------------------------------------------------------------------ shapes and patterns
@@ -258,7 +260,13 @@ class SyntheticWorld:
     """Subjects, renderings and the two data streams. See the module docstring for conventions."""
 
     def __init__(self, image_size: int = 32, num_frames: int = 8, num_subjects: int = 64,
-                 held_out: int | Sequence[int] = 8, seed: int = 0, supersample: int = 2):
+                 held_out: int | Sequence[int] = 8, seed: int = 0, supersample: int = 2, placement: str = "random"):
+        """placement: "random" puts each clip's motion path anywhere it fits; "centered" centres it on the image
+        (the middle of the path at the centre, +- CENTER_JITTER), so what the caption says (which way it moves)
+        decides where the subject is in every frame, which a tiny model learns from far fewer clips."""
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
+        self.placement = placement
         combos = list(itertools.product(SHAPES, COLORS, PATTERNS))
         if not 1 <= num_subjects <= len(combos):
             raise ValueError(f"num_subjects={num_subjects}: must be in [1, {len(combos)}] (distinct attribute combos)")
@@ -412,6 +420,9 @@ class SyntheticWorld:
             scales = scale * (factor if motion == "grow" else factor[::-1])
         else:
             raise ValueError(f"unknown motion {motion!r}; expected one of {MOTIONS + ('static',)}")
+        if self.placement == "centered":  # move the path's bounding-box middle to the (jittered) centre
+            middle = (centers.min(axis=0) + centers.max(axis=0)) / 2
+            centers = centers + (size / 2 + rng.uniform(-CENTER_JITTER, CENTER_JITTER, 2) * size - middle)
         return centers, scales, angles
 
     def video(self, subject_id: int, motion: str | None = None, seed: int = 0, background: str | None = None):
