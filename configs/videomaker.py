@@ -101,16 +101,22 @@ def get_config(variant=None):
     config.progress_bar = True
 
     if variant == "demo":
-        # 32x32 pixels as 16x16 positions of 2x2 blocks (12 channels); the top level is a plain ResNet level, PISA
-        # runs at 8x8 and 4x4. 4 frames at batch 8: about 1.1 s per step on 2 CPU cores.
-        config.steps = 550
+        # 32x32 pixels as 8x8 positions of 4x4 blocks (48 channels); PISA and cross-attention run at 8x8 and 4x4, the
+        # 2x2 level is a plain ResNet level. 4 frames at batch 8: about 0.4 s per step on 2 CPU cores. Patches of 4
+        # instead of 2 (whose top level was a 16x16 ResNet level) made a step 2.7x cheaper, and 1500 steps in the
+        # same time lifted held-out colour accuracy from 0.21 to 0.77 (appearance similarity 0.21 -> 0.31).
+        config.steps = 1500
         config.batch_size = 8
         config.model.num_frames = 4
-        config.model.pixel_patch = 2
+        config.model.pixel_patch = 4
         config.model.unet_overrides = ConfigDict(dict(
-            block_out_channels=(32, 64, 64), layers_per_block=1, attention_heads=4, norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")))
+            block_out_channels=(64, 64, 64), layers_per_block=1, attention_heads=4, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
+        # The reference is a frame of the clip with the subject highlighted; centred, it no longer tells where the
+        # subject is in that frame (uncentred, the model painted the subject at the reference's place in every
+        # frame). References at inference are centred views too.
+        config.data.center_reference = True
         config.model.options.train_all_unet = True
         config.model.options.beta_schedule = "squaredcos_cap_v2"  # pixel space: cosine schedule
         # The model predicts the clean sample (x0). Measured after 600 steps on held-out clips (x0 MSE at t=500 /
