@@ -213,7 +213,7 @@ TRAINING = [
     _code('''
         # Parameters (papermill: this cell is tagged "parameters")
         JAXVC_SOURCE = "/content/drive/MyDrive/jaxvc"  # Colab only: the jaxvc repository (a Drive folder or a git URL)
-        STEPS = 30              # the demo config trains 1500
+        STEPS = 30              # the demo config trains 1200
         BATCH_SIZE = 4          # the demo config uses 8
         WARMUP_STEPS = 5        # the demo config warms up for 50
         UNET_WIDTHS = (16, 32, 32)  # the demo's UNet is (64, 64, 64); narrower trains faster on a CPU
