@@ -47,9 +47,11 @@ def test_size_table_scales_widths_in_group_multiples():
 
     assert scaled_widths((32, 64, 64), 0.25, 8) == (8, 16, 16)
     assert scaled_widths((32, 64), 0.1, 8) == (8, 8)  # never below one group
-    config = apply_size(load_config("configs/videomaker.py:demo"), "m")
-    assert tuple(config.model.unet_overrides.block_out_channels) == (64, 128, 128)
-    assert tuple(config.model.unet_overrides.down_block_types)[0] == "DownBlock2D"  # the topology is kept
+    demo = load_config("configs/videomaker.py:demo")
+    assert tuple(demo.model.unet_overrides.block_out_channels) == (64, 64, 64)
+    config = apply_size(demo, "m")
+    assert tuple(config.model.unet_overrides.block_out_channels) == (128, 128, 128)
+    assert config.model.unet_overrides.down_block_types == demo.model.unet_overrides.down_block_types  # topology kept
     config = apply_size(load_config("configs/videomaker.py:tiny"), "xs")  # widths from the named UNet variant
     assert tuple(config.model.unet_overrides.block_out_channels) == (16, 32)
     config = apply_size(load_config("configs/videomaker.py:demo"), "sd15")
