@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -183,12 +184,9 @@ def split_override_args(argv: Sequence[str]) -> tuple[list[tuple[str, str]], lis
     return overrides, rest
 
 
-
 def accept_config_overrides(parser, epilog: bool = True) -> None:
     """Make ``parser.parse_args`` take ``--config.<key>=<value>`` overrides (argparse would reject them as unknown
     options): they are split off first and land in ``args.config_overrides`` as (key, value) pairs."""
-    import sys
-
     plain_parse_args = parser.parse_args
 
     def parse_args(args=None, namespace=None):
@@ -204,6 +202,7 @@ def accept_config_overrides(parser, epilog: bool = True) -> None:
     parser.parse_args = parse_args
     if epilog:
         parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
+
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str] | str]) -> ml_collections.ConfigDict:
     """Apply overrides given as ``(key, value)`` pairs or ``"a.b=value"`` strings, in order; returns ``config``."""
