@@ -13,6 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import linen as nn  # noqa: E402
@@ -176,6 +177,68 @@ def test_plain_unet2d_matches_diffusers(built):
     print(f"plain UNet2D: relative error {error:.2e}")
     assert error < TOLERANCE
 
+
+
+@pytest.mark.parametrize("options", [dict(resnet_time_scale_shift="scale_shift"),
+                                     dict(addition_embed_type="text", addition_embed_type_num_heads=4)],
+                         ids=["scale_shift", "text_time_embedding"])
+def test_time_conditioning_options_match_diffusers(tmp_path, options):
+    """resnet_time_scale_shift="scale_shift": each resnet's time_emb_proj gives 2C outputs (scale, shift) that
+    modulate norm2 (FiLM). addition_embed_type="text": the attention-pooled text tokens are added to the timestep
+    embedding. Against diffusers' UNet2DConditionModel with the same option."""
+    torch_unet = randomize(diffusers.UNet2DConditionModel(**CASES["tiny_v1"][0], **options), seed=7).eval()
+    torch_unet.save_pretrained(tmp_path / "unet")
+    config, variables = load_unet(tmp_path / "unet")
+    for key, value in options.items():
+        assert getattr(config, key) == value
+    if "resnet_time_scale_shift" in options:
+        assert variables["params"]["mid_block"]["resnets_0"]["time_emb_proj"]["kernel"].shape == (128, 2 * 64)
+    else:
+        assert variables["params"]["add_embedding"]["pool"]["positional_embedding"].shape == (1, 32)
+    generator = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 3, 8, 8, generator=generator)  # (B, C, F, H, W)
+    context = torch.randn(2, 5, 32, generator=generator)
+    timesteps = torch.tensor([10, 900])
+    images = sample.permute(0, 2, 1, 3, 4).reshape(6, 4, 8, 8)
+    with torch.no_grad():
+        reference = torch_unet(images, timesteps.repeat_interleave(3), context.repeat_interleave(3, dim=0)).sample
+    out = run_jitted(UNetMotion(config).apply, variables, to_video(sample), jnp.asarray(timesteps),
+                     jnp.asarray(context.numpy()))
+    ours = np.asarray(out).reshape(6, 8, 8, 4).transpose(0, 3, 1, 2)
+    error = relative_error(ours, reference.numpy())
+    print(f"{options}: relative error {error:.2e}")
+    assert error < TOLERANCE
+
+
+def test_frame_time_embedding_tells_each_frame_its_index():
+    """MotionConfig.frame_time_embedding adds an embedding of the frame index to each frame's timestep embedding.
+    With the motion modules made identity (proj_out zero, as AnimateDiff initialises them), a video of one repeated
+    frame gives identical output frames without it, different ones with it, and the same output as without it once
+    the frame embedding's last layer is zero."""
+    base = unet_config("tiny", motion="v1", block_out_channels=(32,), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+    with_frames = dataclasses.replace(base, motion=dataclasses.replace(base.motion, frame_time_embedding=True))
+    params = random_variables(with_frames)["params"]
+    flat = flax.traverse_util.flatten_dict(params)
+    flat = {k: (jnp.zeros_like(v) if is_motion_param(k) and "proj_out" in k else v) for k, v in flat.items()}
+    params = flax.traverse_util.unflatten_dict(flat)
+    plain_params = {k: v for k, v in params.items() if k != "frame_embedding"}
+    rng = np.random.default_rng(3)
+    frame = rng.standard_normal((1, 1, 8, 8, 4)).astype(np.float32)
+    video = jnp.asarray(np.repeat(frame, 3, axis=1))  # (1, 3, 8, 8, 4): one frame, three times
+    context = jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32)
+
+    def run(config, p):
+        return np.asarray(run_jitted(UNetMotion(config).apply, {"params": p}, video, jnp.asarray([500]), context))
+
+    plain = run(base, plain_params)
+    np.testing.assert_allclose(plain[0, 1:], np.broadcast_to(plain[0, :1], plain[0, 1:].shape), rtol=0, atol=1e-6)
+    framed = run(with_frames, params)
+    assert np.abs(framed[0, 1:] - framed[0, :1]).mean() > 1e-2 * np.abs(framed).mean()
+    silent = dict(params, frame_embedding={"linear_1": params["frame_embedding"]["linear_1"],
+                                           "linear_2": jax.tree.map(jnp.zeros_like,
+                                                                    params["frame_embedding"]["linear_2"])})
+    np.testing.assert_allclose(run(with_frames, silent), plain, rtol=0, atol=1e-6)
 
 def random_variables(config, seed=0):
     """Random parameters for our own model without torch (the abstract tree filled from numpy, no slow init)."""

@@ -45,8 +45,8 @@ _REQUIRED = (
     ("center_input_sample", (False, None)), ("act_fn", ("silu", "swish", None)),
     ("mid_block_type", ("UNetMidBlock2DCrossAttn",)), ("only_cross_attention", (False, None)),
     ("dual_cross_attention", (False, None)), ("class_embed_type", (None,)), ("num_class_embeds", (None,)),
-    ("addition_embed_type", (None,)), ("encoder_hid_dim", (None,)), ("encoder_hid_dim_type", (None,)),
-    ("resnet_time_scale_shift", ("default", None)), ("resnet_skip_time_act", (False, None)),
+    ("addition_embed_type", (None, "text")), ("encoder_hid_dim", (None,)), ("encoder_hid_dim_type", (None,)),
+    ("resnet_time_scale_shift", ("default", "scale_shift", None)), ("resnet_skip_time_act", (False, None)),
     ("resnet_out_scale_factor", (1.0, 1, None)), ("time_embedding_type", ("positional", None)),
     ("time_embedding_dim", (None,)), ("time_embedding_act_fn", (None,)), ("timestep_post_act", (None,)),
     ("time_cond_proj_dim", (None,)), ("conv_in_kernel", (3, None)), ("conv_out_kernel", (3, None)),
@@ -120,6 +120,9 @@ def translate_diffusers_config(unet_config: Mapping[str, Any], motion_adapter_co
         use_linear_projection=bool(cfg.get("use_linear_projection", False)),
         downsample_padding=cfg.get("downsample_padding", 1),
         mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
+        resnet_time_scale_shift=cfg.get("resnet_time_scale_shift") or "default",
+        addition_embed_type=cfg.get("addition_embed_type"),
+        addition_embed_type_num_heads=int(cfg.get("addition_embed_type_num_heads", 64)),
         flip_sin_to_cos=bool(cfg.get("flip_sin_to_cos", True)), freq_shift=float(cfg.get("freq_shift", 0.0)))
     if cfg.get("norm_num_groups", 32) is None:
         raise _unsupported(source, "norm_num_groups", None, "an int")

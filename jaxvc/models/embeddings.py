@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxvc.models.layers import Dense
+from jaxvc.models.layers import Dense, LayerNorm
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True, downscale_freq_shift: float = 0.0,
@@ -49,3 +49,47 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     pe[:, 0::2] = np.sin(position * div)
     pe[:, 1::2] = np.cos(position * div)
     return pe.astype(np.float32)
+
+
+class AttentionPooling(nn.Module):
+    """(B, L, D) -> (B, D): one query token (the tokens' mean + a learned ``positional_embedding``) attends over
+    [query, tokens] with ``heads`` heads (diffusers ``AttentionPooling``, from DeepFloyd IF)."""
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        batch, length, width = tokens.shape
+        if width % self.heads:
+            raise ValueError(f"{self.name}: {width} channels are not divisible by {self.heads} heads")
+        head_dim = width // self.heads
+        kw = dict(axes=("embed", "heads"), dtype=self.dtype, param_dtype=self.param_dtype)
+        position = self.param("positional_embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(width ** -0.5), (None, "embed")), (1, width), self.param_dtype)
+        class_token = tokens.mean(axis=1, keepdims=True) + position.astype(tokens.dtype)  # (B, 1, D)
+        tokens = jnp.concatenate([class_token, tokens], axis=1)  # (B, 1 + L, D)
+        query = Dense(width, name="q_proj", **kw)(class_token).reshape(batch, 1, self.heads, head_dim)
+        key = Dense(width, name="k_proj", **kw)(tokens).reshape(batch, length + 1, self.heads, head_dim)
+        value = Dense(width, name="v_proj", **kw)(tokens).reshape(batch, length + 1, self.heads, head_dim)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / math.sqrt(head_dim)
+        weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, heads, 1, 1 + L)
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, width)
+
+
+class TextTimeEmbedding(nn.Module):
+    """Text tokens (B, L, D) -> (B, features): LayerNorm -> AttentionPooling -> Linear -> LayerNorm (diffusers
+    ``TextTimeEmbedding``, the UNet's ``addition_embed_type="text"``). Added to the timestep embedding, it gives
+    every resnet the caption, not only the cross-attention layers."""
+    features: int
+    heads: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hidden = LayerNorm(1e-5, name="norm1", **kw)(tokens)
+        hidden = AttentionPooling(self.heads, name="pool", **kw)(hidden)
+        hidden = Dense(self.features, axes=("embed", "mlp"), name="proj", **kw)(hidden)
+        return LayerNorm(1e-5, name="norm2", **kw)(hidden)

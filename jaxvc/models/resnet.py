@@ -1,9 +1,11 @@
 """The Stable Diffusion UNet's (and VAE's) convolutional pieces: ResnetBlock2D, Downsample2D, Upsample2D.
 
 Channels last, images (N, H, W, C); in the video UNet N = B*F (frames folded into the batch, (b f) order).
-Numerics follow diffusers' ``ResnetBlock2D`` with ``time_embedding_norm="default"``, ``pre_norm=True`` and SiLU:
+Numerics follow diffusers' ``ResnetBlock2D`` with ``pre_norm=True`` and SiLU:
 GroupNorm -> SiLU -> conv1 -> (+ time_emb_proj(SiLU(temb))) -> GroupNorm -> SiLU -> conv2, then
-``(shortcut + h) / output_scale_factor``. Submodule names equal the torch keys (norm1, conv1, time_emb_proj, norm2,
+``(shortcut + h) / output_scale_factor``. ``time_embedding_norm="scale_shift"`` (diffusers' UNet option
+``resnet_time_scale_shift``) instead splits time_emb_proj's 2*C outputs into (scale, shift) and applies
+``norm2(h) * (1 + scale) + shift``: the timestep can then gate features (FiLM), not only offset them. Submodule names equal the torch keys (norm1, conv1, time_emb_proj, norm2,
 conv2, conv_shortcut) so checkpoints map mechanically.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flax import linen as nn
 from jaxvc.models.layers import Conv, Dense, GroupNorm, constrain
 
 IMAGE_AXES = ("batch", "height", "width", "channels")
+TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 
 
 class ResnetBlock2D(nn.Module):
@@ -29,19 +32,30 @@ class ResnetBlock2D(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     output_scale_factor: float = 1.0
+    time_embedding_norm: str = "default"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.time_embedding_norm not in TIME_EMBEDDING_NORMS:
+            raise ValueError(f"{self.name}: time_embedding_norm={self.time_embedding_norm!r}; expected one of "
+                             f"{TIME_EMBEDDING_NORMS}")
+        scale_shift = self.time_embedding_norm == "scale_shift"
         h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
         h = nn.silu(h)
         h = Conv(self.out_channels, (3, 3), padding=1, name="conv1", **kw)(h)
-        if temb is not None:
-            t = Dense(self.out_channels, axes=("embed", "mlp"), name="time_emb_proj", **kw)(nn.silu(temb))
-            h = h + t[:, None, None, :].astype(h.dtype)
+        t = None
+        if temb is not None:  # (N, C), or (N, 2C) = [scale, shift] for scale_shift
+            t = Dense(self.out_channels * (2 if scale_shift else 1), axes=("embed", "mlp"), name="time_emb_proj",
+                      **kw)(nn.silu(temb))[:, None, None, :].astype(h.dtype)
+            if not scale_shift:
+                h = h + t
         h = GroupNorm(self.groups, self.eps, name="norm2", **kw)(h)
+        if t is not None and scale_shift:
+            time_scale, time_shift = jnp.split(t, 2, axis=-1)
+            h = h * (1 + time_scale) + time_shift
         h = nn.silu(h)
         h = Conv(self.out_channels, (3, 3), padding=1, name="conv2", **kw)(h)
         shortcut = x

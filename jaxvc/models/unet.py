@@ -20,10 +20,10 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.embeddings import TimestepEmbedding, timestep_embedding
+from jaxvc.models.embeddings import TextTimeEmbedding, TimestepEmbedding, timestep_embedding
 from jaxvc.models.layers import Conv, GroupNorm, constrain
 from jaxvc.models.motion import MotionModule
-from jaxvc.models.resnet import IMAGE_AXES, Downsample2D, ResnetBlock2D, Upsample2D
+from jaxvc.models.resnet import IMAGE_AXES, TIME_EMBEDDING_NORMS, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxvc.models.transformer2d import Transformer2DModel
 
 VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
@@ -58,6 +58,11 @@ class MotionConfig:
     norm_num_groups: None = the UNet's ``norm_num_groups``, which is what diffusers' UNetMotionModel uses.
     use_mid_block: a motion module in the mid block (v2).
     norm_over_frames: GroupNorm statistics across frames (diffusers, default) or per frame (original AnimateDiff).
+    frame_time_embedding: add a learned embedding of the frame index (sinusoidal -> MLP, as the timestep's) to each
+        frame's timestep embedding, so every resnet knows which frame it draws. Not in AnimateDiff (its only frame
+        position is inside the motion modules' attention, where it can change attention weights but not add to
+        a frame's features); for models trained from scratch. With VideoMaker's reference appended, the reference
+        is frame index F.
     """
     heads: int | tuple[int, ...] = 8
     layers_per_block: int = 1
@@ -66,6 +71,7 @@ class MotionConfig:
     use_mid_block: bool = True
     mid_layers_per_block: int = 1
     norm_over_frames: bool = True
+    frame_time_embedding: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,9 @@ class UNetConfig:
     use_linear_projection: bool = False
     downsample_padding: int = 1
     mid_block_scale_factor: float = 1.0
+    resnet_time_scale_shift: str = "default"  # "scale_shift": the timestep scales and shifts each resnet's norm2
+    addition_embed_type: str | None = None  # "text": + TextTimeEmbedding(text tokens) on the timestep embedding
+    addition_embed_type_num_heads: int = 64
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     motion: MotionConfig | None = None
@@ -111,6 +120,12 @@ class UNetConfig:
                 object.__setattr__(self, name, tuple(value))
         if self.motion is not None and not isinstance(self.motion.heads, int):
             object.__setattr__(self, "motion", dataclasses.replace(self.motion, heads=tuple(self.motion.heads)))
+        if self.addition_embed_type not in (None, "text"):
+            raise UnsupportedConfigError(f"UNet config: addition_embed_type={self.addition_embed_type!r} is not "
+                                         "None or 'text'")
+        if self.resnet_time_scale_shift not in TIME_EMBEDDING_NORMS:
+            raise UnsupportedConfigError(f"UNet config: resnet_time_scale_shift={self.resnet_time_scale_shift!r} is "
+                                         f"not one of {TIME_EMBEDDING_NORMS}")
         for channels in self.block_out_channels:
             if channels % self.norm_num_groups:
                 raise ValueError(f"UNet config: {channels} channels not divisible by norm_num_groups "
@@ -208,7 +223,8 @@ class _Level(nn.Module):
     def layer(self, index, h, temb, context):
         cfg = self.config
         resnet_class = nn.remat(ResnetBlock2D) if cfg.remat else ResnetBlock2D
-        h = resnet_class(self.out_channels, cfg.norm_num_groups, cfg.norm_eps, name=f"resnets_{index}",
+        h = resnet_class(self.out_channels, cfg.norm_num_groups, cfg.norm_eps,
+                         time_embedding_norm=cfg.resnet_time_scale_shift, name=f"resnets_{index}",
                          **self._kw())(h, temb)
         if self.has_attention:
             h = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
@@ -276,8 +292,8 @@ class MidBlock(nn.Module):
         channels = cfg.block_out_channels[-1]
         heads = cfg.per_level("attention_heads")[-1]
         resnet_class = nn.remat(ResnetBlock2D) if cfg.remat else ResnetBlock2D
-        h = resnet_class(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor, name="resnets_0",
-                         **kw)(h, temb)
+        h = resnet_class(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
+                         cfg.resnet_time_scale_shift, name="resnets_0", **kw)(h, temb)
         h = Transformer2DModel(heads, channels // heads, cfg.per_level("transformer_layers_per_block")[-1],
                                cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
                                name="attentions_0", num_frames=self.num_frames,
@@ -287,7 +303,7 @@ class MidBlock(nn.Module):
             h = apply_motion_module(cfg, cfg.motion_heads()[-1], self.num_frames, "motion_modules_0", h,
                                     layers=cfg.motion.mid_layers_per_block)
         return resnet_class(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
-                            name="resnets_1", **kw)(h, temb)
+                            cfg.resnet_time_scale_shift, name="resnets_1", **kw)(h, temb)
 
 
 class UNetMotion(nn.Module):
@@ -332,7 +348,16 @@ class UNetMotion(nn.Module):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
         t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = TimestepEmbedding(4 * cfg.block_out_channels[0], name="time_embedding", **kw)(t_emb.astype(cfg.dtype))
+        if cfg.addition_embed_type == "text":  # + the pooled caption: every resnet sees the text
+            temb = temb + TextTimeEmbedding(4 * cfg.block_out_channels[0], cfg.addition_embed_type_num_heads,
+                                            name="add_embedding", **kw)(encoder_hidden_states.astype(cfg.dtype))
         temb = jnp.repeat(temb, frames, axis=0)
+        if cfg.motion is not None and cfg.motion.frame_time_embedding:  # + an embedding of the frame index
+            frame_index = timestep_embedding(jnp.arange(frames, dtype=jnp.float32), cfg.block_out_channels[0],
+                                             cfg.flip_sin_to_cos, cfg.freq_shift)
+            frame_emb = TimestepEmbedding(4 * cfg.block_out_channels[0], name="frame_embedding",
+                                          **kw)(frame_index.astype(cfg.dtype))  # (F, 4*C0)
+            temb = temb + jnp.tile(frame_emb, (batch, 1))  # (b f) order, as temb
         context = encoder_hidden_states.astype(cfg.dtype)
 
         sample = constrain(sample, VIDEO_AXES)
