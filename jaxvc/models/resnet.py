@@ -5,8 +5,9 @@ Numerics follow diffusers' ``ResnetBlock2D`` with ``pre_norm=True`` and SiLU:
 GroupNorm -> SiLU -> conv1 -> (+ time_emb_proj(SiLU(temb))) -> GroupNorm -> SiLU -> conv2, then
 ``(shortcut + h) / output_scale_factor``. ``time_embedding_norm="scale_shift"`` (diffusers' UNet option
 ``resnet_time_scale_shift``) instead splits time_emb_proj's 2*C outputs into (scale, shift) and applies
-``norm2(h) * (1 + scale) + shift``: the timestep can then gate features (FiLM), not only offset them. Submodule names equal the torch keys (norm1, conv1, time_emb_proj, norm2,
-conv2, conv_shortcut) so checkpoints map mechanically.
+``norm2(h) * (1 + scale) + shift``: the timestep can then gate features (FiLM), not only offset them.
+Submodule names equal the torch keys (norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut) so checkpoints map
+mechanically.
 """
 from __future__ import annotations
 
