@@ -4,11 +4,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxvc.models.attention import dot_product_attention
 from jaxvc.models.layers import Dense, LayerNorm
 
 
@@ -72,9 +72,7 @@ class AttentionPooling(nn.Module):
         query = Dense(width, name="q_proj", **kw)(class_token).reshape(batch, 1, self.heads, head_dim)
         key = Dense(width, name="k_proj", **kw)(tokens).reshape(batch, length + 1, self.heads, head_dim)
         value = Dense(width, name="v_proj", **kw)(tokens).reshape(batch, length + 1, self.heads, head_dim)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) / math.sqrt(head_dim)
-        weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)  # (B, heads, 1, 1 + L)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, width)
+        return dot_product_attention(query, key, value).reshape(batch, width)  # (B, 1, heads, d) -> (B, D)
 
 
 class TextTimeEmbedding(nn.Module):
