@@ -240,6 +240,7 @@ def test_frame_time_embedding_tells_each_frame_its_index():
                                                                     params["frame_embedding"]["linear_2"])})
     np.testing.assert_allclose(run(with_frames, silent), plain, rtol=0, atol=1e-6)
 
+
 def random_variables(config, seed=0):
     """Random parameters for our own model without torch (the abstract tree filled from numpy, no slow init)."""
     rng = np.random.default_rng(seed)

@@ -51,6 +51,16 @@ def sinusoidal_positions(length: int, dim: int) -> np.ndarray:
     return pe.astype(np.float32)
 
 
+def sinusoidal_positions_2d(height: int, width: int, dim: int) -> np.ndarray:
+    """(height, width, dim) table: the first half of the channels encodes the row, the second the column, each as
+    ``sinusoidal_positions`` (MAE / DiT-style 2-D sin-cos). ``dim`` must be divisible by 4."""
+    if dim % 4:
+        raise ValueError(f"2-D positional table: {dim} channels are not divisible by 4")
+    rows = sinusoidal_positions(height, dim // 2)[:, None, :].repeat(width, axis=1)  # (H, W, dim/2)
+    cols = sinusoidal_positions(width, dim // 2)[None, :, :].repeat(height, axis=0)  # (H, W, dim/2)
+    return np.concatenate([rows, cols], axis=-1)
+
+
 class AttentionPooling(nn.Module):
     """(B, L, D) -> (B, D): one query token (the tokens' mean + a learned ``positional_embedding``) attends over
     [query, tokens] with ``heads`` heads (diffusers ``AttentionPooling``, from DeepFloyd IF)."""

@@ -49,12 +49,23 @@ class TemporalTransformerBlock(nn.Module):
         return jnp.asarray(sinusoidal_positions(frames, channels), self.dtype)
 
     @nn.compact
-    def __call__(self, hidden):
+    def __call__(self, hidden, context=None):
+        """``context`` (B, L, D) makes ``attn2`` cross-attention to the text (``MotionConfig.text_cross_attention``):
+        each frame's query (features + frame position) reads the caption, so what a frame takes from the text can
+        depend on where it sits in the clip."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, backend=self.attention_backend, **kw)
         pe = self.positions(hidden.shape[1], hidden.shape[2])[None]  # (1, F, C)
         hidden = hidden + Attention(name="attn1", **attn)(LayerNorm(1e-5, name="norm1", **kw)(hidden) + pe)
-        hidden = hidden + Attention(name="attn2", **attn)(LayerNorm(1e-5, name="norm2", **kw)(hidden) + pe)
+        query = LayerNorm(1e-5, name="norm2", **kw)(hidden) + pe
+        if context is None:
+            hidden = hidden + Attention(name="attn2", **attn)(query)
+        else:
+            # every query attends to the same text, so the B*H*W sequences of one video share one key/value set:
+            # (B*H*W, F, C) -> (B, H*W*F, C) -> cross-attention to (B, L, D) -> back
+            videos = context.shape[0]
+            per_video = query.reshape(videos, -1, query.shape[-1])
+            hidden = hidden + Attention(name="attn2", **attn)(per_video, context).reshape(hidden.shape)
         return hidden + FeedForward(name="ff", **kw)(LayerNorm(1e-5, name="norm3", **kw)(hidden))
 
 
@@ -71,9 +82,12 @@ class MotionModule(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, context=None):
+        """``context`` (B, L, D): the text, for motion modules whose ``attn2`` reads it (None: AnimateDiff)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch, frames, height, width, channels = x.shape
+        if context is not None and (context.ndim != 3 or context.shape[0] != batch):
+            raise ValueError(f"motion module '{self.name}': context must be (B={batch}, L, D), got {context.shape}")
         if frames > self.max_seq_length:
             raise ValueError(f"motion module '{self.name}': {frames} frames exceed max_seq_length "
                              f"{self.max_seq_length} of this motion adapter")
@@ -90,7 +104,7 @@ class MotionModule(nn.Module):
         block_class = nn.remat(TemporalTransformerBlock) if self.remat else TemporalTransformerBlock
         for index in range(self.num_layers):
             h = block_class(self.heads, channels // self.heads, self.attention_backend,
-                            name=f"transformer_blocks_{index}", **kw)(h)
+                            name=f"transformer_blocks_{index}", **kw)(h, context)
         h = Dense(channels, axes=("heads", "embed"), name="proj_out", **kw)(h)
         h = h.reshape(batch, height, width, frames, channels).transpose(0, 3, 1, 2, 4)  # (B, F, H, W, C)
         return h + x.astype(h.dtype)

@@ -20,8 +20,9 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.embeddings import TextTimeEmbedding, TimestepEmbedding, timestep_embedding
-from jaxvc.models.layers import Conv, GroupNorm, constrain
+from jaxvc.models.embeddings import (TextTimeEmbedding, TimestepEmbedding, sinusoidal_positions_2d,
+                                     timestep_embedding)
+from jaxvc.models.layers import Conv, Dense, GroupNorm, constrain, zeros
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.resnet import IMAGE_AXES, TIME_EMBEDDING_NORMS, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxvc.models.transformer2d import Transformer2DModel
@@ -63,6 +64,9 @@ class MotionConfig:
         position is inside the motion modules' attention, where it can change attention weights but not add to
         a frame's features); for models trained from scratch. With VideoMaker's reference appended, the reference
         is frame index F.
+    text_cross_attention: the second attention of every temporal block attends to the text instead of the frames
+        (as LVDM / VideoCrafter temporal transformers without ``only_self_att``): the caption's words reach the
+        layer that relates frames, with each frame's position in its query. Not in AnimateDiff.
     """
     heads: int | tuple[int, ...] = 8
     layers_per_block: int = 1
@@ -72,6 +76,7 @@ class MotionConfig:
     mid_layers_per_block: int = 1
     norm_over_frames: bool = True
     frame_time_embedding: bool = False
+    text_cross_attention: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,9 @@ class UNetConfig:
     resnet_time_scale_shift: str = "default"  # "scale_shift": the timestep scales and shifts each resnet's norm2
     addition_embed_type: str | None = None  # "text": + TextTimeEmbedding(text tokens) on the timestep embedding
     addition_embed_type_num_heads: int = 64
+    # + a learned projection (zero at init) of a 2-D sin-cos table of the pixel position after conv_in: absolute
+    # position for models trained from scratch, whose only other position cue is the convolutions' zero padding
+    spatial_position_embedding: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     motion: MotionConfig | None = None
@@ -231,19 +239,21 @@ class _Level(nn.Module):
                                    cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
                                    name=f"attentions_{index}", **self._reference_kw(), **self._kw())(h, context)
         if self.motion_heads is not None:
-            h = apply_motion_module(cfg, self.motion_heads, self.num_frames, f"motion_modules_{index}", h)
+            h = apply_motion_module(cfg, self.motion_heads, self.num_frames, f"motion_modules_{index}", h, context)
         return h
 
 
-def apply_motion_module(cfg: UNetConfig, heads: int, num_frames: int, name: str, h, layers: int | None = None):
-    """(B*F, H, W, C) -> motion module on (B, F, H, W, C) -> (B*F, H, W, C)."""
+def apply_motion_module(cfg: UNetConfig, heads: int, num_frames: int, name: str, h, context,
+                        layers: int | None = None):
+    """(B*F, H, W, C) -> motion module on (B, F, H, W, C) -> (B*F, H, W, C). ``context`` (B, L, D) is used only
+    with ``MotionConfig.text_cross_attention``."""
     motion = cfg.motion
     n, height, width, channels = h.shape
     video = h.reshape(n // num_frames, num_frames, height, width, channels)  # (B, F, H, W, C)
     video = MotionModule(heads, motion.layers_per_block if layers is None else layers,
                          motion.norm_num_groups or cfg.norm_num_groups, motion.max_seq_length,
                          motion.norm_over_frames, cfg.attention_backend, cfg.remat, name=name, dtype=cfg.dtype,
-                         param_dtype=cfg.param_dtype)(video)
+                         param_dtype=cfg.param_dtype)(video, context if motion.text_cross_attention else None)
     return constrain(video.reshape(n, height, width, channels), IMAGE_AXES)
 
 
@@ -300,7 +310,7 @@ class MidBlock(nn.Module):
                                reference_injection=self.reference_injection,
                                reference_cross_attention=self.reference_cross_attention, **kw)(h, context)
         if cfg.motion is not None and cfg.motion.use_mid_block:
-            h = apply_motion_module(cfg, cfg.motion_heads()[-1], self.num_frames, "motion_modules_0", h,
+            h = apply_motion_module(cfg, cfg.motion_heads()[-1], self.num_frames, "motion_modules_0", h, context,
                                     layers=cfg.motion.mid_layers_per_block)
         return resnet_class(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
                             cfg.resnet_time_scale_shift, name="resnets_1", **kw)(h, temb)
@@ -363,6 +373,10 @@ class UNetMotion(nn.Module):
         sample = constrain(sample, VIDEO_AXES)
         h = sample.reshape(batch * frames, height, width, cfg.in_channels)  # (B*F, H, W, C_in)
         h = constrain(Conv(cfg.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(h), IMAGE_AXES)
+        if cfg.spatial_position_embedding:  # + Dense(sincos(row, col)): (H, W, C0), the same for every frame
+            table = jnp.asarray(sinusoidal_positions_2d(height, width, cfg.block_out_channels[0]), cfg.dtype)
+            h = h + Dense(cfg.block_out_channels[0], axes=("norm", "embed"), kernel_init=zeros,
+                          name="position_embedding", **kw)(table)[None]
         record("conv_in", h)
 
         heads = cfg.per_level("attention_heads")

@@ -1,0 +1,128 @@
+"""UNet options for models trained from scratch (not in SD / AnimateDiff, so there is no diffusers reference):
+each option's defining mechanism is tested directly, and each is the plain model when its new weights are zero."""
+import dataclasses
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from jaxvc.convert.unet import abstract_variables
+from jaxvc.models.attention import Attention
+from jaxvc.models.embeddings import sinusoidal_positions_2d
+from jaxvc.models.motion import MotionModule
+from jaxvc.models.unet import UNetMotion, unet_config
+
+
+def _one_level(**overrides):
+    return unet_config("tiny", motion="v1", block_out_channels=(32,), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), **overrides)
+
+
+def _random_params(config, seed=0):
+    rng = np.random.default_rng(seed)
+    tree = nn.unbox(abstract_variables(config)["params"])
+    return jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32), tree)
+
+
+def test_sinusoidal_positions_2d_encodes_row_then_column():
+    table = sinusoidal_positions_2d(3, 5, 8)  # (H, W, 8): channels 0-3 the row, 4-7 the column
+    assert table.shape == (3, 5, 8)
+    np.testing.assert_array_equal(table[:, 0, :4], table[:, 4, :4])  # row half ignores the column
+    np.testing.assert_array_equal(table[0, :, 4:], table[2, :, 4:])  # column half ignores the row
+    assert len({tuple(row) for row in table.reshape(-1, 8).round(6)}) == 15  # every pixel distinct
+
+
+def test_spatial_position_embedding_adds_a_projected_position_table_after_conv_in():
+    """conv_in's output gains Dense(sincos(row, col)): on a constant image the interior (away from the zero
+    padding) is the same everywhere without it and different at every pixel with it; its kernel starts at zero, so a
+    freshly initialised option leaves the model unchanged."""
+    plain_config = _one_level()
+    config = dataclasses.replace(plain_config, spatial_position_embedding=True)
+    params = _random_params(config)
+    plain_params = {k: v for k, v in params.items() if k != "position_embedding"}
+    sample = jnp.ones((1, 2, 8, 8, 4))
+    timesteps, context = jnp.asarray([300]), jnp.ones((1, 3, 32))
+
+    def conv_in(cfg, p):
+        _, inter = UNetMotion(cfg).apply({"params": p}, sample, timesteps, context, return_intermediates=True)
+        return np.asarray(inter["conv_in"])[0, 0]  # (8, 8, 32)
+
+    plain, positioned = conv_in(plain_config, plain_params), conv_in(config, params)
+    interior = plain[1:-1, 1:-1].reshape(-1, 32)
+    np.testing.assert_allclose(interior, np.broadcast_to(interior[:1], interior.shape), atol=1e-5)
+    embedding = params["position_embedding"]
+    expected = plain + sinusoidal_positions_2d(8, 8, 32) @ np.asarray(embedding["kernel"]) + np.asarray(
+        embedding["bias"])
+    np.testing.assert_allclose(positioned, expected, atol=1e-5)
+    assert len({tuple(v) for v in positioned[1:-1, 1:-1].reshape(-1, 32).round(4)}) == 36
+
+    fresh = UNetMotion(config).init(jax.random.key(0), sample, timesteps, context)["params"]
+    assert not np.any(np.asarray(nn.unbox(fresh["position_embedding"]["kernel"])))
+    fresh_plain = {k: v for k, v in fresh.items() if k != "position_embedding"}
+    np.testing.assert_allclose(UNetMotion(config).apply({"params": fresh}, sample, timesteps, context),
+                               UNetMotion(plain_config).apply({"params": fresh_plain}, sample, timesteps, context),
+                               atol=1e-6)
+
+
+def test_motion_text_cross_attention_reads_the_caption_per_frame():
+    """MotionConfig.text_cross_attention: attn2 of each temporal block attends to the text. The folded computation
+    (all B*H*W sequences of a video against one key/value set) equals cross-attention of every sequence to its own
+    copy of the video's text; plain AnimateDiff motion modules ignore the caption, these do not."""
+    rng = np.random.default_rng(5)
+    video = jnp.asarray(rng.standard_normal((2, 3, 4, 4, 32)), jnp.float32)  # (B, F, H, W, C)
+    captions = jnp.asarray(rng.standard_normal((2, 6, 24)), jnp.float32)  # (B, L, D)
+    module = MotionModule(heads=4, norm_num_groups=8)
+    params = module.init(jax.random.key(0), video, captions)["params"]
+    params = jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32),
+                          nn.unbox(params))
+    assert params["transformer_blocks_0"]["attn2"]["to_k"]["kernel"].shape == (24, 32)  # keys from the text
+
+    # reference: attn2 alone, each (b, h, w) sequence against its own copy of caption b
+    block = params["transformer_blocks_0"]
+    hidden = jnp.asarray(rng.standard_normal((2 * 16, 3, 32)), jnp.float32)  # (B*H*W, F, C), b-major
+    repeated = jnp.repeat(captions, 16, axis=0)  # (B*H*W, L, D)
+    attention = Attention(heads=4, head_dim=8)
+    per_sequence = attention.apply({"params": block["attn2"]}, hidden, repeated)
+    folded = attention.apply({"params": block["attn2"]}, hidden.reshape(2, -1, 32), captions).reshape(hidden.shape)
+    np.testing.assert_allclose(folded, per_sequence, atol=1e-5)
+
+    out = module.apply({"params": params}, video, captions)
+    other_caption = module.apply({"params": params}, video, captions[::-1])
+    assert np.abs(np.asarray(out - other_caption)).mean() > 1e-2 * np.abs(np.asarray(out)).mean()
+    # the rows of video 0 are unchanged when only video 1's caption changes: captions do not leak across videos
+    swapped = module.apply({"params": params}, video, captions.at[1].set(captions[0] * 2))
+    np.testing.assert_allclose(swapped[0], out[0], atol=1e-6)
+
+    plain = MotionModule(heads=4, norm_num_groups=8)
+    plain_params = plain.init(jax.random.key(0), video)["params"]
+    np.testing.assert_array_equal(plain.apply({"params": plain_params}, video),
+                                  plain.apply({"params": plain_params}, video, None))
+
+
+def test_motion_text_cross_attention_through_the_unet():
+    """unet_config(..., motion_text_cross_attention=True) wires the text into every motion module: the UNet output
+    then depends on the caption even where the spatial cross-attention is zeroed out."""
+    config = _one_level(motion_text_cross_attention=True)
+    params = _random_params(config)
+    flat = flax.traverse_util.flatten_dict(params)
+    # silence the spatial transformer's text path (its attn2 output projection), keep the motion modules'
+    spatial_text = lambda k: any(p.startswith("attentions_") for p in k) and "attn2" in k and "to_out_0" in k
+    flat = {k: (jnp.zeros_like(v) if spatial_text(k) else v) for k, v in flat.items()}
+    params = flax.traverse_util.unflatten_dict(flat)
+    rng = np.random.default_rng(2)
+    sample = jnp.asarray(rng.standard_normal((1, 3, 8, 8, 4)), jnp.float32)
+    first, second = (jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32) for _ in range(2))
+    model = UNetMotion(config)
+    a = model.apply({"params": params}, sample, jnp.asarray([500]), first)
+    b = model.apply({"params": params}, sample, jnp.asarray([500]), second)
+    assert np.abs(np.asarray(a - b)).mean() > 1e-3 * np.abs(np.asarray(a)).mean()
+    plain = _one_level()
+    plain_flat = {k: v for k, v in flat.items() if not ("motion_modules" in "/".join(k) and "attn2" in k)}
+    plain_params = _random_params(plain)
+    plain_params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(plain_params),
+                                                      **plain_flat})
+    a = UNetMotion(plain).apply({"params": plain_params}, sample, jnp.asarray([500]), first)
+    b = UNetMotion(plain).apply({"params": plain_params}, sample, jnp.asarray([500]), second)
+    np.testing.assert_allclose(a, b, atol=1e-6)  # no text path left at all without the option
