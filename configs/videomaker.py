@@ -124,6 +124,24 @@ def get_config(variant=None):
         # makes GIRL's reference loss learnable: at t' = 0.01 t the v target is almost pure noise (loss stayed ~1).
         config.model.options.prediction_type = "sample"
         config.model.options.drop_reference_prob = 0.1  # learn text-only generation too (the baseline)
+        # Motion from the prompt (issue 5). The caption only matters at the noisiest steps, where the frames show
+        # nothing yet; there the spatial cross-attention cannot read it (its queries are computed from pure noise:
+        # trained only at t >= 990, swapping "left" for "right" changed its x0 error by 0.0002). Three changes let
+        # the caption decide the layout: the pooled caption joins the timestep embedding and scales/shifts every
+        # resnet's norm (text time embedding + scale_shift: trained at t >= 990, the right caption's x0 error is
+        # 0.057 against 0.070 for the opposite one), each frame is told its index and each pixel its position, and
+        # half the training samples sit in the noisiest 5% of timesteps (20x weight there). Clips are centred on
+        # the image and the demo trains on the four translations it is scored on.
+        config.data.motions = ("left", "right", "up", "down")
+        config.data.placement = "centered"
+        config.model.unet_overrides.motion_frame_time_embedding = True
+        config.model.unet_overrides.spatial_position_embedding = True
+        config.model.unet_overrides.addition_embed_type = "text"
+        config.model.unet_overrides.addition_embed_type_num_heads = 4
+        config.model.unet_overrides.resnet_time_scale_shift = "scale_shift"
+        config.model.options.timestep_bias_strategy = "later"
+        config.model.options.timestep_bias_portion = 0.05
+        config.model.options.timestep_bias_multiplier = 20.0
         config.optim.lr = 1e-3
         config.optim.schedule = "warmup_cosine"
         config.optim.warmup_steps = 50
