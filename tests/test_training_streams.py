@@ -25,7 +25,10 @@ def test_motion_subset_is_all_the_stream_shows():
 
 
 def test_default_is_every_motion_of_the_world():
-    source = streams_from_config(load_config(CONFIG))["video"]
+    """data.motions=() means every motion of the world; the demo config trains the four translations it is scored
+    on (left, right, up, down)."""
+    assert streams_from_config(load_config(CONFIG))["video"].motions == ("left", "right", "up", "down")
+    source = streams_from_config(apply_overrides(load_config(CONFIG), [("data.motions", "()")]))["video"]
     assert source.motions == synthetic.MOTIONS
     assert not (set(source.subject_ids) & set(source.world.held_out_subject_ids))  # held-out subjects never train
 
