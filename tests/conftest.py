@@ -26,3 +26,18 @@ def relative_error(ours, reference) -> float:
     reference = np.asarray(reference, np.float64)
     assert ours.shape == reference.shape, (ours.shape, reference.shape)
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
+
+
+def random_unet_variables(config, seed=0) -> dict:
+    """{"params": random weights} for a jaxvc UNet config without torch and without running init (the abstract tree
+    filled from numpy: fast even for many levels)."""
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    from jaxvc.convert.unet import abstract_variables
+
+    rng = np.random.default_rng(seed)
+    tree = nn.unbox(abstract_variables(config)["params"])
+    return {"params": jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32),
+                                   tree)}

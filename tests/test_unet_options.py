@@ -8,22 +8,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxvc.convert.unet import abstract_variables
 from jaxvc.models.attention import Attention
 from jaxvc.models.embeddings import sinusoidal_positions_2d
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.unet import UNetMotion, unet_config
+from tests.conftest import random_unet_variables
 
 
 def _one_level(**overrides):
     return unet_config("tiny", motion="v1", block_out_channels=(32,), layers_per_block=1,
                        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",), **overrides)
-
-
-def _random_params(config, seed=0):
-    rng = np.random.default_rng(seed)
-    tree = nn.unbox(abstract_variables(config)["params"])
-    return jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32), tree)
 
 
 def test_sinusoidal_positions_2d_encodes_row_then_column():
@@ -40,7 +34,7 @@ def test_spatial_position_embedding_adds_a_projected_position_table_after_conv_i
     freshly initialised option leaves the model unchanged."""
     plain_config = _one_level()
     config = dataclasses.replace(plain_config, spatial_position_embedding=True)
-    params = _random_params(config)
+    params = random_unet_variables(config)["params"]
     plain_params = {k: v for k, v in params.items() if k != "position_embedding"}
     sample = jnp.ones((1, 2, 8, 8, 4))
     timesteps, context = jnp.asarray([300]), jnp.ones((1, 3, 32))
@@ -105,7 +99,7 @@ def test_motion_text_cross_attention_through_the_unet():
     """unet_config(..., motion_text_cross_attention=True) wires the text into every motion module: the UNet output
     then depends on the caption even where the spatial cross-attention is zeroed out."""
     config = _one_level(motion_text_cross_attention=True)
-    params = _random_params(config)
+    params = random_unet_variables(config)["params"]
     flat = flax.traverse_util.flatten_dict(params)
     # silence the spatial transformer's text path (its attn2 output projection), keep the motion modules'
     spatial_text = lambda k: any(p.startswith("attentions_") for p in k) and "attn2" in k and "to_out_0" in k
@@ -120,7 +114,7 @@ def test_motion_text_cross_attention_through_the_unet():
     assert np.abs(np.asarray(a - b)).mean() > 1e-3 * np.abs(np.asarray(a)).mean()
     plain = _one_level()
     plain_flat = {k: v for k, v in flat.items() if not ("motion_modules" in "/".join(k) and "attn2" in k)}
-    plain_params = _random_params(plain)
+    plain_params = random_unet_variables(plain)["params"]
     plain_params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(plain_params),
                                                       **plain_flat})
     a = UNetMotion(plain).apply({"params": plain_params}, sample, jnp.asarray([500]), first)

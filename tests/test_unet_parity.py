@@ -24,7 +24,7 @@ from jaxvc.convert.torch_to_flax import CheckpointMismatchError, fill_params  # 
 from jaxvc.convert.unet import abstract_variables, load_unet  # noqa: E402
 from jaxvc.models.motion import MotionModule  # noqa: E402
 from jaxvc.models.unet import UNetMotion, UnsupportedConfigError, is_motion_param, unet_config  # noqa: E402
-from tests.conftest import relative_error  # noqa: E402
+from tests.conftest import random_unet_variables, relative_error  # noqa: E402
 
 TOLERANCE = 1e-5
 # XLA's CPU backend optimisations cost most of the compile time of these unrolled UNets and change no result that
@@ -218,7 +218,7 @@ def test_frame_time_embedding_tells_each_frame_its_index():
     base = unet_config("tiny", motion="v1", block_out_channels=(32,), layers_per_block=1,
                        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
     with_frames = dataclasses.replace(base, motion=dataclasses.replace(base.motion, frame_time_embedding=True))
-    params = random_variables(with_frames)["params"]
+    params = random_unet_variables(with_frames)["params"]
     flat = flax.traverse_util.flatten_dict(params)
     flat = {k: (jnp.zeros_like(v) if is_motion_param(k) and "proj_out" in k else v) for k, v in flat.items()}
     params = flax.traverse_util.unflatten_dict(flat)
@@ -241,19 +241,11 @@ def test_frame_time_embedding_tells_each_frame_its_index():
     np.testing.assert_allclose(run(with_frames, silent), plain, rtol=0, atol=1e-6)
 
 
-def random_variables(config, seed=0):
-    """Random parameters for our own model without torch (the abstract tree filled from numpy, no slow init)."""
-    rng = np.random.default_rng(seed)
-    tree = nn.unbox(abstract_variables(config)["params"])
-    return {"params": jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32),
-                                   tree)}
-
-
 def test_remat_and_bfloat16():
     """remat=True gives the same loss and gradients (and really checkpoints); bfloat16 compute stays close."""
     config = unet_config("tiny", motion="v2", block_out_channels=(32,), layers_per_block=1,
                          down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-    variables = random_variables(config)
+    variables = random_unet_variables(config)
     rng = np.random.default_rng(1)
     sample = jnp.asarray(rng.standard_normal((1, 3, 8, 8, 4)), jnp.float32)
     context = jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32)
