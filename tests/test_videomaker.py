@@ -218,3 +218,58 @@ def test_girl_loss_is_the_paper_formula(method):
     np.testing.assert_allclose(loss, video_loss + 0.1 * reference_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["reference_loss"], reference_loss, rtol=1e-5)
     assert np.all(np.asarray(t_ref) <= np.asarray(t) // 100)
+
+
+def test_x0_space_loss_of_v_prediction(method):
+    """loss_space="x0" with v-prediction: the v output is turned into x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (a
+    skip connection from the noisy input) and compared with the clean video and the clean reference, recomputed by
+    hand from the same draws; with the default loss_space it is the plain v-space loss."""
+    import dataclasses
+
+    from flax import linen as nn
+
+    from jaxvc.diffusion.losses import sample_timesteps
+    from jaxvc.diffusion.schedule import add_noise
+    from jaxvc.methods.videomaker import VideoMaker
+
+    def build(**changes):
+        return VideoMaker(method.unet.config, method.text_encoder.config, None,
+                          dataclasses.replace(method.options, prediction_type="v_prediction", **changes),
+                          method.empty_prompt_tokens, num_frames=GENERATED, image_size=SIZE)
+
+    x0_method, v_method = build(loss_space="x0"), build()
+    params = nn.unbox(method.init_params(jax.random.key(0)))
+    rng = np.random.default_rng(4)
+    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
+             "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
+             "tokens": jnp.asarray(np.tile(np.array([[49406, 320, 49407] + [49407] * 74]), (BATCH, 1)), jnp.int32)}
+    key = jax.random.key(11)
+    rng_t, rng_noise, rng_ref_noise, _ = jax.random.split(key, 4)
+    t = sample_timesteps(rng_t, BATCH, 1000)
+    t_ref = jnp.floor(0.01 * t).astype(jnp.int32)
+    video, reference = batch["video"], batch["reference"][:, None]
+    noise = jax.random.normal(rng_noise, video.shape)
+    reference_noise = jax.random.normal(rng_ref_noise, reference.shape)
+    noisy = add_noise(method.schedule, video, noise, t)
+    noisy_reference = add_noise(method.schedule, reference, reference_noise, t_ref)
+    v_hat = method.denoise(params, noisy, t, method.encode_text(params, batch["tokens"]), noisy_reference)
+
+    def x0_error(v_pred, x_t, clean, steps):
+        ab = method.schedule.alphas_cumprod[steps][:, None, None, None, None]
+        return jnp.mean(jnp.square(jnp.sqrt(ab) * x_t - jnp.sqrt(1 - ab) * v_pred - clean))
+
+    def v_error(v_pred, clean, eps, steps):
+        ab = method.schedule.alphas_cumprod[steps][:, None, None, None, None]
+        return jnp.mean(jnp.square(v_pred - (jnp.sqrt(ab) * eps - jnp.sqrt(1 - ab) * clean)))
+
+    loss, metrics = x0_method.loss(params, batch, key)
+    expected_reference = x0_error(v_hat[:, GENERATED:], noisy_reference, reference, t_ref)
+    np.testing.assert_allclose(metrics["reference_loss"], expected_reference, rtol=1e-5)
+    np.testing.assert_allclose(loss, x0_error(v_hat[:, :GENERATED], noisy, video, t) + 0.1 * expected_reference,
+                               rtol=1e-5)
+    plain, _ = v_method.loss(params, batch, key)
+    np.testing.assert_allclose(plain, v_error(v_hat[:, :GENERATED], video, noise, t)
+                               + 0.1 * v_error(v_hat[:, GENERATED:], reference, reference_noise, t_ref), rtol=1e-5)
+    assert abs(float(plain) - float(loss)) > 1e-3  # the two spaces really differ
+    with pytest.raises(ValueError, match="loss_space"):
+        build(loss_space="eps")

@@ -11,6 +11,8 @@ Training objective, Guidance Information Recognition Loss (GIRL):
     t' = floor(alpha * t) (alpha = 0.01),  r_t' = reference latent noised at t' (the "remind" timestep)
     eps_hat = UNet([z_t ; r_t'], t, text)   (B, F+1, h, w, c); the reference frame gets the same t and text
     L = ||eps - eps_hat[:, :F]||^2 + beta * ||eps_r - eps_hat[:, F]||^2   (beta = 0.1, plain mean MSE)
+With ``loss_space="x0"`` both errors are measured on the clean-sample estimates instead (v-prediction then behaves
+as an x0 model whose output has a skip connection from its input; see ``VideoMakerOptions.loss_space``).
 Condition dropout for classifier-free guidance: text -> the empty prompt and/or reference -> zeros (the
 unconditional branch at inference uses a zero reference latent, as the authors' code).
 
@@ -56,6 +58,11 @@ class VideoMakerOptions:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     snr_gamma: float | None = None      # min-SNR weighting (off by default, as the paper)
+    # Where the error is measured: "target" (the paper: eps, v or x0, whatever the model predicts) or "x0" (the
+    # prediction turned into a clean-sample estimate first). v-prediction with an x0-space loss gives the output a
+    # skip connection, x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (identity at small t, free-form at large t), and
+    # weights every timestep by its x0 error, as an x0-prediction model does.
+    loss_space: str = "target"
     # Training timesteps: uniform as in the paper ("none"), or diffusers' timestep bias: "later" draws the noisiest
     # `portion` of the timesteps `multiplier` times as often (where the layout, hence the caption, decides).
     timestep_bias_strategy: str = "none"
@@ -63,6 +70,8 @@ class VideoMakerOptions:
     timestep_bias_portion: float = 0.25
 
     def __post_init__(self):
+        if self.loss_space not in diffusion_losses.LOSS_SPACES:
+            raise ValueError(f"videomaker: loss_space={self.loss_space!r} is not one of {diffusion_losses.LOSS_SPACES}")
         diffusion_losses.check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier,
                                              self.timestep_bias_portion)
 
@@ -241,13 +250,14 @@ class VideoMaker(Method):
         weighting = "min_snr" if opts.snr_gamma else None
         video_loss, _ = diffusion_losses.diffusion_loss(
             self.schedule, prediction[:, :num_frames], latents, noise, t, prediction_type=opts.prediction_type,
-            weighting=weighting, snr_gamma=opts.snr_gamma or 5.0)
+            x_t=noisy, loss_space=opts.loss_space, weighting=weighting, snr_gamma=opts.snr_gamma or 5.0)
         metrics = {"video_loss": video_loss,
                    "video_mse_unweighted": jnp.mean(jnp.square(prediction[:, :num_frames] - video_target))}
         total = video_loss
         if opts.girl:
-            reference_target = get_target(self.schedule, reference, reference_noise, t_ref, opts.prediction_type)
-            reference_loss = jnp.mean(jnp.square(prediction[:, num_frames:] - reference_target))
+            reference_loss, _ = diffusion_losses.diffusion_loss(
+                self.schedule, prediction[:, num_frames:], reference, reference_noise, t_ref,
+                prediction_type=opts.prediction_type, x_t=reference_input, loss_space=opts.loss_space)
             total = total + opts.girl_beta * reference_loss
             metrics["reference_loss"] = reference_loss
         metrics["drop_reference_rate"] = jnp.mean(drop_reference.astype(jnp.float32))
