@@ -91,7 +91,7 @@ def test_add_noise_and_velocity_match_diffusers():
         assert relative_error(add_noise(schedule, x0, noise, t_scalar), ref) < TOL
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "sample_skip"])
 def test_prediction_conversions_invert_forward_process(prediction_type):
     rs = np.random.RandomState(1)
     x0 = rs.randn(*SHAPE).astype(np.float32)

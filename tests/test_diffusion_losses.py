@@ -132,3 +132,52 @@ def test_timestep_bias_draws_the_biased_portion_in_proportion():
         timestep_weights(1000, "sooner")
     with pytest.raises(ValueError, match="portion"):
         timestep_weights(1000, "later", portion=0.0)
+
+
+def test_sample_skip_is_edm_preconditioning():
+    """"sample_skip": x0_hat = c_skip(sigma) x_t / sqrt(ab) + c_out(sigma) F with EDM's c_skip, c_out (sigma_data 0.5)
+    computed here in float64 from sigma = sqrt((1 - ab) / ab); identity at t = 0, the output itself at ab -> 0."""
+    from jaxvc.diffusion.schedule import SKIP_SIGMA_DATA, skip_coefficients
+
+    schedule = make_schedule("squaredcos_cap_v2")
+    t = np.array([0, 5, 100, 300, 500, 700, 900, 990])
+    ab = np.asarray(schedule.alphas_cumprod, np.float64)[t]
+    sigma = np.sqrt((1 - ab) / ab)
+    d = SKIP_SIGMA_DATA
+    c_skip, c_out = d ** 2 / (sigma ** 2 + d ** 2), sigma * d / np.sqrt(sigma ** 2 + d ** 2)
+    c_x, c_out_ours = skip_coefficients(schedule, t)
+    np.testing.assert_allclose(c_x, c_skip / np.sqrt(ab), rtol=1e-5)
+    np.testing.assert_allclose(c_out_ours, c_out, rtol=1e-5)
+    assert float(c_x[0]) > 0.999 and float(c_out_ours[0]) < 0.01       # nearly clean: the input passes through
+    last_x, last_out = skip_coefficients(schedule, 999)                 # ab(999) ~ 0: the output is the estimate
+    assert float(last_x) < 1e-3 and abs(float(last_out) - d) < 1e-3
+
+
+def test_sample_skip_ddim_step_and_min_snr_follow_its_x0():
+    """A DDIM step of a "sample_skip" output is the DDIM step of the x0 it implies (eta 0 and 1, same noise); its
+    min-SNR weight on the target error equals min(SNR, gamma) on the x0 error."""
+    from jaxvc.diffusion.ddim import ddim_step
+    from jaxvc.diffusion.schedule import min_snr_weight, predict_x0
+
+    schedule = make_schedule("squaredcos_cap_v2")
+    rng = np.random.default_rng(0)
+    x_t, out, noise = (jnp.asarray(rng.standard_normal((2, 3, 4, 4)), jnp.float32) for _ in range(3))
+    for t in (20, 480, 980):
+        x0 = predict_x0(schedule, x_t, out, t, "sample_skip")
+        for eta in (0.0, 1.0):
+            ours = ddim_step(schedule, out, t, x_t, num_inference_steps=25, eta=eta, noise=noise,
+                             prediction_type="sample_skip")
+            as_x0 = ddim_step(schedule, x0, t, x_t, num_inference_steps=25, eta=eta, noise=noise,
+                              prediction_type="sample")
+            np.testing.assert_allclose(ours.prev_sample, as_x0.prev_sample, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(ours.pred_original_sample, x0, rtol=1e-6, atol=1e-6)
+    x0 = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    eps = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    t = jnp.asarray([10, 300, 600, 900])
+    model_out = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    target_loss, per_target = diffusion_loss(schedule, model_out, x0, eps, t, prediction_type="sample_skip",
+                                             weighting="min_snr", snr_gamma=5.0)
+    x0_loss, per_x0 = diffusion_loss(schedule, model_out, x0, eps, t, prediction_type="sample_skip",
+                                     loss_space="x0", weighting="min_snr", snr_gamma=5.0)
+    np.testing.assert_allclose(per_target, per_x0, rtol=1e-4)
+    np.testing.assert_allclose(min_snr_weight(schedule, t, 5.0, "sample"), jnp.minimum(snr(schedule, t), 5.0))

@@ -19,7 +19,7 @@ from typing import Any, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvc.diffusion.schedule import (NoiseSchedule, _check_prediction_type, load_scheduler_config,
+from jaxvc.diffusion.schedule import (NoiseSchedule, _check_prediction_type, load_scheduler_config, predict_x0,
                                       schedule_from_diffusers_config)
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
@@ -72,6 +72,9 @@ def ddim_step(schedule: NoiseSchedule, model_out, t, x_t, *, num_inference_steps
         pred_eps = model_out
     elif prediction_type == "sample":
         pred_x0 = model_out
+        pred_eps = (x_t - jnp.sqrt(alpha_t) * pred_x0) / jnp.sqrt(beta_t)
+    elif prediction_type == "sample_skip":  # jaxvc's preconditioned x0 output (schedule.skip_coefficients)
+        pred_x0 = predict_x0(schedule, x_t, model_out, t, prediction_type)
         pred_eps = (x_t - jnp.sqrt(alpha_t) * pred_x0) / jnp.sqrt(beta_t)
     else:  # v_prediction
         pred_x0 = jnp.sqrt(alpha_t) * x_t - jnp.sqrt(beta_t) * model_out

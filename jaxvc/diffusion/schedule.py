@@ -6,6 +6,8 @@ needs from it is a pure function of arrays, so it jits and can be indexed by tra
     x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps                        (add_noise)
     v   = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x0                       (get_velocity)
     predict_x0 / predict_eps: invert the above for an "epsilon", "v_prediction" or "sample" model output
+    "sample_skip" (jaxvc's, not diffusers'): x0_hat = c_skip x_t / sqrt(alpha_bar_t) + c_out F, Karras et al. 2022's
+    preconditioning with sigma_data = 0.5 (see ``skip_coefficients``)
     SNR_t = alpha_bar_t / (1 - alpha_bar_t) and the min-SNR-gamma loss weights (Hang et al. 2023).
 
 Schedules supported (diffusers ``beta_schedule``): "linear", "scaled_linear" (SD1.5: 0.00085 -> 0.012 over 1000
@@ -24,7 +26,9 @@ from typing import Any, Mapping, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "sample_skip")
+# "sample_skip": the data's standard deviation assumed by the preconditioning (EDM's value for images in [-1, 1]).
+SKIP_SIGMA_DATA = 0.5
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -157,6 +161,23 @@ def get_velocity(schedule: NoiseSchedule, x0, noise, t):
     return a * noise - s * x0
 
 
+def skip_coefficients(schedule: NoiseSchedule, t, ndim: int = 0, dtype=jnp.float32):
+    """(c_x, c_out) of the "sample_skip" output: x0_hat = c_x x_t + c_out F.
+
+    In EDM's terms (sigma = sqrt(1 - ab) / sqrt(ab), the noise level of x_t / sqrt(ab) = x0 + sigma eps):
+    c_skip = sigma_d^2 / (sigma^2 + sigma_d^2) and c_out = sigma sigma_d / sqrt(sigma^2 + sigma_d^2), so
+    c_x = c_skip / sqrt(ab) = sigma_d^2 sqrt(ab) / (1 - ab + sigma_d^2 ab) and
+    c_out = sqrt(1 - ab) sigma_d / sqrt(1 - ab + sigma_d^2 ab), both finite at ab = 0.
+    At small t the output is the input plus a small correction (x0 ~ x_t); at large t it is F itself, as an x0 model.
+    Why: an x0 model must rebuild every pixel from its input at every t, and a tiny one trained briefly does not
+    (its error at t = 5 was 70x that of returning the input); v-prediction has the skip but weighs the input
+    fully up to mid t (sigma_d = 1), where the noise must then be cancelled exactly."""
+    a, s = alpha_sigma(schedule, t, ndim, dtype)
+    d2 = SKIP_SIGMA_DATA ** 2
+    denominator = s ** 2 + d2 * a ** 2
+    return d2 * a / denominator, s * SKIP_SIGMA_DATA / jnp.sqrt(denominator)
+
+
 def get_target(schedule: NoiseSchedule, x0, noise, t, prediction_type: str = "epsilon"):
     """What a model of the given prediction type is trained to output."""
     _check_prediction_type(prediction_type)
@@ -164,6 +185,9 @@ def get_target(schedule: NoiseSchedule, x0, noise, t, prediction_type: str = "ep
         return noise
     if prediction_type == "v_prediction":
         return get_velocity(schedule, x0, noise, t)
+    if prediction_type == "sample_skip":
+        c_x, c_out = skip_coefficients(schedule, t, x0.ndim, x0.dtype)
+        return (x0 - c_x * add_noise(schedule, x0, noise, t)) / c_out
     return x0
 
 
@@ -175,6 +199,9 @@ def predict_x0(schedule: NoiseSchedule, x_t, model_out, t, prediction_type: str 
         return (x_t - s * model_out) / a
     if prediction_type == "v_prediction":
         return a * x_t - s * model_out
+    if prediction_type == "sample_skip":
+        c_x, c_out = skip_coefficients(schedule, t, x_t.ndim, x_t.dtype)
+        return c_x * x_t + c_out * model_out
     return model_out
 
 
@@ -186,7 +213,8 @@ def predict_eps(schedule: NoiseSchedule, x_t, model_out, t, prediction_type: str
         return model_out
     if prediction_type == "v_prediction":
         return a * model_out + s * x_t
-    return (x_t - a * model_out) / s
+    x0 = predict_x0(schedule, x_t, model_out, t, prediction_type) if prediction_type == "sample_skip" else model_out
+    return (x_t - a * x0) / s
 
 
 def snr(schedule: NoiseSchedule, t):
@@ -197,7 +225,8 @@ def snr(schedule: NoiseSchedule, t):
 
 def min_snr_weight(schedule: NoiseSchedule, t, gamma: float = 5.0, prediction_type: str = "epsilon"):
     """Per-example min-SNR-gamma loss weight for a loss on the model's own target (as diffusers' training scripts):
-    epsilon: min(SNR, gamma) / SNR;  v_prediction: min(SNR, gamma) / (SNR + 1);  sample: min(SNR, gamma).
+    epsilon: min(SNR, gamma) / SNR;  v_prediction: min(SNR, gamma) / (SNR + 1);  sample: min(SNR, gamma);
+    sample_skip: min(SNR, gamma) c_out^2 (its target error is the x0 error / c_out^2).
 
     For epsilon the weight is written min(1, gamma / SNR), the same number, which stays 1 (its limit) at
     zero terminal SNR instead of 0/0."""
@@ -208,4 +237,6 @@ def min_snr_weight(schedule: NoiseSchedule, t, gamma: float = 5.0, prediction_ty
     clipped = jnp.minimum(ratio, gamma)
     if prediction_type == "v_prediction":
         return clipped / (ratio + 1)
+    if prediction_type == "sample_skip":
+        return clipped * skip_coefficients(schedule, t)[1] ** 2
     return clipped
