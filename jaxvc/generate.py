@@ -15,6 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True, help="what the subject should do")
     parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     parser.add_argument("--guidance-scale", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--reference-guidance-scale", type=float, default=None,
+                        help="guide the reference separately with this scale (a third branch: text only); default: "
+                             "text and reference together with --guidance-scale, as the paper")
+    parser.add_argument("--reference-guidance-start", type=float, default=0.0,
+                        help="with --reference-guidance-scale: the fraction of the steps (the layout) before which "
+                             "the reference is guided with --guidance-scale")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
@@ -40,7 +46,8 @@ def run(args) -> int:
                                                attention_backend=args.attention_backend)
     loaded = time.perf_counter()
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
-                  guidance_scale=args.guidance_scale, num_inference_steps=args.steps, seed=args.seed,
+                  guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
+                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps, seed=args.seed,
                   num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "

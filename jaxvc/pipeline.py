@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from jaxvc import media
 from jaxvc.diffusion.ddim import DDIMSampler
-from jaxvc.diffusion.sampling import classifier_free_guidance, sample
+from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
 from jaxvc.diffusion.schedule import schedule_from_diffusers_config
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from jaxvc.models.patchify import from_patches, to_patches
@@ -137,33 +137,51 @@ class CustomVideoPipeline:
         return DDIMSampler.from_diffusers_config(self.scheduler_config, num_inference_steps, eta=float(eta))
 
     @functools.lru_cache(maxsize=8)
-    def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float, progress: bool):
+    def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float,
+                     reference_guidance_scale: float | None, progress: bool, reference_guidance_start: int = 0):
         """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
         sampler = self._sampler(num_inference_steps, eta)
         unet, cross = self.unet, self.reference_cross_attention
 
         def generate(unet_variables, text, negative_text, reference_latent, x_T, rng):
             batch = x_T.shape[0]
-            text_pair = jnp.concatenate([negative_text, text], axis=0)                       # [uncond; cond]
-            reference_pair = jnp.concatenate([jnp.zeros_like(reference_latent), reference_latent], axis=0)
+            no_reference = jnp.zeros_like(reference_latent)
+            if reference_guidance_scale is None:  # [uncond; cond]
+                texts, references = [negative_text, text], [no_reference, reference_latent]
+            else:  # [uncond; text only; text + reference]
+                texts, references = [negative_text, text, text], [no_reference, no_reference, reference_latent]
+            texts, references = jnp.concatenate(texts, axis=0), jnp.concatenate(references, axis=0)
             frames = x_T.shape[1]
 
-            def model(x2, t, step_index):
-                out = unet.apply(unet_variables, x2, jnp.full((2 * batch,), t), text_pair,
-                                 reference_latent=reference_pair, reference_cross_attention=cross)
+            def model(x_stacked, t, step_index):
+                out = unet.apply(unet_variables, x_stacked, jnp.full((x_stacked.shape[0],), t), texts,
+                                 reference_latent=references, reference_cross_attention=cross)
                 return out[:, :frames]                      # drop the reference frame's prediction
 
-            return sample(classifier_free_guidance(model, guidance_scale), x_T, sampler, rng=rng,
-                          progress=True if progress else None, progress_desc="denoising")
+            if reference_guidance_scale is None:
+                denoise = classifier_free_guidance(model, guidance_scale)
+            else:
+                # the first `reference_guidance_start` steps (the layout) guide the reference like the text
+                reference_scale = functools.partial(piecewise_constant, boundaries=[reference_guidance_start],
+                                                    values=[guidance_scale, reference_guidance_scale])
+                denoise = reference_guidance(model, guidance_scale, reference_scale)
+            return sample(denoise, x_T, sampler, rng=rng, progress=True if progress else None,
+                          progress_desc="denoising")
 
         return jax.jit(generate)
 
     def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
+                 reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
                  width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8") -> np.ndarray:
         """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
         float32 latents (num_frames, h, w, c) before decoding. ``reference_image=None`` generates without a subject
-        (zero reference latent, text only)."""
+        (zero reference latent, text only). ``reference_guidance_scale``: None guides text and reference together
+        with ``guidance_scale`` (the paper; two branches); a number guides them separately (three branches,
+        ``jaxvc.diffusion.sampling.reference_guidance``): ``guidance_scale`` for the text, this for the reference,
+        from the fraction ``reference_guidance_start`` of the steps on (before it, the reference is guided with
+        ``guidance_scale`` too: a strong reference guidance while the layout forms pulls the subject to where it
+        is in the reference image)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
         # the VAE downsamples by its factor, the UNet halves the latent (levels - 1) times
@@ -187,7 +205,14 @@ class CustomVideoPipeline:
                         self.unet.config.in_channels)
         rng_init, rng_steps = jax.random.split(jax.random.key(seed))
         x_T = jax.random.normal(rng_init, latent_shape, jnp.float32)
-        generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale), progress)
+        if reference_guidance_scale is not None and reference_image is None:
+            raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
+        if not 0.0 <= reference_guidance_start <= 1.0:
+            raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
+                             "in [0, 1]")
+        generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
+                                     None if reference_guidance_scale is None else float(reference_guidance_scale),
+                                     progress, round(reference_guidance_start * num_inference_steps))
         latents = generate(self.params["unet"], text, negative_text, reference_latent, x_T, rng_steps)
         if output_type == "latent":
             return np.asarray(latents[0])

@@ -51,6 +51,24 @@ def test_unconditional_branch_uses_a_zero_reference(pipe):
     assert np.any(guided_a != guided_b)
 
 
+def test_reference_guidance_scale(pipe):
+    """A separate reference scale equal to the text scale is the default two-branch guidance; a different one changes
+    the video only from reference_guidance_start on; without a reference image it is refused."""
+    base = dict(seed=2, output_type="latent", **SETTINGS)
+    default = pipe(_image(1), "a dog", guidance_scale=5.0, **base)
+    equal = pipe(_image(1), "a dog", guidance_scale=5.0, reference_guidance_scale=5.0, **base)
+    np.testing.assert_allclose(equal, default, rtol=1e-4, atol=1e-5)
+    stronger = pipe(_image(1), "a dog", guidance_scale=5.0, reference_guidance_scale=20.0, **base)
+    assert np.abs(stronger - default).max() > 1e-4
+    never = pipe(_image(1), "a dog", guidance_scale=5.0, reference_guidance_scale=20.0, reference_guidance_start=1.0,
+                 **base)
+    np.testing.assert_allclose(never, default, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="needs a reference image"):
+        pipe(None, "a dog", reference_guidance_scale=5.0, **SETTINGS)
+    with pytest.raises(ValueError, match="reference_guidance_start"):
+        pipe(_image(1), "a dog", reference_guidance_scale=5.0, reference_guidance_start=1.5, **SETTINGS)
+
+
 def test_reference_image_modes_and_errors(tmp_path):
     for mode in ("RGB", "RGBA", "L", "P", "CMYK"):
         array = load_reference_image(_image(0, mode), 16, 24)

@@ -18,8 +18,8 @@ import pytest
 
 from jaxvc.diffusion.ddim import DDIMSampler
 from jaxvc.diffusion.flow import FlowMatchEulerSampler
-from jaxvc.diffusion.sampling import (cfg_combine, classifier_free_guidance, piecewise_constant, sample,
-                                      step_noise)
+from jaxvc.diffusion.sampling import (cfg_combine, classifier_free_guidance, piecewise_constant, reference_guidance,
+                                      sample, step_noise)
 from jaxvc.diffusion.schedule import make_schedule
 from tests.conftest import relative_error
 
@@ -101,6 +101,32 @@ def test_batched_cfg_equals_two_separate_calls():
         cond, uncond = net(x, t, CTX_COND), net(x, t, CTX_UNCOND)
         x = sampler.step(uncond + 5.0 * (cond - uncond), i, x).prev_sample
     assert relative_error(ours, x) < 1e-5
+
+
+def test_reference_guidance_separates_the_two_conditions():
+    """Three thirds (uncond, text only, text + reference) in one call: uncond + s_t (text - uncond) +
+    s_r (full - text); equal scales are plain CFG between uncond and full; a per-step reference scale switches."""
+    ctx_text = jnp.asarray(RS.randn(SHAPE[0], 5).astype(np.float32))
+    calls = []
+
+    def model(x3, t, i):
+        calls.append(x3.shape[0])
+        return net(x3, t, jnp.concatenate([CTX_UNCOND, ctx_text, CTX_COND]))
+
+    x = jnp.asarray(RS.randn(*SHAPE), jnp.float32)
+    uncond, text, full = (net(x, 400, c) for c in (CTX_UNCOND, ctx_text, CTX_COND))
+    guided = jax.jit(reference_guidance(model, 2.5, 6.0))(x, jnp.int32(400), jnp.int32(0))
+    assert relative_error(guided, uncond + 2.5 * (text - uncond) + 6.0 * (full - text)) < 1e-6
+    assert calls == [3 * SHAPE[0]]
+
+    def two_branch(x2, t, i):
+        return net(x2, t, jnp.concatenate([CTX_UNCOND, CTX_COND]))
+
+    same = reference_guidance(model, 4.0, 4.0)(x, jnp.int32(400), jnp.int32(0))
+    assert relative_error(same, classifier_free_guidance(two_branch, 4.0)(x, jnp.int32(400), jnp.int32(0))) < 1e-5
+    switched = reference_guidance(model, 2.5, lambda i: piecewise_constant(i, [3], [2.5, 6.0]))
+    assert relative_error(switched(x, jnp.int32(400), jnp.int32(2)), cfg_combine(full, uncond, 2.5)) < 1e-5
+    assert relative_error(switched(x, jnp.int32(400), jnp.int32(3)), guided) < 1e-6
 
 
 def test_guidance_rescale_matches_diffusers():

@@ -79,6 +79,27 @@ def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale, guidance_resca
     return denoise
 
 
+def reference_guidance(model_fn: DenoiseFn, text_scale, reference_scale) -> DenoiseFn:
+    """Guidance with separate text and reference scales (as InstructPix2Pix's image + text guidance), ONE model call
+    on the tripled batch: ``model_fn(x3, t, step_index)`` gets x3 = concat([x, x, x]) (3B, ...) and must condition
+    its thirds on (negative text, no reference), (text, no reference), (text, reference). Returns
+        uncond + text_scale (text - uncond) + reference_scale (full - text),
+    which is plain classifier-free guidance uncond + s (full - uncond) when both scales equal s. A reference scale
+    above the text scale pushes the subject's appearance without pushing the caption's layout further.
+    Scales are numbers or functions of the step index."""
+    def denoise(x, t, step_index):
+        out = model_fn(jnp.concatenate([x, x, x], axis=0), t, step_index)   # (3B, ...)
+        if out.shape[0] != 3 * x.shape[0]:
+            raise ValueError(f"reference_guidance: model returned batch {out.shape[0]} for an input batch of "
+                             f"{3 * x.shape[0]} (expected [uncond; text only; text + reference] on axis 0)")
+        uncond, text_only, full = jnp.split(out, 3, axis=0)
+        text_w = text_scale(step_index) if callable(text_scale) else text_scale
+        reference_w = reference_scale(step_index) if callable(reference_scale) else reference_scale
+        return uncond + text_w * (text_only - uncond) + reference_w * (full - text_only)
+
+    return denoise
+
+
 class _ProgressBar:
     """Host side of progress=True: a tqdm bar per run, driven by the step index (opened at step 0, closed after the
     last step), so it stays right even if two callbacks arrive out of order."""
