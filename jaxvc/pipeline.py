@@ -138,13 +138,12 @@ class CustomVideoPipeline:
 
     @functools.lru_cache(maxsize=8)
     def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float,
-                     reference_guidance_scale: float | None, progress: bool, reference_guidance_start: int = 0):
+                     reference_guidance_scale: float | None, reference_guidance_start: int, progress: bool):
         """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
         sampler = self._sampler(num_inference_steps, eta)
         unet, cross = self.unet, self.reference_cross_attention
 
         def generate(unet_variables, text, negative_text, reference_latent, x_T, rng):
-            batch = x_T.shape[0]
             no_reference = jnp.zeros_like(reference_latent)
             if reference_guidance_scale is None:  # [uncond; cond]
                 texts, references = [negative_text, text], [no_reference, reference_latent]
@@ -184,6 +183,11 @@ class CustomVideoPipeline:
         is in the reference image)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+        if reference_guidance_scale is not None and reference_image is None:
+            raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
+        if not 0.0 <= reference_guidance_start <= 1.0:
+            raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
+                             "in [0, 1]")
         # the VAE downsamples by its factor, the UNet halves the latent (levels - 1) times
         multiple = self.downsample_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         for name, size in (("height", height), ("width", width)):
@@ -205,14 +209,9 @@ class CustomVideoPipeline:
                         self.unet.config.in_channels)
         rng_init, rng_steps = jax.random.split(jax.random.key(seed))
         x_T = jax.random.normal(rng_init, latent_shape, jnp.float32)
-        if reference_guidance_scale is not None and reference_image is None:
-            raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
-        if not 0.0 <= reference_guidance_start <= 1.0:
-            raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
-                             "in [0, 1]")
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
-                                     progress, round(reference_guidance_start * num_inference_steps))
+                                     round(reference_guidance_start * num_inference_steps), progress)
         latents = generate(self.params["unet"], text, negative_text, reference_latent, x_T, rng_steps)
         if output_type == "latent":
             return np.asarray(latents[0])

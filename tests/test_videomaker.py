@@ -138,6 +138,28 @@ def method():
                       image_size=SIZE)
 
 
+def _random_batch(seed, tokens=(49406, 320, 49407)):
+    """BATCH random videos and references in [-1, 1], each with the caption `tokens` padded to 77 with 49407."""
+    rng = np.random.default_rng(seed)
+    return {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
+            "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
+            "tokens": jnp.asarray(np.tile(np.array([list(tokens) + [49407] * (77 - len(tokens))]), (BATCH, 1)),
+                                  jnp.int32)}
+
+
+def _loss_draws(key, batch):
+    """The draws VideoMaker.loss makes from `key` (no condition dropout): t, t' = floor(0.01 t), the video noise and
+    the reference noise."""
+    from jaxvc.diffusion.losses import sample_timesteps
+
+    rng_t, rng_noise, rng_ref_noise, _ = jax.random.split(key, 4)
+    t = sample_timesteps(rng_t, BATCH, 1000)
+    t_ref = jnp.floor(0.01 * t).astype(jnp.int32)
+    noise = jax.random.normal(rng_noise, batch["video"].shape)
+    reference_noise = jax.random.normal(rng_ref_noise, batch["reference"][:, None].shape)
+    return t, t_ref, noise, reference_noise
+
+
 def test_trainable_subset_is_spatial_self_attention_and_motion_modules(method):
     from flax import traverse_util
 
@@ -170,11 +192,7 @@ def test_text_encoder_trains_only_when_asked(method):
     from jaxvc.methods.videomaker import VideoMaker
 
     params = nn.unbox(method.init_params(jax.random.key(0)))
-    rng = np.random.default_rng(5)
-    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
-             "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
-             "tokens": jnp.asarray(np.tile(np.array([[49406, 320, 1823, 49407] + [49407] * 73]), (BATCH, 1)),
-                                   jnp.int32)}
+    batch = _random_batch(5, tokens=(49406, 320, 1823, 49407))
     trained = VideoMaker(method.unet.config, method.text_encoder.config, None,
                          dataclasses.replace(method.options, train_text_encoder=True), method.empty_prompt_tokens,
                          num_frames=GENERATED, image_size=SIZE)
@@ -193,23 +211,15 @@ def test_girl_loss_is_the_paper_formula(method):
     """Recompute GIRL by hand from the same random draws: t' = floor(0.01 t), beta = 0.1, plain mean MSE."""
     from flax import linen as nn
 
-    from jaxvc.diffusion.losses import sample_timesteps
     from jaxvc.diffusion.schedule import add_noise
 
     params = nn.unbox(method.init_params(jax.random.key(0)))
-    rng = np.random.default_rng(3)
-    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
-             "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
-             "tokens": jnp.asarray(np.tile(np.array([[49406, 320, 49407] + [49407] * 74]), (BATCH, 1)), jnp.int32)}
+    batch = _random_batch(3)
     key = jax.random.key(7)
     loss, metrics = method.loss(params, batch, key)
 
-    rng_t, rng_noise, rng_ref_noise, _ = jax.random.split(key, 4)
-    t = sample_timesteps(rng_t, BATCH, 1000)
-    t_ref = jnp.floor(0.01 * t).astype(jnp.int32)
-    noise = jax.random.normal(rng_noise, batch["video"].shape)
+    t, t_ref, noise, reference_noise = _loss_draws(key, batch)
     reference = batch["reference"][:, None]
-    reference_noise = jax.random.normal(rng_ref_noise, reference.shape)
     prediction = method.denoise(params, add_noise(method.schedule, batch["video"], noise, t), t,
                                 method.encode_text(params, batch["tokens"]),
                                 add_noise(method.schedule, reference, reference_noise, t_ref))
@@ -228,7 +238,6 @@ def test_x0_space_loss_of_v_prediction(method):
 
     from flax import linen as nn
 
-    from jaxvc.diffusion.losses import sample_timesteps
     from jaxvc.diffusion.schedule import add_noise
     from jaxvc.methods.videomaker import VideoMaker
 
@@ -239,17 +248,10 @@ def test_x0_space_loss_of_v_prediction(method):
 
     x0_method, v_method = build(loss_space="x0"), build()
     params = nn.unbox(method.init_params(jax.random.key(0)))
-    rng = np.random.default_rng(4)
-    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (BATCH, GENERATED, SIZE, SIZE, 3)), jnp.float32),
-             "reference": jnp.asarray(rng.uniform(-1, 1, (BATCH, SIZE, SIZE, 3)), jnp.float32),
-             "tokens": jnp.asarray(np.tile(np.array([[49406, 320, 49407] + [49407] * 74]), (BATCH, 1)), jnp.int32)}
+    batch = _random_batch(4)
     key = jax.random.key(11)
-    rng_t, rng_noise, rng_ref_noise, _ = jax.random.split(key, 4)
-    t = sample_timesteps(rng_t, BATCH, 1000)
-    t_ref = jnp.floor(0.01 * t).astype(jnp.int32)
+    t, t_ref, noise, reference_noise = _loss_draws(key, batch)
     video, reference = batch["video"], batch["reference"][:, None]
-    noise = jax.random.normal(rng_noise, video.shape)
-    reference_noise = jax.random.normal(rng_ref_noise, reference.shape)
     noisy = add_noise(method.schedule, video, noise, t)
     noisy_reference = add_noise(method.schedule, reference, reference_noise, t_ref)
     v_hat = method.denoise(params, noisy, t, method.encode_text(params, batch["tokens"]), noisy_reference)

@@ -128,7 +128,7 @@ def sampling(method, params, batch_size: int, *, steps: int, guidance: float, wa
     negative = jax.random.normal(keys[1], (batch_size, 77, text_dim), jnp.float32)
     reference = _latents(keys[2], (batch_size, 1, latent, latent, channels))
     x_T = _latents(keys[3], (batch_size, frames, latent, latent, channels))
-    generate = pipe._generate_fn(steps, 0.0, float(guidance), None, False)  # the pipeline's own jitted generation
+    generate = pipe._generate_fn(steps, 0.0, float(guidance), None, 0, False)  # the pipeline's own jitted generation
     args = (unet_variables, text, negative, reference, x_T, jax.random.key(4))
     start = time.perf_counter()
     compiled = generate.lower(*args).compile(compiler_options)

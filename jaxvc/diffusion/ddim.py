@@ -70,11 +70,8 @@ def ddim_step(schedule: NoiseSchedule, model_out, t, x_t, *, num_inference_steps
     if prediction_type == "epsilon":
         pred_x0 = (x_t - jnp.sqrt(beta_t) * model_out) / jnp.sqrt(alpha_t)
         pred_eps = model_out
-    elif prediction_type == "sample":
-        pred_x0 = model_out
-        pred_eps = (x_t - jnp.sqrt(alpha_t) * pred_x0) / jnp.sqrt(beta_t)
-    elif prediction_type == "sample_skip":  # jaxvc's preconditioned x0 output (schedule.skip_coefficients)
-        pred_x0 = predict_x0(schedule, x_t, model_out, t, prediction_type)
+    elif prediction_type in ("sample", "sample_skip"):  # sample_skip: jaxvc's preconditioned x0 output
+        pred_x0 = model_out if prediction_type == "sample" else predict_x0(schedule, x_t, model_out, t, prediction_type)
         pred_eps = (x_t - jnp.sqrt(alpha_t) * pred_x0) / jnp.sqrt(beta_t)
     else:  # v_prediction
         pred_x0 = jnp.sqrt(alpha_t) * x_t - jnp.sqrt(beta_t) * model_out

@@ -59,6 +59,11 @@ def cfg_combine(cond, uncond, guidance_scale, guidance_rescale: float = 0.0):
     return guided
 
 
+def _scale_at(scale, step_index):
+    """A guidance scale at this step: a number, or a function of the step index (a per-step schedule)."""
+    return scale(step_index) if callable(scale) else scale
+
+
 def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale, guidance_rescale: float = 0.0) -> DenoiseFn:
     """Wrap a model into a guided ``denoise_fn`` that makes ONE model call on the doubled batch.
 
@@ -73,8 +78,7 @@ def classifier_free_guidance(model_fn: DenoiseFn, guidance_scale, guidance_resca
             raise ValueError(f"classifier_free_guidance: model returned batch {out.shape[0]} for an input batch of "
                              f"{2 * x.shape[0]} (expected [uncond; cond] stacked on axis 0)")
         uncond, cond = jnp.split(out, 2, axis=0)
-        scale = guidance_scale(step_index) if callable(guidance_scale) else guidance_scale
-        return cfg_combine(cond, uncond, scale, guidance_rescale)
+        return cfg_combine(cond, uncond, _scale_at(guidance_scale, step_index), guidance_rescale)
 
     return denoise
 
@@ -93,8 +97,7 @@ def reference_guidance(model_fn: DenoiseFn, text_scale, reference_scale) -> Deno
             raise ValueError(f"reference_guidance: model returned batch {out.shape[0]} for an input batch of "
                              f"{3 * x.shape[0]} (expected [uncond; text only; text + reference] on axis 0)")
         uncond, text_only, full = jnp.split(out, 3, axis=0)
-        text_w = text_scale(step_index) if callable(text_scale) else text_scale
-        reference_w = reference_scale(step_index) if callable(reference_scale) else reference_scale
+        text_w, reference_w = _scale_at(text_scale, step_index), _scale_at(reference_scale, step_index)
         return uncond + text_w * (text_only - uncond) + reference_w * (full - text_only)
 
     return denoise
