@@ -254,16 +254,20 @@ def test_remat_and_bfloat16():
         model = UNetMotion(dataclasses.replace(config, remat=remat))
         return jnp.mean(jnp.square(model.apply({"params": params}, sample, 500, context)))
 
-    # one checkpoint per resnet (5), spatial transformer block (4) and temporal transformer block (4)
-    for remat, expected in ((True, 13), (False, 0)):
+    # one checkpoint per resnet (5), spatial transformer block (4) and temporal transformer block (4); a policy name
+    # (config.remat_policy) reaches every one of them
+    for remat, expected in ((True, 13), ("full", 13), ("dots_saveable", 13), (False, 0), ("none", 0)):
         jaxpr = str(jax.make_jaxpr(functools.partial(loss, remat=remat))(variables["params"]))
-        assert jaxpr.count("remat2[") + jaxpr.count("checkpoint[") == expected
-    grad_remat = jax.value_and_grad(functools.partial(loss, remat=True))
+        assert jaxpr.count("remat2[") + jaxpr.count("checkpoint[") == expected, remat
+        assert jaxpr.count("policy=DotsSaveable") == (13 if remat == "dots_saveable" else 0), remat
     value, grads = run_jitted(jax.value_and_grad(functools.partial(loss, remat=False)), variables["params"])
-    value_r, grads_r = run_jitted(grad_remat, variables["params"])
-    assert abs(float(value) - float(value_r)) <= 1e-6 * abs(float(value))
     flatten = lambda tree: np.concatenate([np.ravel(g) for g in jax.tree.leaves(tree)])  # noqa: E731
-    assert relative_error(flatten(grads_r), flatten(grads)) < 1e-5
+    for remat in (True, "dots_saveable"):
+        value_r, grads_r = run_jitted(jax.value_and_grad(functools.partial(loss, remat=remat)), variables["params"])
+        assert abs(float(value) - float(value_r)) <= 1e-6 * abs(float(value))
+        assert relative_error(flatten(grads_r), flatten(grads)) < 1e-5
+    with pytest.raises(ValueError, match="remat_policy 'sometimes'"):
+        dataclasses.replace(config, remat="sometimes")
 
     out32 = run_jitted(UNetMotion(config).apply, variables, sample, 500, context)
     out16 = run_jitted(UNetMotion(dataclasses.replace(config, dtype=jnp.bfloat16)).apply, variables, sample, 500,

@@ -303,7 +303,7 @@ def from_config(config) -> VideoMaker:
 
     model = config.model
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
-    remat = config.get("remat_policy", "none") not in ("none", None, "")
+    remat = config.get("remat_policy", "none") or "none"  # a policy name (jaxvc/train/compute.py)
     pretrained, tokenizer_folder = {}, model.get("tokenizer") or None
     if model.pretrained:
         from jaxvc.convert.pipeline import load_pipeline

@@ -26,6 +26,7 @@ from jaxvc.models.attention import Attention
 from jaxvc.models.embeddings import sinusoidal_positions
 from jaxvc.models.layers import Dense, GroupNorm, LayerNorm
 from jaxvc.models.transformer2d import FeedForward
+from jaxvc.train.compute import remat
 
 BUFFERS = "buffers"
 
@@ -77,7 +78,7 @@ class MotionModule(nn.Module):
     max_seq_length: int = 32
     norm_over_frames: bool = True
     attention_backend: str = "xla"
-    remat: bool = False
+    remat: bool | str = False  # or a remat policy name (jaxvc.train.compute)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -101,7 +102,7 @@ class MotionModule(nn.Module):
             h = norm(x.reshape(batch * frames, height, width, channels)).reshape(x.shape)  # per frame
         h = h.transpose(0, 2, 3, 1, 4).reshape(batch * height * width, frames, channels)  # (B*H*W, F, C)
         h = Dense(channels, axes=("embed", "heads"), name="proj_in", **kw)(h)
-        block_class = nn.remat(TemporalTransformerBlock) if self.remat else TemporalTransformerBlock
+        block_class = remat(TemporalTransformerBlock, self.remat)
         for index in range(self.num_layers):
             h = block_class(self.heads, channels // self.heads, self.attention_backend,
                             name=f"transformer_blocks_{index}", **kw)(h, context)

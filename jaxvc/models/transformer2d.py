@@ -25,6 +25,7 @@ from flax import linen as nn
 from jaxvc.models.attention import Attention
 from jaxvc.models.layers import Conv, Dense, GroupNorm, LayerNorm, constrain, gelu_exact
 from jaxvc.models.resnet import IMAGE_AXES
+from jaxvc.train.compute import remat
 
 
 class GEGLU(nn.Module):
@@ -122,7 +123,7 @@ class Transformer2DModel(nn.Module):
     norm_num_groups: int = 32
     use_linear_projection: bool = False
     attention_backend: str = "xla"
-    remat: bool = False
+    remat: bool | str = False  # or a remat policy name (jaxvc.train.compute)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     num_frames: int = 1
@@ -140,7 +141,7 @@ class Transformer2DModel(nn.Module):
         else:
             h = Conv(inner, (1, 1), padding=0, name="proj_in", **kw)(h).reshape(n, height * width, inner)
         # h: (N, H*W, inner)
-        block_class = nn.remat(BasicTransformerBlock) if self.remat else BasicTransformerBlock
+        block_class = remat(BasicTransformerBlock, self.remat)
         for index in range(self.num_layers):
             h = block_class(self.heads, self.head_dim, self.attention_backend, name=f"transformer_blocks_{index}",
                             num_frames=self.num_frames, reference_injection=self.reference_injection,

@@ -26,6 +26,7 @@ from jaxvc.models.layers import Conv, Dense, GroupNorm, constrain, zeros
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.resnet import IMAGE_AXES, TIME_EMBEDDING_NORMS, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxvc.models.transformer2d import Transformer2DModel
+from jaxvc.train.compute import remat, remat_policy
 
 VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
 DOWN_TYPES = {"CrossAttnDownBlock2D": "CrossAttnDownBlock2D", "CrossAttnDownBlockMotion": "CrossAttnDownBlock2D",
@@ -109,9 +110,10 @@ class UNetConfig:
     attention_backend: str = "xla"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # False / "none", True / "full", or a policy name of jaxvc.train.compute
 
     def __post_init__(self):
+        remat_policy(self.remat)  # an unknown policy name fails here, not at the first traced block
         levels = len(self.block_out_channels)
         for name in ("down_block_types", "up_block_types"):
             if len(getattr(self, name)) != levels:
@@ -230,7 +232,7 @@ class _Level(nn.Module):
 
     def layer(self, index, h, temb, context):
         cfg = self.config
-        resnet_class = nn.remat(ResnetBlock2D) if cfg.remat else ResnetBlock2D
+        resnet_class = remat(ResnetBlock2D, cfg.remat)
         h = resnet_class(self.out_channels, cfg.norm_num_groups, cfg.norm_eps,
                          time_embedding_norm=cfg.resnet_time_scale_shift, name=f"resnets_{index}",
                          **self._kw())(h, temb)
@@ -301,7 +303,7 @@ class MidBlock(nn.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         channels = cfg.block_out_channels[-1]
         heads = cfg.per_level("attention_heads")[-1]
-        resnet_class = nn.remat(ResnetBlock2D) if cfg.remat else ResnetBlock2D
+        resnet_class = remat(ResnetBlock2D, cfg.remat)
         h = resnet_class(channels, cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor,
                          cfg.resnet_time_scale_shift, name="resnets_0", **kw)(h, temb)
         h = Transformer2DModel(heads, channels // heads, cfg.per_level("transformer_layers_per_block")[-1],

@@ -38,16 +38,19 @@ def compute_dtype(name: str | Any) -> Any:
         raise ValueError(f"compute_dtype '{name}' is not one of {sorted(DTYPES)}") from None
 
 
-def remat_policy(name: str | None) -> tuple[bool, Callable | None]:
-    """``(enabled, policy)`` for a config name: none | full | nothing_saveable | dots_saveable | ..."""
-    if name in NO_REMAT or (isinstance(name, str) and name.lower() == "none"):
+def remat_policy(name: str | bool | None) -> tuple[bool, Callable | None]:
+    """``(enabled, policy)`` for a config name: none | full | nothing_saveable | dots_saveable | ...
+    (``True`` / ``False`` mean "full" / "none", as model configs that only say whether to remat do)."""
+    if name is True:
+        name = "full"
+    if name is False or name in NO_REMAT or (isinstance(name, str) and name.lower() == "none"):
         return False, None
     if name not in REMAT_POLICIES:
         raise ValueError(f"remat_policy '{name}' is not one of {['none', *REMAT_POLICIES]}")
     return True, REMAT_POLICIES[name]
 
 
-def remat(module_cls: type[nn.Module], policy_name: str | None, **remat_kwargs) -> type[nn.Module]:
+def remat(module_cls: type[nn.Module], policy_name: str | bool | None, **remat_kwargs) -> type[nn.Module]:
     """``nn.remat(module_cls, policy=...)`` for the named policy, or ``module_cls`` itself for ``"none"``."""
     enabled, policy = remat_policy(policy_name)
     if not enabled:
