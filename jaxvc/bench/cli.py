@@ -28,6 +28,7 @@ WORKLOAD_NAMES = {"train": "train step", "sampling": "sampling", "vae": "VAE dec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxvc.bench.sizes import SIZES
+    from jaxvc.train.compute import REMAT_POLICIES
 
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny",
                         help="model size: tiny (CPU topology, CI-friendly) or sd15 (SD1.5 UNet + AnimateDiff v3 "
@@ -45,10 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="jaxvc UNet attention backend: xla (einsum + fp32 softmax), jax "
                              "(jax.nn.dot_product_attention), cudnn (cuDNN flash attention; GPU, bf16/fp16 only); "
                              "auto: cudnn on a GPU with bf16, else xla. The VAE and text encoder keep xla")
-    parser.add_argument("--remat", choices=["auto", "none", "full"], default="auto",
-                        help="jaxvc train-step rematerialization: full = every ResNet/transformer/motion block "
-                             "recomputes its activations in the backward pass (nn.remat, nothing saved inside); "
-                             "auto: full for sd15, none for tiny")
+    parser.add_argument("--remat", choices=["auto", "none", *REMAT_POLICIES], default="auto",
+                        help="jaxvc train-step rematerialization of every ResNet/transformer/motion block: full = "
+                             "recompute everything inside the block in the backward pass (nothing saved); "
+                             "dots_saveable etc. = the jax.checkpoint policy of that name (keeps matmul outputs); "
+                             "the PyTorch reference checkpoints every block for any of them. auto: full for sd15, "
+                             "none for tiny")
     parser.add_argument("--workloads", nargs="+", choices=sorted(WORKLOAD_NAMES), default=sorted(WORKLOAD_NAMES),
                         help="which rows to measure")
     parser.add_argument("--sampling-steps", type=int, default=30, help="DDIM steps of the sampling row")
@@ -134,7 +137,7 @@ def run(args) -> int:
         raise SystemExit("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention takes bf16/fp16 only)")
     wanted = [WORKLOAD_NAMES[w] for w in sorted(args.workloads, key=list(WORKLOAD_NAMES).index)]
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat == "full")
+    configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
 
     peak = ({"flops_per_s": args.peak_flops, "dtype": "given", "size": None} if args.peak_flops
             else measure_peak_flops(device))
@@ -253,7 +256,7 @@ def run_torch(args, configs, wanted, latent_of, analytic_counts) -> list:
                               compile=compile, compile_mode=args.torch_compile_mode, warmup=args.warmup,
                               iters=args.iters, analytic_flops=analytic_counts[(size, workload)])
                 if workload == "train step":
-                    m = tw.train_step(models, gradient_checkpointing=args.remat == "full", **common)
+                    m = tw.train_step(models, gradient_checkpointing=args.remat != "none", **common)
                 elif workload == "sampling":
                     m = tw.sampling(models, steps=args.sampling_steps, guidance=args.guidance, **common)
                 else:

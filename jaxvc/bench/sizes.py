@@ -40,8 +40,8 @@ class ModelConfigs:
     vae: VAEConfig
 
 
-def model_configs(size: str, *, dtype: Any, attention_backend: str = "xla", remat: bool = False) -> ModelConfigs:
-    """The jaxvc configs of a named size with the compute dtype, attention backend and remat switch applied."""
+def model_configs(size: str, *, dtype: Any, attention_backend: str = "xla", remat: bool | str = False) -> ModelConfigs:
+    """The jaxvc configs of a named size with the compute dtype, attention backend and remat policy applied."""
     if size not in SIZES:
         raise ValueError(f"unknown benchmark size '{size}'; known: {sorted(SIZES)}")
     spec = SIZES[size]
