@@ -34,12 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling-steps", type=int, default=25, help="DDIM steps when generating")
     parser.add_argument("--guidance-scale", type=float, default=2.5,
                         help="classifier-free guidance scale (with and without the reference together). 2.5: with "
-                             "an earlier demo model (20x weight on the noisiest timesteps), 6 broke the samples (alignment 0.00, colour accuracy 0.11), 1 and 2.5 "
-                             "both gave alignment 1.00 and 2.5 the better colour accuracy (0.60 vs 0.49)")
+                             "an earlier demo model (20x weight on the noisiest timesteps), 6 broke the samples "
+                             "(alignment 0.00, colour accuracy 0.11), 1 and 2.5 both gave alignment 1.00 and 2.5 the "
+                             "better colour accuracy (0.60 vs 0.49)")
     parser.add_argument("--reference-guidance-scale", type=float, default=None,
                         help="guide the reference separately with this scale from --reference-guidance-start on "
-                             "(default: together with the text). Measured on that earlier model, 6 from 40%% of the steps, "
-                             "on two sets of sampling seeds: appearance similarity 0.24 -> 0.28 on both, colour "
+                             "(default: together with the text). Measured on that earlier model, 6 from 40%% of the "
+                             "steps, on two sets of sampling seeds: appearance similarity 0.24 -> 0.28 on both, colour "
                              "accuracy 0.60 -> 0.59 and 0.52 -> 0.63, alignment 1.00 -> 0.94 and 0.91 -> 0.84, "
                              "exact fidelity no better")
     parser.add_argument("--reference-guidance-start", type=float, default=0.4,
