@@ -54,7 +54,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file '{file}' has no variants (get_config() takes no argument), got ':{variant}'")
     config = module.get_config(variant or None) if takes_variant else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"get_config in '{file}' returned {type(config).__name__}, expected ml_collections.ConfigDict")
+        raise ConfigError(f"get_config in '{file}' returned {type(config).__name__}, "
+                          "expected ml_collections.ConfigDict")
     return config
 
 
@@ -204,7 +205,8 @@ def accept_config_overrides(parser, epilog: bool = True) -> None:
         parser.epilog = f"Config overrides: {OVERRIDE_PREFIX}<key>=<value>, checked against the config's fields."
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[tuple[str, str] | str]) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Iterable[tuple[str, str] | str]) -> ml_collections.ConfigDict:
     """Apply overrides given as ``(key, value)`` pairs or ``"a.b=value"`` strings, in order; returns ``config``."""
     for item in overrides:
         if isinstance(item, str):

@@ -23,7 +23,8 @@ TABLE_ROWS = (("fidelity", "subject fidelity (shape+colour+pattern right)"),
               ("color_accuracy", "colour accuracy"), ("shape_accuracy", "shape accuracy"),
               ("pattern_accuracy", "pattern accuracy"), ("appearance_similarity", "appearance similarity"),
               ("alignment", "motion/text alignment"), ("motion_score", "motion score"),
-              ("temporal_consistency", "temporal consistency"), ("copy_paste_rate", "copy-paste rate (lower is better)"),
+              ("temporal_consistency", "temporal consistency"),
+              ("copy_paste_rate", "copy-paste rate (lower is better)"),
               ("subject_presence", "subject present"))
 
 

@@ -47,7 +47,8 @@ def run(args) -> int:
     loaded = time.perf_counter()
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
-                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps, seed=args.seed,
+                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
+                  seed=args.seed,
                   num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "

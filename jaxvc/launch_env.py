@@ -1,4 +1,5 @@
-"""The environment a config asks for at launch: ``python -m jaxvc.launch_env --config FILE.py[:VARIANT] [--config.k=v]``.
+"""The environment a config asks for at launch:
+``python -m jaxvc.launch_env --config FILE.py[:VARIANT] [--config.k=v]``.
 
 XLA and libtpu read their flags from the environment before the first computation (``LIBTPU_INIT_ARGS`` on TPU,
 ``XLA_FLAGS`` everywhere), so they cannot be set from inside ``jaxvc train``; the launch scripts (launch/*.sh) call

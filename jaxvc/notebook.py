@@ -55,7 +55,8 @@ def _backend_started(jax) -> bool:
 
 
 def video_bytes(frames, kind: str = "mp4", fps: int = 8, min_size: int = 128) -> bytes:
-    """The encoded bytes of a (F, H, W, 3) video (uint8 or floats in [-1, 1]) as ``mp4`` or ``gif`` (``jaxvc.media``)."""
+    """The encoded bytes of a (F, H, W, 3) video (uint8 or floats in [-1, 1]) as ``mp4`` or ``gif``
+    (``jaxvc.media``)."""
     from jaxvc import media
 
     writers = {"mp4": media.write_mp4, "gif": media.write_gif}

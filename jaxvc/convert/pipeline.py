@@ -52,7 +52,8 @@ def _require(path: Path, what: str) -> Path:
 
 
 def load_diffusers_pipeline(folder: str | Path, *, motion_adapter: str | Path | None = None,
-                            variant: str | None = None, allow_pickle: bool = False, **unet_overrides) -> PipelineWeights:
+                            variant: str | None = None, allow_pickle: bool = False,
+                            **unet_overrides) -> PipelineWeights:
     """Read a diffusers Stable Diffusion / AnimateDiff pipeline folder.
 
     If ``unet/`` is a ``UNetMotionModel`` (an AnimateDiff pipeline saved whole) its motion modules load with it;

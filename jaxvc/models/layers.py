@@ -75,7 +75,8 @@ class Conv(nn.Module):
     def __call__(self, x):
         nd = len(self.kernel_size)
         window_axes = ("kernel_t", "kernel_h", "kernel_w")[-nd:] if nd <= 3 else (None,) * nd
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, (*window_axes, "conv_in", "conv_out")),
+        kernel_axes = (*window_axes, "conv_in", "conv_out")
+        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, kernel_axes),
                             (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
         padding = self.padding
         if isinstance(padding, int):

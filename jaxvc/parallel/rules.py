@@ -64,7 +64,8 @@ def _mesh_axis_size(mesh: Mesh, target) -> int:
     return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -> PartitionSpec:
+def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+             rules=DEFAULT_RULES) -> PartitionSpec:
     """PartitionSpec for an array whose dimensions have the given logical names.
 
     A dimension that the mapped mesh axes do not divide is replicated instead (tiny models and odd channel counts
