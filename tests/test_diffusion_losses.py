@@ -75,6 +75,19 @@ def test_cogvideox_x0_space_loss_matches_reference():
     assert float(x0_space_weight(schedule, 999)) == 1.0  # zero terminal SNR: alpha_bar_999 = 0
 
 
+def test_clipped_inverse_one_minus_alpha_bar_weight():
+    """max_weight clips 1/(1 - ab_t) per example: examples under the cap keep their weight, the others get the cap."""
+    schedule = make_schedule(beta_schedule="squaredcos_cap_v2")
+    x0, noise, model_out = _data(3)
+    t = np.asarray([10, 300, 600, 990])
+    _, plain = diffusion_loss(schedule, model_out, x0, noise, t, prediction_type="sample")
+    _, weighted = diffusion_loss(schedule, model_out, x0, noise, t, prediction_type="sample",
+                                 weighting="inverse_one_minus_alpha_bar", max_weight=5.0)
+    weight = 1.0 / (1.0 - np.asarray(schedule.alphas_cumprod)[t])
+    assert weight[0] > 5.0 > weight[2]  # one example clipped, one not
+    np.testing.assert_allclose(weighted, plain * np.minimum(weight, 5.0), rtol=1e-5)
+
+
 def test_masked_and_l1_losses():
     x0, noise, model_out = _data(2)
     mask = np.zeros(SHAPE[:-1] + (1,), np.float32)  # per-pixel mask, broadcast over channels

@@ -6,9 +6,10 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import linen as nn
 
-from jaxvc.models.attention import Attention
+from jaxvc.models.attention import Attention, apply_rotary, rotary_2d
 from jaxvc.models.embeddings import sinusoidal_positions_2d
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.unet import UNetMotion, unet_config
@@ -58,6 +59,77 @@ def test_spatial_position_embedding_adds_a_projected_position_table_after_conv_i
     np.testing.assert_allclose(UNetMotion(config).apply({"params": fresh}, sample, timesteps, context),
                                UNetMotion(plain_config).apply({"params": fresh_plain}, sample, timesteps, context),
                                atol=1e-6)
+
+
+def test_position_free_reference_leaves_the_position_embedding_off_the_reference_frame():
+    """With reference injection and position_free_reference, conv_in's output for the reference frame (the last) is
+    the plain one and the generated frames gain the position table; without the option every frame gains it."""
+    config = _one_level(spatial_position_embedding=True)
+    params = random_unet_variables(config)["params"]
+    embedding = params["position_embedding"]
+    table = sinusoidal_positions_2d(8, 8, 32) @ np.asarray(embedding["kernel"]) + np.asarray(embedding["bias"])
+    rng = np.random.default_rng(2)
+    sample = jnp.asarray(rng.standard_normal((2, 3, 8, 8, 4)), jnp.float32)
+    reference = jnp.asarray(rng.standard_normal((2, 1, 8, 8, 4)), jnp.float32)
+    timesteps, context = jnp.asarray([300, 600]), jnp.ones((2, 3, 32))
+
+    def conv_in(cfg):
+        _, inter = UNetMotion(cfg).apply({"params": params}, sample, timesteps, context, reference_latent=reference,
+                                         return_intermediates=True)
+        return np.asarray(inter["conv_in"])  # (B, F+1, 8, 8, 32)
+
+    everywhere = conv_in(config)
+    free = conv_in(dataclasses.replace(config, position_free_reference=True))
+    np.testing.assert_allclose(free[:, :3], everywhere[:, :3], atol=1e-6)  # generated frames: unchanged
+    np.testing.assert_allclose(free[:, 3], everywhere[:, 3] - table, atol=1e-5)  # reference: table removed
+    assert np.abs(table).mean() > 1e-2  # the random table is not negligible, so the check above means something
+
+
+def test_rotary_2d_makes_attention_logits_depend_on_token_offsets_only():
+    """rotary_2d + apply_rotary: q_a . k_b depends on the (row, column) offset b - a, not on where a sits; position
+    (0, 0) is unrotated; rows and columns are told apart."""
+    height, width, head_dim = 4, 5, 16
+    cos, sin = rotary_2d(height, width, head_dim, theta=16.0)
+    assert cos.shape == sin.shape == (height * width, head_dim)
+    rng = np.random.default_rng(3)
+    q, k = (jnp.asarray(rng.standard_normal((1, 1, 1, head_dim)), jnp.float32) for _ in range(2))
+    grid = lambda x: apply_rotary(jnp.broadcast_to(x, (1, height * width, 1, head_dim)), cos, sin)[0, :, 0]
+    queries, keys = grid(q), grid(k)
+    np.testing.assert_allclose(queries[0], q[0, 0, 0], atol=1e-6)
+    logits = np.asarray(queries @ keys.T)  # (L, L)
+    by_offset = {}
+    for a in range(height * width):
+        for b in range(height * width):
+            offset = (b // width - a // width, b % width - a % width)
+            by_offset.setdefault(offset, []).append(logits[a, b])
+    for values in by_offset.values():
+        np.testing.assert_allclose(values, values[0], atol=1e-4)
+    assert abs(by_offset[(1, 0)][0] - by_offset[(0, 1)][0]) > 1e-3
+    with pytest.raises(ValueError, match="multiple of 4"):
+        rotary_2d(2, 2, 6, theta=16.0)
+
+
+def test_spatial_rope_adds_no_parameters_and_reaches_pisa():
+    """spatial_rope_theta rotates queries and keys of every spatial self-attention, reference tokens included: same
+    parameters, different outputs with and without a reference; None is the plain model."""
+    config = _one_level()
+    rope = dataclasses.replace(config, spatial_rope_theta=16.0)
+    params = random_unet_variables(config)["params"]
+    # sharpen the self-attention (0.1-std weights leave its softmax uniform, where positions cannot matter)
+    sharpen = lambda path, leaf: leaf * 30 if any(getattr(k, "key", None) in ("to_q", "to_k") for k in path) and any(
+        getattr(k, "key", None) == "attn1" for k in path) else leaf
+    params = jax.tree_util.tree_map_with_path(sharpen, params)
+    rng = np.random.default_rng(4)
+    sample = jnp.asarray(rng.standard_normal((1, 2, 8, 8, 4)), jnp.float32)
+    reference = jnp.asarray(rng.standard_normal((1, 1, 8, 8, 4)), jnp.float32)
+    timesteps, context = jnp.asarray([300]), jnp.ones((1, 3, 32))
+    rope_params = UNetMotion(rope).init(jax.random.key(0), sample, timesteps, context)["params"]
+    assert jax.tree_util.tree_structure(nn.unbox(rope_params)) == jax.tree_util.tree_structure(params)
+    for kwargs in ({}, {"reference_latent": reference}):
+        plain_out = UNetMotion(config).apply({"params": params}, sample, timesteps, context, **kwargs)
+        rope_out = UNetMotion(rope).apply({"params": params}, sample, timesteps, context, **kwargs)
+        assert plain_out.shape == rope_out.shape
+        assert float(jnp.max(jnp.abs(plain_out - rope_out))) > 1e-2 * float(jnp.max(jnp.abs(plain_out)))
 
 
 def test_motion_text_cross_attention_reads_the_caption_per_frame():

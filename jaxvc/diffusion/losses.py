@@ -93,13 +93,14 @@ def x0_space_weight(schedule: NoiseSchedule, t):
 
 def diffusion_loss(schedule: NoiseSchedule, model_out, x0, noise, t, *, prediction_type: str = "epsilon",
                    x_t=None, loss_type: str = "mse", mask=None, loss_space: str = "target",
-                   weighting: str | None = None, snr_gamma: float = 5.0):
+                   weighting: str | None = None, snr_gamma: float = 5.0, max_weight: float | None = None):
     """Weighted diffusion loss; returns (scalar loss, (B,) weighted per-example losses).
 
     loss_space "target": compare model_out with the prediction target (eps, v or x0) of ``prediction_type``;
     "x0": convert model_out to a predicted x0 at x_t and compare with x0 (method (e)). x_t defaults to
     add_noise(x0, noise, t); pass it when the model saw something else (e.g. a rescaled q_sample).
     weighting: None; "min_snr" (min-SNR-gamma for the loss's space); "inverse_one_minus_alpha_bar" (1/(1-ab_t)).
+    max_weight: clip the per-example weight at this value (1/(1-ab_t) grows without bound as t -> 0).
     """
     _check_prediction_type(prediction_type)
     if loss_space not in LOSS_SPACES:
@@ -117,5 +118,6 @@ def diffusion_loss(schedule: NoiseSchedule, model_out, x0, noise, t, *, predicti
         space_type = prediction_type if loss_space == "target" else "sample"
         losses = losses * min_snr_weight(schedule, t, snr_gamma, space_type)
     elif weighting == "inverse_one_minus_alpha_bar":
-        losses = losses * x0_space_weight(schedule, t)
+        weight = x0_space_weight(schedule, t)
+        losses = losses * (weight if max_weight is None else jnp.minimum(weight, max_weight))
     return jnp.mean(losses), losses

@@ -58,6 +58,11 @@ class VideoMakerOptions:
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
     snr_gamma: float | None = None      # min-SNR weighting (off by default, as the paper)
+    # Per-timestep weight of the video loss (jaxvc/diffusion/losses.py WEIGHTINGS); None: min-SNR when snr_gamma is
+    # set, else none (the paper). "inverse_one_minus_alpha_bar" on an x0 loss, 1/(1 - ab_t) = SNR + 1, weighs each
+    # timestep as a v-prediction loss would, up to loss_weight_max.
+    loss_weighting: str | None = None
+    loss_weight_max: float | None = None
     # Where the error is measured: "target" (the paper: eps, v or x0, whatever the model predicts) or "x0" (the
     # prediction turned into a clean-sample estimate first). v-prediction with an x0-space loss gives the output a
     # skip connection, x0_hat = sqrt(ab) x_t - sqrt(1 - ab) v_hat (identity at small t, free-form at large t), and
@@ -72,6 +77,9 @@ class VideoMakerOptions:
     def __post_init__(self):
         if self.loss_space not in diffusion_losses.LOSS_SPACES:
             raise ValueError(f"videomaker: loss_space={self.loss_space!r} is not one of {diffusion_losses.LOSS_SPACES}")
+        if self.loss_weighting not in diffusion_losses.WEIGHTINGS:
+            raise ValueError(f"videomaker: loss_weighting={self.loss_weighting!r} is not one of "
+                             f"{diffusion_losses.WEIGHTINGS}")
         diffusion_losses.check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier,
                                              self.timestep_bias_portion)
 
@@ -247,10 +255,11 @@ class VideoMaker(Method):
 
         prediction = self.denoise(params, noisy, t, text, reference_input)  # (B, F+1, h, w, c)
         video_target = get_target(self.schedule, latents, noise, t, opts.prediction_type)
-        weighting = "min_snr" if opts.snr_gamma else None
+        weighting = opts.loss_weighting or ("min_snr" if opts.snr_gamma else None)
         video_loss, _ = diffusion_losses.diffusion_loss(
             self.schedule, prediction[:, :num_frames], latents, noise, t, prediction_type=opts.prediction_type,
-            x_t=noisy, loss_space=opts.loss_space, weighting=weighting, snr_gamma=opts.snr_gamma or 5.0)
+            x_t=noisy, loss_space=opts.loss_space, weighting=weighting, snr_gamma=opts.snr_gamma or 5.0,
+            max_weight=opts.loss_weight_max)
         metrics = {"video_loss": video_loss,
                    "video_mse_unweighted": jnp.mean(jnp.square(prediction[:, :num_frames] - video_target))}
         total = video_loss

@@ -43,12 +43,41 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
                                         implementation=implementation)
 
 
+def rotary_2d(height: int, width: int, head_dim: int, theta: float):
+    """(cos, sin), each (H*W, head_dim): 2-D rotary position embedding of a row-major H x W token grid. The first half
+    of each head's channels rotates with the row, the second with the column; channel pair (i, i + n/2) of a half of
+    n channels turns by position * theta^(-i / (n/2)) (i < n/2). q.k then depends on the tokens' offset, not on
+    where they are."""
+    if head_dim % 4:
+        raise ValueError(f"rotary_2d: head_dim={head_dim} must be a multiple of 4 (two halves of rotated pairs)")
+    pairs = head_dim // 4
+    frequencies = theta ** (-jnp.arange(pairs, dtype=jnp.float32) / pairs)  # (pairs,)
+    rows, cols = jnp.meshgrid(jnp.arange(height, dtype=jnp.float32), jnp.arange(width, dtype=jnp.float32),
+                              indexing="ij")
+    angle_rows = rows.reshape(-1, 1) * frequencies  # (H*W, pairs)
+    angle_cols = cols.reshape(-1, 1) * frequencies
+    angles = jnp.concatenate([angle_rows, angle_rows, angle_cols, angle_cols], axis=-1)  # (H*W, head_dim)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, L, H, D) rotated per token by (cos, sin) (L, D): each half of D is [a; b] -> [a c - b s; b c + a s]."""
+    def rotate_half(t):  # within each of the two halves (row part, column part): [a; b] -> [-b; a]
+        quarter = t.shape[-1] // 4
+        a, b, c, d = (t[..., i * quarter:(i + 1) * quarter] for i in range(4))
+        return jnp.concatenate([-b, a, -d, c], axis=-1)
+    cos, sin = cos[None, :, None, :].astype(x.dtype), sin[None, :, None, :].astype(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 class Attention(nn.Module):
     """Multi-head attention with diffusers-style projections.
 
     hidden (B, L, C); ``context`` (B, Lc, Cc) makes it cross-attention; ``reference_tokens`` (B, Lr, C) makes it
     reference-injected self-attention and the call returns ``(hidden_out (B, L, C), reference_out (B, Lr, C))``.
     ``projection_names`` lets models keep their checkpoint's names (CLIP: q_proj/k_proj/v_proj/out_proj).
+    ``rotary`` (cos, sin), each (L_total, head_dim) for the whole self-attention sequence (own tokens, then the
+    reference's), rotates queries and keys (``rotary_2d``).
     """
     heads: int
     head_dim: int
@@ -62,9 +91,11 @@ class Attention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, context=None, reference_tokens=None):
+    def __call__(self, hidden, context=None, reference_tokens=None, rotary=None):
         if context is not None and reference_tokens is not None:
             raise ValueError("Attention: reference_tokens apply to self-attention only, not with a context")
+        if context is not None and rotary is not None:
+            raise ValueError("Attention: rotary positions apply to self-attention only, not with a context")
         inner = self.heads * self.head_dim
         q_name, k_name, v_name, out_name = self.projection_names
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -76,7 +107,13 @@ class Attention(nn.Module):
         key = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name=k_name, **dense)(source)
         value = Dense(inner, use_bias=self.qkv_bias, axes=("embed", "heads"), name=v_name, **dense)(source)
         split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # (B, L, H, D)
-        out = dot_product_attention(split(query), split(key), split(value), backend=self.backend, causal=self.causal)
+        query, key = split(query), split(key)
+        if rotary is not None:
+            if rotary[0].shape != (query.shape[1], self.head_dim):
+                raise ValueError(f"Attention: rotary tables must be ({query.shape[1]}, {self.head_dim}), got "
+                                 f"{rotary[0].shape}")
+            query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+        out = dot_product_attention(query, key, split(value), backend=self.backend, causal=self.causal)
         out = out.reshape(*out.shape[:2], inner)
         out = Dense(self.out_features or hidden.shape[-1], use_bias=self.out_bias, axes=("heads", "embed"),
                     name=out_name, **dense)(out)

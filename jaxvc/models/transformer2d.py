@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.attention import Attention
+from jaxvc.models.attention import Attention, rotary_2d
 from jaxvc.models.layers import Conv, Dense, GroupNorm, LayerNorm, constrain, gelu_exact
 from jaxvc.models.resnet import IMAGE_AXES
 from jaxvc.train.compute import remat
@@ -56,14 +56,18 @@ class FeedForward(nn.Module):
         return Dense(channels, axes=("mlp", "embed"), name="net_2", **kw)(h)
 
 
-def reference_injected_self_attention(attn1: Attention, normed, num_frames: int):
-    """PISA. normed (B*(F+1), L, C), the last frame of each video being the reference -> (B*(F+1), L, C)."""
+def reference_injected_self_attention(attn1: Attention, normed, num_frames: int, rotary=None):
+    """PISA. normed (B*(F+1), L, C), the last frame of each video being the reference -> (B*(F+1), L, C).
+    rotary: (cos, sin) (L, D) of the token grid; the reference tokens sit on the same grid as the frame's."""
     images, tokens, channels = normed.shape
     videos, generated = images // num_frames, num_frames - 1
     video = normed.reshape(videos, num_frames, tokens, channels)
     own = video[:, :generated].reshape(videos * generated, tokens, channels)                    # (B*F, L, C)
     reference = jnp.broadcast_to(video[:, generated:], (videos, generated, tokens, channels))
-    own_out, reference_out = attn1(own, reference_tokens=reference.reshape(videos * generated, tokens, channels))
+    if rotary is not None:  # (2L, D): own tokens then the reference's, each at its grid position
+        rotary = tuple(jnp.concatenate([table, table], axis=0) for table in rotary)
+    own_out, reference_out = attn1(own, reference_tokens=reference.reshape(videos * generated, tokens, channels),
+                                   rotary=rotary)
     reference_out = reference_out.reshape(videos, generated, tokens, channels).mean(axis=1, keepdims=True)
     out = jnp.concatenate([own_out.reshape(videos, generated, tokens, channels), reference_out], axis=1)
     return out.reshape(images, tokens, channels)                                                # (B*(F+1), L, C)
@@ -84,15 +88,16 @@ class BasicTransformerBlock(nn.Module):
     reference_cross_attention: bool = True
 
     @nn.compact
-    def __call__(self, hidden, context):
+    def __call__(self, hidden, context, rotary=None):
+        """rotary: optional (cos, sin) (L, head_dim) of the token grid for the self-attention (``rotary_2d``)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(heads=self.heads, head_dim=self.head_dim, backend=self.attention_backend, **kw)
         normed = LayerNorm(1e-5, name="norm1", **kw)(hidden)
         attn1 = Attention(name="attn1", **attn)
         if self.reference_injection:
-            hidden = hidden + reference_injected_self_attention(attn1, normed, self.num_frames)
+            hidden = hidden + reference_injected_self_attention(attn1, normed, self.num_frames, rotary)
         else:
-            hidden = hidden + attn1(normed)
+            hidden = hidden + attn1(normed, rotary=rotary)
 
         normed = LayerNorm(1e-5, name="norm2", **kw)(hidden)
         videos, (frames_x_videos, tokens, channels) = context.shape[0], hidden.shape
@@ -129,6 +134,8 @@ class Transformer2DModel(nn.Module):
     num_frames: int = 1
     reference_injection: bool = False
     reference_cross_attention: bool = True
+    # 2-D rotary positions in the spatial self-attention (and PISA) with this base; None: none (SD / AnimateDiff).
+    rope_theta: float | None = None
 
     @nn.compact
     def __call__(self, x, context):
@@ -142,10 +149,11 @@ class Transformer2DModel(nn.Module):
             h = Conv(inner, (1, 1), padding=0, name="proj_in", **kw)(h).reshape(n, height * width, inner)
         # h: (N, H*W, inner)
         block_class = remat(BasicTransformerBlock, self.remat)
+        rotary = None if self.rope_theta is None else rotary_2d(height, width, self.head_dim, self.rope_theta)
         for index in range(self.num_layers):
             h = block_class(self.heads, self.head_dim, self.attention_backend, name=f"transformer_blocks_{index}",
                             num_frames=self.num_frames, reference_injection=self.reference_injection,
-                            reference_cross_attention=self.reference_cross_attention, **kw)(h, context)
+                            reference_cross_attention=self.reference_cross_attention, **kw)(h, context, rotary)
         if self.use_linear_projection:
             h = Dense(channels, axes=("heads", "embed"), name="proj_out", **kw)(h).reshape(n, height, width, channels)
         else:

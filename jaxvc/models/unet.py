@@ -104,6 +104,13 @@ class UNetConfig:
     # + a learned projection (zero at init) of a 2-D sin-cos table of the pixel position after conv_in: absolute
     # position for models trained from scratch, whose only other position cue is the convolutions' zero padding
     spatial_position_embedding: bool = False
+    # with reference injection: leave the position embedding off the reference frame, so PISA matches reference
+    # tokens to video tokens by what they show, not by where they are (the subject moves; the reference is centred)
+    position_free_reference: bool = False
+    # 2-D rotary positions (base theta) in every spatial self-attention, PISA's reference tokens included: attention
+    # then sees the offset between two tokens, so a frame can read the reference shifted to where its subject is.
+    # None (SD / AnimateDiff): no rotary positions.
+    spatial_rope_theta: float | None = None
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     motion: MotionConfig | None = None
@@ -239,7 +246,8 @@ class _Level(nn.Module):
         if self.has_attention:
             h = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
                                    cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
-                                   name=f"attentions_{index}", **self._reference_kw(), **self._kw())(h, context)
+                                   name=f"attentions_{index}", rope_theta=cfg.spatial_rope_theta,
+                                   **self._reference_kw(), **self._kw())(h, context)
         if self.motion_heads is not None:
             h = apply_motion_module(cfg, self.motion_heads, self.num_frames, f"motion_modules_{index}", h, context)
         return h
@@ -308,7 +316,7 @@ class MidBlock(nn.Module):
                          cfg.resnet_time_scale_shift, name="resnets_0", **kw)(h, temb)
         h = Transformer2DModel(heads, channels // heads, cfg.per_level("transformer_layers_per_block")[-1],
                                cfg.norm_num_groups, cfg.use_linear_projection, cfg.attention_backend, cfg.remat,
-                               name="attentions_0", num_frames=self.num_frames,
+                               name="attentions_0", num_frames=self.num_frames, rope_theta=cfg.spatial_rope_theta,
                                reference_injection=self.reference_injection,
                                reference_cross_attention=self.reference_cross_attention, **kw)(h, context)
         if cfg.motion is not None and cfg.motion.use_mid_block:
@@ -377,8 +385,14 @@ class UNetMotion(nn.Module):
         h = constrain(Conv(cfg.block_out_channels[0], (3, 3), padding=1, name="conv_in", **kw)(h), IMAGE_AXES)
         if cfg.spatial_position_embedding:  # + Dense(sincos(row, col)): (H, W, C0), the same for every frame
             table = jnp.asarray(sinusoidal_positions_2d(height, width, cfg.block_out_channels[0]), cfg.dtype)
-            h = h + Dense(cfg.block_out_channels[0], axes=("norm", "embed"), kernel_init=zeros,
-                          name="position_embedding", **kw)(table)[None]
+            position = Dense(cfg.block_out_channels[0], axes=("norm", "embed"), kernel_init=zeros,
+                             name="position_embedding", **kw)(table)  # (H, W, C0)
+            if injection and cfg.position_free_reference:  # generated frames only: (F+1, H, W, C0), last zero
+                position = position[None] * (jnp.arange(frames) < frames - 1)[:, None, None, None]
+                position = jnp.tile(position, (batch, 1, 1, 1))
+            else:
+                position = position[None]
+            h = h + position
         record("conv_in", h)
 
         heads = cfg.per_level("attention_heads")
