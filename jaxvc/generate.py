@@ -48,8 +48,7 @@ def run(args) -> int:
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
-                  seed=args.seed,
-                  num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
+                  seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
           f"in {time.perf_counter() - loaded:.1f}s")

@@ -113,11 +113,13 @@ def diffusion_loss(schedule: NoiseSchedule, model_out, x0, noise, t, *, predicti
         x_t = add_noise(schedule, x0, noise, t) if x_t is None else x_t
         pred, target = predict_x0(schedule, x_t, model_out, t, prediction_type), x0
     losses = per_example_loss(pred, target, loss_type=loss_type, mask=mask)
+    weight = None
     if weighting == "min_snr":
         # The weight belongs to the space the loss is measured in: an x0-space loss is a "sample" loss.
         space_type = prediction_type if loss_space == "target" else "sample"
-        losses = losses * min_snr_weight(schedule, t, snr_gamma, space_type)
+        weight = min_snr_weight(schedule, t, snr_gamma, space_type)
     elif weighting == "inverse_one_minus_alpha_bar":
         weight = x0_space_weight(schedule, t)
+    if weight is not None:
         losses = losses * (weight if max_weight is None else jnp.minimum(weight, max_weight))
     return jnp.mean(losses), losses

@@ -387,11 +387,10 @@ class UNetMotion(nn.Module):
             table = jnp.asarray(sinusoidal_positions_2d(height, width, cfg.block_out_channels[0]), cfg.dtype)
             position = Dense(cfg.block_out_channels[0], axes=("norm", "embed"), kernel_init=zeros,
                              name="position_embedding", **kw)(table)  # (H, W, C0)
-            if injection and cfg.position_free_reference:  # generated frames only: (F+1, H, W, C0), last zero
-                position = position[None] * (jnp.arange(frames) < frames - 1)[:, None, None, None]
-                position = jnp.tile(position, (batch, 1, 1, 1))
-            else:
-                position = position[None]
+            position = position[None]  # (1, H, W, C0): every frame
+            if injection and cfg.position_free_reference:  # not on the reference (last frame of each video)
+                generated = jnp.tile(jnp.arange(frames) < frames - 1, batch)  # (B*(F+1),) in (b f) order
+                position = position * generated[:, None, None, None]
             h = h + position
         record("conv_in", h)
 
