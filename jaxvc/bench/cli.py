@@ -4,13 +4,15 @@ in jaxvc and in the diffusers PyTorch reference in the same run, printed as one 
     python -m jaxvc.bench --size tiny                                   # CPU, minutes on 2 cores
     python -m jaxvc.bench --size sd15 --image-size 256 512 --torch-compile --out results/bench_h100   # a GPU
 
-Every number is the median of --iters synchronized calls after --warmup calls. MFU = FLOPs / step time / the
+Every number is the median of --iters synchronized calls after --warmup calls. MFU = model FLOPs / step time / the
 device's peak FLOP/s, measured once here with a large matmul (bf16 on accelerators, fp32 on CPU where XLA has no
-native bf16 matmul). jaxvc's FLOPs come from the compiled executable's cost_analysis(); the analytic count
-(jaxvc/bench/flops.py: convs, matmuls, attention incl. the reference tokens) is printed beside it and is what
-the torch columns' MFU uses. Memory: on GPU the allocator peak (JAX: process-wide so far; torch: per workload);
-on CPU the process peak RSS, shared by both implementations.
-On GPU, torch runs first and frees its cache before jaxvc starts (the two allocators share the device).
+native bf16 matmul). Model FLOPs are the analytic count (jaxvc/bench/flops.py: convs, matmuls, attention incl. the
+reference tokens, the backward actually needed), the same for every implementation; the count from the compiled
+executable's cost_analysis() is printed beside it as the cross-check (it adds remat recompute and elementwise work,
+and cannot see cuDNN attention custom calls). Memory: on GPU the allocator peak (JAX: process-wide so far; torch:
+per workload); on CPU the process peak RSS, shared by both implementations.
+Order: for each resolution torch eager, then jaxvc (torch frees its cache first: the allocators share the device);
+torch.compile of every resolution last. Each measurement is printed when it is done and, with --out, written at once.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import os
 import platform
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the device in the same process
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="compile jaxvc with XLA backend optimization level 0 (several times faster XLA:CPU "
                              "compiles, slower code: for smoke tests only, never for reported timings; FLOP "
                              "counts are unaffected)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: once this much has passed, workloads not yet started are skipped (reported "
+                             "as such) and the table is printed; for leased or time-limited machines. With --out the "
+                             "JSON/CSV are also rewritten after every measurement, so a run stopped from outside "
+                             "keeps what it measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="write <out>.json (header, every measurement, the table) and <out>.csv")
@@ -129,6 +137,7 @@ def run(args) -> int:
     from jaxvc.bench.sizes import model_configs
     from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
 
+    started = time.perf_counter()
     device = jax.devices()[0]
     args = resolve(args, device.platform)
     if args.attention == "cudnn" and device.platform != "gpu":
@@ -151,7 +160,7 @@ def run(args) -> int:
                                                          "attention", "remat", "sampling_steps", "guidance",
                                                          "warmup", "iters", "vae_chunk", "torch_compile",
                                                          "torch_compile_mode", "torch_threads",
-                                                         "xla_fast_compile")}}
+                                                         "xla_fast_compile", "time_budget")}}
     print(f"jaxvc bench: {header['device']}; {header['host']}; " +
           ", ".join(f"{k} {v}" for k, v in header["versions"].items()) +
           (f"; XLA_FLAGS={header['xla_flags']}" if header["xla_flags"] else ""), flush=True)
@@ -171,13 +180,38 @@ def run(args) -> int:
         analytic_counts[(size, "VAE decode")] = analytic.vae_decode_flops(configs.vae, args.batch * args.frames,
                                                                           latent)
 
-    measurements = []
-    if not args.no_torch:
-        measurements += run_torch(args, configs, wanted, latent_of, analytic_counts)
+    measurements: list[Measurement] = []
 
+    def record(m: Measurement) -> None:
+        """Keep a measurement, print it at once and rewrite the outputs, so a run stopped from outside (a lease
+        running out, a timeout) keeps everything measured so far."""
+        finish(m, peak["flops_per_s"])
+        measurements.append(m)
+        if m.error:
+            print(f"    {m.implementation} {m.workload} @{m.image_size}px: {m.error}", flush=True)
+        else:
+            print(f"    {m.implementation} {m.workload} @{m.image_size}px: {m.step_s * 1e3:.1f} ms"
+                  + (f", MFU {100 * m.mfu:.1f}%" if m.mfu is not None else "")
+                  + (f", compile {m.compile_s:.0f} s" if m.compile_s else ""), flush=True)
+        if args.out:
+            write_outputs(args.out, header, measurements, table_rows(measurements))
+
+    def out_of_time() -> bool:
+        return args.time_budget is not None and time.perf_counter() - started > args.time_budget
+
+    def skipped(workload, implementation, size) -> Measurement:
+        return Measurement(workload, implementation, size, args.batch, analytic_flops=analytic_counts[(size, workload)],
+                           error=f"skipped: past --time-budget {args.time_budget:g} s")
+
+    torch_side = None if args.no_torch else TorchSide.create(args, configs, latent_of, analytic_counts)
     loop_once = xla_counts_loop_body_once()
     params = None
+    # Per resolution: torch eager, then jaxvc; torch.compile (the longest compiles) last, so a time budget or an
+    # outside timeout cuts it first.
     for size in args.image_size:
+        if torch_side is not None:
+            torch_side.measure(size, wanted, compile=False, record=record, out_of_time=out_of_time,
+                               skipped=skipped)
         method = jax_workloads.build_method(configs, args.frames, size)
         if params is None:
             # the same weights serve every resolution
@@ -186,6 +220,9 @@ def run(args) -> int:
                       compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
         # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"
         for workload in sorted(wanted, key=["VAE decode", "sampling", "train step"].index):
+            if out_of_time():
+                record(skipped(workload, "jaxvc", size))
+                continue
             print(f"  jaxvc {workload} @{size}px ...", flush=True)
             try:
                 if workload == "VAE decode":
@@ -197,77 +234,93 @@ def run(args) -> int:
                     m = jax_workloads.train_step(method, params, args.batch, **common)
             except Exception as error:  # out of memory, an attention backend that rejects a shape, ...
                 message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
-                print(f"    jaxvc {workload}: {message}", flush=True)
                 m = Measurement(workload, "jaxvc", size, args.batch, error=message,
                                 analytic_flops=analytic_counts[(size, workload)])
-            measurements.append(m)
-    for m in measurements:
-        finish(m, peak["flops_per_s"])
+            record(m)
+    if torch_side is not None and args.torch_compile:
+        for size in args.image_size:
+            torch_side.measure(size, wanted, compile=True, record=record, out_of_time=out_of_time, skipped=skipped)
 
     rows = table_rows(measurements)
     print()
     print(format_table(rows))
     memory_kinds = sorted({f"{m.implementation}: {m.memory_kind}" for m in measurements if m.memory_kind})
     print(f"\nmemory columns: {'; '.join(memory_kinds)}. Ratios = torch time / jaxvc time (>1: jaxvc faster). "
-          f"MFU jaxvc from XLA's count, torch from the analytic count.")
+          f"MFU = the analytic model FLOPs (no remat recompute) / time / peak, for every implementation; "
+          f"'GFLOP xla' is what XLA compiled (remat recompute in, cuDNN attention calls out).")
+    print(f"total {time.perf_counter() - started:.0f} s")
     if args.out:
         paths = write_outputs(args.out, header, measurements, rows)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
-def run_torch(args, configs, wanted, latent_of, analytic_counts) -> list:
-    """Every wanted workload in torch eager, then (with --torch-compile) in torch.compile; frees the device after."""
-    try:
-        import torch
-    except ImportError:
-        print("  torch is not installed: the PyTorch columns are skipped", flush=True)
-        return []
-    from jaxvc.bench import torch_workloads as tw
-    from jaxvc.bench.report import Measurement
+class TorchSide:
+    """The PyTorch reference: models built once, measured per resolution, eager or compiled; frees the device's
+    cache after each pass so the JAX allocator that runs next has the memory."""
 
-    device = args.torch_device if args.torch_device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    torch_dtype = args.dtype if device != "cpu" else "float32"
-    if torch_dtype != args.dtype:
-        print(f"  torch on CPU runs float32 (bf16 CPU kernels are not representative)", flush=True)
-    models = tw.TorchModels(configs, device, seed=args.seed)
-    compile_problem = tw.describe_compile_support(device) if args.torch_compile else None
-    if args.torch_compile and compile_problem is None:
+    def __init__(self, args, models, device: str, torch_dtype: str, latent_of, analytic_counts, compile_problem):
+        self.args, self.models, self.device, self.torch_dtype = args, models, device, torch_dtype
+        self.latent_of, self.analytic_counts, self.compile_problem = latent_of, analytic_counts, compile_problem
+
+    @classmethod
+    def create(cls, args, configs, latent_of, analytic_counts):
         try:
-            tw.timed_compile_probe()
-        except Exception as error:
-            compile_problem = f"torch.compile probe failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
-    if compile_problem:
-        print(f"  torch.compile unavailable here: {compile_problem}", flush=True)
-    modes = [False] + ([True] if args.torch_compile else [])
-    out = []
-    for size in args.image_size:
-        latent = latent_of(size)
-        for compile in modes:
-            implementation = "torch.compile" if compile else "torch eager"
-            for workload in wanted:
-                if compile and compile_problem:
-                    out.append(Measurement(workload, implementation, size, args.batch, error=compile_problem))
-                    continue
-                print(f"  {implementation} {workload} @{size}px ...", flush=True)
-                common = dict(batch=args.batch, frames=args.frames, latent=latent, image_size=size, dtype=torch_dtype,
-                              compile=compile, compile_mode=args.torch_compile_mode, warmup=args.warmup,
-                              iters=args.iters, analytic_flops=analytic_counts[(size, workload)])
-                if workload == "train step":
-                    m = tw.train_step(models, gradient_checkpointing=args.remat != "none", **common)
-                elif workload == "sampling":
-                    m = tw.sampling(models, steps=args.sampling_steps, guidance=args.guidance, **common)
-                else:
-                    m = tw.vae_decode(models, **common)
-                if m.error:
-                    print(f"    {implementation} {workload}: {m.error}", flush=True)
-                out.append(m)
-    del models
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return out
+            import torch
+        except ImportError:
+            print("  torch is not installed: the PyTorch columns are skipped", flush=True)
+            return None
+        from jaxvc.bench import torch_workloads as tw
+
+        device = args.torch_device if args.torch_device != "auto" else ("cuda" if torch.cuda.is_available()
+                                                                         else "cpu")
+        if args.torch_threads:
+            torch.set_num_threads(args.torch_threads)
+        if device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # the fastest conv algorithms, as a tuned torch user would run
+        torch_dtype = args.dtype if device != "cpu" else "float32"
+        if torch_dtype != args.dtype:
+            print("  torch on CPU runs float32 (bf16 CPU kernels are not representative)", flush=True)
+        compile_problem = tw.describe_compile_support(device) if args.torch_compile else None
+        if args.torch_compile and compile_problem is None:
+            try:
+                tw.timed_compile_probe()
+            except Exception as error:
+                compile_problem = (f"torch.compile probe failed: {type(error).__name__}: "
+                                   f"{str(error).splitlines()[0][:160]}")
+        if compile_problem:
+            print(f"  torch.compile unavailable here: {compile_problem}", flush=True)
+        models = tw.TorchModels(configs, device, seed=args.seed)
+        return cls(args, models, device, torch_dtype, latent_of, analytic_counts, compile_problem)
+
+    def measure(self, size: int, wanted, *, compile: bool, record, out_of_time, skipped) -> None:
+        import torch
+
+        from jaxvc.bench import torch_workloads as tw
+        from jaxvc.bench.report import Measurement
+
+        args, implementation = self.args, "torch.compile" if compile else "torch eager"
+        latent = self.latent_of(size)
+        for workload in wanted:
+            if compile and self.compile_problem:
+                record(Measurement(workload, implementation, size, args.batch, error=self.compile_problem))
+                continue
+            if out_of_time():
+                record(skipped(workload, implementation, size))
+                continue
+            print(f"  {implementation} {workload} @{size}px ...", flush=True)
+            common = dict(batch=args.batch, frames=args.frames, latent=latent, image_size=size,
+                          dtype=self.torch_dtype, compile=compile, compile_mode=args.torch_compile_mode,
+                          warmup=args.warmup, iters=args.iters, analytic_flops=self.analytic_counts[(size, workload)])
+            if workload == "train step":
+                m = tw.train_step(self.models, gradient_checkpointing=args.remat != "none", **common)
+            elif workload == "sampling":
+                m = tw.sampling(self.models, steps=args.sampling_steps, guidance=args.guidance, **common)
+            else:
+                m = tw.vae_decode(self.models, **common)
+            record(m)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

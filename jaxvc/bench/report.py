@@ -39,10 +39,12 @@ class Measurement:
 
 
 def finish(m: Measurement, peak_flops: float | None) -> Measurement:
-    """Fill throughput and MFU. jaxvc's MFU uses XLA's count (the compiled work), torch's the analytic count."""
+    """Fill throughput and MFU. MFU counts model FLOPs, the same analytic count for every implementation: XLA's
+    count is the compiled work instead (remat recompute included, cuDNN attention custom calls left out), so it is
+    only the fallback where no analytic count exists."""
     if m.step_s:
         m.samples_per_s = m.batch / m.step_s
-        flops, source = (m.xla_flops, "xla cost_analysis") if m.xla_flops else (m.analytic_flops, "analytic")
+        flops, source = (m.analytic_flops, "analytic") if m.analytic_flops else (m.xla_flops, "xla cost_analysis")
         if flops and peak_flops:
             m.mfu, m.mfu_flops_source = flops / m.step_s / peak_flops, source
     return m

@@ -84,7 +84,12 @@ def _peak_memory(device) -> tuple[int, str]:
 
 
 def _maybe_compile(module, compile: bool, mode: str):
-    return torch.compile(module, mode=None if mode == "default" else mode) if compile else module
+    if not compile:
+        return module
+    # A fresh dynamo cache per workload: a second resolution would otherwise recompile with dynamic shapes
+    # (automatic_dynamic_shapes), which is not what a user compiling for one resolution gets.
+    torch._dynamo.reset()
+    return torch.compile(module, mode=None if mode == "default" else mode)
 
 
 def _failure(workload, implementation, image_size, batch, error: Exception) -> Measurement:

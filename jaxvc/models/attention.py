@@ -4,7 +4,8 @@ Backends (``backend=``):
   "xla"     explicit einsum + float32 softmax; runs everywhere and is the parity reference.
   "jax"     ``jax.nn.dot_product_attention`` with XLA's choice of implementation.
   "cudnn"   ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on NVIDIA GPUs
-            (needs float16/bfloat16 inputs).
+            (needs float16/bfloat16 inputs; head dim <= 256 on Hopper, <= 128 before, a multiple of 8); sequences
+            of fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames) take the einsum path.
 
 Reference-injected self-attention (VideoMaker's PISA) enters through ``reference_tokens``: the reference tokens are
 appended to the sequence, every token (frame and reference) attends over ``[own tokens; reference tokens]``
@@ -22,6 +23,10 @@ from flax import linen as nn
 from jaxvc.models.layers import Dense
 
 BACKENDS = ("xla", "jax", "cudnn")
+# Below one flash-attention tile of keys the einsum path is as good and fuses with its neighbours; the AnimateDiff
+# motion modules attend over the frames only (16-32 keys) with a batch of B*h*w positions, which flash kernels gain
+# nothing on. "cudnn" therefore sends such short sequences through the einsum path.
+CUDNN_MIN_KEYS = 64
 
 
 def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bool = False, scale: float | None = None):
@@ -38,7 +43,16 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
             logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    if backend == "cudnn" and key.shape[1] < CUDNN_MIN_KEYS:
+        return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
     implementation = "cudnn" if backend == "cudnn" else None
+    lq, lk = query.shape[1], key.shape[1]
+    if causal and lq != lk:
+        # jax.nn's is_causal aligns the mask top-left; the einsum path (and a query block at the end of a longer
+        # key sequence) aligns it bottom-right: pass that mask explicitly so every backend means the same
+        mask = jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)[None, None]
+        return jax.nn.dot_product_attention(query, key, value, scale=scale, mask=mask,
+                                            implementation=implementation)
     return jax.nn.dot_product_attention(query, key, value, scale=scale, is_causal=causal,
                                         implementation=implementation)
 

@@ -1,0 +1,50 @@
+"""The attention backend switch (jaxvc/models/attention.py): every backend computes the same attention, and "cudnn"
+sends sequences shorter than one flash tile (the motion modules' frames) through the einsum path, so it never
+reaches cuDNN there (which is why that case runs on a CPU)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvc.models.attention import CUDNN_MIN_KEYS, dot_product_attention
+
+
+def _qkv(queries, keys, heads=2, head_dim=8, seed=0):
+    draws = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(draws[0], (3, queries, heads, head_dim)),
+            jax.random.normal(draws[1], (3, keys, heads, head_dim)),
+            jax.random.normal(draws[2], (3, keys, heads, head_dim)))
+
+
+def _softmax_attention(query, key, value, causal=False):
+    """The formula in numpy, float64."""
+    q, k, v = (np.asarray(t, np.float64) for t in (query, key, value))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = q.shape[1], k.shape[1]
+        logits = np.where(np.tril(np.ones((lq, lk), bool), k=lk - lq), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("backend", ["xla", "jax"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backends_compute_softmax_attention(backend, causal):
+    query, key, value = _qkv(5, 7)
+    out = dot_product_attention(query, key, value, backend=backend, causal=causal)
+    np.testing.assert_allclose(out, _softmax_attention(query, key, value, causal), rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_backend_sends_short_key_sequences_through_the_einsum_path():
+    query, key, value = _qkv(17, CUDNN_MIN_KEYS - 1)  # e.g. a motion module over the frames
+    out = dot_product_attention(query, key, value, backend="cudnn")  # would need a GPU if it reached cuDNN
+    np.testing.assert_array_equal(out, dot_product_attention(query, key, value, backend="xla"))
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, backend="cudnn"))(query, key, value))
+    assert "custom_call" not in jaxpr and "cudnn" not in jaxpr
+
+
+def test_unknown_backend_is_a_clear_error():
+    query, key, value = _qkv(2, 2)
+    with pytest.raises(ValueError, match="attention backend 'flash' is not one of"):
+        dot_product_attention(query, key, value, backend="flash")
