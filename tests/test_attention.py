@@ -1,6 +1,7 @@
 """The attention backend switch (jaxvc/models/attention.py): every backend computes the same attention, and "cudnn"
-sends sequences shorter than one flash tile (the motion modules' frames) through the einsum path, so it never
-reaches cuDNN there (which is why that case runs on a CPU)."""
+sends sequences shorter than one flash tile (the motion modules' frames) and odd lengths (CLIP's 77 tokens, which
+jax's differentiated cuDNN path refuses) through the einsum path, so it never reaches cuDNN there (which is why those
+cases run on a CPU)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,8 +37,10 @@ def test_backends_compute_softmax_attention(backend, causal):
     np.testing.assert_allclose(out, _softmax_attention(query, key, value, causal), rtol=1e-5, atol=1e-5)
 
 
-def test_cudnn_backend_sends_short_key_sequences_through_the_einsum_path():
-    query, key, value = _qkv(17, CUDNN_MIN_KEYS - 1)  # e.g. a motion module over the frames
+@pytest.mark.parametrize("queries, keys", [(17, CUDNN_MIN_KEYS - 1),  # a motion module over the frames
+                                            (64, 77)])                  # cross-attention to CLIP's 77 tokens
+def test_cudnn_backend_sends_short_or_odd_sequences_through_the_einsum_path(queries, keys):
+    query, key, value = _qkv(queries, keys)
     out = dot_product_attention(query, key, value, backend="cudnn")  # would need a GPU if it reached cuDNN
     np.testing.assert_array_equal(out, dot_product_attention(query, key, value, backend="xla"))
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, backend="cudnn"))(query, key, value))

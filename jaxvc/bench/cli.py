@@ -8,8 +8,8 @@ Every number is the median of --iters synchronized calls after --warmup calls. M
 device's peak FLOP/s, measured once here with a large matmul (bf16 on accelerators, fp32 on CPU where XLA has no
 native bf16 matmul). Model FLOPs are the analytic count (jaxvc/bench/flops.py: convs, matmuls, attention incl. the
 reference tokens, the backward actually needed), the same for every implementation; the count from the compiled
-executable's cost_analysis() is printed beside it as the cross-check (it adds remat recompute and elementwise work,
-and cannot see cuDNN attention custom calls). Memory: on GPU the allocator peak (JAX: process-wide so far; torch:
+executable's cost_analysis() is printed beside it as the cross-check (it adds remat recompute and elementwise work;
+on GPU it cannot see cuBLAS/cuDNN custom calls, i.e. most of the GEMMs, convolutions and attention). Memory: on GPU the allocator peak (JAX: process-wide so far; torch:
 per workload); on CPU the process peak RSS, shared by both implementations.
 Order: for each resolution torch eager, then jaxvc (torch frees its cache first: the allocators share the device);
 torch.compile of every resolution last. Each measurement is printed when it is done and, with --out, written at once.
@@ -215,7 +215,7 @@ def run(args) -> int:
         method = jax_workloads.build_method(configs, args.frames, size)
         if params is None:
             # the same weights serve every resolution
-            params = jax_workloads.init_params(method, args.seed, on_host=device.platform == "cpu")
+            params = jax_workloads.init_params(method, args.seed, on_host=True)
         common = dict(warmup=args.warmup, iters=args.iters,
                       compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
         # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"
@@ -247,7 +247,8 @@ def run(args) -> int:
     memory_kinds = sorted({f"{m.implementation}: {m.memory_kind}" for m in measurements if m.memory_kind})
     print(f"\nmemory columns: {'; '.join(memory_kinds)}. Ratios = torch time / jaxvc time (>1: jaxvc faster). "
           f"MFU = the analytic model FLOPs (no remat recompute) / time / peak, for every implementation; "
-          f"'GFLOP xla' is what XLA compiled (remat recompute in, cuDNN attention calls out).")
+          f"'GFLOP xla' is XLA's cost analysis of what it compiled (remat recompute in; on GPU every cuBLAS/cuDNN "
+          f"custom call - GEMMs, convolutions, attention - out, so it is far below the model FLOPs there).")
     print(f"total {time.perf_counter() - started:.0f} s")
     if args.out:
         paths = write_outputs(args.out, header, measurements, rows)

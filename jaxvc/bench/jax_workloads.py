@@ -8,9 +8,10 @@
   zero-reference unconditional branch, UNet on the doubled batch at F+1 frames); latents in, latents out.
 * VAE decode: ``decode_video`` of B x F latents.
 
-Weights are random: ``jax.jit(method.init_params)`` creates them on an accelerator; a CPU run draws them with numpy
-(``init_params(on_host=True)``; compiling every layer's initializer is the slow part there). Inference workloads
-use the weights cast to the compute dtype (as a bf16 diffusers pipeline holds them).
+Weights are random, drawn with numpy on the host and put on the device (``init_params(on_host=True)``): compiling
+every layer's initializer is slow everywhere (minutes on a CPU; on an H200 the jitted SD1.5 initializer had not
+finished after six minutes, while the host draws take seconds). Inference workloads use the weights cast to the
+compute dtype (as a bf16 diffusers pipeline holds them).
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ def build_method(configs: ModelConfigs, frames: int, image_size: int):
 def init_params(method, seed: int = 0, *, on_host: bool = False):
     """All weights (UNet, text encoder, VAE) as one ``{"params": ...}`` tree of random values.
 
-    Default: ``jax.jit(method.init_params)``, created on the device (what an accelerator run uses). ``on_host``:
-    numpy draws shaped by ``method.abstract_params()`` (kernels ~ N(0, 1/fan_in), norm scales 1, biases 0), for CPU
-    runs, where compiling the random initializer of every layer costs minutes and timing does not care which
-    random values the weights hold.
+    Default: ``jax.jit(method.init_params)``, the model's own initializers, created on the device. ``on_host`` (what
+    the benchmark uses): numpy draws shaped by ``method.abstract_params()`` (kernels ~ N(0, 1/fan_in), norm scales
+    1, biases 0); compiling the random initializer of every layer costs minutes at SD1.5 size, and timing does not
+    care which random values the weights hold.
     """
     if not on_host:
         return jax.jit(method.init_params)(jax.random.key(seed))

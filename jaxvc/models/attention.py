@@ -5,7 +5,8 @@ Backends (``backend=``):
   "jax"     ``jax.nn.dot_product_attention`` with XLA's choice of implementation.
   "cudnn"   ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on NVIDIA GPUs
             (needs float16/bfloat16 inputs; head dim <= 256 on Hopper, <= 128 before, a multiple of 8); sequences
-            of fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames) take the einsum path.
+            of fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames) and odd lengths (cross-attention to
+            CLIP's 77 tokens) take the einsum path (``_cudnn_takes``).
 
 Reference-injected self-attention (VideoMaker's PISA) enters through ``reference_tokens``: the reference tokens are
 appended to the sequence, every token (frame and reference) attends over ``[own tokens; reference tokens]``
@@ -29,6 +30,14 @@ BACKENDS = ("xla", "jax", "cudnn")
 CUDNN_MIN_KEYS = 64
 
 
+def _cudnn_takes(query_length: int, key_length: int) -> bool:
+    """Whether "cudnn" runs this attention on cuDNN. Odd lengths go to the einsum path too: jax 0.11's cuDNN rule,
+    once differentiated, refuses odd query/key lengths even without a bias (its empty bias placeholder counts as a
+    bias), which failed the SD1.5 train step's cross-attention to CLIP's 77 tokens on an H200 ("Unsupported sequence
+    length Q 17408, KV 77"); the einsum over 77 keys is cheap (its logits are 77/L of a self-attention's)."""
+    return key_length >= CUDNN_MIN_KEYS and query_length % 2 == 0 and key_length % 2 == 0
+
+
 def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bool = False, scale: float | None = None):
     """Scaled dot-product attention. query (B, Lq, H, D), key/value (B, Lk, H, D) -> (B, Lq, H, D)."""
     if backend not in BACKENDS:
@@ -43,7 +52,7 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
             logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    if backend == "cudnn" and key.shape[1] < CUDNN_MIN_KEYS:
+    if backend == "cudnn" and not _cudnn_takes(query.shape[1], key.shape[1]):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
     implementation = "cudnn" if backend == "cudnn" else None
     lq, lk = query.shape[1], key.shape[1]
