@@ -161,6 +161,7 @@ def get_config(variant=None):
         # rotary positions in the spatial self-attention (spatial_rope_theta=16: appearance 0.46 / 0.44, shape 0.16
         # / 0.13, 4.6% slower), which would let a frame read the reference shifted to where its subject is.
         config.model.unet_overrides.position_free_reference = True
+        config.model.unet_overrides.reference_time_embedding = False
         config.model.options.loss_weighting = "inverse_one_minus_alpha_bar"
         config.model.options.loss_weight_max = 5.0
         config.optim.lr = 1e-3

@@ -85,6 +85,47 @@ def test_position_free_reference_leaves_the_position_embedding_off_the_reference
     assert np.abs(table).mean() > 1e-2  # the random table is not negligible, so the check above means something
 
 
+def test_reference_time_embedding_adds_the_embedded_reference_to_the_timestep_embedding():
+    """reference_time_embedding: the flattened reference (B, H*W*C) through linear -> SiLU -> linear joins the
+    timestep embedding. Fresh, its output layer is zero (the plain model); with trained (here random) weights the
+    output depends on it; a missing reference is the zero reference (linear_1's kernel then does not matter, its
+    bias does)."""
+    plain_config = _one_level()
+    config = dataclasses.replace(plain_config, reference_time_embedding=True)
+    rng = np.random.default_rng(3)
+    sample = jnp.asarray(rng.standard_normal((2, 2, 8, 8, 4)), jnp.float32)
+    reference = jnp.asarray(rng.standard_normal((2, 1, 8, 8, 4)), jnp.float32)
+    timesteps, context = jnp.asarray([300, 600]), jnp.ones((2, 3, 32))
+
+    def run(cfg, p, ref="none"):
+        extra = {} if isinstance(ref, str) else {"reference_latent": ref}
+        return np.asarray(UNetMotion(cfg).apply({"params": p}, sample, timesteps, context, **extra))
+
+    fresh = nn.unbox(UNetMotion(config).init(jax.random.key(0), sample, timesteps, context)["params"])
+    embedding = fresh["reference_embedding"]
+    assert embedding["linear_1"]["kernel"].shape == (8 * 8 * 4, 4 * 32)  # tied to the latent size
+    assert not np.any(np.asarray(embedding["linear_2"]["kernel"]))
+    without = lambda p: {k: v for k, v in p.items() if k != "reference_embedding"}
+    np.testing.assert_allclose(run(config, fresh, reference), run(plain_config, without(fresh), reference),
+                               atol=1e-6)
+
+    params = jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32), fresh)
+    with_option, plain = run(config, params, reference), run(plain_config, without(params), reference)
+    assert np.abs(with_option - plain).mean() > 1e-3
+
+    def with_linear_1(kernel_scale, bias_shift):
+        changed = jax.tree.map(lambda x: x, params)
+        linear_1 = changed["reference_embedding"]["linear_1"]
+        changed["reference_embedding"]["linear_1"] = {"kernel": linear_1["kernel"] * kernel_scale,
+                                                      "bias": linear_1["bias"] + bias_shift}
+        return changed
+
+    np.testing.assert_allclose(run(config, with_linear_1(3.0, 0.0)), run(config, params), atol=1e-6)
+    np.testing.assert_allclose(run(config, with_linear_1(3.0, 0.0), jnp.zeros_like(reference)),
+                               run(config, params, jnp.zeros_like(reference)), atol=1e-6)
+    assert np.abs(run(config, with_linear_1(1.0, 0.5)) - run(config, params)).mean() > 1e-3
+
+
 def test_rotary_2d_makes_attention_logits_depend_on_token_offsets_only():
     """rotary_2d + apply_rotary: q_a . k_b depends on the (row, column) offset b - a, not on where a sits; position
     (0, 0) is unrotated; rows and columns are told apart."""

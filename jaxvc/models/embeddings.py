@@ -27,9 +27,11 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = True, downsc
 
 
 class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding``)."""
+    """linear_1 -> SiLU -> linear_2 (diffusers ``TimestepEmbedding``). ``zero_output``: linear_2 starts at zero, so
+    an embedding added to a pretrained one changes nothing until it is trained."""
     features: int
     out_features: int | None = None
+    zero_output: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -38,7 +40,9 @@ class TimestepEmbedding(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Dense(self.features, axes=("embed", "mlp"), name="linear_1", **kw)(x)
         x = nn.silu(x)
-        return Dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **kw)(x)
+        out_init = dict(kernel_init=nn.initializers.zeros) if self.zero_output else {}
+        return Dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **out_init,
+                     **kw)(x)
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

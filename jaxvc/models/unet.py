@@ -107,6 +107,12 @@ class UNetConfig:
     # with reference injection: leave the position embedding off the reference frame, so PISA matches reference
     # tokens to video tokens by what they show, not by where they are (the subject moves; the reference is centred)
     position_free_reference: bool = False
+    # with reference injection: + the reference frame itself, flattened, through linear -> SiLU -> linear (zero at
+    # init) on the timestep embedding of every frame of its video. Every resnet then sees what the subject looks like
+    # at every noise level and wherever it is; PISA reads the reference by attention, whose queries come from the
+    # noisy frames, which at high noise match reference tokens by what they share (colour), not by shape. Zeros
+    # stand for a missing reference (what the classifier-free baseline gets too).
+    reference_time_embedding: bool = False
     # 2-D rotary positions (base theta) in every spatial self-attention, PISA's reference tokens included: attention
     # then sees the offset between two tokens, so a frame can read the reference shifted to where its subject is.
     # None (SD / AnimateDiff): no rotary positions.
@@ -371,6 +377,11 @@ class UNetMotion(nn.Module):
         if cfg.addition_embed_type == "text":  # + the pooled caption: every resnet sees the text
             temb = temb + TextTimeEmbedding(4 * cfg.block_out_channels[0], cfg.addition_embed_type_num_heads,
                                             name="add_embedding", **kw)(encoder_hidden_states.astype(cfg.dtype))
+        if cfg.reference_time_embedding:  # + Embed(reference pixels/latent, flattened): (B, 4*C0)
+            flat = (reference_latent.reshape(batch, -1) if injection
+                    else jnp.zeros((batch, height * width * cfg.in_channels)))
+            temb = temb + TimestepEmbedding(4 * cfg.block_out_channels[0], zero_output=True,
+                                            name="reference_embedding", **kw)(flat.astype(cfg.dtype))
         temb = jnp.repeat(temb, frames, axis=0)
         if cfg.motion is not None and cfg.motion.frame_time_embedding:  # + an embedding of the frame index
             frame_index = timestep_embedding(jnp.arange(frames, dtype=jnp.float32), cfg.block_out_channels[0],
