@@ -99,6 +99,25 @@ def test_centered_placement_centres_the_path_and_keeps_the_motion(world, motion)
         SyntheticWorld(placement="middle")
 
 
+def test_angle_range_narrows_every_orientation(world):
+    """angle_range=(0, 0): every image pair view, reference and clip start upright (rotation motions still turn
+    from there); (a, b) draws within [a, b]; a range wider than a turn or reversed is refused."""
+    upright = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0, angle_range=(0, 0))
+    sid = upright.train_subject_ids[0]
+    for seed in range(4):
+        assert all(pose["angle"] == 0.0 for pose in upright.image_pair(sid, seed=seed)[3]["poses"])
+        np.testing.assert_array_equal(upright.video(sid, "left", seed=seed)[3]["angles"], 0.0)
+        turning = upright.video(sid, "rotate_cw", seed=seed)[3]["angles"]
+        assert turning[0] == 0.0 and turning[-1] > 0.0
+    narrow = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0, angle_range=(-15, 15))
+    starts = [narrow.video(sid, "up", seed=seed)[3]["angles"][0] for seed in range(20)]
+    assert all(-15 <= a <= 15 for a in starts) and len(set(starts)) == 20
+    assert any(abs(world.video(sid, "up", seed=seed)[3]["angles"][0]) > 15 for seed in range(20))  # default: any
+    for bad in [(10, 0), (0, 400)]:
+        with pytest.raises(ValueError, match="angle_range"):
+            SyntheticWorld(angle_range=bad)
+
+
 def test_captions(world):
     s = world.subject(0)
     article = "an" if s.color == "orange" else "a"

@@ -63,6 +63,7 @@ GROW_RANGE = (0.7, 1.3)
 VIDEO_SCALE_RANGE = (0.19, 0.24)  # base sprite radius / image size in videos
 PAIR_SCALE_RANGE = (0.19, 0.26)  # in image pairs and reference images
 PLACEMENTS = ("random", "centered")  # where a clip's motion path lies: anywhere inside, or about the image centre
+FULL_TURN = (0.0, 360.0)  # the orientations a sprite is drawn in (degrees): any, unless a world narrows them
 CENTER_JITTER = 0.03  # "centered": the path's midpoint is the image centre +- this fraction of the image size
 
 
@@ -260,13 +261,22 @@ class SyntheticWorld:
     """Subjects, renderings and the two data streams. See the module docstring for conventions."""
 
     def __init__(self, image_size: int = 32, num_frames: int = 8, num_subjects: int = 64,
-                 held_out: int | Sequence[int] = 8, seed: int = 0, supersample: int = 2, placement: str = "random"):
+                 held_out: int | Sequence[int] = 8, seed: int = 0, supersample: int = 2, placement: str = "random",
+                 angle_range: Sequence[float] = FULL_TURN):
         """placement: "random" puts each clip's motion path anywhere it fits; "centered" centres it on the image
         (the middle of the path at the centre, +- CENTER_JITTER), so what the caption says (which way it moves)
-        decides where the subject is in every frame, which a tiny model learns from far fewer clips."""
+        decides where the subject is in every frame, which a tiny model learns from far fewer clips.
+        angle_range: (low, high) degrees, the orientation every view and clip starts in is drawn uniformly from it
+        (rotation motions still turn from there); (0, 0) draws every sprite upright, so each subject has one look
+        up to its scale, which a tiny model learns to draw from far fewer clips."""
         if placement not in PLACEMENTS:
             raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
         self.placement = placement
+        low, high = (float(a) for a in angle_range)
+        if not 0.0 <= high - low <= 360.0:
+            raise ValueError(f"angle_range={tuple(angle_range)}: expected (low, high) degrees with 0 <= high - low "
+                             f"<= 360")
+        self.angle_range = (low, high)
         combos = list(itertools.product(SHAPES, COLORS, PATTERNS))
         if not 1 <= num_subjects <= len(combos):
             raise ValueError(f"num_subjects={num_subjects}: must be in [1, {len(combos)}] (distinct attribute combos)")
@@ -344,7 +354,7 @@ class SyntheticWorld:
     def _random_pose(self, rng: np.random.Generator, scale_range, centered: bool = False):
         size = self.image_size
         scale = rng.uniform(*scale_range) * size
-        angle = rng.uniform(0, 360)
+        angle = rng.uniform(*self.angle_range)
         if centered:
             center = size / 2 + rng.uniform(-0.05, 0.05, 2) * size
         else:
@@ -389,7 +399,7 @@ class SyntheticWorld:
         size, frames = self.image_size, self.num_frames
         t = np.linspace(0.0, 1.0, frames)
         scale = rng.uniform(*VIDEO_SCALE_RANGE) * size
-        angle0 = rng.uniform(0, 360)
+        angle0 = rng.uniform(*self.angle_range)
         scales = np.full(frames, scale)
         angles = np.full(frames, angle0)
         lo = scale + 1.0

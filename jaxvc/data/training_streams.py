@@ -13,7 +13,8 @@ from jaxvc.data.pipeline import DataConfig, make_pipeline
 def world_from_config(config) -> synthetic.SyntheticWorld:
     return synthetic.SyntheticWorld(image_size=config.model.image_size, num_frames=config.model.num_frames,
                                     num_subjects=config.data.num_subjects, held_out=config.data.held_out,
-                                    seed=config.data.seed, placement=config.data.get("placement", "random"))
+                                    seed=config.data.seed, placement=config.data.get("placement", "random"),
+                                    angle_range=tuple(config.data.get("angle_range", synthetic.FULL_TURN)))
 
 
 def streams_from_config(config) -> dict:
