@@ -9,8 +9,9 @@ device's peak FLOP/s, measured once here with a large matmul (bf16 on accelerato
 native bf16 matmul). Model FLOPs are the analytic count (jaxvc/bench/flops.py: convs, matmuls, attention incl. the
 reference tokens, the backward actually needed), the same for every implementation; the count from the compiled
 executable's cost_analysis() is printed beside it as the cross-check (it adds remat recompute and elementwise work;
-on GPU it cannot see cuBLAS/cuDNN custom calls, i.e. most of the GEMMs, convolutions and attention). Memory: on GPU the allocator peak (JAX: process-wide so far; torch:
-per workload); on CPU the process peak RSS, shared by both implementations.
+on GPU it cannot see cuBLAS/cuDNN custom calls, i.e. most of the GEMMs, convolutions and attention). Memory: on GPU
+the allocator peak (JAX: process-wide so far; torch: per workload); on CPU the process peak RSS, shared by both
+implementations.
 Order: for each resolution torch eager, then jaxvc (torch frees its cache first: the allocators share the device);
 torch.compile of every resolution last. Each measurement is printed when it is done and, with --out, written at once.
 """
@@ -215,7 +216,7 @@ def run(args) -> int:
         method = jax_workloads.build_method(configs, args.frames, size)
         if params is None:
             # the same weights serve every resolution
-            params = jax_workloads.init_params(method, args.seed, on_host=True)
+            params = jax_workloads.init_params(method, args.seed)
         common = dict(warmup=args.warmup, iters=args.iters,
                       compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
         # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"

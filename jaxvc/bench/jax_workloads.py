@@ -8,7 +8,7 @@
   zero-reference unconditional branch, UNet on the doubled batch at F+1 frames); latents in, latents out.
 * VAE decode: ``decode_video`` of B x F latents.
 
-Weights are random, drawn with numpy on the host and put on the device (``init_params(on_host=True)``): compiling
+Weights are random, drawn with numpy on the host and put on the device (``init_params``): compiling
 every layer's initializer is slow everywhere (minutes on a CPU; on an H200 the jitted SD1.5 initializer had not
 finished after six minutes, while the host draws take seconds). Inference workloads use the weights cast to the
 compute dtype (as a bf16 diffusers pipeline holds them).
@@ -38,16 +38,12 @@ def build_method(configs: ModelConfigs, frames: int, image_size: int):
                       num_frames=frames, image_size=image_size)
 
 
-def init_params(method, seed: int = 0, *, on_host: bool = False):
-    """All weights (UNet, text encoder, VAE) as one ``{"params": ...}`` tree of random values.
-
-    Default: ``jax.jit(method.init_params)``, the model's own initializers, created on the device. ``on_host`` (what
-    the benchmark uses): numpy draws shaped by ``method.abstract_params()`` (kernels ~ N(0, 1/fan_in), norm scales
-    1, biases 0); compiling the random initializer of every layer costs minutes at SD1.5 size, and timing does not
+def init_params(method, seed: int = 0):
+    """All weights (UNet, text encoder, VAE) as one ``{"params": ...}`` tree of random values: numpy draws shaped by
+    ``method.abstract_params()`` (kernels ~ N(0, 1/fan_in), norm scales 1, biases 0), not ``jax.jit(
+    method.init_params)``, whose compile of every layer's initializer costs minutes at SD1.5 size; timing does not
     care which random values the weights hold.
     """
-    if not on_host:
-        return jax.jit(method.init_params)(jax.random.key(seed))
     from jaxvc.train.state import unbox
 
     rng = np.random.default_rng(seed)

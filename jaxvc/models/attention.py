@@ -52,10 +52,10 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
             logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-    if backend == "cudnn" and not _cudnn_takes(query.shape[1], key.shape[1]):
+    lq, lk = query.shape[1], key.shape[1]
+    if backend == "cudnn" and not _cudnn_takes(lq, lk):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
     implementation = "cudnn" if backend == "cudnn" else None
-    lq, lk = query.shape[1], key.shape[1]
     if causal and lq != lk:
         # jax.nn's is_causal aligns the mask top-left; the einsum path (and a query block at the end of a longer
         # key sequence) aligns it bottom-right: pass that mask explicitly so every backend means the same
