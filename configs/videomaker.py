@@ -57,6 +57,7 @@ def get_config(variant=None):
     config.data.frame_stride = 1
     config.data.placement = "random"  # synthetic: "centered" centres every clip's motion path on the image
     config.data.angle_range = (0.0, 360.0)  # synthetic: orientations sprites are drawn in; (0, 0) = upright
+    config.data.pattern_scale = 1.0  # synthetic: patterns drawn this many times coarser (2: about a 4x4 token wide)
     config.data.center_reference = False  # move the highlighted subject to the centre of the reference image
 
     config.optim = ConfigDict()

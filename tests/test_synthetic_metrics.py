@@ -106,3 +106,18 @@ def test_missing_subject_and_bad_input(world):
     assert r["motion_predicted"] == "none" and r["temporal_consistency"] == 0.0
     with pytest.raises(ValueError, match="expected frames"):
         sm.evaluate_video(world, np.zeros((8, 32, 32)), 0, "left")
+
+
+def test_coarse_pattern_world_is_classified_with_its_own_patterns():
+    """A world with pattern_scale=2 scores its own clips exactly (the classifier renders candidates with the world's
+    pattern scale); read as default-scale patterns, its stripes are mostly taken for another pattern."""
+    coarse = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0, pattern_scale=2.0)
+    fine = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0)
+    own, striped_misread = [], []
+    for sid in range(24):
+        frames = coarse.video(sid, "right", seed=sid)[0]
+        own.append(sm.evaluate_video(coarse, frames, sid, "right", fidelity_frames=2)["subject_accuracy"])
+        if coarse.subject(sid).pattern == "striped":
+            striped_misread.append(sm.evaluate_video(fine, frames, sid, "right", fidelity_frames=2)["pattern_accuracy"])
+    assert np.mean(own) == 1.0
+    assert len(striped_misread) >= 4 and np.mean(striped_misread) <= 0.5

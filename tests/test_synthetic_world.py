@@ -4,7 +4,7 @@ import pytest
 
 from jaxvc.data import records
 from jaxvc.data.synthetic import (BACKGROUNDS, COLORS, MOTIONS, PATTERNS, SHAPES, SyntheticPairSource,
-                                  SyntheticVideoSource, SyntheticWorld, shade_of, shape_area)
+                                  SyntheticVideoSource, SyntheticWorld, pattern_shade, shade_of, shape_area)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +117,29 @@ def test_angle_range_narrows_every_orientation(world):
         with pytest.raises(ValueError, match="angle_range"):
             SyntheticWorld(angle_range=bad)
 
+
+
+def test_pattern_scale_draws_coarser_patterns():
+    """pattern_scale=2: stripes, checks and dots twice as wide, in the sprite's own frame; two-tone and the outline
+    are unchanged; out-of-range factors are refused."""
+    u, v = np.meshgrid(np.linspace(-1, 1, 201), np.linspace(-1, 1, 201))
+    for pattern in ("striped", "checkered", "dotted", "two-tone"):
+        np.testing.assert_array_equal(pattern_shade(pattern, u, v, 2.0), pattern_shade(pattern, u / 2, v / 2))
+    np.testing.assert_array_equal(pattern_shade("two-tone", u, v, 2.0), pattern_shade("two-tone", u, v))
+    # A striped band 0.3 radii wide becomes 0.6 wide: at v = 0.45 the default is light, the coarse one dark.
+    assert not pattern_shade("striped", np.zeros(1), np.full(1, 0.15))[0]
+    assert pattern_shade("striped", np.zeros(1), np.full(1, 0.45))[0]
+    assert not pattern_shade("striped", np.zeros(1), np.full(1, 0.45), 2.0)[0]
+    fine = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0)
+    coarse = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0, pattern_scale=2.0)
+    striped = next(s.id for s in fine._subjects if s.pattern == "striped")
+    (f1, m1, _, t1), (f2, m2, _, t2) = fine.video(striped, "left", seed=3), coarse.video(striped, "left", seed=3)
+    np.testing.assert_array_equal(m1, m2)  # same pose and outline
+    np.testing.assert_array_equal(t1["centers"], t2["centers"])
+    assert not np.array_equal(f1, f2)
+    for bad in (0.0, 10.0):
+        with pytest.raises(ValueError, match="pattern_scale"):
+            SyntheticWorld(pattern_scale=bad)
 
 def test_captions(world):
     s = world.subject(0)

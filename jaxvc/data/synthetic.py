@@ -140,8 +140,11 @@ def inside_polygon(u: np.ndarray, v: np.ndarray, poly: np.ndarray) -> np.ndarray
     return inside
 
 
-def pattern_shade(pattern: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """True where the pattern's dark shade is drawn, in unit sprite coordinates (radius 1)."""
+def pattern_shade(pattern: str, u: np.ndarray, v: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """True where the pattern's dark shade is drawn, in unit sprite coordinates (radius 1). scale > 1 draws the
+    pattern coarser (stripes, checks and dots `scale` times wider; two-tone is unchanged)."""
+    if scale != 1.0:
+        u, v = u / scale, v / scale
     if pattern == "striped":  # horizontal stripes, period 0.6 sprite radii
         return np.floor(v / 0.3).astype(np.int64) % 2 == 1
     if pattern == "checkered":
@@ -186,12 +189,12 @@ def pool_samples(samples: np.ndarray, supersample: int) -> np.ndarray:
 
 
 def render_coverage(shape: str, pattern: str, centers, scales, angles, grid_x: np.ndarray, grid_y: np.ndarray,
-                    supersample: int = 2) -> tuple[np.ndarray, np.ndarray]:
+                    supersample: int = 2, pattern_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Fractional coverage of the sprite's main colour and of its pattern shade for K poses: (main, shade), each
     (K, H, W) float in [0, 1], every pixel averaged over supersample**2 sub-pixel samples (anti-aliasing)."""
     u, v = sprite_coordinates(centers, scales, angles, grid_x, grid_y, supersample)
     inside = inside_polygon(u, v, shape_polygon(shape))
-    shade = inside & pattern_shade(pattern, u, v)
+    shade = inside & pattern_shade(pattern, u, v, pattern_scale)
     return pool_samples(inside & ~shade, supersample), pool_samples(shade, supersample)
 
 
@@ -262,13 +265,15 @@ class SyntheticWorld:
 
     def __init__(self, image_size: int = 32, num_frames: int = 8, num_subjects: int = 64,
                  held_out: int | Sequence[int] = 8, seed: int = 0, supersample: int = 2, placement: str = "random",
-                 angle_range: Sequence[float] = FULL_TURN):
+                 angle_range: Sequence[float] = FULL_TURN, pattern_scale: float = 1.0):
         """placement: "random" puts each clip's motion path anywhere it fits; "centered" centres it on the image
         (the middle of the path at the centre, +- CENTER_JITTER), so what the caption says (which way it moves)
         decides where the subject is in every frame, which a tiny model learns from far fewer clips.
         angle_range: (low, high) degrees, the orientation every view and clip starts in is drawn uniformly from it
         (rotation motions still turn from there); (0, 0) draws every sprite upright, so each subject has one look
-        up to its scale, which a tiny model learns to draw from far fewer clips."""
+        up to its scale, which a tiny model learns to draw from far fewer clips.
+        pattern_scale: how much coarser than the default the patterns are drawn (stripes, checks and dots; 1: bands
+        about 2 pixels wide at 32x32, finer than a 4x4-pixel token; 2: about one token wide)."""
         if placement not in PLACEMENTS:
             raise ValueError(f"placement={placement!r}: expected one of {PLACEMENTS}")
         self.placement = placement
@@ -277,6 +282,9 @@ class SyntheticWorld:
             raise ValueError(f"angle_range={tuple(angle_range)}: expected (low, high) degrees with 0 <= high - low "
                              f"<= 360")
         self.angle_range = (low, high)
+        if not 0.25 <= float(pattern_scale) <= 8.0:
+            raise ValueError(f"pattern_scale={pattern_scale}: expected a factor in [0.25, 8]")
+        self.pattern_scale = float(pattern_scale)
         combos = list(itertools.product(SHAPES, COLORS, PATTERNS))
         if not 1 <= num_subjects <= len(combos):
             raise ValueError(f"num_subjects={num_subjects}: must be in [1, {len(combos)}] (distinct attribute combos)")
@@ -347,7 +355,7 @@ class SyntheticWorld:
             subject = self.subject(subject)
         grid = np.arange(self.image_size)
         main, shade = render_coverage(subject.shape, subject.pattern, centers, scales, angles, grid, grid,
-                                      self.supersample)
+                                      self.supersample, self.pattern_scale)
         frames = composite(background, subject.rgb, subject.shade_rgb, main, shade)
         return frames, (main + shade) >= 0.5
 

@@ -14,7 +14,8 @@ def world_from_config(config) -> synthetic.SyntheticWorld:
     return synthetic.SyntheticWorld(image_size=config.model.image_size, num_frames=config.model.num_frames,
                                     num_subjects=config.data.num_subjects, held_out=config.data.held_out,
                                     seed=config.data.seed, placement=config.data.get("placement", "random"),
-                                    angle_range=tuple(config.data.get("angle_range", synthetic.FULL_TURN)))
+                                    angle_range=tuple(config.data.get("angle_range", synthetic.FULL_TURN)),
+                                    pattern_scale=float(config.data.get("pattern_scale", 1.0)))
 
 
 def streams_from_config(config) -> dict:

@@ -167,12 +167,12 @@ def _colour_sse(residual: np.ndarray, bg: np.ndarray, main: np.ndarray, dark: np
 
 
 def classify_appearance(frame: np.ndarray, mask: np.ndarray, background, supersample: int = 2,
-                        gallery: Sequence[tuple[str, str, str]] | None = None) -> dict:
+                        gallery: Sequence[tuple[str, str, str]] | None = None, pattern_scale: float = 1.0) -> dict:
     """Nearest candidate subject by rendering: every (shape, pattern, angle) is rendered at the tracked centroid with
     the scale its half-covered area implies, every palette colour is fitted in closed form, the least squared error
     wins. Coarse to fine: all angles every COARSE degrees without anti-aliasing, then the best few (shape, pattern)
     around their best angle every FINE degrees, anti-aliased like the renderer.
-    gallery: allowed (shape, color, pattern) triples (default: every combination).
+    gallery: allowed (shape, color, pattern) triples (default: every combination). pattern_scale: the world's.
     Returns {shape, color, pattern, angle, scale}."""
     frame = frame.astype(np.float32)
     h, w = mask.shape
@@ -198,7 +198,7 @@ def classify_appearance(frame: np.ndarray, mask: np.ndarray, background, supersa
         inside = syn.inside_polygon(u, v, syn.shape_polygon(shape))
         out = {}
         for pattern in patterns:
-            dark = inside & syn.pattern_shade(pattern, u, v)
+            dark = inside & syn.pattern_shade(pattern, u, v, pattern_scale)
             sse = _colour_sse(residual, bg, syn.pool_samples(inside & ~dark, ss)[:, valid],
                               syn.pool_samples(dark, ss)[:, valid], colors)
             if allowed is not None:
@@ -339,7 +339,8 @@ def evaluate_video(world: "syn.SyntheticWorld", frames, subject_id: int, motion:
     triples = None if gallery is None else [(s.shape, s.color, s.pattern) for s in map(world.subject, gallery)]
     hits = {"subject": [], "shape": [], "color": [], "pattern": []}
     for t in idx:
-        guess = classify_appearance(frames[t], track.masks[t], track.backgrounds[t], world.supersample, triples)
+        guess = classify_appearance(frames[t], track.masks[t], track.backgrounds[t], world.supersample, triples,
+                                    world.pattern_scale)
         for attr in ("shape", "color", "pattern"):
             hits[attr].append(guess[attr] == getattr(subject, attr))
         hits["subject"].append(all(hits[a][-1] for a in ("shape", "color", "pattern")))
