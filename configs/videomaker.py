@@ -47,7 +47,8 @@ def get_config(variant=None):
     config.data = ConfigDict()
     config.data.source = "synthetic"  # synthetic | packed
     config.data.paths = ()  # packed: ArrayRecord shard globs; synthetic: unused
-    config.data.caption_name = "a subject"  # synthetic: captions leave the identity to the reference image
+    config.data.caption_name = "a subject"  # synthetic: captions leave the identity to the reference image ("": they
+    # describe the subject in words, "a red striped star moves left ...")
     config.data.motions = ()  # synthetic: train on these motions only (jaxvc/data/synthetic.py MOTIONS); () = all
     config.data.num_subjects = 64
     config.data.held_out = 8

@@ -33,6 +33,17 @@ def test_default_is_every_motion_of_the_world():
     assert not (set(source.subject_ids) & set(source.world.held_out_subject_ids))  # held-out subjects never train
 
 
+def test_empty_caption_name_describes_the_subject_and_pattern_scale_reaches_the_world():
+    """data.caption_name="" captions every clip with the subject's description (text-conditioned training, the
+    diagnostic of whether the model can draw a named subject at all); data.pattern_scale sets the world's."""
+    config = apply_overrides(load_config(CONFIG), [("data.caption_name", ""), ("data.pattern_scale", "2.0")])
+    source = streams_from_config(config)["video"]
+    assert source.world.pattern_scale == 2.0
+    record = source[0]
+    subject = source.world.subject(int(record["source"].split(":")[2]))
+    assert record["captions"][0].startswith(synthetic.caption(subject, record["source"].split(":")[3]))
+
+
 def test_unknown_source_is_a_clear_error():
     config = apply_overrides(load_config(CONFIG), [("data.source", "webvid")])
     with pytest.raises(ValueError, match="config.data.source='webvid'"):
