@@ -98,7 +98,7 @@ def run(args) -> int:
     for index, subject_id in enumerate(subjects):
         reference = world.reference_image(subject_id, seed=args.seed)
         for motion in motions:
-            prompt = caption(world.subject(subject_id), motion, "sky", name=config.data.caption_name or None)
+            prompt = caption(world.subject(subject_id), motion, "sky", name=config.data.caption_name)
             common = dict(num_frames=frames, height=size, width=size, num_inference_steps=args.sampling_steps,
                           guidance_scale=args.guidance_scale, seed=args.seed + 1000 * index + motions.index(motion),
                           progress=False)

@@ -118,7 +118,6 @@ def test_angle_range_narrows_every_orientation(world):
             SyntheticWorld(angle_range=bad)
 
 
-
 def test_pattern_scale_draws_coarser_patterns():
     """pattern_scale=2: stripes, checks and dots twice as wide, in the sprite's own frame; two-tone and the outline
     are unchanged; out-of-range factors are refused."""
@@ -132,7 +131,7 @@ def test_pattern_scale_draws_coarser_patterns():
     assert not pattern_shade("striped", np.zeros(1), np.full(1, 0.45), 2.0)[0]
     fine = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0)
     coarse = SyntheticWorld(image_size=32, num_frames=4, num_subjects=64, held_out=8, seed=0, pattern_scale=2.0)
-    striped = next(s.id for s in fine._subjects if s.pattern == "striped")
+    striped = next(i for i in range(fine.num_subjects) if fine.subject(i).pattern == "striped")
     (f1, m1, _, t1), (f2, m2, _, t2) = fine.video(striped, "left", seed=3), coarse.video(striped, "left", seed=3)
     np.testing.assert_array_equal(m1, m2)  # same pose and outline
     np.testing.assert_array_equal(t1["centers"], t2["centers"])
@@ -141,11 +140,13 @@ def test_pattern_scale_draws_coarser_patterns():
         with pytest.raises(ValueError, match="pattern_scale"):
             SyntheticWorld(pattern_scale=bad)
 
+
 def test_captions(world):
     s = world.subject(0)
     article = "an" if s.color == "orange" else "a"
     assert world.caption(0, "left", "gray") == f"{article} {s.name} moves left on a gray background"
     assert world.caption(s, "rotate_ccw", name="the subject") == "the subject rotates counterclockwise"
+    assert world.caption(s, "left", name="") == world.caption(s, "left")  # "" keeps the description
     assert world.caption(0) == world.caption(s, None, None)
     with pytest.raises(ValueError, match="unknown motion"):
         world.caption(0, "teleports")

@@ -236,8 +236,8 @@ def caption(subject: Subject, motion: str | None = None, background: str | None 
             name: str | None = None) -> str:
     """'a red striped star moves left on a gray background' (motion None: no verb; background None: no place).
     name replaces the subject's description (e.g. "the subject", "<cls> object") for prompts that leave the identity
-    to the reference image."""
-    text = name if name is not None else ("an " if subject.name[0] in "aeiou" else "a ") + subject.name
+    to the reference image; None or "" keeps the description."""
+    text = name if name else ("an " if subject.name[0] in "aeiou" else "a ") + subject.name
     if motion is not None:
         if motion not in MOTION_PHRASES:
             raise ValueError(f"unknown motion {motion!r}; expected one of {tuple(MOTION_PHRASES)}")

@@ -26,7 +26,7 @@ def streams_from_config(config) -> dict:
         motions = tuple(config.data.get("motions", ())) or None  # () = every motion of the world
         return {"video": synthetic.SyntheticVideoSource(
             world, num_records=max(4096, 64 * len(world.train_subject_ids)), motions=motions, seed=config.data.seed,
-            caption_name=config.data.caption_name or None)}
+            caption_name=config.data.caption_name)}
     if source == "packed":
         from jaxvc.data.sources import PackedSource
         if not config.data.paths:
