@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from jaxvc import media
+from jaxvc import compile_options, media
 from jaxvc.diffusion.ddim import DDIMSampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
 from jaxvc.diffusion.schedule import schedule_from_diffusers_config
@@ -124,13 +124,23 @@ class CustomVideoPipeline:
     # ------------------------------------------------------------------------------------------------- sampling
     def encode_prompts(self, prompts):
         ids = jnp.asarray(self.tokenizer(list(prompts)))
-        return self.text_encoder.apply({"params": self.params["text_encoder"]}, ids)["last_hidden_state"]
+        return self._jitted["text"](self.params["text_encoder"], ids)
 
     def encode_reference(self, reference):
         """(B, H, W, 3) in [-1, 1] -> clean reference latent (B, 1, h, w, c)."""
         if self.vae is None:
             return to_patches(reference[:, None], self.pixel_patch)
-        return encode_video(self.vae, {"params": self.params["vae"]}, reference[:, None])
+        return self._jitted["encode"](self.params["vae"], reference[:, None])
+
+    @functools.cached_property
+    def _jitted(self) -> dict:
+        """The text encoder and the VAE, each one compiled program (run op by op, a VAE decode dispatches hundreds of
+        small kernels), with jaxvc's compile defaults for this backend (``jaxvc/compile_options.py``)."""
+        options = compile_options.merged()
+        jit = functools.partial(jax.jit, compiler_options=options)
+        return {"text": jit(lambda params, ids: self.text_encoder.apply({"params": params}, ids)["last_hidden_state"]),
+                "encode": jit(lambda params, video: encode_video(self.vae, {"params": params}, video)),
+                "decode": jit(lambda params, latents: decode_video(self.vae, {"params": params}, latents))}
 
     @functools.lru_cache(maxsize=8)
     def _sampler(self, num_inference_steps: int, eta: float) -> DDIMSampler:
@@ -167,7 +177,7 @@ class CustomVideoPipeline:
             return sample(denoise, x_T, sampler, rng=rng, progress=True if progress else None,
                           progress_desc="denoising")
 
-        return jax.jit(generate)
+        return jax.jit(generate, compiler_options=compile_options.merged())
 
     def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
@@ -218,7 +228,7 @@ class CustomVideoPipeline:
         if self.vae is None:
             video = from_patches(latents, self.pixel_patch)
         else:
-            video = decode_video(self.vae, {"params": self.params["vae"]}, latents)
+            video = self._jitted["decode"](self.params["vae"], latents)
         return media.to_uint8(np.clip(np.asarray(video[0]), -1.0, 1.0))
 
     @staticmethod

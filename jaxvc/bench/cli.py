@@ -132,6 +132,7 @@ def run(args) -> int:
     import jax
     import jax.numpy as jnp
 
+    from jaxvc import compile_options
     from jaxvc.bench import flops as analytic
     from jaxvc.bench import jax_workloads
     from jaxvc.bench.report import Measurement, finish, format_table, table_rows, write_outputs
@@ -149,11 +150,13 @@ def run(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
 
+    # jaxvc's compiles get the library's per-backend defaults, as a user's would (jaxvc/compile_options.py)
+    xla_options = compile_options.merged(FAST_COMPILE if args.xla_fast_compile else None, platform=device.platform)
     peak = ({"flops_per_s": args.peak_flops, "dtype": "given", "size": None} if args.peak_flops
             else measure_peak_flops(device))
     header = {"device": f"{device.platform}: {device.device_kind} (x{jax.device_count()})",
               "host": f"{platform.node()} {os.cpu_count()} CPUs", "versions": versions(),
-              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "xla_compile_options": xla_options or {},
               "peak_flops_per_s": peak["flops_per_s"],
               "peak_flops_how": (f"measured: {peak['size']}^3 {peak['dtype']} matmul" if peak["size"]
                                  else "given with --peak-flops"),
@@ -164,7 +167,8 @@ def run(args) -> int:
                                                          "xla_fast_compile", "time_budget")}}
     print(f"jaxvc bench: {header['device']}; {header['host']}; " +
           ", ".join(f"{k} {v}" for k, v in header["versions"].items()) +
-          (f"; XLA_FLAGS={header['xla_flags']}" if header["xla_flags"] else ""), flush=True)
+          (f"; XLA_FLAGS={header['xla_flags']}" if header["xla_flags"] else "") +
+          (f"; jaxvc compile options {xla_options}" if xla_options else ""), flush=True)
     print(f"  peak {peak['flops_per_s'] / 1e12:.3g} TFLOP/s ({header['peak_flops_how']}); size {args.size}, "
           f"{args.frames}+1 frames, batch {args.batch}, {args.dtype}, attention {args.attention}, remat "
           f"{args.remat}, {args.sampling_steps} DDIM steps, warmup {args.warmup}, iters {args.iters}", flush=True)
@@ -217,8 +221,7 @@ def run(args) -> int:
         if params is None:
             # the same weights serve every resolution
             params = jax_workloads.init_params(method, args.seed)
-        common = dict(warmup=args.warmup, iters=args.iters,
-                      compiler_options=FAST_COMPILE if args.xla_fast_compile else None)
+        common = dict(warmup=args.warmup, iters=args.iters, compiler_options=xla_options)
         # smallest footprint first: JAX's allocator peak cannot be reset, so each row's peak is "so far"
         for workload in sorted(wanted, key=["VAE decode", "sampling", "train step"].index):
             if out_of_time():

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxvc import compile_options
 from jaxvc.config_utils import config_to_dict, write_config
 from jaxvc.parallel.mesh import activate, make_mesh
 from jaxvc.parallel.rules import param_shardings, rules_from_config
@@ -131,9 +132,11 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
-        # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level).
+        # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level);
         options = setting(config, "compiler_options", None)
-        self.compiler_options = dict(options.to_dict() if hasattr(options, "to_dict") else options or {}) or None
+        # jaxvc's per-backend defaults (jaxvc/compile_options.py) sit under them.
+        self.compiler_options = compile_options.merged(
+            options.to_dict() if hasattr(options, "to_dict") else options, platform=self.mesh.devices.flat[0].platform)
 
         boxed = method.abstract_params()
         abstract_params = unbox(boxed)

@@ -1,0 +1,55 @@
+"""jaxvc's per-backend XLA compile defaults (jaxvc/compile_options.py): what is added, what overrides it, what is
+dropped, and that the programs it compiles compute the same numbers."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxvc import compile_options
+from jaxvc.models.attention import dot_product_attention
+
+YNN = "xla_cpu_experimental_ynn_fusion_type"
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    compile_options.platform_defaults.cache_clear()
+    yield
+    compile_options.platform_defaults.cache_clear()
+
+
+def test_cpu_defaults_are_added_and_user_options_win():
+    merged = compile_options.merged(platform="cpu")
+    if jax.__version__.startswith("0.10."):  # the pinned jaxlib knows the option
+        assert merged == {YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    user = {YNN: "LIBRARY_FUSION_TYPE_DOT", "xla_backend_optimization_level": 0}
+    assert compile_options.merged(user, platform="cpu") == user
+    assert compile_options.merged(platform="tpu") is None  # no defaults there (nor a TPU here to probe)
+
+
+def test_options_this_jaxlib_rejects_are_dropped(monkeypatch):
+    monkeypatch.setitem(compile_options.DEFAULTS, "cpu", {"xla_cpu_no_such_option_anywhere": True,
+                                                          YNN: "NOT_A_FUSION_TYPE"})
+    assert compile_options.merged(platform="cpu") is None
+    assert compile_options.merged({"xla_backend_optimization_level": 0}, platform="cpu") == {
+        "xla_backend_optimization_level": 0}
+
+
+def test_defaults_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("JAXVC_XLA_DEFAULTS", "0")
+    assert compile_options.merged(platform="cpu") is None
+
+
+def test_attention_compiled_with_the_defaults_matches_the_plain_compile():
+    # the softmax around the dots is what the default takes away from YNNPACK: same numbers either way
+    keys = jax.random.split(jax.random.key(0), 3)
+    query, key, value = (jax.random.normal(k, (2, 96, 4, 8), jnp.float32) for k in keys)
+    attend = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, backend="xla"))
+    plain = attend.lower(query, key, value).compile()(query, key, value)
+    options = compile_options.merged(platform="cpu")
+    tuned = attend.lower(query, key, value).compile(options)(query, key, value)
+    np.testing.assert_allclose(np.asarray(tuned), np.asarray(plain), rtol=1e-5, atol=1e-6)
+    logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(query, np.float64), np.asarray(key, np.float64)) / np.sqrt(8)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(value, np.float64))
+    np.testing.assert_allclose(np.asarray(tuned), expected, rtol=1e-5, atol=1e-5)
