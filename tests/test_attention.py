@@ -51,3 +51,37 @@ def test_unknown_backend_is_a_clear_error():
     query, key, value = _qkv(2, 2)
     with pytest.raises(ValueError, match="attention backend 'flash' is not one of"):
         dot_product_attention(query, key, value, backend="flash")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_einsum_path_gradients_match_the_float64_formula(causal):
+    # the einsum path normalizes after the value product and holds the row max out of the gradient; both must leave
+    # the derivative of softmax attention unchanged
+    query, key, value = _qkv(6, 9)
+    cotangent = jax.random.normal(jax.random.key(7), query.shape)
+    loss = lambda fn: (lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent))
+    grads = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, backend="xla", causal=causal)),
+                     argnums=(0, 1, 2))(query, key, value)
+    with jax.enable_x64(True):
+        exact = jax.grad(loss(lambda q, k, v: _softmax_attention_jnp(q, k, v, causal)), argnums=(0, 1, 2))(
+            *(jnp.asarray(np.asarray(t), jnp.float64) for t in (query, key, value)))
+        for name, got, want in zip("qkv", grads, exact):
+            np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=f"d loss / d {name}")
+
+
+def _softmax_attention_jnp(q, k, v, causal):
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = q.shape[1], k.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), k=lk - lq), logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_einsum_path_in_bfloat16_stays_close_to_the_formula():
+    query, key, value = (t.astype(jnp.bfloat16) for t in _qkv(33, 40))
+    out = dot_product_attention(query, key, value, backend="xla")
+    assert out.dtype == jnp.bfloat16
+    # against the float64 formula on the same (rounded) inputs: the scaled queries, the weights fed to the value
+    # product and the output are each rounded to bf16 (2^-8 relative), so two output ulps bound the error
+    expected = _softmax_attention(*(np.asarray(t, np.float32) for t in (query, key, value)))
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2 * 2.0 ** -8 * np.abs(expected).max())
