@@ -62,10 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale")
     parser.add_argument("--vae-chunk", type=int, default=None,
                         help="jaxvc VAE decode: frames decoded at once (default: all B*F together)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default: tiny 1, "
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default: tiny 5, "
                                                                   "sd15 2)")
-    parser.add_argument("--iters", type=int, default=None, help="timed calls; the median is reported (default: "
-                                                                 "tiny 3, sd15 5)")
+    parser.add_argument("--iters", type=int, default=None, help="timed calls; the median is reported (default 5)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference columns")
     parser.add_argument("--torch-compile", action="store_true",
                         help="also time torch.compile(UNet / VAE) (a compile failure becomes 'n/a' with the reason)")
@@ -105,9 +104,11 @@ def resolve(args, platform_name: str) -> argparse.Namespace:
     if args.remat == "auto":
         args.remat = "full" if args.size == "sd15" else "none"
     if args.warmup is None:
-        args.warmup = 2 if args.size == "sd15" else 1
+        # XLA:CPU's first calls of a train step run 2-8x slower than the steady state (measured: 882, 362, 177, 349,
+        # then a 103 ms median) as its runtime sets itself up: tiny (a CPU size) warms up longer
+        args.warmup = 2 if args.size == "sd15" else 5
     if args.iters is None:
-        args.iters = 5 if args.size == "sd15" else 3
+        args.iters = 5
     return args
 
 
