@@ -51,3 +51,12 @@ def merged(user: Mapping[str, Any] | None = None, platform: str | None = None) -
         platform = jax.default_backend()
     options = {**platform_defaults(platform), **dict(user or {})}
     return options or None
+
+
+def jit(fn, **kwargs):
+    """``jax.jit(fn, **kwargs)`` compiled with ``merged()`` (the default backend's defaults), for functions jitted and
+    called directly; code that lowers and compiles itself passes ``merged(...)`` to ``.compile()``."""
+    import jax
+
+    options = merged()
+    return jax.jit(fn, **kwargs) if options is None else jax.jit(fn, compiler_options=options, **kwargs)

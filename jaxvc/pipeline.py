@@ -136,8 +136,7 @@ class CustomVideoPipeline:
     def _jitted(self) -> dict:
         """The text encoder and the VAE, each one compiled program (run op by op, a VAE decode dispatches hundreds of
         small kernels), with jaxvc's compile defaults for this backend (``jaxvc/compile_options.py``)."""
-        options = compile_options.merged()
-        jit = functools.partial(jax.jit, compiler_options=options)
+        jit = compile_options.jit
         return {"text": jit(lambda params, ids: self.text_encoder.apply({"params": params}, ids)["last_hidden_state"]),
                 "encode": jit(lambda params, video: encode_video(self.vae, {"params": params}, video)),
                 "decode": jit(lambda params, latents: decode_video(self.vae, {"params": params}, latents))}
@@ -177,7 +176,7 @@ class CustomVideoPipeline:
             return sample(denoise, x_T, sampler, rng=rng, progress=True if progress else None,
                           progress_desc="denoising")
 
-        return jax.jit(generate, compiler_options=compile_options.merged())
+        return compile_options.jit(generate)
 
     def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,

@@ -53,3 +53,13 @@ def test_attention_compiled_with_the_defaults_matches_the_plain_compile():
     weights = np.exp(logits - logits.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(value, np.float64))
     np.testing.assert_allclose(np.asarray(tuned), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_compiles_with_the_defaults(monkeypatch):
+    options = compile_options.merged()  # probed (with a jit of its own) before jax.jit is watched
+    seen = []
+    real_jit = jax.jit
+    monkeypatch.setattr(jax, "jit", lambda fn, **kwargs: seen.append(kwargs) or real_jit(fn, **kwargs))
+    double = compile_options.jit(lambda x: 2 * x)
+    np.testing.assert_array_equal(double(jnp.arange(3.0)), [0.0, 2.0, 4.0])
+    assert seen == ([{"compiler_options": options}] if options else [{}])
