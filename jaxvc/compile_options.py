@@ -1,14 +1,18 @@
 """XLA compile options jaxvc adds on a backend by default, merged under the user's own (``config.compiler_options``).
 
-XLA:CPU (jaxlib 0.10) hands whole fusions - a dot with the softmax or GELU around it - to YNNPACK. There an attention
-with a few hundred tokens runs several times slower than the plain dot: XLA materializes the fused scalars (the
-1/sqrt(d) scale, the softmax's 1/sum) as full (B, H, Lq, Lk) arrays first. On the 2-core CI machine, the tiny
-benchmark's UNet forward took 131 ms with the default and 68 ms with YNNPACK limited to lone dots
-(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``); 30-step guided sampling went 3.72 s -> 1.75 s (README, "Benchmarks").
+XLA:CPU in jaxlib 0.10 hands whole fusions - a dot with the softmax or GELU around it - to YNNPACK. There an
+attention with a few hundred tokens runs several times slower than the plain dot: XLA materializes the fused scalars
+(the 1/sqrt(d) scale, the softmax's 1/sum) as full (B, H, Lq, Lk) arrays first. Limiting YNNPACK to lone dots
+(``LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT``) fixes that there. Measured on the 2-core CI machine, the median ms of one
+guided UNet forward of the tiny benchmark (4 runs each, session 11):
 
-An option this jaxlib does not know is dropped: it is probed once per platform with a one-op compile, so a newer or
-older jax (which may rename it) keeps working, just without it. ``JAXVC_XLA_DEFAULTS=0`` turns the defaults off (for
-A/B timing).
+    jaxlib 0.10.2     default 70-78, with the option 52-56   -> applied
+    jaxlib 0.11.2     default 47,    with the option 55      -> not applied (XLA's own fusions are better there)
+    jaxlib 0.12.0.1   default 40,    with the option 62      -> not applied
+
+So each default names the jaxlib versions it was measured to help. An option this jaxlib rejects is dropped as well:
+it is probed once per platform with a one-op compile. ``JAXVC_XLA_DEFAULTS=0`` turns the defaults off (for A/B
+timing).
 """
 from __future__ import annotations
 
@@ -16,9 +20,16 @@ import functools
 import os
 from typing import Any, Mapping
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "cpu": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+# platform -> [(jaxlib version prefixes it helps, options)]
+DEFAULTS: dict[str, list[tuple[tuple[str, ...], dict[str, Any]]]] = {
+    "cpu": [(("0.10.",), {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"})],
 }
+
+
+def jaxlib_version() -> str:
+    import jaxlib
+
+    return jaxlib.__version__
 
 
 @functools.cache
@@ -29,7 +40,9 @@ def platform_defaults(platform: str) -> dict[str, Any]:
     import jax
     import numpy as np
 
-    wanted = DEFAULTS.get(platform, {})
+    version = jaxlib_version()
+    wanted = {name: value for prefixes, options in DEFAULTS.get(platform, []) if version.startswith(prefixes)
+              for name, value in options.items()}
     if not wanted or platform != jax.default_backend():  # the probe compiles for the default backend
         return {}
     accepted = {}
