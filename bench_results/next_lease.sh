@@ -4,13 +4,9 @@
 #      and jaxvc sampling @256 again (session 11 changed the einsum attention the motion modules use);
 #   2. torch eager + torch.compile for the train step and sampling @256 (torch.compile never measured on a GPU).
 # Each bench call writes its JSON after every measurement, so whatever finishes before the timeout comes back.
-# Needs the wheels the GPU image lacks in .whl/ (diffusers 0.42.1, ml_collections 1.1.0, importlib_metadata 8.7.0).
+# Run from the repository root as `bash bench_results/next_lease.sh`, with .whl/ carried (see lease_env.sh).
 set -u
-start=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - start) )); }
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-export JAX_COMPILATION_CACHE_DIR=/tmp/jaxcache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+source "$(dirname "$0")/lease_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $OUT/gpu.txt
 python3 -c "import jax, torch; print(jax.__version__, torch.__version__)" > $OUT/versions.txt
 echo "setup $(( $(date +%s) - start )) s"
