@@ -197,7 +197,8 @@ class Trainer:
             frozen = jax.tree.map(place, frozen, self.state_shardings.frozen)
             build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
                             out_shardings=self.state_shardings, donate_argnums=(0, 1))
-            return build.lower(trainable, frozen, train_rng).compile(self.compiler_options)(trainable, frozen, train_rng)
+            compiled = build.lower(trainable, frozen, train_rng).compile(self.compiler_options)
+            return compiled(trainable, frozen, train_rng)
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict, dict] | None:
         """(state, data state, saved config) from the checkpoint at ``step`` (default: latest), or None."""
