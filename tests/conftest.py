@@ -41,3 +41,20 @@ def random_unet_variables(config, seed=0) -> dict:
     tree = nn.unbox(abstract_variables(config)["params"])
     return {"params": jax.tree.map(lambda leaf: jnp.asarray(0.1 * rng.standard_normal(leaf.shape), jnp.float32),
                                    tree)}
+
+
+def softmax_attention(query, key, value, causal=False, xp=None):
+    """The attention formula: softmax(q k^T / sqrt(d)) v, (B, L, H, D) layout, a causal mask aligned bottom-right.
+    ``xp`` numpy (default; computes in float64) or ``jax.numpy`` (differentiable: its inputs' dtype, e.g. float64
+    under ``jax.enable_x64``)."""
+    import numpy as np
+
+    if xp is None:
+        xp = np
+        query, key, value = (np.asarray(t, np.float64) for t in (query, key, value))
+    logits = xp.einsum("bqhd,bkhd->bhqk", query, key) / np.sqrt(query.shape[-1])
+    if causal:
+        lq, lk = query.shape[1], key.shape[1]
+        logits = xp.where(xp.tril(xp.ones((lq, lk), bool), k=lk - lq), logits, -xp.inf)
+    weights = xp.exp(logits - logits.max(-1, keepdims=True))
+    return xp.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), value)

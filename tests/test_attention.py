@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxvc.models.attention import CUDNN_MIN_KEYS, dot_product_attention
+from tests.conftest import softmax_attention
 
 
 def _qkv(queries, keys, heads=2, head_dim=8, seed=0):
@@ -17,24 +18,12 @@ def _qkv(queries, keys, heads=2, head_dim=8, seed=0):
             jax.random.normal(draws[2], (3, keys, heads, head_dim)))
 
 
-def _softmax_attention(query, key, value, causal=False):
-    """The formula in numpy, float64."""
-    q, k, v = (np.asarray(t, np.float64) for t in (query, key, value))
-    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    if causal:
-        lq, lk = q.shape[1], k.shape[1]
-        logits = np.where(np.tril(np.ones((lq, lk), bool), k=lk - lq), logits, -np.inf)
-    weights = np.exp(logits - logits.max(-1, keepdims=True))
-    weights /= weights.sum(-1, keepdims=True)
-    return np.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 @pytest.mark.parametrize("backend", ["xla", "jax"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_backends_compute_softmax_attention(backend, causal):
     query, key, value = _qkv(5, 7)
     out = dot_product_attention(query, key, value, backend=backend, causal=causal)
-    np.testing.assert_allclose(out, _softmax_attention(query, key, value, causal), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, softmax_attention(query, key, value, causal), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("queries, keys", [(17, CUDNN_MIN_KEYS - 1),  # a motion module over the frames
@@ -63,18 +52,10 @@ def test_einsum_path_gradients_match_the_float64_formula(causal):
     grads = jax.grad(loss(lambda q, k, v: dot_product_attention(q, k, v, backend="xla", causal=causal)),
                      argnums=(0, 1, 2))(query, key, value)
     with jax.enable_x64(True):
-        exact = jax.grad(loss(lambda q, k, v: _softmax_attention_jnp(q, k, v, causal)), argnums=(0, 1, 2))(
+        exact = jax.grad(loss(lambda q, k, v: softmax_attention(q, k, v, causal, xp=jnp)), argnums=(0, 1, 2))(
             *(jnp.asarray(np.asarray(t), jnp.float64) for t in (query, key, value)))
         for name, got, want in zip("qkv", grads, exact):
             np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-5, err_msg=f"d loss / d {name}")
-
-
-def _softmax_attention_jnp(q, k, v, causal):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-    if causal:
-        lq, lk = q.shape[1], k.shape[1]
-        logits = jnp.where(jnp.tril(jnp.ones((lq, lk), bool), k=lk - lq), logits, -jnp.inf)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
 
 
 def test_einsum_path_in_bfloat16_stays_close_to_the_formula():
@@ -83,5 +64,5 @@ def test_einsum_path_in_bfloat16_stays_close_to_the_formula():
     assert out.dtype == jnp.bfloat16
     # against the float64 formula on the same (rounded) inputs: the scaled queries, the weights fed to the value
     # product and the output are each rounded to bf16 (2^-8 relative), so two output ulps bound the error
-    expected = _softmax_attention(*(np.asarray(t, np.float32) for t in (query, key, value)))
+    expected = softmax_attention(*(np.asarray(t, np.float32) for t in (query, key, value)))
     np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=2 * 2.0 ** -8 * np.abs(expected).max())

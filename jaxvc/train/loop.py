@@ -132,9 +132,9 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
-        # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level);
+        # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level),
+        # over jaxvc's defaults for the mesh's platform (jaxvc/compile_options.py)
         options = setting(config, "compiler_options", None)
-        # jaxvc's per-backend defaults (jaxvc/compile_options.py) sit under them.
         self.compiler_options = compile_options.merged(
             options.to_dict() if hasattr(options, "to_dict") else options, platform=self.mesh.devices.flat[0].platform)
 
