@@ -83,6 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as such) and the table is printed; for leased or time-limited machines. With --out the "
                              "JSON/CSV are also rewritten after every measurement, so a run stopped from outside "
                              "keeps what it measured")
+    parser.add_argument("--lower-for", choices=["cuda", "rocm", "tpu", "cpu"], default=None,
+                        help="time nothing: lower (trace + emit StableHLO) each jaxvc workload for this platform, "
+                             "from any host, with shape-only weights, and print what it would run (cuDNN attention "
+                             "calls, dots, convolutions) or why it fails. A check before a GPU/TPU lease: jax's "
+                             "cuDNN shape rules run at this stage. Exit status 1 if any workload fails to lower")
+    parser.add_argument("--assume-cudnn", default="9.19",
+                        help="with --lower-for cuda: the cuDNN version jax's attention rules assume (default 9.19)")
+    parser.add_argument("--assume-compute-capability", default="9.0",
+                        help="with --lower-for cuda: the GPU's compute capability (9.0: H100/H200; 8.0: A100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="write <out>.json (header, every measurement, the table) and <out>.csv")
@@ -110,6 +119,94 @@ def resolve(args, platform_name: str) -> argparse.Namespace:
     if args.iters is None:
         args.iters = 5
     return args
+
+
+def check_attention(args, platform_name: str) -> None:
+    if args.attention == "cudnn" and platform_name != "gpu":
+        raise SystemExit("--attention cudnn needs an NVIDIA GPU (cuDNN flash attention); use xla or jax here, or "
+                         "--lower-for cuda to check how it lowers")
+    if args.attention == "cudnn" and args.dtype == "float32":
+        raise SystemExit("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention takes bf16/fp16 only)")
+
+
+def wanted_workloads(args) -> list[str]:
+    return [WORKLOAD_NAMES[w] for w in sorted(args.workloads, key=list(WORKLOAD_NAMES).index)]
+
+
+def run_lowering(args) -> int:
+    """--lower-for: every wanted workload at every resolution lowered for that platform (shape-only weights)."""
+    import json
+
+    import jax.numpy as jnp
+
+    from jaxvc.bench import cross_lower
+    from jaxvc.bench.sizes import model_configs
+
+    target = args.lower_for
+    args = resolve(args, {"cuda": "gpu", "rocm": "gpu"}.get(target, target))
+    if args.attention == "cudnn" and target != "cuda":
+        raise SystemExit(f"--attention cudnn lowers for cuda only, not {target}")
+    check_attention(args, "gpu")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
+    cudnn_version = _cudnn_version_number(args.assume_cudnn)
+    print(f"jaxvc bench --lower-for {target}: size {args.size}, {args.frames}+1 frames, batch {args.batch}, "
+          f"{args.dtype}, attention {args.attention}, remat {args.remat}"
+          + (f"; assuming cuDNN {args.assume_cudnn} on compute capability {args.assume_compute_capability}"
+             if target == "cuda" else ""), flush=True)
+    rules = cross_lower.platform_rules(target, cudnn_version, args.assume_compute_capability)
+    with rules:
+        rows = _lower_all(args, configs, target)
+    print()
+    print(cross_lower.format_lowerings(rows))
+    if args.out:
+        path = f"{args.out}.json"
+        with open(path, "w") as handle:
+            json.dump({"lower_for": target, "versions": {"jax": jax_version()},
+                       "settings": {k: getattr(args, k) for k in ("size", "image_size", "frames", "batch", "dtype",
+                                                                  "attention", "remat", "assume_cudnn",
+                                                                  "assume_compute_capability")},
+                       "lowerings": [dict(vars(row), ok=row.ok) for row in rows]}, handle, indent=1)
+        print(f"wrote {path}")
+    return 0 if all(row.ok for row in rows) else 1
+
+
+def _lower_all(args, configs, target: str) -> list:
+    from jaxvc.bench import cross_lower, jax_workloads
+    from jaxvc.train.state import unbox
+
+    params = None
+    rows = []
+    for size in args.image_size:
+        method = jax_workloads.build_method(configs, args.frames, size)
+        if params is None:
+            params = unbox(method.abstract_params())  # ShapeDtypeStructs: nothing allocated
+        builders = {
+            "train step": lambda: jax_workloads.train_step_program(method, params, args.batch),
+            "sampling": lambda: jax_workloads.sampling_program(method, params, args.batch,
+                                                               steps=args.sampling_steps, guidance=args.guidance),
+            "VAE decode": lambda: jax_workloads.vae_decode_program(method, params, args.batch, chunk=args.vae_chunk)}
+        for workload in wanted_workloads(args):
+            row = cross_lower.lower_workload(workload, builders[workload], target, size)
+            print(f"    {workload} @{size}px: " + (f"lowered in {row.seconds:.1f} s, {row.cudnn_attention} cuDNN "
+                                                     f"attention calls" if row.ok else row.error), flush=True)
+            rows.append(row)
+    return rows
+
+
+def _cudnn_version_number(text: str) -> int:
+    """'9.19' or '9.19.0' -> 91900, cuDNN's own integer form (major * 10000 + minor * 100 + patch)."""
+    try:
+        major, minor, patch = (int(part) for part in (text.split(".") + ["0", "0"])[:3])
+    except ValueError:
+        raise SystemExit(f"--assume-cudnn {text!r}: expected a version like 9.19") from None
+    return major * 10000 + minor * 100 + patch
+
+
+def jax_version() -> str:
+    import jax
+
+    return jax.__version__
 
 
 def versions() -> dict:
@@ -140,14 +237,13 @@ def run(args) -> int:
     from jaxvc.bench.sizes import model_configs
     from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
 
+    if args.lower_for:
+        return run_lowering(args)
     started = time.perf_counter()
     device = jax.devices()[0]
     args = resolve(args, device.platform)
-    if args.attention == "cudnn" and device.platform != "gpu":
-        raise SystemExit("--attention cudnn needs an NVIDIA GPU (cuDNN flash attention); use xla or jax here")
-    if args.attention == "cudnn" and args.dtype == "float32":
-        raise SystemExit("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention takes bf16/fp16 only)")
-    wanted = [WORKLOAD_NAMES[w] for w in sorted(args.workloads, key=list(WORKLOAD_NAMES).index)]
+    check_attention(args, device.platform)
+    wanted = wanted_workloads(args)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
 

@@ -61,7 +61,15 @@ def init_params(method, seed: int = 0):
 
 
 def _cast_floats(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return jax.ShapeDtypeStruct(x.shape, dtype) if _is_abstract(x) else x.astype(dtype)
+    return jax.tree.map(cast, tree)
+
+
+def _is_abstract(x) -> bool:
+    return isinstance(x, jax.ShapeDtypeStruct)
 
 
 def _latents(rng, shape):
@@ -73,8 +81,13 @@ def _trainable_path(method):
     return lambda path: method.trainable(("params", *path.split("/"), "kernel"))
 
 
-def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
-               compiler_options: dict | None = None) -> Measurement:
+# ---------------------------------------------------------------- the programs: a jitted function and its arguments
+# Each takes concrete parameters (to time the program) or ShapeDtypeStructs from ``method.abstract_params()`` (to
+# lower it for a platform this host does not have, jaxvc/bench/cross_lower.py); the arguments follow suit.
+
+def train_step_program(method, params, batch_size: int):
+    """(jitted ``make_train_step`` with the state donated, (state, batch)): VideoMaker's train step as the trainer
+    runs it, with the optimizer of configs/videomaker.py:sd15."""
     from jaxvc.train.optim import build_optimizer
     from jaxvc.train.state import new_state, split_params
     from jaxvc.train.step import make_train_step
@@ -83,17 +96,69 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
                             weight_decay=1e-2, clip_norm=1.0))  # configs/videomaker.py:sd15
     optimizer, schedule = build_optimizer(optim, total_steps=1000)
     trainable, frozen = split_params(params, method.trainable)
-    state = jax.jit(lambda t, f: new_state(t, f, optimizer, jax.random.PRNGKey(1), use_ema=False))(trainable, frozen)
+    make_state = lambda t, f: new_state(t, f, optimizer, jax.random.PRNGKey(1), use_ema=False)
+    abstract = any(_is_abstract(x) for x in jax.tree.leaves(params))
+    state = jax.eval_shape(make_state, trainable, frozen) if abstract else jax.jit(make_state)(trainable, frozen)
     frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
-    keys = jax.random.split(jax.random.key(2), 3)
-    batch = {"latents": _latents(keys[0], (batch_size, frames, latent, latent, channels)),
-             "reference_latent": _latents(keys[1], (batch_size, 1, latent, latent, channels)),
-             "tokens": jax.random.randint(keys[2], (batch_size, 77), 0, method.text_encoder.config.vocab_size,
-                                          jnp.int32)}
-    step = jax.jit(make_train_step(method, optimizer, schedule), donate_argnums=0)
+    shapes = {"latents": ((batch_size, frames, latent, latent, channels), jnp.float32),
+              "reference_latent": ((batch_size, 1, latent, latent, channels), jnp.float32),
+              "tokens": ((batch_size, 77), jnp.int32)}
+    if abstract:
+        batch = {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
+    else:
+        keys = jax.random.split(jax.random.key(2), 3)
+        batch = {"latents": _latents(keys[0], shapes["latents"][0]),
+                 "reference_latent": _latents(keys[1], shapes["reference_latent"][0]),
+                 "tokens": jax.random.randint(keys[2], shapes["tokens"][0], 0,
+                                              method.text_encoder.config.vocab_size, jnp.int32)}
+    return jax.jit(make_train_step(method, optimizer, schedule), donate_argnums=0), (state, batch)
+
+
+def sampling_program(method, params, batch_size: int, *, steps: int, guidance: float):
+    """(``CustomVideoPipeline``'s own jitted generation, its arguments): 30 guided DDIM steps in one ``lax.scan``,
+    the UNet's weights in the compute dtype."""
+    pipe = method.pipeline(params, tokenizer=None)
+    unet_variables = _cast_floats(pipe.params["unet"], method.unet.config.dtype)
+    frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
+    text_shape = (batch_size, 77, method.text_encoder.config.hidden_size)
+    reference_shape, video_shape = (batch_size, 1, latent, latent, channels), (batch_size, frames, latent, latent,
+                                                                               channels)
+    if any(_is_abstract(x) for x in jax.tree.leaves(unet_variables)):
+        arrays = [jax.ShapeDtypeStruct(shape, jnp.float32)
+                  for shape in (text_shape, text_shape, reference_shape, video_shape)]
+        rng = jax.eval_shape(lambda: jax.random.key(4))
+    else:
+        keys = jax.random.split(jax.random.key(3), 4)
+        arrays = [_latents(key, shape) for key, shape in zip(keys, (text_shape, text_shape, reference_shape,
+                                                                    video_shape))]
+        rng = jax.random.key(4)
+    generate = pipe._generate_fn(steps, 0.0, float(guidance), None, 0, False)
+    return generate, (unet_variables, *arrays, rng)
+
+
+def vae_decode_program(method, params, batch_size: int, *, chunk: int | None):
+    """(jitted ``decode_video``, (variables, latents)): B x F latents to frames, ``chunk`` frames at a time."""
+    from jaxvc.models.vae import decode_video
+
+    vae = method.vae
+    variables = {"params": _cast_floats(params["params"]["vae"], vae.config.dtype)}
+    shape = (batch_size, method.num_frames, method.latent_size, method.latent_size, method.latent_channels)
+    abstract = any(_is_abstract(x) for x in jax.tree.leaves(variables))
+    latents = jax.ShapeDtypeStruct(shape, jnp.float32) if abstract else _latents(jax.random.key(5), shape)
+    return jax.jit(lambda v, z: decode_video(vae, v, z, chunk=chunk)), (variables, latents)
+
+
+def _compile(program, args, compiler_options):
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile(compiler_options)
-    compile_s = time.perf_counter() - start
+    compiled = program.lower(*args).compile(compiler_options)
+    return compiled, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------------ the timings
+def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
+               compiler_options: dict | None = None) -> Measurement:
+    step, (state, batch) = train_step_program(method, params, batch_size)
+    compiled, compile_s = _compile(step, (state, batch), compiler_options)
     holder = {"state": state}
 
     def call():
@@ -103,8 +168,8 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
     timing = time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
     loss = float(call())
     memory, kind = jax_peak_memory()
-    counts = analytic.train_step_flops(method.unet.config, method.text_encoder.config, batch_size, frames, latent,
-                                       _trainable_path(method))
+    counts = analytic.train_step_flops(method.unet.config, method.text_encoder.config, batch_size, method.num_frames,
+                                       method.latent_size, _trainable_path(method))
     return Measurement("train step", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind, xla_flops=compiled_flops(compiled),
                        analytic_flops=counts["total"], compile_s=compile_s,
@@ -115,21 +180,8 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
 
 def sampling(method, params, batch_size: int, *, steps: int, guidance: float, warmup: int, iters: int,
              loop_counted_once: bool, compiler_options: dict | None = None) -> Measurement:
-    pipe = method.pipeline(params, tokenizer=None)
-    dtype = method.unet.config.dtype
-    unet_variables = _cast_floats(pipe.params["unet"], dtype)
-    frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
-    keys = jax.random.split(jax.random.key(3), 4)
-    text_dim = method.text_encoder.config.hidden_size
-    text = jax.random.normal(keys[0], (batch_size, 77, text_dim), jnp.float32)
-    negative = jax.random.normal(keys[1], (batch_size, 77, text_dim), jnp.float32)
-    reference = _latents(keys[2], (batch_size, 1, latent, latent, channels))
-    x_T = _latents(keys[3], (batch_size, frames, latent, latent, channels))
-    generate = pipe._generate_fn(steps, 0.0, float(guidance), None, 0, False)  # the pipeline's own jitted generation
-    args = (unet_variables, text, negative, reference, x_T, jax.random.key(4))
-    start = time.perf_counter()
-    compiled = generate.lower(*args).compile(compiler_options)
-    compile_s = time.perf_counter() - start
+    generate, args = sampling_program(method, params, batch_size, steps=steps, guidance=guidance)
+    compiled, compile_s = _compile(generate, args, compiler_options)
     timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters)
     memory, kind = jax_peak_memory()
     xla = compiled_flops(compiled)
@@ -137,31 +189,25 @@ def sampling(method, params, batch_size: int, *, steps: int, guidance: float, wa
         xla *= steps  # XLA counted the scan body (one guided step) once
     return Measurement("sampling", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind, xla_flops=xla,
-                       analytic_flops=analytic.sampling_flops(method.unet.config, batch_size, frames, latent, steps),
+                       analytic_flops=analytic.sampling_flops(method.unet.config, batch_size, method.num_frames,
+                                                              method.latent_size, steps),
                        compile_s=compile_s, xla_planned_bytes=compiled_memory_bytes(compiled),
                        extra={"times_s": timing.times_s, "steps": steps, "guidance": guidance})
 
 
 def vae_decode(method, params, batch_size: int, *, chunk: int | None, warmup: int, iters: int,
                compiler_options: dict | None = None) -> Measurement:
-    from jaxvc.models.vae import decode_video
-
-    vae = method.vae
-    variables = {"params": _cast_floats(params["params"]["vae"], vae.config.dtype)}
-    frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
-    latents = _latents(jax.random.key(5), (batch_size, frames, latent, latent, channels))
-    decode = jax.jit(lambda v, z: decode_video(vae, v, z, chunk=chunk))
-    start = time.perf_counter()
-    compiled = decode.lower(variables, latents).compile(compiler_options)
-    compile_s = time.perf_counter() - start
-    timing = time_calls(lambda: compiled(variables, latents), jax.block_until_ready, warmup=warmup, iters=iters)
+    decode, args = vae_decode_program(method, params, batch_size, chunk=chunk)
+    compiled, compile_s = _compile(decode, args, compiler_options)
+    timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters)
     memory, kind = jax_peak_memory()
     xla = compiled_flops(compiled)
-    chunked = chunk is not None and chunk < batch_size * frames
+    chunked = chunk is not None and chunk < batch_size * method.num_frames
     return Measurement("VAE decode", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind,
                        # a chunked decode is a lax.map loop, whose body XLA counts once: leave the count out
                        xla_flops=None if chunked else xla,
-                       analytic_flops=analytic.vae_decode_flops(vae.config, batch_size * frames, latent),
+                       analytic_flops=analytic.vae_decode_flops(method.vae.config, batch_size * method.num_frames,
+                                                                method.latent_size),
                        compile_s=compile_s, xla_planned_bytes=compiled_memory_bytes(compiled),
                        extra={"times_s": timing.times_s, "chunk": chunk})
