@@ -1,7 +1,7 @@
 """The attention backend switch (jaxvc/models/attention.py): every backend computes the same attention, and "cudnn"
-sends sequences shorter than one flash tile (the motion modules' frames) and odd lengths (CLIP's 77 tokens, which
-jax's differentiated cuDNN path refuses) through the einsum path, so it never reaches cuDNN there (which is why those
-cases run on a CPU)."""
+sends sequences shorter than one flash tile (the motion modules' frames), odd lengths (CLIP's 77 tokens, which
+jax's differentiated cuDNN path refuses) and head dims over cuDNN's limit through the einsum path, so it never reaches
+cuDNN there (which is why those cases run on a CPU)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,14 +26,32 @@ def test_backends_compute_softmax_attention(backend, causal):
     np.testing.assert_allclose(out, softmax_attention(query, key, value, causal), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("queries, keys", [(17, CUDNN_MIN_KEYS - 1),  # a motion module over the frames
-                                            (64, 77)])                  # cross-attention to CLIP's 77 tokens
-def test_cudnn_backend_sends_short_or_odd_sequences_through_the_einsum_path(queries, keys):
-    query, key, value = _qkv(queries, keys)
+@pytest.mark.parametrize("queries, keys, head_dim", [
+    (17, CUDNN_MIN_KEYS - 1, 8),  # a motion module over the frames
+    (64, 77, 8),                  # cross-attention to CLIP's 77 tokens
+    (64, 64, 160),                # SD1.5's deepest level: over the 128 that cuDNN takes without a Hopper GPU
+])
+def test_cudnn_backend_sends_short_or_odd_sequences_through_the_einsum_path(queries, keys, head_dim):
+    query, key, value = _qkv(queries, keys, head_dim=head_dim)
     out = dot_product_attention(query, key, value, backend="cudnn")  # would need a GPU if it reached cuDNN
     np.testing.assert_array_equal(out, dot_product_attention(query, key, value, backend="xla"))
     jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, backend="cudnn"))(query, key, value))
     assert "custom_call" not in jaxpr and "cudnn" not in jaxpr
+
+
+def test_cudnn_head_dim_limit_follows_the_gpu_generation():
+    """jax lets cuDNN take head dims up to 256 from Hopper (compute capability 9.0) on, 128 before, in multiples of
+    8; the rule is asked for an assumed GPU as jaxvc/bench/cross_lower.py does."""
+    from jaxvc.bench.cross_lower import assume_cuda_device
+    from jaxvc.models.attention import _cudnn_takes, cudnn_max_head_dim
+
+    with assume_cuda_device(compute_capability="8.0"):  # A100
+        assert cudnn_max_head_dim() == 128
+        assert _cudnn_takes(256, 256, 128) and not _cudnn_takes(256, 256, 160)
+    with assume_cuda_device(compute_capability="9.0"):  # H100 / H200
+        assert cudnn_max_head_dim() == 256
+        assert _cudnn_takes(256, 256, 160) and not _cudnn_takes(256, 256, 264) and not _cudnn_takes(256, 256, 36)
+    assert cudnn_max_head_dim() == 128  # this CPU host: no GPU to ask
 
 
 def test_unknown_backend_is_a_clear_error():

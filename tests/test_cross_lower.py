@@ -67,7 +67,7 @@ def test_the_h200_failure_reproduces_with_the_rule_it_had(monkeypatch):
     """Before the fix, "cudnn" sent every attention with >= 64 keys to cuDNN, CLIP's 77 included; jax's
     differentiated cuDNN rule refuses odd lengths. On the H200 this was "Unsupported sequence length Q 17408, KV 77"
     (SD1.5 at 256 px); here, at tiny size, Q is 5 frames x 256 tokens."""
-    monkeypatch.setattr(attention, "_cudnn_takes", lambda query_length, key_length: key_length >= 64)
+    monkeypatch.setattr(attention, "_cudnn_takes", lambda query_length, key_length, head_dim: key_length >= 64)
     train = _lower("train step", _method())
     assert not train.ok
     assert re.search(r"Unsupported sequence length Q \d+, KV 77", train.error), train.error

@@ -172,20 +172,27 @@ def run_lowering(args) -> int:
 
 
 def _lower_all(args, configs, target: str) -> list:
+    import functools
+
     from jaxvc.bench import cross_lower, jax_workloads
     from jaxvc.train.state import unbox
 
-    params = None
+    @functools.cache
+    def shape_only_params(method):  # traced once, inside a row: a model that fails to trace is that row's error
+        return unbox(method.abstract_params())  # ShapeDtypeStructs: nothing allocated
+
     rows = []
+    first = None
     for size in args.image_size:
         method = jax_workloads.build_method(configs, args.frames, size)
-        if params is None:
-            params = unbox(method.abstract_params())  # ShapeDtypeStructs: nothing allocated
+        first = first or method  # the weights do not depend on the resolution
+        params = lambda: shape_only_params(first)
         builders = {
-            "train step": lambda: jax_workloads.train_step_program(method, params, args.batch),
-            "sampling": lambda: jax_workloads.sampling_program(method, params, args.batch,
+            "train step": lambda: jax_workloads.train_step_program(method, params(), args.batch),
+            "sampling": lambda: jax_workloads.sampling_program(method, params(), args.batch,
                                                                steps=args.sampling_steps, guidance=args.guidance),
-            "VAE decode": lambda: jax_workloads.vae_decode_program(method, params, args.batch, chunk=args.vae_chunk)}
+            "VAE decode": lambda: jax_workloads.vae_decode_program(method, params(), args.batch,
+                                                                   chunk=args.vae_chunk)}
         for workload in wanted_workloads(args):
             row = cross_lower.lower_workload(workload, builders[workload], target, size)
             print(f"    {workload} @{size}px: " + (f"lowered in {row.seconds:.1f} s, {row.cudnn_attention} cuDNN "

@@ -4,9 +4,9 @@ Backends (``backend=``):
   "xla"     explicit einsum + float32 softmax; runs everywhere and is the parity reference.
   "jax"     ``jax.nn.dot_product_attention`` with XLA's choice of implementation.
   "cudnn"   ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention on NVIDIA GPUs
-            (needs float16/bfloat16 inputs; head dim <= 256 on Hopper, <= 128 before, a multiple of 8); sequences
-            of fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames) and odd lengths (cross-attention to
-            CLIP's 77 tokens) take the einsum path (``_cudnn_takes``).
+            (needs float16/bfloat16 inputs). What cuDNN cannot or need not take goes through the einsum path
+            (``_cudnn_takes``): fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames), odd lengths
+            (cross-attention to CLIP's 77 tokens), and head dims over cuDNN's limit (SD1.5's 160 before Hopper).
 
 Reference-injected self-attention (VideoMaker's PISA) enters through ``reference_tokens``: the reference tokens are
 appended to the sequence, every token (frame and reference) attends over ``[own tokens; reference tokens]``
@@ -30,12 +30,31 @@ BACKENDS = ("xla", "jax", "cudnn")
 CUDNN_MIN_KEYS = 64
 
 
-def _cudnn_takes(query_length: int, key_length: int) -> bool:
-    """Whether "cudnn" runs this attention on cuDNN. Odd lengths go to the einsum path too: jax 0.11's cuDNN rule,
-    once differentiated, refuses odd query/key lengths even without a bias (its empty bias placeholder counts as a
-    bias), which failed the SD1.5 train step's cross-attention to CLIP's 77 tokens on an H200 ("Unsupported sequence
-    length Q 17408, KV 77"); the einsum over 77 keys is cheap (its logits are 77/L of a self-attention's)."""
-    return key_length >= CUDNN_MIN_KEYS and query_length % 2 == 0 and key_length % 2 == 0
+def _cudnn_takes(query_length: int, key_length: int, head_dim: int) -> bool:
+    """Whether "cudnn" runs this attention on cuDNN.
+
+    * Odd lengths go to the einsum path: jax 0.11's cuDNN rule, once differentiated, refuses odd query/key lengths
+      even without a bias (its empty bias placeholder counts as a bias), which failed the SD1.5 train step's
+      cross-attention to CLIP's 77 tokens on an H200 ("Unsupported sequence length Q 17408, KV 77"); the einsum
+      over 77 keys is cheap (its logits are 77/L of a self-attention's).
+    * Head dims over jax's cuDNN limit too (a multiple of 8, at most 256 from Hopper on, 128 before): SD1.5's
+      deepest level has 8 heads of 160 channels, which jax refuses on an A100 ("The head dim must be <= 128");
+      that level has the fewest tokens (1/64 of the first level's), so its einsum is the cheapest.
+    """
+    return (key_length >= CUDNN_MIN_KEYS and query_length % 2 == 0 and key_length % 2 == 0
+            and head_dim % 8 == 0 and head_dim <= cudnn_max_head_dim())
+
+
+def cudnn_max_head_dim() -> int:
+    """The largest head dim jax lets cuDNN flash attention take on this GPU: 256 from Hopper (compute capability
+    9.0) on, 128 before. Asked of jax's own rule, so that lowering for an assumed GPU (jaxvc/bench/cross_lower.py)
+    sees the same answer; 128 (the limit everywhere) if that rule is not where this jax keeps it."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_compute_capability
+
+        return 256 if check_compute_capability("9.0") else 128
+    except Exception:  # a jax that moved the rule, or no GPU backend at all
+        return 128
 
 
 def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bool = False, scale: float | None = None):
@@ -62,7 +81,7 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         total = jnp.transpose(unnormalized.sum(axis=-1), (0, 2, 1))[..., None]  # (B, Lq, H, 1)
         return (out / total).astype(value.dtype)
     lq, lk = query.shape[1], key.shape[1]
-    if backend == "cudnn" and not _cudnn_takes(lq, lk):
+    if backend == "cudnn" and not _cudnn_takes(lq, lk, query.shape[-1]):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
     implementation = "cudnn" if backend == "cudnn" else None
     if causal and lq != lk:
