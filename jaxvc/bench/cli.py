@@ -3,6 +3,7 @@ in jaxvc and in the diffusers PyTorch reference in the same run, printed as one 
 
     python -m jaxvc.bench --size tiny                                   # CPU, minutes on 2 cores
     python -m jaxvc.bench --size sd15 --image-size 256 512 --torch-compile --out results/bench_h100   # a GPU
+    python -m jaxvc.bench --size sd15 --lower-for cuda    # any host: does every workload lower for a GPU?
 
 Every number is the median of --iters synchronized calls after --warmup calls. MFU = model FLOPs / step time / the
 device's peak FLOP/s, measured once here with a large matmul (bf16 on accelerators, fp32 on CPU where XLA has no

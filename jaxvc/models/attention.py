@@ -39,7 +39,7 @@ def _cudnn_takes(query_length: int, key_length: int, head_dim: int) -> bool:
       over 77 keys is cheap (its logits are 77/L of a self-attention's).
     * Head dims over jax's cuDNN limit too (a multiple of 8, at most 256 from Hopper on, 128 before): SD1.5's
       deepest level has 8 heads of 160 channels, which jax refuses on an A100 ("The head dim must be <= 128");
-      that level has the fewest tokens (1/64 of the first level's), so its einsum is the cheapest.
+      that level has the fewest tokens (1/16 of the first level's, so 1/256 of its attention scores).
     """
     return (key_length >= CUDNN_MIN_KEYS and query_length % 2 == 0 and key_length % 2 == 0
             and head_dim % 8 == 0 and head_dim <= cudnn_max_head_dim())
