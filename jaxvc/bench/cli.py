@@ -32,6 +32,7 @@ WORKLOAD_NAMES = {"train": "train step", "sampling": "sampling", "vae": "VAE dec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from jaxvc.bench.cross_lower import PLATFORMS
     from jaxvc.bench.sizes import SIZES
     from jaxvc.train.compute import REMAT_POLICIES
 
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as such) and the table is printed; for leased or time-limited machines. With --out the "
                              "JSON/CSV are also rewritten after every measurement, so a run stopped from outside "
                              "keeps what it measured")
-    parser.add_argument("--lower-for", choices=["cuda", "rocm", "tpu", "cpu"], default=None,
+    parser.add_argument("--lower-for", choices=PLATFORMS, default=None,
                         help="time nothing: lower (trace + emit StableHLO) each jaxvc workload for this platform, "
                              "from any host, with shape-only weights, and print what it would run (cuDNN attention "
                              "calls, dots, convolutions) or why it fails. A check before a GPU/TPU lease: jax's "
@@ -144,6 +145,8 @@ def run_lowering(args) -> int:
     from jaxvc.bench.sizes import model_configs
 
     target = args.lower_for
+    if target == "rocm" and args.attention == "auto":
+        args.attention = "xla"  # cuDNN is NVIDIA's
     args = resolve(args, {"cuda": "gpu", "rocm": "gpu"}.get(target, target))
     if args.attention == "cudnn" and target != "cuda":
         raise SystemExit(f"--attention cudnn lowers for cuda only, not {target}")
