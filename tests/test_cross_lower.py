@@ -96,3 +96,50 @@ def test_cli_lower_for_cuda_writes_json_and_exit_status(tmp_path, capsys):
         main(["--size", "tiny", "--lower-for", "tpu", "--attention", "cudnn"])
     with pytest.raises(SystemExit, match="--assume-cudnn"):
         main(["--size", "tiny", "--lower-for", "cuda", "--assume-cudnn", "nine"])
+
+
+# ------------------------------------------------------------------ compiling for a GPU without one (--compile-for)
+def _has_cuda_plugin() -> bool:
+    import importlib.util
+
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
+
+
+def test_gpu_targets_by_name_and_from_a_file(tmp_path):
+    from jaxvc.bench.gpu_targets import resolve_target
+
+    h200 = resolve_target("h200", cudnn="9.19")
+    assert (h200.compute_capability, h200.memory_bytes) == ("9.0", 143_771 * 2 ** 20)
+    assert "core_count: 132" in h200.config_text and "dnn_version_info { major: 9 minor: 19 }" in h200.config_text
+    assert resolve_target("a100").compute_capability == "8.0"
+    spec = tmp_path / "l4.txtpb"
+    spec.write_text('gpu_device_info {\n  core_count: 58\n  device_memory_size: 23034134528\n'
+                    '  cuda_compute_capability {\n    major: 8\n    minor: 9\n  }\n}\nplatform_name: "CUDA"\n')
+    l4 = resolve_target(str(spec))
+    assert (l4.name, l4.compute_capability, l4.memory_bytes) == ("l4.txtpb", "8.9", 23_034_134_528)
+    spec.write_text('platform_name: "ROCM"\n')
+    with pytest.raises(ValueError, match="no cuda_compute_capability"):
+        resolve_target(str(spec))
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_target(str(tmp_path / "missing.txtpb"))
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed here")
+def test_compile_for_without_the_cuda_plugin_says_what_to_install():
+    with pytest.raises(SystemExit, match=r"jax\[cuda12\]"):
+        main(["--size", "tiny", "--compile-for", "h200", "--workloads", "vae"])
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax's CUDA plugin (pip install 'jax[cuda12]'); no GPU")
+def test_compile_for_h200_plans_the_train_step(tmp_path):
+    """XLA's GPU compiler, for an H200 that is not here: the train step compiles with its cuDNN attention, and the
+    plan holds at least the state (weights + AdamW moments, donated and aliased) and some temporaries."""
+    out = tmp_path / "compiled"
+    assert main(["--size", "tiny", "--compile-for", "h200", "--workloads", "train", "--out", str(out)]) == 0
+    (row,) = json.loads((tmp_path / "compiled.json").read_text())["lowerings"]
+    assert row["ok"] and row["cudnn_attention"] == 4 and row["compile_s"] > 0
+    assert row["alias_bytes"] > 0 and row["temp_bytes"] > 0
+    assert row["planned_bytes"] == row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"] - row["alias_bytes"]

@@ -90,10 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from any host, with shape-only weights, and print what it would run (cuDNN attention "
                              "calls, dots, convolutions) or why it fails. A check before a GPU/TPU lease: jax's "
                              "cuDNN shape rules run at this stage. Exit status 1 if any workload fails to lower")
+    parser.add_argument("--compile-for", default=None, metavar="GPU",
+                        help="like --lower-for cuda, and also compile each workload with XLA's GPU compiler for this "
+                             "GPU without one: h100, h200, a100, or a GpuTargetConfigProto text file. Prints XLA's "
+                             "memory plan of one call (arguments, temporaries, share of device memory). Needs jax's "
+                             "CUDA plugin (pip install \"jax[cuda12]\"), no GPU or driver; autotuning is skipped")
     parser.add_argument("--assume-cudnn", default="9.19",
                         help="with --lower-for cuda: the cuDNN version jax's attention rules assume (default 9.19)")
     parser.add_argument("--assume-compute-capability", default="9.0",
-                        help="with --lower-for cuda: the GPU's compute capability (9.0: H100/H200; 8.0: A100)")
+                        help="with --lower-for cuda: the GPU's compute capability (9.0: H100/H200; 8.0: A100); "
+                             "--compile-for takes it from its GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="write <out>.json (header, every measurement, the table) and <out>.csv")
@@ -144,6 +150,20 @@ def run_lowering(args) -> int:
     from jaxvc.bench import cross_lower
     from jaxvc.bench.sizes import model_configs
 
+    gpu = None
+    if args.compile_for:
+        from jaxvc.bench.gpu_targets import resolve_target
+
+        # jax checks the CUDA plugin's libraries against the driver when it registers the plugin; with no driver the
+        # check fails (loudly) and the plugin is left out, though a device-less compile needs no driver
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        if args.lower_for not in (None, "cuda"):
+            raise SystemExit(f"--compile-for compiles for an NVIDIA GPU: --lower-for {args.lower_for} contradicts it")
+        try:
+            gpu = resolve_target(args.compile_for, cudnn=args.assume_cudnn)
+        except ValueError as error:
+            raise SystemExit(f"--compile-for: {error}") from None
+        args.lower_for, args.assume_compute_capability = "cuda", gpu.compute_capability
     target = args.lower_for
     if target == "rocm" and args.attention == "auto":
         args.attention = "xla"  # cuDNN is NVIDIA's
@@ -154,28 +174,39 @@ def run_lowering(args) -> int:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
     cudnn_version = _cudnn_version_number(args.assume_cudnn)
-    print(f"jaxvc bench --lower-for {target}: size {args.size}, {args.frames}+1 frames, batch {args.batch}, "
+    device_sharding = None
+    if gpu is not None:
+        from jaxvc.bench.gpu_targets import device_sharding as make_device_sharding
+
+        try:
+            device_sharding = make_device_sharding(gpu)
+        except RuntimeError as error:
+            raise SystemExit(f"--compile-for {args.compile_for}: {error}") from None
+    mode = f"--compile-for {gpu.name}" if gpu else f"--lower-for {target}"
+    print(f"jaxvc bench {mode}: size {args.size}, {args.frames}+1 frames, batch {args.batch}, "
           f"{args.dtype}, attention {args.attention}, remat {args.remat}"
           + (f"; assuming cuDNN {args.assume_cudnn} on compute capability {args.assume_compute_capability}"
              if target == "cuda" else ""), flush=True)
     rules = cross_lower.platform_rules(target, cudnn_version, args.assume_compute_capability)
     with rules:
-        rows = _lower_all(args, configs, target)
+        rows = _lower_all(args, configs, target, device_sharding, gpu.memory_bytes if gpu else None)
     print()
     print(cross_lower.format_lowerings(rows))
     if args.out:
         path = f"{args.out}.json"
         with open(path, "w") as handle:
-            json.dump({"lower_for": target, "versions": {"jax": jax_version()},
+            json.dump({"lower_for": target, "compile_for": gpu.name if gpu else None,
+                       "gpu_target_config": gpu.config_text if gpu else None, "versions": {"jax": jax_version()},
                        "settings": {k: getattr(args, k) for k in ("size", "image_size", "frames", "batch", "dtype",
                                                                   "attention", "remat", "assume_cudnn",
                                                                   "assume_compute_capability")},
-                       "lowerings": [dict(vars(row), ok=row.ok) for row in rows]}, handle, indent=1)
+                       "lowerings": [dict(vars(row), ok=row.ok, planned_bytes=row.planned_bytes) for row in rows]},
+                      handle, indent=1)
         print(f"wrote {path}")
     return 0 if all(row.ok for row in rows) else 1
 
 
-def _lower_all(args, configs, target: str) -> list:
+def _lower_all(args, configs, target: str, device_sharding, device_memory_bytes) -> list:
     import functools
 
     from jaxvc.bench import cross_lower, jax_workloads
@@ -198,9 +229,14 @@ def _lower_all(args, configs, target: str) -> list:
             "VAE decode": lambda: jax_workloads.vae_decode_program(method, params(), args.batch,
                                                                    chunk=args.vae_chunk)}
         for workload in wanted_workloads(args):
-            row = cross_lower.lower_workload(workload, builders[workload], target, size)
-            print(f"    {workload} @{size}px: " + (f"lowered in {row.seconds:.1f} s, {row.cudnn_attention} cuDNN "
-                                                     f"attention calls" if row.ok else row.error), flush=True)
+            if device_sharding is not None:
+                print(f"  compiling {workload} @{size}px ...", flush=True)
+            row = cross_lower.lower_workload(workload, builders[workload], target, size,
+                                             device_sharding=device_sharding, device_memory_bytes=device_memory_bytes)
+            done = f"{'compiled' if row.compile_s is not None else 'lowered'} in {row.seconds:.1f} s"
+            plan = f", XLA plan {row.planned_bytes / 2 ** 30:.2f} GiB per call" if row.planned_bytes else ""
+            print(f"    {workload} @{size}px: " + (f"{done}, {row.cudnn_attention} cuDNN attention calls{plan}"
+                                                     if row.ok else row.error), flush=True)
             rows.append(row)
     return rows
 
@@ -248,7 +284,7 @@ def run(args) -> int:
     from jaxvc.bench.sizes import model_configs
     from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
 
-    if args.lower_for:
+    if args.lower_for or args.compile_for:
         return run_lowering(args)
     started = time.perf_counter()
     device = jax.devices()[0]

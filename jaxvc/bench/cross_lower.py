@@ -24,6 +24,10 @@ import time
 import jax
 
 PLATFORMS = ("cuda", "rocm", "tpu", "cpu")
+# jaxlib 0.10's GPU compiler, without a device to autotune on, can fail to tile a Triton GEMM ("Couldn't find output
+# tile sizes that satisfy hlo: ... dot(...)"; 0.11 does not); such a program is compiled again with Triton GEMMs off
+# (cuBLAS for every dot), and the row records it, since its plan can then differ a little from the device's.
+DEVICELESS_FALLBACK = ("Couldn't find output tile sizes", {"xla_gpu_enable_triton_gemm": False})
 CUDNN_ATTENTION = re.compile(r"custom_call @__cudnn\$fmha(\w*)")
 
 
@@ -66,6 +70,22 @@ class Lowering:
     cudnn_attention_backward: int = 0
     dot_generals: int = 0           # matmuls/einsums left to XLA (projections, einsum attention)
     convolutions: int = 0
+    # with a GPU target (compile_workload): XLA's compile for it and its memory plan of one call
+    compile_s: float | None = None
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    temp_bytes: int | None = None
+    alias_bytes: int | None = None   # outputs that reuse donated arguments (the train state)
+    device_memory_bytes: int | None = None
+    compile_options: dict | None = None  # what the compile needed beyond the defaults (DEVICELESS_FALLBACK)
+
+    @property
+    def planned_bytes(self) -> int | None:
+        """What one call needs on the device: arguments + outputs + temporaries - what outputs share with donated
+        arguments (the same sum as the benchmark's "XLA plan per call")."""
+        if self.argument_bytes is None:
+            return None
+        return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
     @property
     def ok(self) -> bool:
@@ -96,14 +116,34 @@ def platform_rules(platform: str, cudnn_version: int = 91900, compute_capability
     return contextlib.nullcontext()
 
 
-def lower_workload(name: str, build, platform: str, image_size: int) -> Lowering:
+def lower_workload(name: str, build, platform: str, image_size: int, *, device_sharding=None,
+                   device_memory_bytes: int | None = None) -> Lowering:
     """Build ``(program, args) = build()`` and lower it, inside ``platform_rules``; a failure is kept as the row's
-    error, like a benchmark's."""
-    lowering = Lowering(name, image_size, platform)
+    error, like a benchmark's. With ``device_sharding`` (a device of a device-less GPU topology,
+    jaxvc/bench/gpu_targets.py) the arguments are placed on that device and the program is also compiled for it,
+    which records XLA's compile time and memory plan."""
+    lowering = Lowering(name, image_size, platform, device_memory_bytes=device_memory_bytes)
     start = time.perf_counter()
     try:
         program, args = build()
-        inspect(lower(program, args, platform), lowering)
+        if device_sharding is None:
+            inspect(lower(program, args, platform), lowering)
+        else:
+            args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device_sharding), args)
+            lowered = program.trace(*args).lower()  # the platform comes from the arguments' device
+            inspect(lowered.as_text(), lowering)
+            compile_start = time.perf_counter()
+            try:
+                compiled = lowered.compile()
+            except Exception as error:
+                if DEVICELESS_FALLBACK[0] not in str(error):
+                    raise
+                lowering.compile_options = DEVICELESS_FALLBACK[1]
+                compiled = lowered.compile(lowering.compile_options)
+            memory = compiled.memory_analysis()
+            lowering.compile_s = time.perf_counter() - compile_start
+            lowering.argument_bytes, lowering.output_bytes = memory.argument_size_in_bytes, memory.output_size_in_bytes
+            lowering.temp_bytes, lowering.alias_bytes = memory.temp_size_in_bytes, memory.alias_size_in_bytes
     except Exception as error:  # a backend rule that rejects a shape, an unsupported primitive, ...
         lowering.error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     lowering.seconds = time.perf_counter() - start
@@ -111,13 +151,34 @@ def lower_workload(name: str, build, platform: str, image_size: int) -> Lowering
 
 
 def format_lowerings(rows: list[Lowering]) -> str:
-    header = ("workload", "platform", "lowered", "cuDNN attn fwd", "cuDNN attn bwd", "dot_general", "convolution",
-              "StableHLO ops", "trace+lower")
+    compiled = any(row.compile_s is not None for row in rows)
+    header = ["workload", "platform", "lowered", "cuDNN attn fwd", "cuDNN attn bwd", "dot_general", "convolution",
+              "StableHLO ops", "trace+lower"]
+    if compiled:
+        header[-1] = "trace+lower+compile"
+        header += ["XLA plan per call", "arguments", "temporaries", "of device memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = (f"{row.workload} @{row.image_size}px", row.platform, "yes" if row.ok else f"no: {row.error}",
+        cells = [f"{row.workload} @{row.image_size}px", row.platform, _outcome(row),
                  *(str(v) if row.ok else "-" for v in (row.cudnn_attention, row.cudnn_attention_backward,
                                                         row.dot_generals, row.convolutions, row.stablehlo_ops)),
-                 f"{row.seconds:.1f} s")
+                 f"{row.seconds:.1f} s"]
+        if compiled:
+            planned = row.planned_bytes
+            cells += ["-"] * 4 if planned is None else [
+                _gib(planned), _gib(row.argument_bytes), _gib(row.temp_bytes),
+                f"{100 * planned / row.device_memory_bytes:.1f}%" if row.device_memory_bytes else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _outcome(row: Lowering) -> str:
+    if not row.ok:
+        return f"no: {row.error}"
+    if row.compile_options:
+        return "yes, with " + ", ".join(f"{key}={value}" for key, value in row.compile_options.items())
+    return "yes"
+
+
+def _gib(count: int) -> str:
+    return f"{count / 2 ** 30:.2f} GiB"
