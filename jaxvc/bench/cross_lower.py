@@ -1,11 +1,14 @@
-"""Lower the benchmark's programs for a platform this host does not have (``python -m jaxvc.bench --lower-for cuda``).
+"""Lower (``--lower-for cuda``) or compile (``--compile-for h200``) the benchmark's programs for a platform this host
+does not have.
 
 A GPU or TPU lease is short and costly; a program that fails to trace there wastes it. JAX can lower (trace + emit
 StableHLO) for any platform from any host: ``jit(f).trace(*args).lower(lowering_platforms=("cuda",))``. All of the
 platform-specific decisions made in Python happen then: which attention calls become cuDNN's flash attention, and
 whether jax's own cuDNN rules accept their shapes. The H200 run of 2026-12-04 failed exactly there ("Unsupported
-sequence length Q 17408, KV 77", at trace time) and that failure reproduces on a CPU with this module. What lowering
-cannot show is what only the device's compiler and runtime decide: memory, speed, cuDNN's run-time plan choice.
+sequence length Q 17408, KV 77", at trace time) and that failure reproduces on a CPU with this module. Lowering
+cannot show what the device's compiler decides: memory. With jax's CUDA plugin installed (no GPU needed), the
+programs also compile for a described GPU (jaxvc/bench/gpu_targets.py), which gives XLA's memory plan of one call.
+Neither can show what only the device's runtime decides: speed, cuDNN's run-time plan choice.
 
 The parameters are ShapeDtypeStructs (``method.abstract_params()``): nothing is allocated, so the SD1.5 sizes lower
 on a laptop.
@@ -70,7 +73,7 @@ class Lowering:
     cudnn_attention_backward: int = 0
     dot_generals: int = 0           # matmuls/einsums left to XLA (projections, einsum attention)
     convolutions: int = 0
-    # with a GPU target (compile_workload): XLA's compile for it and its memory plan of one call
+    # compiled for a GPU target (lower_workload with device_sharding): compile time and XLA's plan of one call
     compile_s: float | None = None
     argument_bytes: int | None = None
     output_bytes: int | None = None
