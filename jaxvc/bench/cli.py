@@ -33,6 +33,7 @@ WORKLOAD_NAMES = {"train": "train step", "sampling": "sampling", "vae": "VAE dec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from jaxvc.bench.cross_lower import PLATFORMS
+    from jaxvc.bench.gpu_targets import TARGETS
     from jaxvc.bench.sizes import SIZES
     from jaxvc.train.compute import REMAT_POLICIES
 
@@ -92,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cuDNN shape rules run at this stage. Exit status 1 if any workload fails to lower")
     parser.add_argument("--compile-for", default=None, metavar="GPU",
                         help="like --lower-for cuda, and also compile each workload with XLA's GPU compiler for this "
-                             "GPU without one: h100, h200, a100, or a GpuTargetConfigProto text file. Prints XLA's "
+                             f"GPU without one: {', '.join(sorted(TARGETS))}, or a GpuTargetConfigProto text file. "
+                             "Prints XLA's "
                              "memory plan of one call (arguments, temporaries, share of device memory). Needs jax's "
                              "CUDA plugin (pip install \"jax[cuda12]\"), no GPU or driver; autotuning is skipped")
     parser.add_argument("--assume-cudnn", default="9.19",
