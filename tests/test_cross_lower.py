@@ -100,8 +100,15 @@ def test_cli_lower_for_cuda_writes_json_and_exit_status(tmp_path, capsys):
 
 # ------------------------------------------------------------------ compiling for a GPU without one (--compile-for)
 def _has_cuda_plugin() -> bool:
+    """Installed in this venv, or in .venv/opt/jax-cuda by `launch/setup_env.sh --gpu-compile`."""
     import importlib.util
+    import os
+    import sys
 
+    from jaxvc.bench.gpu_targets import PLUGIN_FOLDER
+
+    if os.path.isdir(os.path.join(sys.prefix, PLUGIN_FOLDER)):
+        return True
     try:
         return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13))
     except ModuleNotFoundError:  # no jax_plugins package at all
@@ -129,11 +136,11 @@ def test_gpu_targets_by_name_and_from_a_file(tmp_path):
 
 @pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed here")
 def test_compile_for_without_the_cuda_plugin_says_what_to_install():
-    with pytest.raises(SystemExit, match=r"jax\[cuda12\]"):
+    with pytest.raises(SystemExit, match=r"setup_env.sh --gpu-compile"):
         main(["--size", "tiny", "--compile-for", "h200", "--workloads", "vae"])
 
 
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax's CUDA plugin (pip install 'jax[cuda12]'); no GPU")
+@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax's CUDA plugin (launch/setup_env.sh --gpu-compile); no GPU")
 def test_compile_for_h200_plans_the_train_step(tmp_path):
     """XLA's GPU compiler, for an H200 that is not here: the train step compiles with its cuDNN attention, and the
     plan holds at least the state (weights + AdamW moments, donated and aliased) and some temporaries."""

@@ -120,10 +120,19 @@ def _field_capability(text: str, path: str) -> str:
     return f"{major}.{minor}"
 
 
+PLUGIN_FOLDER = os.path.join("opt", "jax-cuda")  # under the venv: where `launch/setup_env.sh --gpu-compile` puts it
+
+
 def device_sharding(target: ResolvedTarget):
     """A replicated ``NamedSharding`` on the one device of a device-less topology of ``target``."""
+    import sys
+
     import jax
     from jax.experimental import topologies
+
+    folder = os.path.join(sys.prefix, PLUGIN_FOLDER)
+    if os.path.isdir(folder) and folder not in sys.path:
+        sys.path.append(folder)  # this process only (see launch/requirements-cuda-compile.txt)
 
     def topology():
         return topologies.get_topology_desc(platform="cuda", target_config=target.config_text, topology="1x1x1")
@@ -138,8 +147,9 @@ def device_sharding(target: ResolvedTarget):
     except Exception as error:
         raise RuntimeError(f"cannot build a device-less CUDA topology for {target.name} "
                            f"({type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error) else ''})"
-                           f". Compiling for a GPU without one needs jax's CUDA plugin: pip install "
-                           f"\"jax[cuda12]=={jax.__version__}\" (no GPU or driver needed)") from error
+                           f". Compiling for a GPU without one needs jax's CUDA plugin (no GPU or driver): "
+                           f"`bash launch/setup_env.sh --gpu-compile` puts it in .venv/{PLUGIN_FOLDER}, or pip "
+                           f"install \"jax[cuda12]=={jax.__version__}\" in a separate venv") from error
     mesh = topologies.make_mesh(description, (1,), ("devices",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
