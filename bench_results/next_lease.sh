@@ -4,6 +4,8 @@
 #      and jaxvc sampling @256 again (session 11 changed the einsum attention the motion modules use);
 #   2. torch eager + torch.compile for the train step and sampling @256 (torch.compile never measured on a GPU).
 # Each bench call writes its JSON after every measurement, so whatever finishes before the timeout comes back.
+# Checked on a CPU on 2026-12-05 with the GPU image's jax 0.11.2: every workload here lowers and compiles for an H200
+# (`--lower-for cuda`, `--compile-for h200`); XLA plans 10.7 / 13.7 GiB for the train step at 256 / 512 px.
 # Run from the repository root as `bash bench_results/next_lease.sh`, with .whl/ carried (see lease_env.sh).
 set -u
 source "$(dirname "$0")/lease_env.sh"
