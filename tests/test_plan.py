@@ -6,7 +6,6 @@ fsdp shards the state (argument bytes per device drop ~4x) and all-gathers the w
 cannot fit in a v6e chip's HBM is reported as DOES NOT FIT; bad topologies, meshes and batches fail clearly.
 """
 import json
-import textwrap
 
 import pytest
 
@@ -21,22 +20,8 @@ from jaxvc.plan.hardware import CHIPS, GiB, TopologyError, parse_topology, slice
 from jaxvc.plan.hlo import collectives  # noqa: E402
 from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout, resolve_mesh  # noqa: E402
 
-# The tiny VideoMaker with one UNet level, pixel space, 2 frames of 8x8: one TPU compile is ~30 s of CPU.
-MINI_CONFIG = textwrap.dedent('''
-    from ml_collections import ConfigDict
-    from jaxvc.config_utils import load_config
+from tests.plan_configs import MINI_CONFIG  # noqa: E402
 
-    def get_config(variant=None):
-        config = load_config("configs/videomaker.py:tiny")
-        config.model.vae_variant = "none"
-        config.model.image_size = 8
-        config.model.num_frames = 2
-        config.model.unet_overrides = ConfigDict(dict(
-            block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",)))
-        config.batch_size = 4
-        return config
-''')
 QUIET = ("hostname", "warning", "source location", "libtpu_init", "===")
 
 

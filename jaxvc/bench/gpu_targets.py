@@ -30,6 +30,8 @@ class GpuTarget:
     l2_bytes: int
     shared_memory_per_sm: int
     shared_memory_per_block_optin: int
+    peak_bf16_flops: float = 0.0   # dense bf16 tensor-core peak, FLOP/s (datasheet)
+    nvlink_bandwidth: float = 0.0  # bytes/s, all NVLink links of one GPU together, both directions (datasheet)
 
     def target_config(self, cudnn: str = "9.19", cuda: str = "12.8") -> str:
         """The ``GpuTargetConfigProto`` text of this GPU with the given cuDNN and CUDA runtime versions."""
@@ -65,17 +67,21 @@ device_description_str: "{self.description}"
 
 # The figures a device reports of itself (the H100's as XLA's own tests and users' dumps of real devices show them;
 # the H200 is the same GH100 chip with 141 GB at 4.8 TB/s, the memory total being what the leased H200 reported:
-# 143771 MiB; the A100 from NVIDIA's A100 datasheet and the SM 8.0 tuning guide).
+# 143771 MiB; the A100 from NVIDIA's A100 datasheet and the SM 8.0 tuning guide). Peaks and NVLink from the H100/H200
+# SXM and A100 SXM datasheets: 989 / 989 / 312 TFLOP/s dense bf16, 900 / 900 / 600 GB/s NVLink.
 TARGETS = {
     "h100": GpuTarget("h100", "NVIDIA H100 80GB HBM3", "9.0", sm_count=132, fpus_per_sm=128, clock_ghz=1.98,
                       memory_bytes=84_929_347_584, memory_bandwidth=3.35232e12, l2_bytes=52_428_800,
-                      shared_memory_per_sm=233_472, shared_memory_per_block_optin=232_448),
+                      shared_memory_per_sm=233_472, shared_memory_per_block_optin=232_448,
+                      peak_bf16_flops=989e12, nvlink_bandwidth=900e9),
     "h200": GpuTarget("h200", "NVIDIA H200", "9.0", sm_count=132, fpus_per_sm=128, clock_ghz=1.98,
                       memory_bytes=143_771 * 2 ** 20, memory_bandwidth=4.8e12, l2_bytes=52_428_800,
-                      shared_memory_per_sm=233_472, shared_memory_per_block_optin=232_448),
+                      shared_memory_per_sm=233_472, shared_memory_per_block_optin=232_448,
+                      peak_bf16_flops=989e12, nvlink_bandwidth=900e9),
     "a100": GpuTarget("a100", "NVIDIA A100-SXM4-80GB", "8.0", sm_count=108, fpus_per_sm=64, clock_ghz=1.41,
                       memory_bytes=85_899_345_920, memory_bandwidth=2.039e12, l2_bytes=41_943_040,
-                      shared_memory_per_sm=167_936, shared_memory_per_block_optin=166_912),
+                      shared_memory_per_sm=167_936, shared_memory_per_block_optin=166_912,
+                      peak_bf16_flops=312e12, nvlink_bandwidth=600e9),
 }
 
 
@@ -125,17 +131,31 @@ PLUGIN_FOLDER = os.path.join("opt", "jax-cuda")  # under the venv: where `launch
 
 def device_sharding(target: ResolvedTarget):
     """A replicated ``NamedSharding`` on the one device of a device-less topology of ``target``."""
+    import jax
+    from jax.experimental import topologies
+
+    mesh = topologies.make_mesh(topology_description(target), (1,), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def topology_description(target: ResolvedTarget, hosts: int = 1, gpus_per_host: int = 1):
+    """The device-less topology of ``hosts`` x ``gpus_per_host`` GPUs of ``target`` (its ``.devices`` are abstract
+    devices a mesh can be built over; the devices of host i have process_index i)."""
     import sys
 
     import jax
     from jax.experimental import topologies
 
+    # jax checks the plugin's CUDA libraries against the driver when it registers the plugin; with no driver the
+    # check fails (loudly) and the plugin is left out, though a device-less compile needs no driver
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     folder = os.path.join(sys.prefix, PLUGIN_FOLDER)
     if os.path.isdir(folder) and folder not in sys.path:
         sys.path.append(folder)  # this process only (see launch/requirements-cuda-compile.txt)
 
     def topology():
-        return topologies.get_topology_desc(platform="cuda", target_config=target.config_text, topology="1x1x1")
+        return topologies.get_topology_desc(platform="cuda", target_config=target.config_text,
+                                            topology=f"1x{hosts}x{gpus_per_host}")
 
     try:
         try:
@@ -150,8 +170,7 @@ def device_sharding(target: ResolvedTarget):
                            f". Compiling for a GPU without one needs jax's CUDA plugin (no GPU or driver): "
                            f"`bash launch/setup_env.sh --gpu-compile` puts it in .venv/{PLUGIN_FOLDER}, or pip "
                            f"install \"jax[cuda12]=={jax.__version__}\" in a separate venv") from error
-    mesh = topologies.make_mesh(description, (1,), ("devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return description
 
 
 def _register_cuda_plugin() -> bool:
@@ -160,7 +179,6 @@ def _register_cuda_plugin() -> bool:
     the plugin, with its topology factory, is left out, though a device-less compile needs no driver."""
     import importlib
 
-    os.environ["JAX_SKIP_CUDA_CONSTRAINTS_CHECK"] = "1"
     for version in (13, 12):
         try:
             plugin = importlib.import_module(f"jax_plugins.xla_cuda{version}")

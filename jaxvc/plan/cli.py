@@ -1,4 +1,5 @@
-"""``jaxvc plan``: will this config's train step fit a TPU slice, and how fast could it run? Answered on a CPU.
+"""``jaxvc plan``: will this config's train step fit a TPU slice (or a GPU cluster), and how fast could it run? Answered
+on a CPU.
 
     jaxvc plan --config configs/videomaker.py:sd15 --topology v5p:4x4x4 \\
         --mesh data=64 --mesh data=1,fsdp=64 [--batch-per-chip 1 | --global-batch 64] \\
@@ -15,6 +16,7 @@ import sys
 import time
 
 from jaxvc.config_utils import ConfigError, accept_config_overrides, apply_overrides, load_config
+from jaxvc.bench.gpu_targets import TARGETS as GPU_TARGETS
 from jaxvc.plan.hardware import CHIPS, GiB, TopologyError
 from jaxvc.plan.hlo import KINDS
 
@@ -26,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="FILE.py[:VARIANT]",
                         help="config file and variant, e.g. configs/videomaker.py:sd15")
     parser.add_argument("--topology", required=True,
-                        help=f"TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4, v6e:4x4 ({', '.join(CHIPS)})")
+                        help=f"TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4, v6e:4x4 ({', '.join(CHIPS)}); "
+                             f"or NVIDIA GPU cluster GPU:HOSTSxN, e.g. h100:2x8 ({', '.join(sorted(GPU_TARGETS))}; "
+                             f"needs `launch/setup_env.sh --gpu-compile`; memory and collectives only, no roofline)")
     parser.add_argument("--mesh", action="append", default=None, metavar="AXIS=N,...",
                         help="mesh layout (data, fsdp, tensor, sequence; one may be -1); repeat to compare "
                              "layouts; default: the config's mesh")
@@ -119,7 +123,8 @@ def run(args) -> int:
     print(f"jaxvc plan: {args.config} on {tpu_slice.topology}: {tpu_slice.num_chips} {chip.generation} chips, "
           f"{len(tpu_slice.devices)} devices; per chip {chip.hbm_bytes / GiB:g} GiB HBM, "
           f"{chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16, HBM {chip.hbm_bandwidth / 1e9:g} GB/s, "
-          f"ICI {chip.ici_bandwidth / 1e9:g} GB/s; remat {config.get('remat_policy')}, "
+          f"{'NVLink' if chip.generation in GPU_TARGETS else 'ICI'} {chip.ici_bandwidth / 1e9:g} GB/s; "
+          f"remat {config.get('remat_policy')}, "
           f"dtype {config.get('compute_dtype')}", flush=True)
     reports = []
 
@@ -144,6 +149,8 @@ def run(args) -> int:
     print("memory in GiB per device; collectives: count / GiB of results per device; step = roofline estimate")
     print(format_table(reports))
     for r in reports:
+        if r.get("compile_options"):
+            print(f"  {r['mesh_label']}: compiled with {r['compile_options']} (jaxlib 0.10, no device to autotune on)")
         if r.get("error"):
             print(f"  {r['mesh_label']}: the TPU compiler: {r['error']}")
     if args.json:

@@ -123,7 +123,12 @@ def use_libtpu() -> str:
 
 
 def slice_devices(name: str) -> Slice:
-    """The abstract devices of a TPU slice, from libtpu (no TPU needed)."""
+    """The abstract devices of a TPU slice, from libtpu (no TPU needed); a GPU cluster (``h100:2x8``) from jax's
+    CUDA plugin (jaxvc/plan/gpus.py)."""
+    from jaxvc.plan.gpus import gpu_slice, is_gpu_topology
+
+    if is_gpu_topology(name):
+        return gpu_slice(name)
     generation, dims = parse_topology(name)
     use_libtpu()
     # libtpu takes a machine-wide lock file so that two processes do not drive one TPU; the topology client drives

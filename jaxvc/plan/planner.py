@@ -70,6 +70,8 @@ def _cost(compiled) -> dict:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     analysis = dict(analysis or {})
+    if not analysis:  # XLA's device-less GPU compile has no cost analysis
+        return {"flops": None, "bytes_accessed": None, "transcendentals": None, "xla_optimal_seconds": None}
     return {"flops": float(analysis.get("flops", 0.0)),
             "bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
             "transcendentals": float(analysis.get("transcendentals", 0.0)),
@@ -161,7 +163,8 @@ def plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
                                          sharding=distributed.batch_sharding(mesh, len(v.shape), trainer.rules))
                  for k, v in method.example_batch(batch_size).items()}
         try:
-            compiled = trainer.compile(state, batch)
+            with _platform_rules(tpu_slice):
+                compiled = _compile(trainer, state, batch, report)
         except Exception as err:  # the TPU compiler rejects programs that overflow HBM
             oom = out_of_memory(err)
             if oom is None:
@@ -181,15 +184,47 @@ def plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
     text = compiled.as_text()
     comms = collectives(text, len(tpu_slice.devices))
     ici_bytes = sum(c["ici_bytes"] for c in comms.values())
+    counted = cost["flops"] is not None
     report.update(memory=memory, fits=memory["total"] <= capacity, cost=cost, collectives=comms,
                   ici_bytes=ici_bytes, flops_per_device=cost["flops"],
-                  flops_total=cost["flops"] * len(tpu_slice.devices),
-                  roofline=roofline(cost["flops"], cost["bytes_accessed"], ici_bytes, tpu_slice))
-    step = report["roofline"]["step_s"]
+                  flops_total=cost["flops"] * len(tpu_slice.devices) if counted else None,
+                  roofline=roofline(cost["flops"], cost["bytes_accessed"], ici_bytes, tpu_slice) if counted else None)
+    step = report["roofline"]["step_s"] if counted else 0
     report["samples_per_s"] = batch_size / step if step > 0 else None
     if keep_hlo:
         report["hlo_text"] = text
     return report
+
+
+def _is_gpu(tpu_slice: Slice) -> bool:
+    return getattr(tpu_slice.devices[0], "platform", "") in ("cuda", "gpu")
+
+
+def _platform_rules(tpu_slice: Slice):
+    """On GPU devices: jax's cuDNN attention rules answered for that GPU (they ask the missing driver otherwise)."""
+    import contextlib
+
+    if not _is_gpu(tpu_slice):
+        return contextlib.nullcontext()
+    from jaxvc.bench.cross_lower import assume_cuda_device
+    from jaxvc.bench.gpu_targets import TARGETS
+
+    return assume_cuda_device(compute_capability=TARGETS[tpu_slice.chip.generation].compute_capability)
+
+
+def _compile(trainer, state, batch, report: dict):
+    """The trainer's compile; on GPU devices, jaxlib 0.10's Triton-GEMM tiling failure without a device to autotune
+    on is retried with Triton GEMMs off (jaxvc/bench/cross_lower.py), and the report records it."""
+    from jaxvc.bench.cross_lower import DEVICELESS_FALLBACK
+
+    try:
+        return trainer.compile(state, batch)
+    except Exception as err:
+        if DEVICELESS_FALLBACK[0] not in str(err):  # only XLA's GPU compiler says this
+            raise
+    trainer.compiler_options = {**(trainer.compiler_options or {}), **DEVICELESS_FALLBACK[1]}
+    report["compile_options"] = DEVICELESS_FALLBACK[1]
+    return trainer.compile(state, batch)
 
 
 def _rules(config):
