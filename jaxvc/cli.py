@@ -18,7 +18,8 @@ COMMANDS = {
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
     "bench": ("jaxvc.bench.cli", "time the VideoMaker train step, sampling and VAE decode: jaxvc vs diffusers PyTorch"),
     "sweep": ("jaxvc.sweep.cli", "scaling study: a grid of training runs -> results table, scaling fits, plots"),
-    "plan": ("jaxvc.plan.cli", "compile the sharded train step for a TPU slice or GPU cluster on CPU: memory, collectives"),
+    "plan": ("jaxvc.plan.cli",
+             "compile the sharded train step for a TPU slice or GPU cluster on CPU: memory, FLOPs, collectives"),
 }
 
 
