@@ -105,6 +105,16 @@ def test_registry_and_data_sources():
         train_cli.build_data(config, (0, 8))
 
 
+def test_videomaker_attention_backend_reaches_the_unet_only():
+    """config.model.attention_backend picks the UNet's attention (cudnn for GPU training); the VAE and text encoder
+    keep the einsum path, as in the benchmark."""
+    method = build_method(get_config("configs/videomaker.py:tiny", ["model.attention_backend=jax"]))
+    assert method.unet.config.attention_backend == "jax"
+    assert method.text_encoder.config.attention_backend == "xla"
+    with pytest.raises(ValueError, match="config.model.attention_backend = 'flash': expected one of xla, jax"):
+        build_method(get_config("configs/videomaker.py:tiny", ["model.attention_backend=flash"]))
+
+
 def test_schedules():
     optim = get_config("configs/toy.py").optim
     optim.lr, optim.warmup_steps, optim.end_lr_ratio = 1.0, 4, 0.1

@@ -33,6 +33,7 @@ from flax import linen as nn
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import NoiseSchedule, add_noise, get_target, make_schedule
 from jaxvc.methods.base import Method
+from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.unet import UNetConfig, UNetMotion
@@ -313,11 +314,15 @@ def from_config(config) -> VideoMaker:
     model = config.model
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
     remat = config.get("remat_policy", "none") or "none"  # a policy name (jaxvc/train/compute.py)
+    attention = model.get("attention_backend", "xla") or "xla"  # the UNet's; the VAE and text encoder keep xla
+    if attention not in BACKENDS:
+        raise ValueError(f"config.model.attention_backend = {attention!r}: expected one of {', '.join(BACKENDS)}")
     pretrained, tokenizer_folder = {}, model.get("tokenizer") or None
     if model.pretrained:
         from jaxvc.convert.pipeline import load_pipeline
         weights = load_pipeline(model.pretrained, motion_adapter=model.motion_adapter or None,
-                                allow_pickle=model.allow_pickle, dtype=dtype, remat=remat)
+                                allow_pickle=model.allow_pickle, dtype=dtype, remat=remat,
+                                attention_backend=attention)
         unet, text, vae = weights.unet_config, weights.text_config, weights.vae_config
         pretrained = {"unet": weights.unet_params["params"], "text_encoder": weights.text_params["params"]}
         if weights.vae_params is not None:
@@ -327,7 +332,8 @@ def from_config(config) -> VideoMaker:
         vae = None if model.vae_variant == "none" else VAEConfig.variant(model.vae_variant)
         channels = 3 * model.get("pixel_patch", 1) ** 2 if vae is None else vae.latent_channels
         text = CLIPTextConfig.variant(model.text_variant)
-        overrides = dict(model.unet_overrides.to_dict()) if model.get("unet_overrides") else {}
+        overrides = {"attention_backend": attention,
+                     **(dict(model.unet_overrides.to_dict()) if model.get("unet_overrides") else {})}
         unet = unet_config(model.unet_variant, model.motion_layout, in_channels=channels, out_channels=channels,
                            cross_attention_dim=text.hidden_size, dtype=dtype, remat=remat, **overrides)
     tokenizer = load_tokenizer(tokenizer_folder)
