@@ -132,6 +132,12 @@ def plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
 
     ``config.batch_size`` is the global batch. ``hbm_bytes`` replaces the device's HBM capacity in the fit check.
     """
+    with _platform_rules(tpu_slice):  # the trainer traces the model (its abstract state) as well as the step
+        return _plan_layout(config, method, tpu_slice, mesh_sizes, hbm_bytes, keep_hlo)
+
+
+def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int], hbm_bytes: int | None,
+                 keep_hlo: bool) -> dict:
     from jaxvc.train import distributed
     from jaxvc.train.checkpoint import abstract_with_shardings
     from jaxvc.train.loop import Trainer
@@ -163,8 +169,7 @@ def plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
                                          sharding=distributed.batch_sharding(mesh, len(v.shape), trainer.rules))
                  for k, v in method.example_batch(batch_size).items()}
         try:
-            with _platform_rules(tpu_slice):
-                compiled = _compile(trainer, state, batch, report)
+            compiled = _compile(trainer, state, batch, report)
         except Exception as err:  # the TPU compiler rejects programs that overflow HBM
             oom = out_of_memory(err)
             if oom is None:
