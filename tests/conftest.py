@@ -58,3 +58,19 @@ def softmax_attention(query, key, value, causal=False, xp=None):
         logits = xp.where(xp.tril(xp.ones((lq, lk), bool), k=lk - lq), logits, -xp.inf)
     weights = xp.exp(logits - logits.max(-1, keepdims=True))
     return xp.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), value)
+
+
+def has_cuda_plugin() -> bool:
+    """Installed in this venv, or in .venv/opt/jax-cuda by `launch/setup_env.sh --gpu-compile`."""
+    import importlib.util
+    import os
+    import sys
+
+    from jaxvc.bench.gpu_targets import PLUGIN_FOLDER
+
+    if os.path.isdir(os.path.join(sys.prefix, PLUGIN_FOLDER)):
+        return True
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False

@@ -14,6 +14,7 @@ from jaxvc.bench.cli import main
 from jaxvc.bench.sizes import model_configs
 from jaxvc.models import attention
 from jaxvc.train.state import unbox
+from tests.conftest import has_cuda_plugin
 
 FRAMES, IMAGE_SIZE = 4, 32  # tiny: 16x16 latents, levels of 256 and 64 tokens (+ as many reference tokens)
 
@@ -99,22 +100,6 @@ def test_cli_lower_for_cuda_writes_json_and_exit_status(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ compiling for a GPU without one (--compile-for)
-def _has_cuda_plugin() -> bool:
-    """Installed in this venv, or in .venv/opt/jax-cuda by `launch/setup_env.sh --gpu-compile`."""
-    import importlib.util
-    import os
-    import sys
-
-    from jaxvc.bench.gpu_targets import PLUGIN_FOLDER
-
-    if os.path.isdir(os.path.join(sys.prefix, PLUGIN_FOLDER)):
-        return True
-    try:
-        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13))
-    except ModuleNotFoundError:  # no jax_plugins package at all
-        return False
-
-
 def test_gpu_targets_by_name_and_from_a_file(tmp_path):
     from jaxvc.bench.gpu_targets import resolve_target
 
@@ -134,13 +119,13 @@ def test_gpu_targets_by_name_and_from_a_file(tmp_path):
         resolve_target(str(tmp_path / "missing.txtpb"))
 
 
-@pytest.mark.skipif(_has_cuda_plugin(), reason="jax's CUDA plugin is installed here")
+@pytest.mark.skipif(has_cuda_plugin(), reason="jax's CUDA plugin is installed here")
 def test_compile_for_without_the_cuda_plugin_says_what_to_install():
     with pytest.raises(SystemExit, match=r"setup_env.sh --gpu-compile"):
         main(["--size", "tiny", "--compile-for", "h200", "--workloads", "vae"])
 
 
-@pytest.mark.skipif(not _has_cuda_plugin(), reason="needs jax's CUDA plugin (launch/setup_env.sh --gpu-compile); no GPU")
+@pytest.mark.skipif(not has_cuda_plugin(), reason="needs jax's CUDA plugin (launch/setup_env.sh --gpu-compile); no GPU")
 def test_compile_for_h200_plans_the_train_step(tmp_path):
     """XLA's GPU compiler, for an H200 that is not here: the train step compiles with its cuDNN attention, and the
     plan holds at least the state (weights + AdamW moments, donated and aliased) and some temporaries."""

@@ -147,6 +147,7 @@ def run_lowering(args) -> int:
     """--lower-for: every wanted workload at every resolution lowered for that platform (shape-only weights)."""
     import json
 
+    import jax
     import jax.numpy as jnp
 
     from jaxvc.bench import cross_lower
@@ -195,7 +196,7 @@ def run_lowering(args) -> int:
         path = f"{args.out}.json"
         with open(path, "w") as handle:
             json.dump({"lower_for": target, "compile_for": gpu.name if gpu else None,
-                       "gpu_target_config": gpu.config_text if gpu else None, "versions": {"jax": jax_version()},
+                       "gpu_target_config": gpu.config_text if gpu else None, "versions": {"jax": jax.__version__},
                        "settings": {k: getattr(args, k) for k in ("size", "image_size", "frames", "batch", "dtype",
                                                                   "attention", "remat", "assume_cudnn",
                                                                   "assume_compute_capability")},
@@ -247,12 +248,6 @@ def _cudnn_version_number(text: str) -> int:
     except ValueError:
         raise SystemExit(f"--assume-cudnn {text!r}: expected a version like 9.19") from None
     return major * 10000 + minor * 100 + patch
-
-
-def jax_version() -> str:
-    import jax
-
-    return jax.__version__
 
 
 def versions() -> dict:

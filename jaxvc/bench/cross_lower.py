@@ -136,13 +136,7 @@ def lower_workload(name: str, build, platform: str, image_size: int, *, device_s
             lowered = program.trace(*args).lower()  # the platform comes from the arguments' device
             inspect(lowered.as_text(), lowering)
             compile_start = time.perf_counter()
-            try:
-                compiled = lowered.compile()
-            except Exception as error:
-                if DEVICELESS_FALLBACK[0] not in str(error):
-                    raise
-                lowering.compile_options = DEVICELESS_FALLBACK[1]
-                compiled = lowered.compile(lowering.compile_options)
+            compiled, lowering.compile_options = compile_with_fallback(lowered.compile)
             memory = compiled.memory_analysis()
             lowering.compile_s = time.perf_counter() - compile_start
             lowering.argument_bytes, lowering.output_bytes = memory.argument_size_in_bytes, memory.output_size_in_bytes
@@ -151,6 +145,18 @@ def lower_workload(name: str, build, platform: str, image_size: int, *, device_s
         lowering.error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
     lowering.seconds = time.perf_counter() - start
     return lowering
+
+
+def compile_with_fallback(compile, options: dict | None = None):
+    """(``compile(options)``, None), or, when XLA's device-less GPU compile fails the way DEVICELESS_FALLBACK names,
+    (``compile(options + the fallback)``, the fallback options): the one retry rule of ``--compile-for`` and of
+    ``jaxvc plan`` on GPU clusters."""
+    try:
+        return compile(options), None
+    except Exception as error:
+        if DEVICELESS_FALLBACK[0] not in str(error):
+            raise
+    return compile({**(options or {}), **DEVICELESS_FALLBACK[1]}), DEVICELESS_FALLBACK[1]
 
 
 def format_lowerings(rows: list[Lowering]) -> str:

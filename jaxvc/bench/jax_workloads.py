@@ -72,6 +72,11 @@ def _is_abstract(x) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct)
 
 
+def _shape_only(tree) -> bool:
+    """Whether a weight tree holds ShapeDtypeStructs (lowering) rather than arrays (timing)."""
+    return any(_is_abstract(x) for x in jax.tree.leaves(tree))
+
+
 def _latents(rng, shape):
     return jax.random.normal(rng, shape, jnp.float32)
 
@@ -97,7 +102,7 @@ def train_step_program(method, params, batch_size: int):
     optimizer, schedule = build_optimizer(optim, total_steps=1000)
     trainable, frozen = split_params(params, method.trainable)
     make_state = lambda t, f: new_state(t, f, optimizer, jax.random.PRNGKey(1), use_ema=False)
-    abstract = any(_is_abstract(x) for x in jax.tree.leaves(params))
+    abstract = _shape_only(params)
     state = jax.eval_shape(make_state, trainable, frozen) if abstract else jax.jit(make_state)(trainable, frozen)
     frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
     shapes = {"latents": ((batch_size, frames, latent, latent, channels), jnp.float32),
@@ -123,7 +128,7 @@ def sampling_program(method, params, batch_size: int, *, steps: int, guidance: f
     text_shape = (batch_size, 77, method.text_encoder.config.hidden_size)
     reference_shape, video_shape = (batch_size, 1, latent, latent, channels), (batch_size, frames, latent, latent,
                                                                                channels)
-    if any(_is_abstract(x) for x in jax.tree.leaves(unet_variables)):
+    if _shape_only(unet_variables):
         arrays = [jax.ShapeDtypeStruct(shape, jnp.float32)
                   for shape in (text_shape, text_shape, reference_shape, video_shape)]
         rng = jax.eval_shape(lambda: jax.random.key(4))
@@ -143,7 +148,7 @@ def vae_decode_program(method, params, batch_size: int, *, chunk: int | None):
     vae = method.vae
     variables = {"params": _cast_floats(params["params"]["vae"], vae.config.dtype)}
     shape = (batch_size, method.num_frames, method.latent_size, method.latent_size, method.latent_channels)
-    abstract = any(_is_abstract(x) for x in jax.tree.leaves(variables))
+    abstract = _shape_only(variables)
     latents = jax.ShapeDtypeStruct(shape, jnp.float32) if abstract else _latents(jax.random.key(5), shape)
     return jax.jit(lambda v, z: decode_video(vae, v, z, chunk=chunk)), (variables, latents)
 

@@ -219,17 +219,17 @@ def _platform_rules(tpu_slice: Slice):
 
 def _compile(trainer, state, batch, report: dict):
     """The trainer's compile; on GPU devices, jaxlib 0.10's Triton-GEMM tiling failure without a device to autotune
-    on is retried with Triton GEMMs off (jaxvc/bench/cross_lower.py), and the report records it."""
-    from jaxvc.bench.cross_lower import DEVICELESS_FALLBACK
+    on is retried with Triton GEMMs off (``compile_with_fallback``), and the report records it."""
+    from jaxvc.bench.cross_lower import compile_with_fallback
 
-    try:
+    def compile(options):
+        trainer.compiler_options = options
         return trainer.compile(state, batch)
-    except Exception as err:
-        if DEVICELESS_FALLBACK[0] not in str(err):  # only XLA's GPU compiler says this
-            raise
-    trainer.compiler_options = {**(trainer.compiler_options or {}), **DEVICELESS_FALLBACK[1]}
-    report["compile_options"] = DEVICELESS_FALLBACK[1]
-    return trainer.compile(state, batch)
+
+    compiled, fallback = compile_with_fallback(compile, trainer.compiler_options)
+    if fallback:
+        report["compile_options"] = fallback
+    return compiled
 
 
 def _rules(config):
