@@ -185,5 +185,31 @@ def _register_cuda_plugin() -> bool:
         except ImportError:
             continue
         plugin.initialize()
+        _complete_late_registration("cuda")
         return True
     return False
+
+
+def _complete_late_registration(platform: str) -> None:
+    """Give a plugin registered after jax started what jax gives each plugin it discovers at start: the registrations
+    other modules asked for (FFI targets, custom-call partitioners).
+
+    Those asked for before the start are kept in jax's list and replayed here. Those asked for after it were applied
+    to the plugins present then and not kept; jax's custom partitioning is one. jax's cuDNN attention uses it under a
+    sharded mesh, which fails to compile without it ("No registered implementation for custom call to
+    CustomSPMDPartitioning for platform CUDA"), so it is registered here unless the list already holds it."""
+    from jax._src import custom_partitioning as partitioning
+    from jax._src import xla_bridge
+    from jax._src.lib import xla_client
+
+    c_api = xla_bridge._backend_factories[platform].c_api
+    callbacks = list(xla_bridge._plugin_callbacks)
+    for callback in callbacks:
+        callback(c_api=c_api)
+    name = partitioning._CUSTOM_PARTITIONING_CALL_NAME
+    if not any(getattr(callback, "keywords", {}).get("name") == name for callback in callbacks):
+        xla_client.register_custom_call_partitioner(
+            name=name, prop_user_sharding=partitioning._custom_partitioning_propagate_user_sharding,
+            partition=partitioning._custom_partitioning_partition,
+            infer_sharding_from_operands=partitioning._custom_partitioning_infer_sharding_from_operands,
+            can_side_effecting_have_replicated_sharding=True, c_api=c_api)
