@@ -30,8 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="UNet compute dtype (default: the checkpoint's, float32)")
-    parser.add_argument("--attention-backend", default=None, choices=["xla", "jax", "cudnn"],
-                        help="attention implementation (cudnn: flash attention on NVIDIA GPUs)")
+    parser.add_argument("--attention-backend", default=None, choices=["xla", "jax", "cudnn", "splash"],
+                        help="attention implementation (cudnn: flash attention on NVIDIA GPUs; splash: flash "
+                             "attention on TPUs)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files")

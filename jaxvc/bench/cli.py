@@ -49,10 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="compute dtype of both implementations (parameters stay fp32 for training, norms and "
                              "softmax in fp32); auto: bfloat16 on GPU/TPU, float32 on CPU")
-    parser.add_argument("--attention", choices=["auto", "xla", "jax", "cudnn"], default="auto",
+    parser.add_argument("--attention", choices=["auto", "xla", "jax", "cudnn", "splash"], default="auto",
                         help="jaxvc UNet attention backend: xla (einsum + fp32 softmax), jax "
-                             "(jax.nn.dot_product_attention), cudnn (cuDNN flash attention; GPU, bf16/fp16 only); "
-                             "auto: cudnn on a GPU with bf16, else xla. The VAE and text encoder keep xla")
+                             "(jax.nn.dot_product_attention), cudnn (cuDNN flash attention; GPU, bf16/fp16 only), "
+                             "splash (Pallas splash flash attention; TPU); auto: cudnn on a GPU with bf16, splash on "
+                             "a TPU with bf16, else xla. The VAE and text encoder keep xla")
     parser.add_argument("--remat", choices=["auto", "none", *REMAT_POLICIES], default="auto",
                         help="jaxvc train-step rematerialization of every ResNet/transformer/motion block: full = "
                              "recompute everything inside the block in the backward pass (nothing saved); "
@@ -119,7 +120,8 @@ def resolve(args, platform_name: str) -> argparse.Namespace:
     if args.dtype == "auto":
         args.dtype = "bfloat16" if on_accelerator else "float32"
     if args.attention == "auto":
-        args.attention = "cudnn" if platform_name == "gpu" and args.dtype == "bfloat16" else "xla"
+        flash = {"gpu": "cudnn", "tpu": "splash"}.get(platform_name)
+        args.attention = flash if flash and args.dtype == "bfloat16" else "xla"
     if args.remat == "auto":
         args.remat = "full" if args.size == "sd15" else "none"
     if args.warmup is None:
@@ -135,6 +137,9 @@ def check_attention(args, platform_name: str) -> None:
     if args.attention == "cudnn" and platform_name != "gpu":
         raise SystemExit("--attention cudnn needs an NVIDIA GPU (cuDNN flash attention); use xla or jax here, or "
                          "--lower-for cuda to check how it lowers")
+    if args.attention == "splash" and platform_name != "tpu":
+        raise SystemExit("--attention splash needs a TPU (off a TPU the Pallas kernel runs in interpret mode, far too "
+                         "slow to time); use xla or jax here, or --lower-for tpu to check how it lowers")
     if args.attention == "cudnn" and args.dtype == "float32":
         raise SystemExit("--attention cudnn needs --dtype bfloat16 (cuDNN flash attention takes bf16/fp16 only)")
 
@@ -170,7 +175,9 @@ def run_lowering(args) -> int:
     args = resolve(args, {"cuda": "gpu", "rocm": "gpu"}.get(target, target))
     if args.attention == "cudnn" and target != "cuda":
         raise SystemExit(f"--attention cudnn lowers for cuda only, not {target}")
-    check_attention(args, "gpu")
+    if args.attention == "splash" and target != "tpu":
+        raise SystemExit(f"--attention splash lowers for tpu only, not {target}")
+    check_attention(args, "tpu" if target == "tpu" else "gpu")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)
     cudnn_version = _cudnn_version_number(args.assume_cudnn)

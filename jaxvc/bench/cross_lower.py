@@ -71,6 +71,7 @@ class Lowering:
     stablehlo_ops: int = 0          # operations in the StableHLO module (all functions)
     cudnn_attention: int = 0        # cuDNN flash-attention forward calls (__cudnn$fmhaSoftmax...)
     cudnn_attention_backward: int = 0
+    tpu_kernels: int = 0            # Pallas/Mosaic kernel call sites (splash attention; one per distinct shape)
     dot_generals: int = 0           # matmuls/einsums left to XLA (projections, einsum attention)
     convolutions: int = 0
     # compiled for a GPU target (lower_workload with device_sharding): compile time and XLA's plan of one call
@@ -105,6 +106,7 @@ def inspect(text: str, lowering: Lowering) -> Lowering:
     kinds = CUDNN_ATTENTION.findall(text)
     lowering.cudnn_attention = sum(1 for kind in kinds if not kind.endswith("Backward"))
     lowering.cudnn_attention_backward = sum(1 for kind in kinds if kind.endswith("Backward"))
+    lowering.tpu_kernels = text.count("@tpu_custom_call")
     lowering.dot_generals = text.count("stablehlo.dot_general")
     lowering.convolutions = text.count("stablehlo.convolution")
     lowering.stablehlo_ops = sum(1 for line in text.splitlines() if re.search(r"= (stablehlo|chlo|mhlo)\.", line))
@@ -116,6 +118,10 @@ def platform_rules(platform: str, cudnn_version: int = 91900, compute_capability
     counts: ``method.abstract_params()`` traces the model, cuDNN attention included."""
     if platform == "cuda":
         return assume_cuda_device(cudnn_version, compute_capability)
+    if platform == "tpu":
+        from jaxvc.models.tpu_attention import assume_platform
+
+        return assume_platform("tpu")  # the splash backend emits its Mosaic kernel, not interpret mode
     return contextlib.nullcontext()
 
 
@@ -161,8 +167,8 @@ def compile_with_fallback(compile, options: dict | None = None):
 
 def format_lowerings(rows: list[Lowering]) -> str:
     compiled = any(row.compile_s is not None for row in rows)
-    header = ["workload", "platform", "lowered", "cuDNN attn fwd", "cuDNN attn bwd", "dot_general", "convolution",
-              "StableHLO ops", "trace+lower"]
+    header = ["workload", "platform", "lowered", "cuDNN attn fwd", "cuDNN attn bwd", "TPU kernels", "dot_general",
+              "convolution", "StableHLO ops", "trace+lower"]
     if compiled:
         header[-1] = "trace+lower+compile"
         header += ["XLA plan per call", "arguments", "temporaries", "of device memory"]
@@ -170,7 +176,7 @@ def format_lowerings(rows: list[Lowering]) -> str:
     for row in rows:
         cells = [f"{row.workload} @{row.image_size}px", row.platform, _outcome(row),
                  *(str(v) if row.ok else "-" for v in (row.cudnn_attention, row.cudnn_attention_backward,
-                                                        row.dot_generals, row.convolutions, row.stablehlo_ops)),
+                                                        row.tpu_kernels, row.dot_generals, row.convolutions, row.stablehlo_ops)),
                  f"{row.seconds:.1f} s"]
         if compiled:
             planned = row.planned_bytes

@@ -56,9 +56,10 @@ def model_configs(size: str, *, dtype: Any, attention_backend: str = "xla", rema
 
 def _side_backend(backend: str) -> str:
     # cuDNN flash attention takes head dims <= 256 (Hopper; 128 before) in multiples of 8: the UNet's (40/80/160 at
-    # SD size) fit, the VAE's single 512-wide head does not, and CLIP's 77 causal tokens gain nothing from it. The
-    # VAE and the text tower therefore keep the XLA attention whatever the UNet uses.
-    return "xla" if backend == "cudnn" else backend
+    # SD size) fit, the VAE's single 512-wide head does not, and CLIP's 77 causal tokens gain nothing from it (nor
+    # from the TPU's splash kernel, which takes lengths in multiples of 128). The VAE and the text tower therefore
+    # keep the XLA attention whatever the UNet uses.
+    return "xla" if backend in ("cudnn", "splash") else backend
 
 
 # ----------------------------------------------------------------------------------- the same architecture in torch

@@ -7,6 +7,9 @@ Backends (``backend=``):
             (needs float16/bfloat16 inputs). What cuDNN cannot or need not take goes through the einsum path
             (``_cudnn_takes``): fewer than ``CUDNN_MIN_KEYS`` keys (the motion modules' frames), odd lengths
             (cross-attention to CLIP's 77 tokens), and head dims over cuDNN's limit (SD1.5's 160 before Hopper).
+  "splash"  flash attention on TPUs: Pallas's splash-attention kernel (``jaxvc/models/tpu_attention.py``), in a
+            shard_map under a mesh; query and key lengths that are not multiples of 128 go through the einsum path.
+            Off a TPU it runs in Pallas's interpret mode (slow; for tests).
 
 Reference-injected self-attention (VideoMaker's PISA) enters through ``reference_tokens``: the reference tokens are
 appended to the sequence, every token (frame and reference) attends over ``[own tokens; reference tokens]``
@@ -22,8 +25,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.models.layers import Dense
+from jaxvc.models.tpu_attention import splash_attention, splash_takes
 
-BACKENDS = ("xla", "jax", "cudnn")
+BACKENDS = ("xla", "jax", "cudnn", "splash")
 # Below one flash-attention tile of keys the einsum path is as good and fuses with its neighbours; the AnimateDiff
 # motion modules attend over the frames only (16-32 keys) with a batch of B*h*w positions, which flash kernels gain
 # nothing on. "cudnn" therefore sends such short sequences through the einsum path.
@@ -81,6 +85,10 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         total = jnp.transpose(unnormalized.sum(axis=-1), (0, 2, 1))[..., None]  # (B, Lq, H, 1)
         return (out / total).astype(value.dtype)
     lq, lk = query.shape[1], key.shape[1]
+    if backend == "splash":
+        if not splash_takes(lq, lk):
+            return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
+        return splash_attention(query, key, value, scale=scale, causal=causal)
     if backend == "cudnn" and not _cudnn_takes(lq, lk, query.shape[-1]):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
     implementation = "cudnn" if backend == "cudnn" else None
