@@ -1,11 +1,13 @@
 """PISA under sharding: the reference-injected UNet on 8 simulated CPU devices (batch over data x fsdp, the F+1
-frames of the video axis over ``sequence``) equals one device. Runs in a subprocess: the device count must be set
+frames of the video axis over ``sequence``) equals one device, with the einsum attention and with the TPU flash
+attention ("splash"). Runs in a subprocess: the device count must be set
 before JAX initialises."""
 import textwrap
 
 from tests.multidevice import run_with_devices
 
 SCRIPT = textwrap.dedent('''
+    import dataclasses
     import jax, jax.numpy as jnp, numpy as np
     from flax import linen as nn
     from jax.sharding import NamedSharding, PartitionSpec
@@ -34,6 +36,12 @@ SCRIPT = textwrap.dedent('''
     single = np.asarray(jax.jit(forward).lower(*args).compile(fast)(*args))
     assert single.shape == (4, 4, 8, 8, 4)
 
+    # the sharded runs may use another attention backend than the single-device reference (xla)
+    sharded_model = UNetMotion(dataclasses.replace(config, attention_backend="SHARDED_BACKEND"))
+
+    def forward(params, video, reference, timesteps, context):
+        return sharded_model.apply({"params": params}, video, timesteps, context, reference_latent=reference)
+
     for sizes in ({"data": 2, "fsdp": 2, "sequence": 2}, {"fsdp": 4, "tensor": 2}):
         mesh = make_mesh(sizes)
         with activate(mesh):
@@ -41,6 +49,8 @@ SCRIPT = textwrap.dedent('''
             batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
             inputs = [jax.device_put(params, shardings)] + [jax.device_put(x, batch)
                                                            for x in (video, reference, timesteps, context)]
+            uses_kernel = "pallas_call" in str(jax.make_jaxpr(forward)(*inputs))
+            assert uses_kernel == ("SHARDED_BACKEND" == "splash"), uses_kernel
             out = jax.jit(forward).lower(*inputs).compile(fast)(*inputs)
             assert not out.sharding.is_fully_replicated, out.sharding
             out = np.asarray(out)
@@ -52,4 +62,11 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_reference_injected_unet_sharded_matches_single_device():
-    run_with_devices(SCRIPT)
+    run_with_devices(SCRIPT.replace("SHARDED_BACKEND", "xla"))
+
+
+def test_splash_attention_unet_sharded_matches_the_einsum_unet_on_one_device():
+    """The TPU flash-attention backend through the whole UNet (its 64 + 64 PISA tokens are one kernel block; the
+    cross-attention and motion modules stay on einsums), in interpret mode, in a shard_map under both meshes: the
+    same output as the einsum UNet on one device."""
+    run_with_devices(SCRIPT.replace("SHARDED_BACKEND", "splash"))
