@@ -153,6 +153,9 @@ def run(args) -> int:
             print(f"  {r['mesh_label']}: compiled with {r['compile_options']} (jaxlib 0.10, no device to autotune on)")
         if r.get("error"):
             print(f"  {r['mesh_label']}: the TPU compiler: {r['error']}")
+        if r.get("uncounted_kernels"):
+            print(f"  {r['mesh_label']}: FLOPs and roofline leave out {r['uncounted_kernels']} custom-kernel calls "
+                  f"(splash attention), which XLA's cost analysis does not count")
     if args.json:
         write_json()
         print(f"jaxvc plan: wrote {args.json}")
