@@ -26,8 +26,9 @@ def get_config(variant=None):
     config.model.unet_variant = "tiny"
     config.model.motion_layout = "v3"
     config.model.unet_overrides = ConfigDict()  # UNetConfig fields, e.g. down_block_types
-    # the UNet's attention (jaxvc/models/attention.py): xla (einsum, everywhere), jax, or cudnn (flash attention on
-    # NVIDIA GPUs, bf16; what cuDNN cannot take falls back to the einsum). The VAE and text encoder keep xla.
+    # the UNet's attention (jaxvc/models/attention.py): xla (einsum, everywhere), jax, cudnn (flash attention on
+    # NVIDIA GPUs, bf16) or splash (flash attention on TPUs); what a kernel cannot take falls back to the einsum.
+    # The VAE and text encoder keep xla.
     config.model.attention_backend = "xla"
     config.model.text_variant = "tiny"
     config.model.vae_variant = "none"  # "none": pixel space; "tiny" / "sd": a VAE of that size
