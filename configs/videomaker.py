@@ -195,8 +195,8 @@ def get_config(variant=None):
         config.data.frame_stride = 8
         config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
         # fsdp all-gathers every layer's weights and reduce-scatters its gradients: let XLA run those collectives
-        # asynchronously, fused and overlapped with the neighbouring layers' compute (checked against libtpu
-        # 0.0.52 in tests/test_launch.py; unknown flags abort libtpu at start-up)
+        # asynchronously, fused and overlapped with the neighbouring layers' compute (checked against the pinned
+        # libtpu, launch/requirements-libtpu.txt, in tests/test_launch.py; unknown flags abort libtpu at start-up)
         config.launch.libtpu_init_args = (
             "--xla_tpu_enable_async_collective_fusion=true",
             "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true",

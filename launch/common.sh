@@ -78,8 +78,18 @@ exports_inline() {
   printf '%s' "$out"
 }
 
-# Pinned versions from the lock file (e.g. `pinned jax` -> 0.10.2).
-pinned() { sed -n "s/^$1==//p" "$REPO_ROOT/launch/requirements-lock.txt"; }
+# Pinned versions from the lock file (e.g. `pinned jax` -> 0.10.2), or from another requirements file in launch/.
+pinned() { sed -n "s/^$1==//p" "$REPO_ROOT/launch/${2:-requirements-lock.txt}"; }
+
+# The pip install, run in a host's .venv, of the accelerator's jax plugin ("tpu", "cuda12", ...). TPU hosts also get
+# the exact libtpu that `jaxvc plan` compiles with (launch/requirements-libtpu.txt; jax[tpu] alone allows any
+# 0.0.42.* release), so a plan and the pod it was made for run the same TPU compiler.
+plugin_install() {
+  local extra=$1 packages
+  packages="$(quote_word "jax[$extra]==$(pinned jax)")"
+  [ "$extra" != tpu ] || packages+=" $(quote_word "libtpu==$(pinned libtpu requirements-libtpu.txt)")"
+  printf '%s' ".venv/bin/python -m pip install -q $packages"
+}
 
 # A tarball of the working tree as git sees it (tracked + untracked, minus ignored: no .venv, no runs/).
 ship_tree() {
@@ -106,7 +116,7 @@ setup_script() {
   printf '%s' "set -euo pipefail; cd $(quote_word "$dir"); py=python3; "
   printf '%s' "if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then py=python3.11; "
   printf '%s' "command -v python3.11 >/dev/null || { sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv; }; fi; "
-  printf '%s' "PYTHON=\$py bash launch/setup_env.sh && .venv/bin/python -m pip install -q $(quote_word "jax[$extra]==$(pinned jax)")"
+  printf '%s' "PYTHON=\$py bash launch/setup_env.sh && $(plugin_install "$extra")"
 }
 
 # Shell run on a host to start training detached and stream its log, each line prefixed with [LABEL].

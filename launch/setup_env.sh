@@ -38,8 +38,10 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" --no-deps open_clip_torch==3.3.0
   "${pip[@]}" --no-deps -e .
   if [ "$want_test" = 1 ]; then
-    # libtpu for `jaxvc plan`, outside site-packages (see launch/requirements-libtpu.txt)
-    "${pip[@]}" --no-deps --upgrade --target .venv/opt/libtpu -r launch/requirements-libtpu.txt
+    # libtpu for `jaxvc plan`, outside site-packages (see launch/requirements-libtpu.txt); emptied first, since pip's
+    # --target keeps an older version's metadata beside the new one
+    rm -rf .venv/opt/libtpu
+    "${pip[@]}" --no-deps --target .venv/opt/libtpu -r launch/requirements-libtpu.txt
   fi
   if [ "$want_gpu_compile" = 1 ]; then
     # jax's CUDA plugin for `jaxvc bench --compile-for`, outside site-packages (launch/requirements-cuda-compile.txt)

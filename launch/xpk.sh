@@ -101,7 +101,7 @@ else
   run rm -rf "$stage"
   run mkdir -p "$stage"
   run tar -xzf "$tarball" -C "$stage"
-  command="bash launch/setup_env.sh && .venv/bin/python -m pip install -q $(quote_word "jax[tpu]==$(pinned jax)") && "
+  command="bash launch/setup_env.sh && $(plugin_install tpu) && "
   command+="$(exports_inline "$exports")$(quote_cmd .venv/bin/jaxvc "${train[@]}")"
   create+=(--base-docker-image="$base_image" --script-dir="$stage")
 fi

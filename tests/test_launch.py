@@ -24,6 +24,8 @@ from jaxvc.config_utils import ConfigError, load_config
 from jaxvc.launch_env import format_env, launch_env
 
 ROOT = Path(__file__).resolve().parent.parent
+# the libtpu `jaxvc plan` compiles with; TPU hosts install the same one
+LIBTPU_PIN = (ROOT / "launch" / "requirements-libtpu.txt").read_text().split("libtpu==")[1].split()[0]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted(LAUNCH.glob("*.sh"))
 SD15 = "configs/videomaker.py:sd15"
@@ -139,6 +141,22 @@ def test_sd15_libtpu_flags_are_known_to_libtpu():
     assert bad.returncode != 0 and "Unknown command line flag 'xla_tpu_no_such_flag'" in bad.stderr
 
 
+def test_libtpu_pin_is_the_one_jax_tpu_brings():
+    """`jaxvc plan` (requirements-libtpu.txt) and the pods (jax[tpu] + that pin) must compile with one libtpu, and
+    pip must be able to install the pin beside jax[tpu]: it has to satisfy jax's own libtpu requirement."""
+    from importlib.metadata import requires, version
+
+    from packaging.requirements import Requirement
+
+    lock = (ROOT / "launch" / "requirements-lock.txt").read_text()
+    if f"jax=={version('jax')}\n" not in lock:
+        pytest.skip(f"jax {version('jax')} is not the locked one (a newer-jax check run)")
+    tpu = [Requirement(r) for r in requires("jax") if r.startswith("libtpu")]
+    tpu = [r for r in tpu if r.marker is not None and r.marker.evaluate({"extra": "tpu"})]
+    assert len(tpu) == 1, f"jax {version('jax')} names no single libtpu in its tpu extra: {tpu}"
+    assert tpu[0].specifier.contains(LIBTPU_PIN), f"libtpu=={LIBTPU_PIN} is outside jax[tpu]'s {tpu[0]}"
+
+
 def test_sd15_gpu_xla_flags_are_known_to_xla():
     def start_xla(flags):
         env = script_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
@@ -175,7 +193,8 @@ def test_tpu_vm_dry_run_commands():
     unpack, setup, start = (option(c, "--command") for c in cmds[4:])
     assert unpack == ("set -euo pipefail; rm -rf jaxvc.new && mkdir -p jaxvc.new && tar -xzf jaxvc-src.tgz -C "
                       "jaxvc.new && rm -rf jaxvc && mv jaxvc.new jaxvc")
-    assert "PYTHON=$py bash launch/setup_env.sh && .venv/bin/python -m pip install -q 'jax[tpu]==0.10.2'" in setup
+    assert ("PYTHON=$py bash launch/setup_env.sh && .venv/bin/python -m pip install -q 'jax[tpu]==0.10.2' "
+            f"libtpu=={LIBTPU_PIN}") in setup
     # training: config.launch's libtpu flags exported, then jaxvc train with the coordinator from the TPU metadata
     assert f"cd jaxvc; export LIBTPU_INIT_ARGS='{LIBTPU_SD15}'; setsid nohup " in start
     assert started_command(start) == [".venv/bin/jaxvc", "train", "--config", SD15, "--workdir", "gs://bucket/runs/r1",
@@ -263,8 +282,8 @@ def test_xpk_dry_run_with_base_image_ships_the_tree():
     create = cmds[4]
     assert "--base-docker-image=python:3.11" in create and f"--script-dir={stage}" in create
     command = option(create, "--command")
-    assert command.startswith("bash launch/setup_env.sh && .venv/bin/python -m pip install -q 'jax[tpu]==0.10.2' && "
-                              "export LIBTPU_INIT_ARGS=")
+    assert command.startswith("bash launch/setup_env.sh && .venv/bin/python -m pip install -q 'jax[tpu]==0.10.2' "
+                              f"libtpu=={LIBTPU_PIN} && export LIBTPU_INIT_ARGS=")
     assert command.endswith(f"; .venv/bin/jaxvc train --config {SD15} --workdir gs://b/r --distributed=auto")
     assert_bash_syntax(command)
     assert len(cmds) == 5  # --detach: no log streaming
@@ -291,7 +310,7 @@ def test_gpu_slurm_dry_run():
     assert_bash_syntax(out)
     setup, srun = commands(out)
     assert setup[:6] == ["srun", "--nodes=1", "--ntasks=1", "--partition=gpu", "--time=2:00:00", "bash"]
-    assert "'jax[cuda12]==0.10.2'" in setup[7]
+    assert "'jax[cuda12]==0.10.2'" in setup[7] and "libtpu" not in setup[7]
     assert srun[:9] == ["srun", "--nodes=4", "--gpus-per-node=8", "--partition=gpu", "--time=2:00:00",
                         "--ntasks-per-node=1", "--job-name=jaxvc-sd15", "--kill-on-bad-exit=1", "--label"]
     assert srun[9:11] == ["bash", "-c"] and srun[12:] == ["2>&1", "|", "tee", "-a",

@@ -85,12 +85,12 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         total = jnp.transpose(unnormalized.sum(axis=-1), (0, 2, 1))[..., None]  # (B, Lq, H, 1)
         return (out / total).astype(value.dtype)
     lq, lk = query.shape[1], key.shape[1]
-    if backend == "splash":
-        if not splash_takes(lq, lk):
-            return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
-        return splash_attention(query, key, value, scale=scale, causal=causal)
-    if backend == "cudnn" and not _cudnn_takes(lq, lk, query.shape[-1]):
+    # Shapes a flash kernel refuses (its length or head-size rules) go through the einsum path instead.
+    if ((backend == "splash" and not splash_takes(lq, lk))
+            or (backend == "cudnn" and not _cudnn_takes(lq, lk, head_dim))):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
+    if backend == "splash":
+        return splash_attention(query, key, value, scale=scale, causal=causal)
     implementation = "cudnn" if backend == "cudnn" else None
     if causal and lq != lk:
         # jax.nn's is_causal aligns the mask top-left; the einsum path (and a query block at the end of a longer

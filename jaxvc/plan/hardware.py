@@ -3,9 +3,10 @@
 ``slice_devices("v5p:4x4x4")`` asks libtpu (the ``libtpu`` package; no TPU needed) for the abstract devices of a
 slice; a mesh over them lets ``jax.jit(...).lower(...).compile()`` run the real TPU compiler on a CPU machine.
 
-Topology names that libtpu 0.0.52 accepts (checked): ``v4:AxBxC``, ``v5p:AxBxC``, ``v5e:AxB``, ``v6e:AxB`` (chips per
-dimension). ``v5litepod`` is not accepted by libtpu; it is read here as ``v5e``. v4 slices come back with one device
-per TensorCore (two per chip); v5e/v5p/v6e with one device per chip. Per-device figures below divide the chip's.
+Topology names that libtpu 0.0.42.1 (the pinned one) and 0.0.52 accept (checked): ``v4:AxBxC``, ``v5p:AxBxC``,
+``v5e:AxB``, ``v6e:AxB`` (chips per dimension). ``v5litepod`` is not accepted by libtpu; it is read here as ``v5e``.
+v4 slices come back with one device per TensorCore (two per chip); v5e/v5p/v6e with one device per chip. Per-device
+figures below divide the chip's.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def use_libtpu() -> str:
     path = find_libtpu()
     if path is None:
         raise TopologyError("libtpu is not installed: `bash launch/setup_env.sh --test` (puts it in .venv/opt/libtpu), "
-                            "`pip install libtpu==0.0.52`, or set TPU_LIBRARY_PATH to a libtpu.so")
+                            "`pip install -r launch/requirements-libtpu.txt`, or set TPU_LIBRARY_PATH to a libtpu.so")
     os.environ["TPU_LIBRARY_PATH"] = path
     return path
 
