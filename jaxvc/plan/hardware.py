@@ -112,26 +112,47 @@ def find_libtpu() -> str | None:
     return next((str(p) for p in candidates if p.is_file()), None)
 
 
-def use_libtpu() -> str:
+# `jaxvc plan --memory-only`: libtpu told that each chip has 1 MiB of HBM. Every program then overflows it, and the
+# TPU compiler stops after planning its buffers, before code generation (the half hour of an SD1.5 compile here),
+# with "the total memory required for HLO temporaries (X) exceeds available HBM (1.00M)".
+MEMORY_ONLY_FLAG = "--xla_tpu_max_hbm_size_mib=1"
+MEMORY_ONLY_HBM_BYTES = 1 << 20
+_started_memory_only: list[bool] = []  # libtpu reads its flags once per process: with the cap or without
+
+
+def use_libtpu(memory_only: bool = False) -> str:
     """Point JAX's TPU plugin at libtpu for this process (works after JAX started: the topology client loads the
-    plugin on first use). Raises TopologyError naming how to install it."""
+    plugin on first use), with the memory-only cap if asked. Raises TopologyError naming how to install it, or when
+    this process already started libtpu the other way."""
     path = find_libtpu()
     if path is None:
         raise TopologyError("libtpu is not installed: `bash launch/setup_env.sh --test` (puts it in .venv/opt/libtpu), "
                             "`pip install -r launch/requirements-libtpu.txt`, or set TPU_LIBRARY_PATH to a libtpu.so")
+    if _started_memory_only and _started_memory_only[0] != memory_only:
+        started = "with" if _started_memory_only[0] else "without"
+        raise TopologyError(f"libtpu was started in this process {started} the memory-only HBM cap, and reads its "
+                            f"flags once: plan {'with' if memory_only else 'without'} --memory-only in a new process")
     os.environ["TPU_LIBRARY_PATH"] = path
+    flags = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    if memory_only and MEMORY_ONLY_FLAG not in flags:
+        os.environ["LIBTPU_INIT_ARGS"] = " ".join(flags + [MEMORY_ONLY_FLAG])
+    if not memory_only and any(f.startswith("--xla_tpu_max_hbm_size_mib") for f in flags):
+        raise TopologyError(f"LIBTPU_INIT_ARGS caps the HBM ({' '.join(flags)}): unset it, or use --memory-only")
+    _started_memory_only[:] = [memory_only]
     return path
 
 
-def slice_devices(name: str) -> Slice:
+def slice_devices(name: str, memory_only: bool = False) -> Slice:
     """The abstract devices of a TPU slice, from libtpu (no TPU needed); a GPU cluster (``h100:2x8``) from jax's
-    CUDA plugin (jaxvc/plan/gpus.py)."""
+    CUDA plugin (jaxvc/plan/gpus.py). ``memory_only``: libtpu with the 1 MiB HBM cap (``MEMORY_ONLY_FLAG``)."""
     from jaxvc.plan.gpus import gpu_slice, is_gpu_topology
 
     if is_gpu_topology(name):
+        if memory_only:
+            raise TopologyError(f"topology '{name}': --memory-only is for TPU slices (it caps libtpu's HBM)")
         return gpu_slice(name)
     generation, dims = parse_topology(name)
-    use_libtpu()
+    use_libtpu(memory_only)
     # libtpu takes a machine-wide lock file so that two processes do not drive one TPU; the topology client drives
     # nothing, and several planners (or a planner beside a test) must be able to run at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
