@@ -173,10 +173,9 @@ def run_lowering(args) -> int:
     if target == "rocm" and args.attention == "auto":
         args.attention = "xla"  # cuDNN is NVIDIA's
     args = resolve(args, {"cuda": "gpu", "rocm": "gpu"}.get(target, target))
-    if args.attention == "cudnn" and target != "cuda":
-        raise SystemExit(f"--attention cudnn lowers for cuda only, not {target}")
-    if args.attention == "splash" and target != "tpu":
-        raise SystemExit(f"--attention splash lowers for tpu only, not {target}")
+    kernel_target = {"cudnn": "cuda", "splash": "tpu"}.get(args.attention)  # the flash kernels' one platform
+    if kernel_target and target != kernel_target:
+        raise SystemExit(f"--attention {args.attention} lowers for {kernel_target} only, not {target}")
     check_attention(args, "tpu" if target == "tpu" else "gpu")
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     configs = model_configs(args.size, dtype=dtype, attention_backend=args.attention, remat=args.remat)

@@ -132,12 +132,13 @@ def use_libtpu(memory_only: bool = False) -> str:
         started = "with" if _started_memory_only[0] else "without"
         raise TopologyError(f"libtpu was started in this process {started} the memory-only HBM cap, and reads its "
                             f"flags once: plan {'with' if memory_only else 'without'} --memory-only in a new process")
-    os.environ["TPU_LIBRARY_PATH"] = path
     flags = os.environ.get("LIBTPU_INIT_ARGS", "").split()
+    cap_name = MEMORY_ONLY_FLAG.split("=")[0]
+    if not memory_only and any(f.startswith(cap_name) for f in flags):
+        raise TopologyError(f"LIBTPU_INIT_ARGS caps the HBM ({' '.join(flags)}): unset it, or use --memory-only")
+    os.environ["TPU_LIBRARY_PATH"] = path
     if memory_only and MEMORY_ONLY_FLAG not in flags:
         os.environ["LIBTPU_INIT_ARGS"] = " ".join(flags + [MEMORY_ONLY_FLAG])
-    if not memory_only and any(f.startswith("--xla_tpu_max_hbm_size_mib") for f in flags):
-        raise TopologyError(f"LIBTPU_INIT_ARGS caps the HBM ({' '.join(flags)}): unset it, or use --memory-only")
     _started_memory_only[:] = [memory_only]
     return path
 
