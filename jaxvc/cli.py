@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("jaxvc.demo", "train a tiny reference-injected video model on the synthetic world, generate, evaluate"),
     "train": ("jaxvc.train.cli", "train a method from a config file (configs/<method>.py:<variant>)"),
     "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
+    "eval": ("jaxvc.eval.cli", "score generated videos: CLIP-T, CLIP-I, DINO-I, temporal consistency"),
     "convert": ("jaxvc.convert.cli",
                 "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +53,22 @@ def run(args) -> int:
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
+    files["record"] = write_record(args, files["mp4"])
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
           f"in {time.perf_counter() - loaded:.1f}s")
     for kind, path in files.items():
         print(f"  {kind}: {path}")
     return 0
+
+
+def write_record(args, video: Path) -> Path:
+    """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference)."""
+    record = {"video": video.name, "prompt": args.prompt, "reference": str(Path(args.reference).resolve()),
+              "negative_prompt": args.negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
+              "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
+              "reference_guidance_start": args.reference_guidance_start, "steps": args.steps, "eta": args.eta,
+              "seed": args.seed, "frames": args.frames, "height": args.height, "width": args.width,
+              "dtype": args.dtype, "attention_backend": args.attention_backend}
+    path = video.with_suffix(".json")
+    path.write_text(json.dumps(record, indent=2))
+    return path

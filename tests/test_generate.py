@@ -1,5 +1,7 @@
 """Generation: CustomVideoPipeline and `jaxvc generate` on a tiny AnimateDiff folder: shapes, files, the zero-reference
 unconditional branch, reference-image handling and errors."""
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,3 +104,10 @@ def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
         assert (out / name).stat().st_size > 0
     with Image.open(out / "cat.gif") as gif:
         assert gif.n_frames == 3
+    # the record beside the video is what `jaxvc eval` reads (tests/test_eval_metrics.py)
+    from jaxvc.eval.cli import read_records
+
+    record = json.loads((out / "cat.json").read_text())
+    assert (record["prompt"], record["seed"], record["steps"], record["frames"]) == ("a cat jumps", 0, 2, 3)
+    [read] = read_records([out / "cat.json"])
+    assert (read["video"], read["references"]) == (str(out / "cat.mp4"), [str(reference.resolve())])

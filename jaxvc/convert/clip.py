@@ -28,7 +28,7 @@ IGNORED_KEYS = (r"(^|\.)embeddings\.position_ids$", r"^vision_model\.", r"^visua
 def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise WeightFileError(f"{path}: missing; a transformers text-encoder folder needs config.json next to "
+        raise WeightFileError(f"{path}: missing; a transformers model folder needs config.json next to "
                               "its weights")
     try:
         return json.loads(path.read_text())

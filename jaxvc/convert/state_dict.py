@@ -142,7 +142,8 @@ def read_model_folder(folder: str | os.PathLike, weights_name: str, variant: str
 
     ``weights_name`` is the stem (``diffusion_pytorch_model`` or ``model``). Looks for, in order:
     ``<stem>[.<variant>].safetensors``, its sharded index ``<stem>[.<variant>].safetensors.index.json``, and with
-    ``allow_pickle`` the ``.bin`` equivalents.
+    ``allow_pickle`` the ``.bin`` equivalents (``<stem>.bin``, or
+    transformers' ``pytorch_<stem>.bin``).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -161,9 +162,9 @@ def read_model_folder(folder: str | os.PathLike, weights_name: str, variant: str
         if missing:
             raise WeightFileError(f"{index}: keys listed in the index are missing from the shards: {missing[:10]}")
         return state
-    pickled = folder / f"{stem}.bin"
-    if pickled.is_file():
-        return read_pickle_checkpoint(pickled, allow_pickle)
+    for pickled in (folder / f"{stem}.bin", folder / f"pytorch_{stem}.bin"):  # diffusers' and transformers' names
+        if pickled.is_file():
+            return read_pickle_checkpoint(pickled, allow_pickle)
     found = sorted(p.name for p in folder.iterdir())
     raise WeightFileError(f"{folder}: no '{stem}.safetensors' or '{stem}.safetensors.index.json' "
                           f"(found {found})")

@@ -101,8 +101,13 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """x + attn(layer_norm1(x)), then + mlp(layer_norm2(.)): pre-LN with causal self-attention."""
+    """x + attn(layer_norm1(x)), then + mlp(layer_norm2(.)): pre-LN self-attention, causal for text.
+
+    ``config`` needs only the transformer's fields (hidden_size, intermediate_size, num_heads, hidden_act,
+    layer_norm_eps, attention_backend, dtypes), so the image towers (``vision_transformer.py``) reuse it.
+    """
     config: CLIPTextConfig
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
@@ -110,7 +115,7 @@ class CLIPEncoderLayer(nn.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm1", **kw)(x)
         h = Attention(cfg.num_heads, cfg.hidden_size // cfg.num_heads, qkv_bias=True, out_bias=True,
-                      backend=cfg.attention_backend, causal=True,
+                      backend=cfg.attention_backend, causal=self.causal,
                       projection_names=("q_proj", "k_proj", "v_proj", "out_proj"), name="self_attn", **kw)(h)
         x = x + h
         h = LayerNorm(cfg.layer_norm_eps, name="layer_norm2", **kw)(x)
@@ -132,13 +137,15 @@ class CLIPEmbeddings(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
+    """The layer stack; returns ``[input, after layer 1, ..., after layer N]``."""
     config: CLIPTextConfig
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x):
         states = [x]
         for i in range(self.config.num_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}")(x)
+            x = CLIPEncoderLayer(self.config, self.causal, name=f"layers_{i}")(x)
             states.append(x)
         return states
 
