@@ -173,3 +173,33 @@ def test_bad_records_name_the_file_and_line(tmp_path):
         read_records([manifest])
     with pytest.raises(RecordError, match="missing.json: no such record file"):
         read_records([tmp_path / "missing.json"])
+
+
+SHARDED_TOWER = """
+import jax, numpy as np
+from jaxvc.eval.feature_metrics import ImageTower, unit
+from jaxvc.eval.preprocess import ImagePreprocessor
+from jaxvc.models.vision_transformer import VisionConfig, VisionTransformer
+assert jax.device_count() == 8
+for family in ("clip", "vit"):
+    config = VisionConfig.variant("tiny", family=family, projection_dim=16 if family == "clip" else None)
+    params = VisionTransformer(config).init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+    tower = ImageTower(config, params, ImagePreprocessor.default(family, 32), batch_size=5)
+    assert tower.batch_size == 8 and tower.mesh.shape["data"] == 8
+    frames = np.random.default_rng(0).integers(0, 256, size=(11, 40, 48, 3), dtype=np.uint8)
+    sharded = tower(frames)  # two batches of 8 over 8 devices, the second padded
+    pixels = ImagePreprocessor.default(family, 32)(frames)
+    one_device = unit(np.asarray(VisionTransformer(config).apply(params, pixels)["image_embeds"], np.float64))
+    error = np.abs(sharded - one_device).max()
+    assert sharded.shape == one_device.shape and error < 1e-6, (family, error)
+    placed = jax.device_put(pixels[:8], tower._embed.lower(tower.params, pixels[:8]).compile().input_shardings[0][1])
+    assert len(placed.sharding.device_set) == 8 and placed.addressable_shards[0].data.shape[0] == 1
+    print(family, "max difference", error)
+print("SHARDED_OK")
+"""
+
+
+def test_image_towers_split_batches_over_8_devices_with_one_device_numbers():
+    from tests.multidevice import run_with_devices
+
+    run_with_devices(SHARDED_TOWER, devices=8)

@@ -29,15 +29,30 @@ METRICS = ("clip_t", "clip_i", "dino_i", "temporal_consistency")
 
 @dataclass
 class ImageTower:
-    """One image backbone: its processor, its parameters and a jitted ``pixels -> image_embeds``."""
+    """One image backbone: its processor, its parameters and a jitted ``pixels -> image_embeds``.
+
+    Data parallel over every device JAX has (a Colab TPU's 8 cores, a GPU host's GPUs): the parameters are
+    replicated, each batch is split over the mesh's ``data`` axis, and ``batch_size`` is rounded up to a multiple
+    of the device count."""
     config: VisionConfig
     params: dict
     preprocess: ImagePreprocessor
     batch_size: int = 32
 
     def __post_init__(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxvc.parallel.mesh import make_mesh
+
         model = VisionTransformer(self.config)
-        self._embed = jax.jit(lambda params, pixels: model.apply(params, pixels)["image_embeds"])
+        self.mesh = make_mesh({"data": -1})
+        devices = self.mesh.shape["data"]
+        self.batch_size = -(-self.batch_size // devices) * devices
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(self.params, replicated)
+        self._embed = jax.jit(lambda params, pixels: model.apply(params, pixels)["image_embeds"],
+                              in_shardings=(replicated, NamedSharding(self.mesh, PartitionSpec("data"))),
+                              out_shardings=replicated)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, batch_size: int = 32, allow_pickle: bool = False,
@@ -50,12 +65,16 @@ class ImageTower:
     def __call__(self, images) -> np.ndarray:
         """(N, H, W, 3) uint8 or a list of (H, W, 3) uint8 images -> (N, D) float64 unit vectors, in batches of
         ``batch_size`` (one compile)."""
+        from jaxvc.parallel.mesh import activate
+
         pixels = self.preprocess(images)
         out = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = pixels[start:start + self.batch_size]
             padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            out.append(np.asarray(self._embed(self.params, jnp.asarray(padded)), np.float64)[:len(chunk)])
+            with activate(self.mesh):  # the towers' logical constraints: tokens split by batch over "data"
+                embeds = self._embed(self.params, padded)
+            out.append(np.asarray(embeds, np.float64)[:len(chunk)])
         return unit(np.concatenate(out))
 
 
