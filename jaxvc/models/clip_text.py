@@ -45,11 +45,7 @@ class CLIPTextConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPTextConfig: hidden_act '{self.hidden_act}' is not one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"CLIPTextConfig: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_heads {self.num_heads}")
+        check_transformer_config(self)
 
     @classmethod
     def variant(cls, name: str, **overrides) -> "CLIPTextConfig":
@@ -78,6 +74,15 @@ class CLIPTextConfig:
             layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)), eos_token_id=int(eos))
         kwargs.update(overrides)
         return cls(**kwargs)
+
+
+def check_transformer_config(config) -> None:
+    """The checks every config of a ``CLIPEncoder`` stack needs (the text tower's and the image towers')."""
+    name = type(config).__name__
+    if config.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{name}: hidden_act '{config.hidden_act}' is not one of {sorted(ACTIVATIONS)}")
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"{name}: hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}")
 
 
 CLIP_TEXT_VARIANTS = {

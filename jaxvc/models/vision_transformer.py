@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.clip_text import ACTIVATIONS, CLIPEncoder
+from jaxvc.models.clip_text import CLIPEncoder, check_transformer_config
 from jaxvc.models.layers import Conv, Dense, Embed, LayerNorm
 
 FAMILIES = ("clip", "vit")
@@ -51,11 +51,7 @@ class VisionConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"VisionConfig: family '{self.family}' is not one of {FAMILIES}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"VisionConfig: hidden_act '{self.hidden_act}' is not one of {sorted(ACTIVATIONS)}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"VisionConfig: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_heads {self.num_heads}")
+        check_transformer_config(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"VisionConfig: image_size {self.image_size} is not a multiple of "
                              f"patch_size {self.patch_size}")
