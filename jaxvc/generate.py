@@ -9,7 +9,12 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="diffusers AnimateDiff/SD pipeline folder, or a jaxvc checkpoint from `jaxvc convert`")
+                        help="diffusers AnimateDiff/SD pipeline folder, a jaxvc checkpoint from `jaxvc convert`, or "
+                             "a training run folder (`jaxvc train --workdir DIR`; the demo's is OUT/run)")
+    parser.add_argument("--step", type=int, default=None,
+                        help="training run folders: the checkpoint step to load (default: the latest)")
+    parser.add_argument("--no-ema", action="store_true",
+                        help="training run folders: the raw weights, not the EMA weights the run keeps")
     parser.add_argument("--motion-adapter", default=None,
                         help="diffusers MotionAdapter folder or AnimateDiff motion-module file, if --model is a "
                              "plain SD1.5 folder")
@@ -46,14 +51,16 @@ def run(args) -> int:
     start = time.perf_counter()
     pipe = CustomVideoPipeline.from_pretrained(args.model, motion_adapter=args.motion_adapter,
                                                allow_pickle=args.allow_pickle, dtype=args.dtype,
-                                               attention_backend=args.attention_backend)
+                                               attention_backend=args.attention_backend, step=args.step,
+                                               use_ema=not args.no_ema)
     loaded = time.perf_counter()
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
-    files["record"] = write_record(args, files["mp4"])
+    files["record"] = write_record(args, files["mp4"], getattr(pipe, "trained_step", None),
+                                   getattr(pipe, "trained_with_ema", None))
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
           f"in {time.perf_counter() - loaded:.1f}s")
     for kind, path in files.items():
@@ -61,14 +68,15 @@ def run(args) -> int:
     return 0
 
 
-def write_record(args, video: Path) -> Path:
+def write_record(args, video: Path, trained_step: int | None = None, ema: bool | None = None) -> Path:
     """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference)."""
     record = {"video": video.name, "prompt": args.prompt, "reference": str(Path(args.reference).resolve()),
               "negative_prompt": args.negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps, "eta": args.eta,
               "seed": args.seed, "frames": args.frames, "height": args.height, "width": args.width,
-              "dtype": args.dtype, "attention_backend": args.attention_backend}
+              "dtype": args.dtype, "attention_backend": args.attention_backend, "trained_step": trained_step,
+              "ema": ema}
     path = video.with_suffix(".json")
     path.write_text(json.dumps(record, indent=2))
     return path

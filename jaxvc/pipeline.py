@@ -102,10 +102,18 @@ class CustomVideoPipeline:
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
-                        attention_backend: str | None = None) -> "CustomVideoPipeline":
-        """A diffusers AnimateDiff/SD folder (+ motion adapter) or a jaxvc checkpoint written by ``jaxvc convert``."""
+                        attention_backend: str | None = None, step: int | None = None,
+                        use_ema: bool = True) -> "CustomVideoPipeline":
+        """A diffusers AnimateDiff/SD folder (+ motion adapter), a jaxvc checkpoint written by ``jaxvc convert``, or
+        a training run folder (``jaxvc train --workdir``: checkpoint ``step``, default the latest, with its EMA
+        weights when the run keeps them and ``use_ema``)."""
         from jaxvc.convert.pipeline import load_pipeline
+        from jaxvc.train.trained_run import is_run_folder
 
+        if is_run_folder(path):
+            return cls.from_run(path, step=step, use_ema=use_ema, dtype=dtype, attention_backend=attention_backend)
+        if step is not None:
+            raise ValueError(f"{path}: step={step} is for training run folders; this is a pipeline folder")
         overrides = {}
         if dtype is not None:
             overrides["dtype"] = jnp.dtype(dtype)
@@ -116,6 +124,25 @@ class CustomVideoPipeline:
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
         return cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
                    weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})
+
+    @classmethod
+    def from_run(cls, workdir, *, step: int | None = None, use_ema: bool = True, dtype=None,
+                 attention_backend: str | None = None) -> "CustomVideoPipeline":
+        """The model of a training run at one of its checkpoints (``jaxvc/train/trained_run.py``)."""
+        from jaxvc.train.trained_run import load_trained_run
+
+        overrides = {}
+        if dtype is not None:
+            overrides["compute_dtype"] = str(jnp.dtype(dtype))
+        if attention_backend is not None:
+            overrides["model.attention_backend"] = attention_backend
+        run = load_trained_run(workdir, step=step, use_ema=use_ema, overrides=overrides)
+        if not callable(getattr(run.method, "pipeline", None)):
+            raise ValueError(f"{workdir}: method '{run.config.method}' has no generation pipeline")
+        tokenizer = getattr(run.method, "tokenizer", None) or load_tokenizer(run.config.model.get("tokenizer") or None)
+        pipe = run.method.pipeline(run.params, tokenizer)
+        pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
+        return pipe
 
     @property
     def downsample_factor(self) -> int:

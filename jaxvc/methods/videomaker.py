@@ -341,4 +341,5 @@ def from_config(config) -> VideoMaker:
                         num_frames=model.num_frames, image_size=model.image_size, pretrained=pretrained,
                         pixel_patch=model.get("pixel_patch", 1) if not model.pretrained else 1)
     method.init_params_jittable = not pretrained  # loaded weights are host arrays the trainer places itself
+    method.tokenizer = tokenizer  # the one its captions were encoded with: generation from the run uses it too
     return method

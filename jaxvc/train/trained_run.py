@@ -1,0 +1,69 @@
+"""A finished (or running) training run as a model: its config, its method and the parameters of one checkpoint.
+
+A run folder is what ``jaxvc train --workdir DIR`` writes (``jaxvc demo --out OUT`` trains in ``OUT/run``): ``config.json`` and
+``checkpoints/<step>/``. Restoring goes through the ``Trainer`` the run was made with, so whatever it handles
+(frozen weights kept out of the checkpoint and re-read from ``config.model.pretrained``, a different device count,
+EMA) is handled here the same way. ``jaxvc generate --model DIR`` uses this.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class RunFolderError(FileNotFoundError):
+    """A folder that is not a training run, or a run without the checkpoint asked for."""
+
+
+@dataclass
+class TrainedRun:
+    config: Any  # ml_collections.ConfigDict, as in the run's config.json (plus the overrides given here)
+    method: Any
+    params: Any  # the method's full parameter tree at ``step`` (EMA weights where the run keeps them and asked)
+    step: int
+    used_ema: bool
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+
+
+def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
+                     overrides: Mapping[str, Any] | None = None) -> TrainedRun:
+    """The run in ``workdir`` at checkpoint ``step`` (default: the latest).
+
+    ``overrides``: dotted config keys set before the method is built, e.g. ``{"compute_dtype": "bfloat16",
+    "model.attention_backend": "cudnn"}`` (inference settings; shapes of parameters must not change).
+    """
+    from jaxvc.config_utils import config_from_dict
+    from jaxvc.methods import build_method
+    from jaxvc.train.loop import Trainer
+
+    workdir = Path(workdir)
+    if not is_run_folder(workdir):
+        raise RunFolderError(f"{workdir}: not a training run folder (expected config.json and checkpoints/, as "
+                             "`jaxvc train --workdir` writes)")
+    try:
+        config = config_from_dict(json.loads((workdir / "config.json").read_text()))
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{workdir / 'config.json'}: not valid JSON ({error})") from error
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = config
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    method = build_method(config)
+    trainer = Trainer(config, method, workdir)
+    steps = trainer.checkpointer.all_steps()
+    if not steps:
+        raise RunFolderError(f"{workdir / 'checkpoints'}: the run has no checkpoint yet")
+    if step is not None and step not in steps:
+        raise RunFolderError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (there are {sorted(steps)})")
+    state, _, _ = trainer.restore(step)
+    used_ema = use_ema and state.ema is not None
+    return TrainedRun(config, method, state.full_params(use_ema=used_ema), int(state.step), used_ema)

@@ -1,0 +1,85 @@
+"""From a training run to videos: ``jaxvc generate --model WORKDIR`` loads the run's checkpoint (EMA or raw weights,
+latest or a given step) and generates exactly what the trained parameters generate."""
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxvc.cli import main as jaxvc_main
+from jaxvc.config_utils import get_config
+from jaxvc.methods import build_method
+from jaxvc.pipeline import CustomVideoPipeline
+from jaxvc.train.loop import Trainer
+from jaxvc.train.trained_run import RunFolderError, load_trained_run
+
+SETTINGS = dict(num_frames=2, height=32, width=32, num_inference_steps=2, seed=3, progress=False)
+OVERRIDES = ["steps=4", "batch_size=2", "model.num_frames=2", "checkpoint.every=2", "checkpoint.keep=3",
+             "checkpoint.use_async=False", "optim.ema_decay=0.5", "log_every=2", "progress_bar=False",
+             "data.num_subjects=6", "data.held_out=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny latent VideoMaker trained for 4 steps with EMA, checkpoints at steps 2 and 4."""
+    from jaxvc.train.cli import build_data
+
+    workdir = tmp_path_factory.mktemp("run")
+    config = get_config("configs/videomaker.py:tiny", OVERRIDES)
+    method = build_method(config)
+    result = Trainer(config, method, workdir).fit(lambda rows: build_data(config, rows))
+    assert result.final_step == 4
+    return workdir, config, method, result.state
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "subject.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_the_run_generates_what_its_trained_parameters_generate(run, reference):
+    workdir, _, method, state = run
+    loaded = CustomVideoPipeline.from_pretrained(workdir)
+    assert (loaded.trained_step, loaded.trained_with_ema) == (4, True)
+    want = method.pipeline(state.full_params(use_ema=True), method.tokenizer)(str(reference), "a cat", **SETTINGS)
+    got = loaded(str(reference), "a cat", **SETTINGS)
+    np.testing.assert_array_equal(got, want)
+    raw = method.pipeline(state.full_params(use_ema=False), method.tokenizer)(str(reference), "a cat", **SETTINGS)
+    assert not np.array_equal(raw, want)  # EMA 0.5 over 4 steps differs from the raw weights
+    np.testing.assert_array_equal(CustomVideoPipeline.from_pretrained(workdir, use_ema=False)(
+        str(reference), "a cat", **SETTINGS), raw)
+
+
+def test_an_earlier_step_loads_other_weights(run):
+    workdir = run[0]
+    latest, earlier = load_trained_run(workdir), load_trained_run(workdir, step=2)
+    assert (latest.step, earlier.step) == (4, 2)
+    differs = jax.tree.map(lambda a, b: not np.array_equal(a, b), latest.params, earlier.params)
+    assert any(jax.tree.leaves(differs))
+    with pytest.raises(RunFolderError, match=r"no checkpoint at step 3 \(there are \[2, 4\]\)"):
+        load_trained_run(workdir, step=3)
+
+
+def test_generate_command_on_a_run_folder_writes_the_step_in_its_record(run, reference, tmp_path):
+    out = tmp_path / "out"
+    code = jaxvc_main(["generate", "--model", str(run[0]), "--step", "2", "--reference", str(reference),
+                       "--prompt", "a cat", "--frames", "2", "--height", "32", "--width", "32", "--steps", "2",
+                       "--out", str(out), "--name", "cat"])
+    assert code == 0
+    record = json.loads((out / "cat.json").read_text())
+    assert (record["trained_step"], record["ema"]) == (2, True)
+    assert (out / "cat.mp4").stat().st_size > 0
+
+
+def test_folders_that_are_not_runs_say_so(tmp_path):
+    from jaxvc.config_utils import write_config
+
+    with pytest.raises(RunFolderError, match="not a training run folder"):
+        load_trained_run(tmp_path)
+    write_config(get_config("configs/videomaker.py:tiny", OVERRIDES), tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(RunFolderError, match="checkpoints: the run has no checkpoint yet"):
+        CustomVideoPipeline.from_pretrained(tmp_path)
