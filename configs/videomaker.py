@@ -103,7 +103,15 @@ def get_config(variant=None):
     config.checkpoint.save_frozen = True
 
     config.log_every = 10
-    config.sample_every = 0
+    config.sample_every = 0  # > 0: every that many steps, generate the validation videos below (samples/, TensorBoard)
+    config.validation = ConfigDict()
+    config.validation.prompts = ()  # e.g. ("a dog runs on the beach",)
+    config.validation.references = ()  # one reference image path per prompt
+    config.validation.steps = 25  # DDIM steps
+    config.validation.guidance_scale = 8.0
+    config.validation.seed = 0  # video i uses seed + i at every sample point
+    config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)
+    config.validation.dino_model = ""  # local ViTModel (DINO) folder: DINO-I
     config.max_nonfinite_in_a_row = 3
     config.peak_flops_per_device = config_dict.placeholder(float)
     config.progress_bar = True

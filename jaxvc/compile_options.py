@@ -68,8 +68,25 @@ def merged(user: Mapping[str, Any] | None = None, platform: str | None = None) -
 
 def jit(fn, **kwargs):
     """``jax.jit(fn, **kwargs)`` compiled with ``merged()`` (the default backend's defaults), for functions jitted and
-    called directly; code that lowers and compiles itself passes ``merged(...)`` to ``.compile()``."""
+    called directly; code that lowers and compiles itself passes ``merged(...)`` to ``.compile()``.
+
+    Called inside another trace (the pipeline's generation traced into the trainer's validation-sample program),
+    the function is inlined into the outer program instead: jax refuses compiler options on a nested jit, and the
+    outer program's own options apply to the whole."""
+    import functools
+
     import jax
 
     options = merged()
-    return jax.jit(fn, **kwargs) if options is None else jax.jit(fn, compiler_options=options, **kwargs)
+    if options is None:
+        return jax.jit(fn, **kwargs)
+    jitted = jax.jit(fn, compiler_options=options, **kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **call_kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, call_kwargs))):
+            return fn(*args, **call_kwargs)
+        return jitted(*args, **call_kwargs)
+
+    call.lower, call.trace = jitted.lower, jitted.trace  # the AOT entry points (bench lowers and compiles)
+    return call

@@ -219,7 +219,26 @@ class CustomVideoPipeline:
         is in the reference image)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
-        if reference_guidance_scale is not None and reference_image is None:
+        reference = None
+        if reference_image is not None:
+            reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
+        out = self.generate(reference, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                            reference_guidance_scale=reference_guidance_scale,
+                            reference_guidance_start=reference_guidance_start, num_inference_steps=num_inference_steps,
+                            seed=seed, num_frames=num_frames, height=height, width=width, eta=eta, progress=progress,
+                            decode=output_type == "uint8")
+        if output_type == "latent":
+            return np.asarray(out[0])
+        return media.to_uint8(np.clip(np.asarray(out[0]), -1.0, 1.0))
+
+    def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
+                 reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
+                 num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
+                 width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True):
+        """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
+        (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
+        with ``decode=False`` the latents (1, F, h, w, c)."""
+        if reference_guidance_scale is not None and reference is None:
             raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
         if not 0.0 <= reference_guidance_start <= 1.0:
             raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
@@ -233,11 +252,12 @@ class CustomVideoPipeline:
         if not 1 <= num_frames <= max_frames:
             raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames "
                              "(max_seq_length minus the reference frame)")
-        if reference_image is None:  # no subject: the zero reference latent of the unconditional branch
+        if reference is None:  # no subject: the zero reference latent of the unconditional branch
             reference_latent = jnp.zeros((1, 1, height // self.downsample_factor, width // self.downsample_factor,
                                           self.unet.config.in_channels), jnp.float32)
         else:
-            reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
+            if tuple(reference.shape) != (1, height, width, 3):
+                raise ValueError(f"reference must be (1, {height}, {width}, 3) in [-1, 1], got {reference.shape}")
             reference_latent = self.encode_reference(reference)
         text = self.encode_prompts([prompt])
         negative_text = self.encode_prompts([negative_prompt])
@@ -249,13 +269,11 @@ class CustomVideoPipeline:
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
                                      round(reference_guidance_start * num_inference_steps), progress)
         latents = generate(self.params["unet"], text, negative_text, reference_latent, x_T, rng_steps)
-        if output_type == "latent":
-            return np.asarray(latents[0])
+        if not decode:
+            return latents
         if self.vae is None:
-            video = from_patches(latents, self.pixel_patch)
-        else:
-            video = self._jitted["decode"](self.params["vae"], latents)
-        return media.to_uint8(np.clip(np.asarray(video[0]), -1.0, 1.0))
+            return from_patches(latents, self.pixel_patch)
+        return self._jitted["decode"](self.params["vae"], latents)
 
     @staticmethod
     def save(frames, out_dir, name: str = "video", reference=None, fps: int = 8) -> dict[str, Path]:

@@ -43,12 +43,15 @@ def test_preprocessing_equals_the_transformers_pil_processor(family, shape):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A CLIPModel with the CLIP vocabulary and its tokenizer files, and a DINO ViT, 32 px, with processor configs."""
     try:
         find_open_clip_bpe()
     except TokenizerFilesError as error:
         pytest.skip(f"CLIP BPE source unavailable: {error}")
-    clip_folder, dino_folder = tmp_path_factory.mktemp("clip"), tmp_path_factory.mktemp("dino")
+    return build_metric_folders(tmp_path_factory.mktemp("clip"), tmp_path_factory.mktemp("dino"))
+
+
+def build_metric_folders(clip_folder, dino_folder):
+    """A CLIPModel with the CLIP vocabulary and its tokenizer files, and a DINO ViT, 32 px, with processor configs."""
     clip = randomize_(transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, eos_token_id=2),

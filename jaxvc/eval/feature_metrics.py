@@ -31,7 +31,7 @@ METRICS = ("clip_t", "clip_i", "dino_i", "temporal_consistency")
 class ImageTower:
     """One image backbone: its processor, its parameters and a jitted ``pixels -> image_embeds``.
 
-    Data parallel over every device JAX has (a Colab TPU's 8 cores, a GPU host's GPUs): the parameters are
+    Data parallel over this host's devices (a Colab TPU's 8 cores, a GPU host's GPUs): the parameters are
     replicated, each batch is split over the mesh's ``data`` axis, and ``batch_size`` is rounded up to a multiple
     of the device count."""
     config: VisionConfig
@@ -45,7 +45,7 @@ class ImageTower:
         from jaxvc.parallel.mesh import make_mesh
 
         model = VisionTransformer(self.config)
-        self.mesh = make_mesh({"data": -1})
+        self.mesh = make_mesh({"data": -1}, devices=jax.local_devices())  # one host's: the trainer scores on one
         devices = self.mesh.shape["data"]
         self.batch_size = -(-self.batch_size // devices) * devices
         replicated = NamedSharding(self.mesh, PartitionSpec())

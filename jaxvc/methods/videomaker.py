@@ -134,6 +134,9 @@ class VideoMaker(Method):
         self.empty_prompt_tokens = jnp.asarray(empty_prompt_tokens, jnp.int32).reshape(1, -1)  # (1, 77)
         self.num_frames, self.image_size = num_frames, image_size
         self.pretrained = dict(pretrained or {})
+        self.tokenizer = None  # set by from_config: the tokenizer its captions are encoded with
+        self.validation: list = []  # (prompt, reference (H, W, 3) in [-1, 1]) pairs: see set_validation
+        self.validation_settings: dict = {}
         self.schedule: NoiseSchedule = make_schedule(
             options.beta_schedule, beta_start=options.beta_start, beta_end=options.beta_end,
             num_train_timesteps=options.num_train_timesteps)
@@ -296,6 +299,35 @@ class VideoMaker(Method):
             None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
             reference_cross_attention=self.options.reference_cross_attention, pixel_patch=self.pixel_patch)
 
+    # ---------------------------------------------------------------- validation samples (the trainer's hook)
+    def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
+                       seed: int = 0) -> None:
+        """What ``sample`` generates every ``config.sample_every`` steps: each prompt with its reference image."""
+        if len(prompts) != len(references):
+            raise ValueError(f"videomaker validation: {len(prompts)} prompts but {len(references)} reference images "
+                             "(one each)")
+        self.validation = list(zip(prompts, references))
+        self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
+                                        guidance_scale=float(guidance_scale), seed=int(seed))
+
+    def sample(self, params, rng):
+        """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
+        uses the seed ``validation_settings["seed"] + i``, not ``rng``: the same noise at every sample point, so the
+        videos show what training changed."""
+        del rng
+        if not self.validation:
+            raise ValueError("videomaker: no validation prompts (config.validation.prompts) to sample")
+        from jaxvc.models.tokenizer import load_tokenizer
+
+        pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
+        settings = self.validation_settings
+        videos = [pipe.generate(jnp.asarray(reference, jnp.float32)[None], prompt, num_frames=self.num_frames,
+                                height=self.image_size, width=self.image_size, seed=settings["seed"] + i,
+                                num_inference_steps=settings["num_inference_steps"],
+                                guidance_scale=settings["guidance_scale"])[0]
+                  for i, (prompt, reference) in enumerate(self.validation)]
+        return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}
+
     def example_batch(self, batch_size: int):
         size = self.image_size
         return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
@@ -342,4 +374,30 @@ def from_config(config) -> VideoMaker:
                         pixel_patch=model.get("pixel_patch", 1) if not model.pretrained else 1)
     method.init_params_jittable = not pretrained  # loaded weights are host arrays the trainer places itself
     method.tokenizer = tokenizer  # the one its captions were encoded with: generation from the run uses it too
+    _configure_validation(method, config)
     return method
+
+
+def _configure_validation(method: VideoMaker, config) -> None:
+    """``config.validation``: the prompts and reference images the trainer samples every ``sample_every`` steps,
+    and the CLIP / DINO folders that score them. Checked here, not at the first sample point hours later."""
+    from pathlib import Path
+
+    from jaxvc.config_utils import ConfigError
+    from jaxvc.pipeline import load_reference_image
+
+    validation = config.get("validation") or {}
+    prompts, references = tuple(validation.get("prompts", ())), tuple(validation.get("references", ()))
+    if config.get("sample_every", 0) and not prompts:
+        raise ConfigError("sample_every > 0 needs config.validation.prompts (and one reference image each)")
+    for key in ("clip_model", "dino_model"):
+        folder = validation.get(key, "")
+        if folder and not (Path(folder) / "config.json").is_file():
+            raise ConfigError(f"config.validation.{key} = {folder!r}: no config.json there (a local transformers "
+                              "folder is expected)")
+    if prompts:
+        if len(references) != len(prompts):
+            raise ConfigError(f"config.validation: {len(prompts)} prompts but {len(references)} references")
+        images = [load_reference_image(path, method.image_size, method.image_size) for path in references]
+        method.set_validation(prompts, images, num_inference_steps=validation.get("steps", 25),
+                              guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0))

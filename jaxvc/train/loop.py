@@ -160,6 +160,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
         self._compiled = None
         self._sample_fn = None
+        self._scorer = None
         self.flops_per_step = None
 
     # ----------------------------------------------------------------------------------------------------- setup
@@ -250,6 +251,22 @@ class Trainer:
                     self.compiler_options)
             out = self._sample_fn(params, rng)
         return {k: np.asarray(v) for k, v in distributed.to_host(out).items()}
+
+    def score_samples(self, videos: dict[str, np.ndarray]) -> dict[str, float]:
+        """CLIP-T / CLIP-I / DINO-I / T.Cons of the ``"validation"`` videos against the method's ``validation``
+        (prompt, reference) pairs, when ``config.validation`` names the backbones; on process 0 only."""
+        clip, dino = setting(self.config, "validation.clip_model", ""), setting(self.config, "validation.dino_model", "")
+        pairs = getattr(self.method, "validation", None)
+        if not (clip or dino) or not pairs or "validation" not in videos or jax.process_index() != 0:
+            return {}
+        from jaxvc.eval.feature_metrics import VideoScorer, mean_scores
+        from jaxvc.media import to_uint8
+
+        if self._scorer is None:
+            self._scorer = VideoScorer.from_folders(clip or None, dino or None)
+        per_video = [self._scorer.score(to_uint8(video), prompt, [to_uint8(reference)])
+                     for video, (prompt, reference) in zip(videos["validation"], pairs)]
+        return {f"validation/{name}": value for name, (value, _) in mean_scores(per_video).items()}
 
     # ------------------------------------------------------------------------------------------------------ loop
     def fit(self, data) -> TrainResult:
@@ -350,6 +367,10 @@ class Trainer:
                         videos = self.sample(state, done)
                         if videos:
                             writer.videos(done, videos, self.workdir / "samples" / f"step_{done:08d}")
+                            scores = self.score_samples(videos)
+                            if scores:
+                                writer.scalars(done, scores)
+                                progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
                     window_start, window_steps = time.perf_counter(), 0
                     if stop:
                         preempted = True

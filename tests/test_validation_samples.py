@@ -1,0 +1,85 @@
+"""Validation during training: every ``sample_every`` steps VideoMaker generates its ``config.validation`` prompts
+with their references (fixed seeds), the trainer writes them and, with CLIP/DINO folders named, logs CLIP-T,
+CLIP-I, DINO-I and T.Cons of exactly those videos to TensorBoard."""
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxvc.config_utils import ConfigError, get_config
+from jaxvc.methods import build_method
+from jaxvc.train.loop import Trainer
+
+pytest.importorskip("transformers")
+from tests.test_eval_metrics import build_metric_folders  # noqa: E402
+from tests.test_train_step import read_scalars  # noqa: E402
+
+PROMPTS = ("a subject moves left", "a subject moves up")
+BASE = ["steps=2", "batch_size=2", "model.num_frames=2", "checkpoint.every=2", "checkpoint.use_async=False",
+        "optim.ema_decay=0.5", "log_every=1", "progress_bar=False", "data.num_subjects=6", "data.held_out=2",
+        "validation.steps=2", "validation.guidance_scale=2.0", "validation.seed=7"]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refs")
+    paths = []
+    for i in range(len(PROMPTS)):
+        paths.append(folder / f"ref{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(paths[-1])
+    return tuple(str(p) for p in paths)
+
+
+def validation_config(references, *extra):
+    overrides = BASE + [f"validation.prompts={PROMPTS!r}", f"validation.references={references!r}", *extra]
+    return get_config("configs/videomaker.py:tiny", overrides)
+
+
+def test_sample_is_the_pipeline_generation_of_each_pair(references):
+    method = build_method(validation_config(references))
+    params = jax.jit(method.init_params)(jax.random.key(0))
+    videos = np.asarray(jax.jit(method.sample)(params, jax.random.key(1))["validation"])
+    assert videos.shape == (2, 2, 32, 32, 3)
+    pipe = method.pipeline(params, method.tokenizer)
+    for i, (prompt, path) in enumerate(zip(PROMPTS, references)):
+        want = pipe(path, prompt, num_frames=2, height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
+                    seed=7 + i, progress=False)  # uint8, as the pipeline writes videos
+        got = np.round((videos[i] + 1.0) * 127.5)
+        assert np.abs(got - want.astype(np.float64)).max() <= 1, i  # float rounding at the uint8 step only
+
+
+def test_training_logs_the_scores_of_its_validation_videos(references, tmp_path):
+    from jaxvc.eval.feature_metrics import VideoScorer
+    from jaxvc.media import to_uint8
+    from jaxvc.train.cli import build_data
+    from jaxvc.train.trained_run import load_trained_run
+
+    clip_folder, dino_folder = build_metric_folders(tmp_path / "clip", tmp_path / "dino")
+    config = validation_config(references, "sample_every=2", f"validation.clip_model={clip_folder}",
+                               f"validation.dino_model={dino_folder}")
+    method = build_method(config)
+    Trainer(config, method, tmp_path / "run").fit(lambda rows: build_data(config, rows))
+    assert sorted(os.listdir(tmp_path / "run" / "samples" / "step_00000002")) == ["validation_0.gif",
+                                                                                  "validation_1.gif"]
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    logged = {name: scalars[f"validation/{name}"] for name in ("clip_t", "clip_i", "dino_i", "temporal_consistency")}
+    # the same videos (the EMA weights of step 2, the same seeds), scored apart from the trainer
+    run = load_trained_run(tmp_path / "run")
+    videos = np.asarray(jax.jit(run.method.sample)(run.params, jax.random.key(0))["validation"])
+    scorer = VideoScorer.from_folders(clip_folder, dino_folder)
+    per_video = [scorer.score(to_uint8(video), prompt, [to_uint8(reference)])
+                 for video, (prompt, reference) in zip(videos, run.method.validation)]
+    for name, points in logged.items():
+        assert [step for step, _ in points] == [2], name
+        assert points[0][1] == pytest.approx(np.mean([scores[name] for scores in per_video]), abs=1e-5), name
+
+
+def test_validation_settings_are_checked_when_the_method_is_built(references, tmp_path):
+    with pytest.raises(ConfigError, match="sample_every > 0 needs config.validation.prompts"):
+        build_method(get_config("configs/videomaker.py:tiny", ["sample_every=10"]))
+    with pytest.raises(ConfigError, match="2 prompts but 1 references"):
+        build_method(validation_config(references[:1]))
+    with pytest.raises(ConfigError, match=r"validation.clip_model = '.*nowhere': no config.json there"):
+        build_method(validation_config(references, f"validation.clip_model={tmp_path / 'nowhere'}"))
