@@ -50,30 +50,36 @@ def test_sample_is_the_pipeline_generation_of_each_pair(references):
         assert np.abs(got - want.astype(np.float64)).max() <= 1, i  # float rounding at the uint8 step only
 
 
-def test_training_logs_the_scores_of_its_validation_videos(references, tmp_path):
+def test_training_logs_the_scores_of_its_validation_videos_and_keeps_the_best(references, tmp_path):
     from jaxvc.eval.feature_metrics import VideoScorer
     from jaxvc.media import to_uint8
     from jaxvc.train.cli import build_data
     from jaxvc.train.trained_run import load_trained_run
 
     clip_folder, dino_folder = build_metric_folders(tmp_path / "clip", tmp_path / "dino")
-    config = validation_config(references, "sample_every=2", f"validation.clip_model={clip_folder}",
-                               f"validation.dino_model={dino_folder}")
+    config = validation_config(references, "steps=6", "sample_every=2", "checkpoint.keep=1", "checkpoint.keep_best=1",
+                               "checkpoint.best_metric=validation/clip_i", "checkpoint.best_mode=max",
+                               f"validation.clip_model={clip_folder}", f"validation.dino_model={dino_folder}")
     method = build_method(config)
-    Trainer(config, method, tmp_path / "run").fit(lambda rows: build_data(config, rows))
+    trainer = Trainer(config, method, tmp_path / "run")
+    trainer.fit(lambda rows: build_data(config, rows))
     assert sorted(os.listdir(tmp_path / "run" / "samples" / "step_00000002")) == ["validation_0.gif",
                                                                                   "validation_1.gif"]
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     logged = {name: scalars[f"validation/{name}"] for name in ("clip_t", "clip_i", "dino_i", "temporal_consistency")}
-    # the same videos (the EMA weights of step 2, the same seeds), scored apart from the trainer
-    run = load_trained_run(tmp_path / "run")
+    for name, points in logged.items():
+        assert [step for step, _ in points] == [2, 4, 6], name
+    # kept: the latest checkpoint and the one with the highest CLIP-I
+    best = max(logged["clip_i"], key=lambda point: point[1])[0]
+    assert sorted(trainer.checkpointer.all_steps()) == sorted({6, best})
+    # the videos of step 6 (its EMA weights, the same seeds), scored apart from the trainer
+    run = load_trained_run(tmp_path / "run", step=6)
     videos = np.asarray(jax.jit(run.method.sample)(run.params, jax.random.key(0))["validation"])
     scorer = VideoScorer.from_folders(clip_folder, dino_folder)
     per_video = [scorer.score(to_uint8(video), prompt, [to_uint8(reference)])
                  for video, (prompt, reference) in zip(videos, run.method.validation)]
     for name, points in logged.items():
-        assert [step for step, _ in points] == [2], name
-        assert points[0][1] == pytest.approx(np.mean([scores[name] for scores in per_video]), abs=1e-5), name
+        assert points[-1][1] == pytest.approx(np.mean([scores[name] for scores in per_video]), abs=1e-5), name
 
 
 def test_validation_settings_are_checked_when_the_method_is_built(references, tmp_path):
@@ -83,3 +89,7 @@ def test_validation_settings_are_checked_when_the_method_is_built(references, tm
         build_method(validation_config(references[:1]))
     with pytest.raises(ConfigError, match=r"validation.clip_model = '.*nowhere': no config.json there"):
         build_method(validation_config(references, f"validation.clip_model={tmp_path / 'nowhere'}"))
+    config = validation_config(references, "sample_every=4", "checkpoint.every=6", "checkpoint.keep_best=1",
+                               "checkpoint.best_metric=validation/clip_t")
+    with pytest.raises(ValueError, match=r"checkpoint.every \(6\) must be a multiple of it"):
+        Trainer(config, build_method(config), tmp_path / "run").fit(lambda rows: iter(()))

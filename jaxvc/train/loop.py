@@ -268,6 +268,18 @@ class Trainer:
                      for video, (prompt, reference) in zip(videos["validation"], pairs)]
         return {f"validation/{name}": value for name, (value, _) in mean_scores(per_video).items()}
 
+    def _sample_and_score(self, writer, progress, state: TrainState, step: int) -> dict[str, float]:
+        """Write the method's samples at ``step`` and log their validation scores; returns the scores."""
+        videos = self.sample(state, step)
+        if not videos:
+            return {}
+        writer.videos(step, videos, self.workdir / "samples" / f"step_{step:08d}")
+        scores = self.score_samples(videos)
+        if scores:
+            writer.scalars(step, scores)
+            progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
+
     # ------------------------------------------------------------------------------------------------------ loop
     def fit(self, data) -> TrainResult:
         config = self.config
@@ -294,6 +306,15 @@ class Trainer:
         log_every = int(setting(config, "log_every", 1))
         ckpt_every = int(setting(config, "checkpoint.every", 0))
         sample_every = int(setting(config, "sample_every", 0))
+        best_metric = str(setting(config, "checkpoint.best_metric", "loss"))
+        if int(setting(config, "checkpoint.keep_best", 0) or 0) and best_metric.startswith("validation/"):
+            # the scores exist only at sample steps and only on process 0 (score_samples)
+            if sample_every <= 0 or ckpt_every <= 0 or ckpt_every % sample_every:
+                raise ValueError(f"checkpoint.best_metric '{best_metric}' is computed every sample_every "
+                                 f"({sample_every}) steps; checkpoint.every ({ckpt_every}) must be a multiple of it")
+            if jax.process_count() > 1:
+                raise ValueError(f"checkpoint.best_metric '{best_metric}': validation scores are computed on one "
+                                 "process; rank checkpoints by them in single-process runs only")
         max_nonfinite = int(setting(config, "max_nonfinite_in_a_row", 0))
         # One process reads its own SIGTERM flag every step; several must agree (a collective), so less often.
         check_every = 1 if jax.process_count() == 1 else int(setting(config, "preemption_check_every", 10))
@@ -359,18 +380,15 @@ class Trainer:
                     if do_log:
                         elapsed = time.perf_counter() - window_start
                         self._log(writer, progress, history[-1], elapsed / max(window_steps, 1), peak)
+                    # Sample first, so a checkpoint of the same step carries the validation scores (keep_best can
+                    # rank by them); on SIGTERM the checkpoint comes first, it is what the grace period is for.
+                    scores = self._sample_and_score(writer, progress, state, done) if do_sample and not stop else {}
                     if do_ckpt:
                         loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
-                        self.save(state, data_state, {"loss": loss})
+                        self.save(state, data_state, {"loss": loss, **scores})
                         since_checkpoint.clear()
-                    if do_sample:
-                        videos = self.sample(state, done)
-                        if videos:
-                            writer.videos(done, videos, self.workdir / "samples" / f"step_{done:08d}")
-                            scores = self.score_samples(videos)
-                            if scores:
-                                writer.scalars(done, scores)
-                                progress.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+                    if do_sample and stop:
+                        self._sample_and_score(writer, progress, state, done)
                     window_start, window_steps = time.perf_counter(), 0
                     if stop:
                         preempted = True
