@@ -255,7 +255,8 @@ class Trainer:
     def score_samples(self, videos: dict[str, np.ndarray]) -> dict[str, float]:
         """CLIP-T / CLIP-I / DINO-I / T.Cons of the ``"validation"`` videos against the method's ``validation``
         (prompt, reference) pairs, when ``config.validation`` names the backbones; on process 0 only."""
-        clip, dino = setting(self.config, "validation.clip_model", ""), setting(self.config, "validation.dino_model", "")
+        clip = setting(self.config, "validation.clip_model", "")
+        dino = setting(self.config, "validation.dino_model", "")
         pairs = getattr(self.method, "validation", None)
         if not (clip or dino) or not pairs or "validation" not in videos or jax.process_index() != 0:
             return {}
