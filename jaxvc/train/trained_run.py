@@ -1,9 +1,9 @@
 """A finished (or running) training run as a model: its config, its method and the parameters of one checkpoint.
 
 A run folder is what ``jaxvc train --workdir DIR`` writes (``jaxvc demo --out OUT`` trains in ``OUT/run``):
-``config.json`` and ``checkpoints/<step>/``. Restoring goes through the ``Trainer`` the run was made with, so whatever it handles
-(frozen weights kept out of the checkpoint and re-read from ``config.model.pretrained``, a different device count,
-EMA) is handled here the same way. ``jaxvc generate --model DIR`` uses this.
+``config.json`` and ``checkpoints/<step>/``. Restoring goes through the ``Trainer`` the run was made with, so
+whatever it handles (frozen weights kept out of the checkpoint and re-read from ``config.model.pretrained``, a
+different device count, EMA) is handled here the same way. ``jaxvc generate --model DIR`` uses this.
 """
 from __future__ import annotations
 
