@@ -61,7 +61,6 @@ def run(args) -> int:
     from jaxvc.data.training_streams import from_config as data_from_config, world_from_config
     from jaxvc.eval.synthetic_metrics import evaluate_videos
     from jaxvc.methods import build_method
-    from jaxvc.models.tokenizer import load_tokenizer
     from jaxvc.train.loop import train
 
     out = Path(args.out)
@@ -87,7 +86,7 @@ def run(args) -> int:
           f"{np.mean(losses[:20]):.4f} -> {np.mean(losses[-20:]):.4f}" if losses else "")
 
     # ------------------------------------------------------------------------------------------ 2. generate
-    pipe = method.pipeline(result.state.full_params(), load_tokenizer(config.model.get("tokenizer")))
+    pipe = method.pipeline(result.state.full_params(), method.tokenizer)
     world = world_from_config(config)
     motions = [m.strip() for m in args.motions.split(",") if m.strip()]
     subjects = list(world.held_out_subject_ids[:args.subjects])

@@ -139,8 +139,7 @@ class CustomVideoPipeline:
         run = load_trained_run(workdir, step=step, use_ema=use_ema, overrides=overrides)
         if not callable(getattr(run.method, "pipeline", None)):
             raise ValueError(f"{workdir}: method '{run.config.method}' has no generation pipeline")
-        tokenizer = getattr(run.method, "tokenizer", None) or load_tokenizer(run.config.model.get("tokenizer") or None)
-        pipe = run.method.pipeline(run.params, tokenizer)
+        pipe = run.method.pipeline(run.params, run.method.tokenizer)  # the tokenizer the run's captions went through
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 

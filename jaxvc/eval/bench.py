@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import numpy as np
 
@@ -27,22 +26,13 @@ def build_random_towers(folder) -> tuple[str, str]:
     return clip_folder, dino_folder
 
 
-def _median_seconds(fn, iters: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def compare_tower(name: str, folder: str, frames: int, batch_size: int) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
     import transformers
 
+    from jaxvc.bench.timing import time_calls
     from jaxvc.convert.vision import load_vision_tower
     from jaxvc.models.vision_transformer import VisionTransformer
 
@@ -62,10 +52,11 @@ def compare_tower(name: str, folder: str, frames: int, batch_size: int) -> dict:
         reference = torch_embed(torch_pixels).double().numpy()
     error = float(np.max(np.linalg.norm(ours - reference, axis=-1) / np.linalg.norm(reference, axis=-1)))
     calls = max(1, frames // batch_size)
-    jax_seconds = _median_seconds(lambda: [embed(params, jnp.asarray(pixels)).block_until_ready()
-                                           for _ in range(calls)])
-    with torch.no_grad():
-        torch_seconds = _median_seconds(lambda: [torch_embed(torch_pixels) for _ in range(calls)])
+    jax_seconds = time_calls(lambda: [embed(params, jnp.asarray(pixels)) for _ in range(calls)],
+                             jax.block_until_ready, warmup=1, iters=5).median_s
+    with torch.no_grad():  # torch on the CPU returns when done: nothing to wait for
+        torch_seconds = time_calls(lambda: [torch_embed(torch_pixels) for _ in range(calls)], lambda _: None,
+                                   warmup=1, iters=5).median_s
     images = calls * batch_size
     return {"tower": name, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6, "rel_error": error,
             "jaxvc_images_s": images / jax_seconds, "torch_images_s": images / torch_seconds}

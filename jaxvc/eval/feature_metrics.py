@@ -69,12 +69,12 @@ class ImageTower:
 
         pixels = self.preprocess(images)
         out = []
-        for start in range(0, len(pixels), self.batch_size):
-            chunk = pixels[start:start + self.batch_size]
-            padded = np.concatenate([chunk, np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)])
-            with activate(self.mesh):  # the towers' logical constraints: tokens split by batch over "data"
-                embeds = self._embed(self.params, padded)
-            out.append(np.asarray(embeds, np.float64)[:len(chunk)])
+        with activate(self.mesh):  # the towers' logical constraints: tokens split by batch over "data"
+            for start in range(0, len(pixels), self.batch_size):
+                chunk = pixels[start:start + self.batch_size]
+                padding = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                embeds = self._embed(self.params, np.concatenate([chunk, padding]))
+                out.append(np.asarray(embeds, np.float64)[:len(chunk)])
         return unit(np.concatenate(out))
 
 

@@ -55,6 +55,21 @@ class TrainResult:
     workdir: Path
 
 
+def _check_best_metric(config) -> None:
+    """A ``checkpoint.best_metric`` from the validation scores exists only at sample steps and on process 0 (see
+    ``Trainer.score_samples``): refuse the settings under which checkpoints would be ranked without it."""
+    best_metric = str(setting(config, "checkpoint.best_metric", "loss"))
+    if not (int(setting(config, "checkpoint.keep_best", 0) or 0) and best_metric.startswith("validation/")):
+        return
+    sample_every, ckpt_every = int(setting(config, "sample_every", 0)), int(setting(config, "checkpoint.every", 0))
+    if sample_every <= 0 or ckpt_every <= 0 or ckpt_every % sample_every:
+        raise ValueError(f"checkpoint.best_metric '{best_metric}' is computed every sample_every ({sample_every}) "
+                         f"steps; checkpoint.every ({ckpt_every}) must be a multiple of it")
+    if jax.process_count() > 1:
+        raise ValueError(f"checkpoint.best_metric '{best_metric}': validation scores are computed on one process; "
+                         "rank checkpoints by them in single-process runs only")
+
+
 def setting(config, dotted: str, default: Any = None) -> Any:
     """``config.a.b`` or ``default`` when the config does not define it (configs of other methods may omit fields)."""
     node = config
@@ -132,6 +147,7 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
+        _check_best_metric(config)
         # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level),
         # over jaxvc's defaults for the mesh's platform (jaxvc/compile_options.py)
         options = setting(config, "compiler_options", None)
@@ -307,15 +323,6 @@ class Trainer:
         log_every = int(setting(config, "log_every", 1))
         ckpt_every = int(setting(config, "checkpoint.every", 0))
         sample_every = int(setting(config, "sample_every", 0))
-        best_metric = str(setting(config, "checkpoint.best_metric", "loss"))
-        if int(setting(config, "checkpoint.keep_best", 0) or 0) and best_metric.startswith("validation/"):
-            # the scores exist only at sample steps and only on process 0 (score_samples)
-            if sample_every <= 0 or ckpt_every <= 0 or ckpt_every % sample_every:
-                raise ValueError(f"checkpoint.best_metric '{best_metric}' is computed every sample_every "
-                                 f"({sample_every}) steps; checkpoint.every ({ckpt_every}) must be a multiple of it")
-            if jax.process_count() > 1:
-                raise ValueError(f"checkpoint.best_metric '{best_metric}': validation scores are computed on one "
-                                 "process; rank checkpoints by them in single-process runs only")
         max_nonfinite = int(setting(config, "max_nonfinite_in_a_row", 0))
         # One process reads its own SIGTERM flag every step; several must agree (a collective), so less often.
         check_every = 1 if jax.process_count() == 1 else int(setting(config, "preemption_check_every", 10))

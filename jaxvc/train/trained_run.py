@@ -33,13 +33,14 @@ def is_run_folder(path: str | os.PathLike) -> bool:
 
 
 def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
-                     overrides: Mapping[str, Any] | None = None) -> TrainedRun:
+                     overrides: Mapping[str, str] | None = None) -> TrainedRun:
     """The run in ``workdir`` at checkpoint ``step`` (default: the latest).
 
-    ``overrides``: dotted config keys set before the method is built, e.g. ``{"compute_dtype": "bfloat16",
-    "model.attention_backend": "cudnn"}`` (inference settings; shapes of parameters must not change).
+    ``overrides``: config overrides as on the command line, applied before the method is built, e.g.
+    ``{"compute_dtype": "bfloat16", "model.attention_backend": "cudnn"}`` (inference settings; shapes of parameters
+    must not change).
     """
-    from jaxvc.config_utils import config_from_dict
+    from jaxvc.config_utils import apply_overrides, config_from_dict
     from jaxvc.methods import build_method
     from jaxvc.train.loop import Trainer
 
@@ -51,12 +52,7 @@ def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use
         config = config_from_dict(json.loads((workdir / "config.json").read_text()))
     except json.JSONDecodeError as error:
         raise RunFolderError(f"{workdir / 'config.json'}: not valid JSON ({error})") from error
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    apply_overrides(config, (overrides or {}).items())
     method = build_method(config)
     trainer = Trainer(config, method, workdir)
     steps = trainer.checkpointer.all_steps()
