@@ -59,6 +59,21 @@ class Dense(nn.Module):
         return y
 
 
+def conv_nd(x, kernel, strides: Sequence[int] | int = 1, padding: Any = 1):
+    """Channels-last N-d convolution: x (N, *spatial, I), kernel (*window, I, O) -> (N, *spatial', O).
+
+    ``padding`` is an int (symmetric, as torch's ``padding=``) or an explicit per-dimension list of (lo, hi)."""
+    nd = kernel.ndim - 2
+    if isinstance(padding, int):
+        padding = [(padding, padding)] * nd
+    strides = (strides,) * nd if isinstance(strides, int) else tuple(strides)
+    spatial = "DHW"[-nd:]
+    numbers = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("N" + spatial + "C", spatial + "IO",
+                                                                     "N" + spatial + "C"))
+    return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                        dimension_numbers=numbers, precision=None)
+
+
 class Conv(nn.Module):
     """N-d convolution, channels last; ``kernel`` is (*window, in, out) = torch's weight moved to HWIO.
 
@@ -80,16 +95,7 @@ class Conv(nn.Module):
         kernel_axes = (*window_axes, "conv_in", "conv_out")
         kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, kernel_axes),
                             (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-        padding = self.padding
-        if isinstance(padding, int):
-            padding = [(padding, padding)] * nd
-        strides = (self.strides,) * nd if isinstance(self.strides, int) else tuple(self.strides)
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype), window_strides=strides, padding=padding,
-            dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
-                                                               ("N" + "DHW"[-nd:] + "C", "DHW"[-nd:] + "IO",
-                                                                "N" + "DHW"[-nd:] + "C")),
-            precision=None)
+        y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (self.features,),
                               self.param_dtype)
