@@ -1,8 +1,11 @@
-"""``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling)."""
+"""``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling), or
+a text-to-video sample of a model whose subject is in its weights (Still-Moving runs, ``--text-to-video`` with
+``--lora`` on a plain AnimateDiff folder)."""
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--motion-adapter", default=None,
                         help="diffusers MotionAdapter folder or AnimateDiff motion-module file, if --model is a "
                              "plain SD1.5 folder")
-    parser.add_argument("--reference", required=True, help="reference image of the subject (any format PIL reads)")
+    parser.add_argument("--reference", default=None,
+                        help="reference image of the subject (any format PIL reads); required by reference-conditioned "
+                             "models (VideoMaker), refused by text-to-video ones (Still-Moving runs, --text-to-video)")
+    parser.add_argument("--text-to-video", action="store_true",
+                        help="sample --model as a plain text-to-video AnimateDiff model: no reference frame")
+    parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="a LoRA file (diffusers, peft or kohya/A1111 format; e.g. a DreamBooth LoRA of SD1.5) "
+                             "merged into the UNet and text encoder at SCALE (default 1.0); repeatable")
     parser.add_argument("--prompt", required=True, help="what the subject should do")
     parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     parser.add_argument("--guidance-scale", type=float, default=8.0, help="classifier-free guidance scale")
@@ -53,6 +63,19 @@ def run(args) -> int:
                                                allow_pickle=args.allow_pickle, dtype=args.dtype,
                                                attention_backend=args.attention_backend, step=args.step,
                                                use_ema=not args.no_ema)
+    if args.text_to_video:
+        pipe.reference_frame = False
+    for spec in args.lora:
+        path, scale = parse_lora_argument(spec)
+        pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
+    if pipe.reference_frame and args.reference is None:
+        print(f"jaxvc generate: {args.model} is reference-conditioned: pass --reference IMAGE (or --text-to-video for "
+              "a plain AnimateDiff model)", file=sys.stderr)
+        return 2
+    if not pipe.reference_frame and args.reference is not None:
+        print(f"jaxvc generate: {args.model} is text-to-video (its subject is in its weights): drop --reference",
+              file=sys.stderr)
+        return 2
     loaded = time.perf_counter()
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
@@ -68,9 +91,21 @@ def run(args) -> int:
     return 0
 
 
+def parse_lora_argument(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (FILE, SCALE)."""
+    path, _, scale = spec.rpartition(":")
+    if path and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def write_record(args, video: Path, trained_step: int | None = None, ema: bool | None = None) -> Path:
     """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference)."""
-    record = {"video": video.name, "prompt": args.prompt, "reference": str(Path(args.reference).resolve()),
+    reference = None if args.reference is None else str(Path(args.reference).resolve())
+    record = {"video": video.name, "prompt": args.prompt, "reference": reference, "lora": list(args.lora),
               "negative_prompt": args.negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps, "eta": args.eta,

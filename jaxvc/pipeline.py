@@ -8,6 +8,10 @@ Sampling follows the authors' inference: DDIM (``linspace`` spacing, ``steps_off
 default), classifier-free guidance 8 whose unconditional branch is (negative prompt, **zero** reference latent), the
 reference latent clean (never noised), and the reference frame's prediction dropped before each scheduler step.
 The denoising loop is one jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``) with a tqdm bar over steps.
+
+``reference_frame=False`` samples a plain text-to-video AnimateDiff model (no reference frame at all: the motion
+modules see exactly the F generated frames), as Still-Moving's customized models are. ``adapters`` are UNet adapters
+(``jaxvc/models/lora.py``) applied while it runs; an adapter's scale may be a function of the step index (0 first).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from jaxvc import compile_options, media
 from jaxvc.diffusion.ddim import DDIMSampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
 from jaxvc.diffusion.schedule import schedule_from_diffusers_config
+from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.tokenizer import CLIPTokenizer, load_tokenizer
@@ -84,7 +89,7 @@ class CustomVideoPipeline:
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
                  tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
                  scheduler_config: dict | None = None, reference_cross_attention: bool = True,
-                 pixel_patch: int = 1):
+                 pixel_patch: int = 1, reference_frame: bool = True, adapters=()):
         if unet_config.motion is None:
             raise ValueError("CustomVideoPipeline needs a UNet with motion modules (pass a motion adapter)")
         self.unet = UNetMotion(unet_config)
@@ -99,6 +104,10 @@ class CustomVideoPipeline:
         self.scheduler_config = {**SD15_SCHEDULER, **VIDEOMAKER_SCHEDULER, **(scheduler_config or {})}
         self.reference_cross_attention = reference_cross_attention
         self.pixel_patch = 1 if vae_config is not None else int(pixel_patch)
+        self.reference_frame = bool(reference_frame)
+        # specs and scales are static (part of the compiled program); the trees are arguments of it
+        self.adapters = tuple((a.spec, a.scale) for a in adapters)
+        self.params["adapters"] = [a.tree for a in adapters]
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
@@ -143,6 +152,20 @@ class CustomVideoPipeline:
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 
+    def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "CustomVideoPipeline":
+        """Fold a LoRA file (diffusers, peft or kohya format, ``jaxvc/convert/lora.py``) into the UNet's and text
+        encoder's weights at ``scale``: a user's customized SD1.5 (DreamBooth LoRA) in this video model."""
+        from jaxvc.convert.lora import read_lora
+
+        loaded = read_lora(path, {"unet": self.params["unet"]["params"], "text_encoder": self.params["text_encoder"]},
+                           allow_pickle=allow_pickle, scale=scale)
+        if "unet" in loaded.adapters:
+            self.params["unet"] = {**self.params["unet"],
+                                   "params": lora.merge(self.params["unet"]["params"], loaded.adapters["unet"])}
+        if "text_encoder" in loaded.adapters:
+            self.params["text_encoder"] = lora.merge(self.params["text_encoder"], loaded.adapters["text_encoder"])
+        return self
+
     @property
     def downsample_factor(self) -> int:
         return self.pixel_patch if self.vae is None else self.vae.config.downsample_factor
@@ -176,21 +199,28 @@ class CustomVideoPipeline:
                      reference_guidance_scale: float | None, reference_guidance_start: int, progress: bool):
         """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
         sampler = self._sampler(num_inference_steps, eta)
-        unet, cross = self.unet, self.reference_cross_attention
+        unet, cross, adapter_specs = self.unet, self.reference_cross_attention, self.adapters
 
-        def generate(unet_variables, text, negative_text, reference_latent, x_T, rng):
-            no_reference = jnp.zeros_like(reference_latent)
-            if reference_guidance_scale is None:  # [uncond; cond]
-                texts, references = [negative_text, text], [no_reference, reference_latent]
+        def generate(unet_variables, adapter_trees, text, negative_text, reference_latent, x_T, rng):
+            if reference_latent is None:  # a text-to-video model: [uncond; cond] texts, no reference frame
+                texts, references = jnp.concatenate([negative_text, text], axis=0), None
+            elif reference_guidance_scale is None:  # [uncond; cond]
+                no_reference = jnp.zeros_like(reference_latent)
+                texts = jnp.concatenate([negative_text, text], axis=0)
+                references = jnp.concatenate([no_reference, reference_latent], axis=0)
             else:  # [uncond; text only; text + reference]
-                texts, references = [negative_text, text, text], [no_reference, no_reference, reference_latent]
-            texts, references = jnp.concatenate(texts, axis=0), jnp.concatenate(references, axis=0)
+                no_reference = jnp.zeros_like(reference_latent)
+                texts = jnp.concatenate([negative_text, text, text], axis=0)
+                references = jnp.concatenate([no_reference, no_reference, reference_latent], axis=0)
             frames = x_T.shape[1]
 
             def model(x_stacked, t, step_index):
-                out = unet.apply(unet_variables, x_stacked, jnp.full((x_stacked.shape[0],), t), texts,
-                                 reference_latent=references, reference_cross_attention=cross)
-                return out[:, :frames]                      # drop the reference frame's prediction
+                applied = [lora.AppliedAdapter(spec, tree, scale(step_index) if callable(scale) else scale)
+                           for (spec, scale), tree in zip(adapter_specs, adapter_trees)]
+                with lora.applied(applied):
+                    out = unet.apply(unet_variables, x_stacked, jnp.full((x_stacked.shape[0],), t), texts,
+                                     reference_latent=references, reference_cross_attention=cross)
+                return out[:, :frames]                      # drop the reference frame's prediction (if any)
 
             if reference_guidance_scale is None:
                 denoise = classifier_free_guidance(model, guidance_scale)
@@ -237,8 +267,10 @@ class CustomVideoPipeline:
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
         with ``decode=False`` the latents (1, F, h, w, c)."""
-        if reference_guidance_scale is not None and reference is None:
+        if reference_guidance_scale is not None and (reference is None or not self.reference_frame):
             raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
+        if reference is not None and not self.reference_frame:
+            raise ValueError("this model is text-to-video (no reference frame): generate with reference=None")
         if not 0.0 <= reference_guidance_start <= 1.0:
             raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
                              "in [0, 1]")
@@ -247,11 +279,14 @@ class CustomVideoPipeline:
         for name, size in (("height", height), ("width", width)):
             if size % multiple:
                 raise ValueError(f"{name}={size} must be divisible by {multiple} for this model")
-        max_frames = self.unet.config.motion.max_seq_length - 1  # one position is taken by the reference frame
+        # one position is taken by the reference frame, if the model has one
+        max_frames = self.unet.config.motion.max_seq_length - int(self.reference_frame)
         if not 1 <= num_frames <= max_frames:
-            raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames "
-                             "(max_seq_length minus the reference frame)")
-        if reference is None:  # no subject: the zero reference latent of the unconditional branch
+            raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames"
+                             + (" (max_seq_length minus the reference frame)" if self.reference_frame else ""))
+        if not self.reference_frame:
+            reference_latent = None
+        elif reference is None:  # no subject: the zero reference latent of the unconditional branch
             reference_latent = jnp.zeros((1, 1, height // self.downsample_factor, width // self.downsample_factor,
                                           self.unet.config.in_channels), jnp.float32)
         else:
@@ -267,7 +302,8 @@ class CustomVideoPipeline:
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
                                      round(reference_guidance_start * num_inference_steps), progress)
-        latents = generate(self.params["unet"], text, negative_text, reference_latent, x_T, rng_steps)
+        latents = generate(self.params["unet"], self.params["adapters"], text, negative_text, reference_latent, x_T,
+                           rng_steps)
         if not decode:
             return latents
         if self.vae is None:

@@ -93,7 +93,13 @@ def data_config(config) -> DataConfig:
 
 
 def from_config(config, rows: tuple[int, int] | None = None, tokenizer=None) -> DataIterator:
-    """The data iterator for this host's `rows` of every global batch (see the module docstring)."""
+    """The data iterator for this host's `rows` of every global batch (see the module docstring). Captions are
+    tokenized with ``tokenizer``, by default the one ``config.model.tokenizer`` names (jaxvc's CLIP BPE if empty),
+    as ``jaxvc train`` does for the other sources."""
+    if tokenizer is None and "model" in config:
+        from jaxvc.models.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.model.get("tokenizer") or None)
     data_cfg = config.data
     specs: dict[str, Any] = _plain(_get(data_cfg, "streams", None)) or {"image": "synthetic:pairs",
                                                                          "video": "synthetic:videos"}

@@ -10,6 +10,7 @@ import importlib
 METHODS: dict[str, str] = {
     "toy": "jaxvc.methods.toy_denoiser:ToyDenoiser",
     "videomaker": "jaxvc.methods.videomaker:from_config",
+    "still_moving": "jaxvc.methods.still_moving:from_config",
 }
 
 

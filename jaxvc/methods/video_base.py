@@ -22,6 +22,7 @@ from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_cli
 from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
+from jaxvc.train.state import unbox as strip_boxes
 
 
 def options_from_mapping(cls, values: Mapping[str, Any] | None, method: str):
@@ -122,7 +123,8 @@ class VideoDiffusionMethod(Method):
             if name not in tree:
                 raise ValueError(f"{self.name}: pretrained weights given for unknown component '{name}'")
             tree[name] = loaded
-        tree.update(nn.unbox(self.extra_params(extra_rng, tree)))
+        # boxes stripped without sharding constraints: this also runs eagerly (weights read from files)
+        tree.update(strip_boxes(self.extra_params(extra_rng, tree)))
         return {"params": tree}
 
     # ---------------------------------------------------------------- conditioning

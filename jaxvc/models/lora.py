@@ -110,7 +110,7 @@ def find_sites(run_model: Callable[[], Any], spec: AdapterSpec) -> dict[Path, Si
         return out
 
     with nn.intercept_methods(record):
-        jax.eval_shape(run_model)
+        jax.eval_shape(lambda: run_model())  # a new function each time: a cached trace would record nothing
     if not found:
         kind = "Dense/Conv layers" if spec.placement == "input" else "modules"
         raise ValueError(f"adapter matches no {kind} of the model (include {spec.include}, exclude {spec.exclude})")

@@ -1,0 +1,144 @@
+"""Still-Moving (jaxvc/methods/still_moving.py): a customized T2I model in AnimateDiff through adapters trained on
+frozen videos. Two runs: stage "motion" once per base model, then stage "spatial" per customization.
+
+Variants (``--config configs/still_moving.py:<variant>``):
+  tiny          the tiny UNet / VAE / CLIP on the synthetic subject world's images (CPU tests of both stages)
+  sd15          stage "motion" on SD1.5 + AnimateDiff from local files: frozen videos made from a folder of images
+                of the base T2I's domain (with captions) at 512x512, 16 frames
+                  --config.model.pretrained=/sd15 --config.model.motion_adapter=/animatediff-v3
+                  --config.data.streams.image=folder:/images-with-captions
+  sd15_spatial  stage "spatial": the customization (a DreamBooth LoRA file, or a fine-tuned pipeline folder as
+                model.pretrained), the stage-motion run, and ~40 images sampled from the customized T2I
+                  --config.model.options.customization_lora=/my-dog-lora.safetensors
+                  --config.model.options.motion_adapter=/runs/still-moving-motion
+                  --config.data.streams.image=folder:/my-dog-samples
+Generate from the stage-"spatial" run: ``jaxvc generate --model RUN --prompt "a [V] dog running on the beach"``
+(no reference image: the subject is in the weights; the motion adapter is removed, as in the paper).
+"""
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config(variant=None):
+    variant = variant or "tiny"
+    config = ConfigDict()
+    config.method = "still_moving"
+    config.seed = 0
+    config.steps = 2000
+    config.batch_size = 4
+    config.workdir = ""
+
+    config.model = ConfigDict()
+    config.model.unet_variant = "tiny"
+    config.model.motion_layout = "v3"
+    config.model.unet_overrides = ConfigDict()
+    config.model.attention_backend = "xla"
+    config.model.text_variant = "tiny"
+    config.model.vae_variant = "tiny"
+    config.model.pixel_patch = 1
+    config.model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (the T2V base, or the customized one)
+    config.model.motion_adapter = ""  # AnimateDiff MotionAdapter folder or motion-module file (the T2V's motion)
+    config.model.allow_pickle = False
+    config.model.tokenizer = ""
+    config.model.num_frames = 8
+    config.model.image_size = 32
+    config.model.options = ConfigDict(dict(
+        stage="motion", motion_rank=32, motion_alpha=config_dict.placeholder(float), spatial_rank=64,
+        motion_adapter="", customization_lora="", customization_scale=1.0, freeze_frames=True, drop_text_prob=0.0,
+        inference_motion_scale=0.0, prediction_type="epsilon", beta_schedule="scaled_linear", beta_start=0.00085,
+        beta_end=0.012, num_train_timesteps=1000))
+
+    # Frozen videos: each image example of the stream repeated over the frames (jaxvc/data/pipeline.py); the method
+    # also freezes whatever it gets (options.freeze_frames).
+    config.data = ConfigDict()
+    config.data.source = "grain"  # jaxvc/data/build.py: named streams
+    config.data.streams = ConfigDict({"image": "synthetic:pairs"})
+    config.data.image_size = config.model.get_ref("image_size")
+    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data.hflip = 0.5
+    config.data.affine_degrees = 0.0
+    config.data.with_mask = False
+    config.data.seed = 0
+    config.data.workers = 0
+    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
+                                            num_frames=config.model.get_ref("num_frames"), num_subjects=64,
+                                            held_out=8, seed=0, records=4096))
+
+    config.optim = ConfigDict()
+    config.optim.lr = 1e-4  # [G] AdamW 1e-4 (METHODS.md (c))
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
+    config.optim.decay_steps = config_dict.placeholder(int)
+    config.optim.end_lr_ratio = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 1e-2
+    config.optim.clip_norm = 1.0
+    config.optim.accumulation_steps = 1
+    config.optim.ema_decay = config_dict.placeholder(float)
+
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    config.rules = ()
+    config.remat_policy = "none"
+    config.compute_dtype = "float32"
+    config.matmul_precision = config_dict.placeholder(str)
+    config.launch = ConfigDict()
+    config.launch.libtpu_init_args = ()
+    config.launch.xla_flags = ()
+    config.launch.gpu_xla_flags = ()
+    config.launch.env = ConfigDict()
+
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every = 500
+    config.checkpoint.keep = 2
+    config.checkpoint.keep_best = 0
+    config.checkpoint.best_metric = "loss"
+    config.checkpoint.best_mode = "min"
+    config.checkpoint.use_async = True
+    # the frozen weights are the (customized) base model, re-read from model.pretrained on resume when False
+    config.checkpoint.save_frozen = True
+
+    config.log_every = 10
+    config.sample_every = 0
+    config.validation = ConfigDict()
+    config.validation.prompts = ()  # text only: Still-Moving takes no reference image
+    config.validation.references = ()
+    config.validation.steps = 25
+    config.validation.guidance_scale = 7.5
+    config.validation.seed = 0
+    config.validation.clip_model = ""
+    config.validation.dino_model = ""
+    config.max_nonfinite_in_a_row = 3
+    config.peak_flops_per_device = config_dict.placeholder(float)
+    config.progress_bar = True
+
+    if variant == "tiny":
+        config.steps = 20
+        config.batch_size = 2
+        config.model.num_frames = 4
+        config.checkpoint.every = 10
+        config.data.synthetic.num_subjects = 12
+        config.data.synthetic.held_out = 2
+        config.data.synthetic.records = 64
+    elif variant in ("sd15", "sd15_spatial"):
+        config.model.unet_variant = "sd15"
+        config.model.text_variant = "sd15"
+        config.model.vae_variant = "sd"
+        config.model.num_frames = 16
+        config.model.image_size = 512
+        config.batch_size = 4
+        config.remat_policy = "full"
+        config.compute_dtype = "bfloat16"
+        config.log_every = 50
+        config.data.streams = ConfigDict({"image": ""})  # folder:/path or packed:/path, required
+        config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
+        if variant == "sd15":
+            config.steps = 5000  # [G]: the motion adapter is trained once per base model
+            config.checkpoint.every = 1000
+        else:
+            config.model.options.stage = "spatial"
+            config.steps = 500  # [S]: Still-Moving trains its spatial adapters for 500 steps
+            config.checkpoint.every = 250
+    else:
+        raise ValueError(f"configs/still_moving.py: unknown variant '{variant}' (tiny, sd15, sd15_spatial)")
+    return config
