@@ -82,6 +82,7 @@ def get_config(variant=None):
     config.remat_policy = "none"
     config.compute_dtype = "float32"
     config.matmul_precision = config_dict.placeholder(str)
+    config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)
     config.launch = ConfigDict()
     config.launch.libtpu_init_args = ()
     config.launch.xla_flags = ()

@@ -24,11 +24,13 @@ from jaxvc.models import lora
 from tests.multidevice import run_with_devices
 
 MOTION_STEPS = 40
+# XLA's CPU optimisations cost most of these tiny programs' compile time and change no comparison made here
+FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
 
 
 def tiny_config(**overrides):
     config = load_config("configs/still_moving.py:tiny")
-    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"),
+    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
                              *((k, str(v)) for k, v in overrides.items())])
     return config
 
@@ -213,7 +215,8 @@ SHARDED = textwrap.dedent('''
     from jaxvc.train.loop import Trainer
 
     config = load_config("configs/still_moving.py:tiny")
-    apply_overrides(config, [("batch_size", "8"), ("progress_bar", "False")])
+    apply_overrides(config, [("batch_size", "8"), ("progress_bar", "False"),
+                             ("compiler_options", "{'xla_backend_optimization_level': 0}")])
     data = build_data(config, (0, 8))
     batches = [next(data) for _ in range(2)]
     results = {}
