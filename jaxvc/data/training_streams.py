@@ -37,11 +37,12 @@ def streams_from_config(config) -> dict:
     raise ValueError(f"config.data.source={source!r}: expected 'synthetic' or 'packed'")
 
 
-def from_config(config, rows: tuple[int, int]):
-    """This host's share (rows [start, stop) of the global batch) of the training stream, with tokens."""
+def from_config(config, rows: tuple[int, int], tokenizer=None):
+    """This host's share (rows [start, stop) of the global batch) of the training stream, with tokens (from
+    ``tokenizer``, the method's; by default the one ``config.model.tokenizer`` names)."""
     from jaxvc.models.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(config.model.get("tokenizer"))
+    tokenizer = tokenizer or load_tokenizer(config.model.get("tokenizer"))
     data_config = DataConfig(batch_size=config.batch_size, image_size=config.model.image_size,
                              num_frames=config.model.num_frames, frame_stride=config.data.frame_stride,
                              reference=config.data.reference, seed=config.data.seed, with_mask=False,

@@ -11,6 +11,7 @@ METHODS: dict[str, str] = {
     "toy": "jaxvc.methods.toy_denoiser:ToyDenoiser",
     "videomaker": "jaxvc.methods.videomaker:from_config",
     "still_moving": "jaxvc.methods.still_moving:from_config",
+    "customcrafter": "jaxvc.methods.customcrafter:from_config",
 }
 
 

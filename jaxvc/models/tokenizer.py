@@ -125,6 +125,24 @@ class CLIPTokenizer:
 
     encode = __call__
 
+    def with_added_tokens(self, tokens: Sequence[str]) -> "CLIPTokenizer":
+        """A copy that also knows ``tokens`` (textual inversion's placeholders, e.g. ``"<new1>"``), each one id from
+        ``vocab_size`` on, in order, as transformers' ``add_tokens`` gives them. ``self`` is left unchanged (the
+        default tokenizer is shared)."""
+        import copy
+
+        from tokenizers import AddedToken, Tokenizer
+
+        known = {t for t in tokens if self._tokenizer.token_to_id(t) is not None}
+        if known:
+            raise ValueError(f"CLIPTokenizer: {sorted(known)} already in the vocabulary; pick another placeholder")
+        new = copy.copy(self)
+        new._tokenizer = Tokenizer.from_str(self._tokenizer.to_str())
+        new._tokenizer.add_tokens([AddedToken(t, normalized=True) for t in tokens])
+        new.added_tokens = {**getattr(self, "added_tokens", {}),
+                            **{t: new._tokenizer.token_to_id(t) for t in tokens}}
+        return new
+
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text without special tokens (``</w>`` becomes a space)."""
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)

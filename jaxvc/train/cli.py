@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 
 from jaxvc.config_utils import ConfigError, accept_config_overrides, apply_overrides, load_config
@@ -40,13 +41,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     accept_config_overrides(parser)
 
 
-def build_data(config, rows: tuple[int, int]):
-    """The data iterator named by ``config.data.source`` for this host's rows."""
+def build_data(config, rows: tuple[int, int], tokenizer=None):
+    """The data iterator named by ``config.data.source`` for this host's rows. ``tokenizer``: the method's (its
+    captions must be encoded as the method reads them, e.g. with textual inversion's added tokens); sources that take
+    a ``tokenizer`` argument get it."""
     source = config.data.get("source", "toy") if "data" in config else "toy"
     if source not in DATA_SOURCES:
         raise ConfigError(f"config.data.source '{source}' is not one of {', '.join(sorted(DATA_SOURCES))}")
     module_name, _, attribute = DATA_SOURCES[source].partition(":")
-    return getattr(importlib.import_module(module_name), attribute)(config, rows)
+    function = getattr(importlib.import_module(module_name), attribute)
+    if tokenizer is not None and "tokenizer" in inspect.signature(function).parameters:
+        return function(config, rows, tokenizer=tokenizer)
+    return function(config, rows)
 
 
 def run(args) -> int:
@@ -72,7 +78,7 @@ def run(args) -> int:
     method = build_method(config)
     trainer = Trainer(config, method, workdir)
     try:
-        result = trainer.fit(lambda rows: build_data(config, rows))
+        result = trainer.fit(lambda rows: build_data(config, rows, getattr(method, "tokenizer", None)))
     except NonFiniteError as err:
         print(f"jaxvc train: stopped: {err}", file=sys.stderr)
         return 3

@@ -1,0 +1,130 @@
+"""CustomCrafter (jaxvc/methods/customcrafter.py): per-subject LoRA + textual inversion on static videos, sampled
+with Dynamic Weighted Video Sampling.
+
+Variants (``--config configs/customcrafter.py:<variant>``):
+  tiny   the tiny UNet / VAE / CLIP (CPU tests); give the subject images with
+         --config.data.streams.instance=folder:/path (each image with a .txt caption such as "a <new1> toy")
+  sd15   SD1.5 + AnimateDiff from local files, 512x512; the subject's images and ~200 class images for prior
+         preservation:
+           --config.model.pretrained=/sd15 --config.model.motion_adapter=/animatediff-v3
+           --config.model.options.initializer_token=dog
+           --config.data.streams.instance=folder:/my-dog   (captions "a <new1> dog", "video of a <new1> dog", ...)
+           --config.data.streams.prior=folder:/dog-class   (captions "a dog", ...)
+Generate: ``jaxvc generate --model RUN --prompt "a <new1> dog surfing" --steps 50 --guidance-scale 12 --eta 1``
+(the LoRA scale follows DWV: 0.4 for the first 5 steps, then 0.8).
+"""
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config(variant=None):
+    variant = variant or "tiny"
+    config = ConfigDict()
+    config.method = "customcrafter"
+    config.seed = 0
+    config.steps = 10_000  # [C+P]
+    config.batch_size = 4
+    config.workdir = ""
+
+    config.model = ConfigDict()
+    config.model.unet_variant = "tiny"
+    config.model.motion_layout = "v3"
+    config.model.unet_overrides = ConfigDict()
+    config.model.attention_backend = "xla"
+    config.model.text_variant = "tiny"
+    config.model.vae_variant = "tiny"
+    config.model.pixel_patch = 1
+    config.model.pretrained = ""
+    config.model.motion_adapter = ""
+    config.model.allow_pickle = False
+    config.model.tokenizer = ""
+    config.model.num_frames = 4  # [C]: each image repeated 4 times
+    config.model.image_size = 32
+    config.model.options = ConfigDict(dict(
+        rank=4, alpha=config_dict.placeholder(float), placeholder_token="<new1>", initializer_token="toy",
+        train_token=True, detach_start_token=True, loss_type="l2", freeze_frames=True, early_lora_scale=0.4,
+        late_lora_scale=0.8, switch_step=5, prediction_type="epsilon", beta_schedule="scaled_linear",
+        beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
+
+    config.data = ConfigDict()
+    config.data.source = "grain"
+    # instance images and (sd15) class images for prior preservation, drawn at equal rates
+    config.data.streams = ConfigDict({"instance": "synthetic:pairs"})
+    config.data.image_size = config.model.get_ref("image_size")
+    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data.hflip = 0.5  # [C]
+    config.data.affine_degrees = 0.0
+    config.data.with_mask = True  # a record's mask (e.g. subject.mask.png) weights the loss; none: every pixel
+    config.data.seed = 0
+    config.data.workers = 0
+    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
+                                            num_frames=config.model.get_ref("num_frames"), num_subjects=12,
+                                            held_out=2, seed=0, records=64))
+
+    config.optim = ConfigDict()
+    config.optim.lr = 3e-5  # [P][C]
+    config.optim.schedule = "constant"
+    config.optim.warmup_steps = 0
+    config.optim.decay_steps = config_dict.placeholder(int)
+    config.optim.end_lr_ratio = 0.0
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 1e-2
+    config.optim.clip_norm = 1.0
+    config.optim.accumulation_steps = 1
+    config.optim.ema_decay = config_dict.placeholder(float)
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    config.rules = ()
+    config.remat_policy = "none"
+    config.compute_dtype = "float32"
+    config.matmul_precision = config_dict.placeholder(str)
+    config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)
+    config.launch = ConfigDict()
+    config.launch.libtpu_init_args = ()
+    config.launch.xla_flags = ()
+    config.launch.gpu_xla_flags = ()
+    config.launch.env = ConfigDict()
+
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every = 500
+    config.checkpoint.keep = 2
+    config.checkpoint.keep_best = 0
+    config.checkpoint.best_metric = "loss"
+    config.checkpoint.best_mode = "min"
+    config.checkpoint.use_async = True
+    # the frozen weights are the (customized) base model, re-read from model.pretrained on resume when False
+    config.checkpoint.save_frozen = True
+
+    config.log_every = 10
+    config.sample_every = 0
+    config.validation = ConfigDict()
+    config.validation.prompts = ()  # text only, with the placeholder: "a <new1> toy ..."
+    config.validation.references = ()
+    config.validation.steps = 50
+    config.validation.guidance_scale = 12.0
+    config.validation.seed = 0
+    config.validation.clip_model = ""
+    config.validation.dino_model = ""
+    config.max_nonfinite_in_a_row = 3
+    config.peak_flops_per_device = config_dict.placeholder(float)
+    config.progress_bar = True
+
+    if variant == "tiny":
+        config.steps = 20
+        config.batch_size = 2
+        config.optim.lr = 1e-3
+        config.checkpoint.every = 10
+    elif variant == "sd15":
+        config.model.unet_variant = "sd15"
+        config.model.text_variant = "sd15"
+        config.model.vae_variant = "sd"
+        config.model.image_size = 512
+        config.remat_policy = "full"
+        config.compute_dtype = "bfloat16"
+        config.log_every = 50
+        config.checkpoint.every = 1000
+        config.data.streams = ConfigDict({"instance": "", "prior": ""})  # folder:/path each, required
+        config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    else:
+        raise ValueError(f"configs/customcrafter.py: unknown variant '{variant}' (tiny, sd15)")
+    return config
