@@ -23,6 +23,7 @@ out with a "far away" prompt prefix and a box mask, zoom in with "close up") is 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Mapping
 
@@ -173,12 +174,14 @@ class CustomCrafter(VideoDiffusionMethod):
             {"params": self.text_params_with_tokens(params)}, tokens)["last_hidden_state"]
 
     def denoise(self, params, noisy_latents, timesteps, text_embeddings, lora_scale=1.0):
+        """(B, F, h, w, c) -> (B, F, h, w, c): the UNet with the SSLM at ``lora_scale``."""
         adapter = lora.AppliedAdapter(self.spec, params["params"]["adapters"]["sslm"], lora_scale)
-        with lora.applied([adapter]):
+        with contextlib.ExitStack() as stack:
             if self.options.detach_start_token:
-                with nn.intercept_methods(detach_start_token):  # registered last: runs on the LoRA'd output
-                    return self.unet.apply({"params": params["params"]["unet"]}, noisy_latents, timesteps,
-                                           text_embeddings)
+                # registered first = outermost in flax's interceptor stack: it sees the LoRA'd key / value, so no
+                # gradient reaches the LoRA through token 0 either (tests/test_customcrafter.py checks this)
+                stack.enter_context(nn.intercept_methods(detach_start_token))
+            stack.enter_context(lora.applied([adapter]))
             return self.unet.apply({"params": params["params"]["unet"]}, noisy_latents, timesteps, text_embeddings)
 
     # ---------------------------------------------------------------- the loss

@@ -1,0 +1,183 @@
+"""CustomCrafter's defining mechanics (jaxvc/methods/customcrafter.py), on the tiny UNet / VAE / CLIP:
+
+* the SSLM is LoRA on q/k/v of the spatial self- and cross-attention only (rank 4, N(0, 1/r^2) down, zero up), and
+  it and the placeholder's embedding row are all that train;
+* the placeholder ``<new1>`` is one new token whose row starts as the class word's (so "a <new1> toy" encodes as
+  "a toy toy" at first), and the text encoder's own table gets no gradient;
+* Custom Diffusion's trick: no gradient reaches the start token's cross-attention key / value, LoRA included;
+* DWV: the LoRA scale is 0.4 before step K and 0.8 from it (a schedule that never switches equals a fixed 0.4, one
+  that switches at 0 a fixed 0.8);
+* the loss is the masked mean (L2, or L1) over the subject's mask pooled to the latent grid;
+* a few steps on one subject's images lower the denoising loss on them and move the new row.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+from PIL import Image
+
+from jaxvc.config_utils import apply_overrides, load_config
+from jaxvc.methods import build_method
+from jaxvc.methods.customcrafter import dwv_lora_scale
+from jaxvc.models import lora
+
+FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
+
+
+def tiny_config(**overrides):
+    config = load_config("configs/customcrafter.py:tiny")
+    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
+                             *((k, str(v)) for k, v in overrides.items())])
+    return config
+
+
+@pytest.fixture(scope="module")
+def subject_folder(tmp_path_factory):
+    """Six views of one synthetic subject, each with the caption "a <new1> toy" and its mask."""
+    from jaxvc.data.synthetic import SyntheticWorld
+
+    folder = tmp_path_factory.mktemp("subject")
+    world = SyntheticWorld(image_size=32, num_frames=4, num_subjects=4, held_out=0, seed=0)
+    for seed in range(3):
+        images, masks, _, _ = world.image_pair(1, seed=seed)
+        for view in range(2):
+            stem = folder / f"view{seed}{view}"
+            Image.fromarray(images[view]).save(f"{stem}.png")
+            Image.fromarray(masks[view].astype(np.uint8) * 255).save(f"{stem}.mask.png")
+            (folder / f"view{seed}{view}.txt").write_text("a <new1> toy")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def method():
+    return build_method(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def params(method):
+    tree = jax.device_get(jax.jit(method.init_params)(jax.random.key(0)))
+    # a LoRA that does something (a fresh one is the identity)
+    tree["params"]["adapters"]["sslm"] = jax.tree.map(
+        lambda x: 0.2 * np.asarray(jax.random.normal(jax.random.key(5), x.shape)), tree["params"]["adapters"]["sslm"])
+    return tree
+
+
+def test_sslm_sites_and_what_trains(method):
+    fresh = jax.device_get(jax.jit(method.init_params)(jax.random.key(0)))
+    sites = lora.adapter_sites(fresh["params"]["adapters"]["sslm"])
+    assert len(sites) == 24  # 4 spatial transformer blocks x attn1, attn2 x q, k, v
+    assert all(s[-2] in ("attn1", "attn2") and s[-1] in ("to_q", "to_k", "to_v") and
+               not any(p.startswith("motion_modules_") for p in s) for s in sites)
+    downs = np.concatenate([np.ravel(pair["down"]) for pair in sites.values()])
+    assert abs(downs.std() - 1 / 4) < 0.03 and not any(np.any(pair["up"]) for pair in sites.values())
+    trainable = ["/".join(p) for p in traverse_util.flatten_dict(fresh)
+                 if method.trainable(tuple(p))]
+    assert "params/new_tokens" in trainable
+    assert all(p == "params/new_tokens" or p.startswith("params/adapters/sslm/") for p in trainable)
+
+
+def test_placeholder_token_starts_as_the_class_word(method, params):
+    tokens = method.tokenizer(["a <new1> toy", "a toy toy"])
+    assert tokens[0, 2] == method.base_vocab_size  # one new id, right after the vocabulary
+    encoded = method.encode_text(params, jnp.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(encoded[0]), np.asarray(encoded[1]), rtol=1e-5, atol=1e-6)
+
+    def loss(tree):
+        return jnp.sum(method.encode_text(tree, jnp.asarray(tokens[:1])) ** 2)
+
+    grads = jax.grad(loss)(params)
+    assert float(jnp.abs(grads["params"]["new_tokens"]).sum()) > 0
+    assert not np.any(np.asarray(grads["params"]["text_encoder"]["embeddings"]["token_embedding"]["embedding"]))
+
+
+def test_start_token_key_value_carry_no_gradient(method, params):
+    noisy = jax.random.normal(jax.random.key(0), (2, 4, 8, 8, 4))
+    text = jax.random.normal(jax.random.key(1), (2, 77, 32))
+    t = jnp.array([10, 700])
+
+    def start_token_gradient(detach):
+        m = dataclasses.replace(method.options, detach_start_token=detach)
+        object.__setattr__(method, "options", m)
+        try:
+            grad = jax.jit(jax.grad(lambda c: jnp.sum(method.denoise(params, noisy, t, c) ** 2)))(text)
+        finally:
+            object.__setattr__(method, "options", dataclasses.replace(m, detach_start_token=True))
+        return np.abs(np.asarray(grad[:, 0])).sum(), np.abs(np.asarray(grad[:, 1:])).sum()
+
+    detached, others = start_token_gradient(True)
+    plain, _ = start_token_gradient(False)
+    assert detached == 0.0 and others > 0 and plain > 0
+
+
+def test_dwv_switches_the_lora_scale(method, params):
+    scale = dwv_lora_scale(method.options)
+    assert [float(scale(i)) for i in (0, 4, 5, 49)] == [pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.8),
+                                                      pytest.approx(0.8)]
+    kwargs = dict(num_frames=4, height=32, width=32, num_inference_steps=4, decode=False, seed=2,
+                  guidance_scale=12.0)
+
+    def generate(options=None, lora_scale=None):
+        if options is not None:
+            object.__setattr__(method, "options", options)
+        try:
+            return np.asarray(method.pipeline(params, lora_scale=lora_scale).generate(None, "a <new1> toy", **kwargs))
+        finally:
+            object.__setattr__(method, "options", dataclasses.replace(method.options, switch_step=5))
+
+    never = generate(dataclasses.replace(method.options, switch_step=99))
+    at_once = generate(dataclasses.replace(method.options, switch_step=0))
+    np.testing.assert_array_equal(never, generate(lora_scale=0.4))
+    np.testing.assert_array_equal(at_once, generate(lora_scale=0.8))
+    switched = generate(dataclasses.replace(method.options, switch_step=2))
+    assert not np.allclose(switched, never) and not np.allclose(switched, at_once)
+
+
+def test_loss_is_the_masked_mean(method, params):
+    rng = np.random.default_rng(0)
+    batch = {"video": jnp.asarray(rng.uniform(-1, 1, (2, 4, 32, 32, 3)), jnp.float32),
+             "tokens": jnp.asarray(method.tokenizer(["a <new1> toy"] * 2))}
+    mask = np.zeros((2, 4, 32, 32), np.float32)
+    mask[:, :, :16, :16] = 1.0  # the top-left latent quarter
+    pooled = method.latent_mask({"mask": jnp.asarray(mask)}, (2, 4, 8, 8, 4))
+    assert pooled.shape == (2, 4, 8, 8, 1) and float(pooled.sum()) == 2 * 4 * 16
+
+    key = jax.random.key(3)
+    loss = jax.jit(method.loss)
+    full, _ = loss(params, batch, key)
+    masked, metrics = loss(params, {**batch, "mask": jnp.asarray(mask), "has_mask": jnp.array([True, True])}, key)
+    unmasked_flag, _ = loss(params, {**batch, "mask": jnp.asarray(mask), "has_mask": jnp.array([False, False])}, key)
+    assert float(metrics["mask_fraction"]) == pytest.approx(0.25)
+    np.testing.assert_allclose(float(unmasked_flag), float(full), rtol=1e-6)
+    assert abs(float(masked) - float(full)) > 1e-4
+    object.__setattr__(method, "options", dataclasses.replace(method.options, loss_type="l1"))
+    try:
+        l1, _ = jax.jit(lambda *args: method.loss(*args))(params, batch, key)  # a new trace: options changed
+    finally:
+        object.__setattr__(method, "options", dataclasses.replace(method.options, loss_type="l2"))
+    assert abs(float(l1) - float(full)) > 1e-3
+
+
+def test_training_on_the_subject_learns_its_token(subject_folder, tmp_path):
+    from jaxvc.train.cli import build_data
+    from jaxvc.train.loop import Trainer
+
+    config = tiny_config(steps=30, **{"data.streams.instance": f"folder:{subject_folder}"})
+    method = build_method(config)
+    trainer = Trainer(config, method, tmp_path / "run")
+    initial = jax.device_get(trainer.init_state().full_params())
+    trainer.fit(lambda rows: build_data(config, rows, method.tokenizer))
+    trained = jax.device_get(trainer.restore()[0].full_params())
+    data = build_data(config, (0, 2), method.tokenizer)
+    batch = next(data)
+    data.close()
+    assert (np.asarray(batch["tokens"]) == method.base_vocab_size).sum() == 2  # "<new1>" once in each caption
+    batch = {k: jnp.asarray(batch[k]) for k in ("video", "tokens", "mask", "has_mask")}
+    loss = jax.jit(method.loss)
+    losses = {name: np.mean([float(loss(p, batch, jax.random.key(i))[0]) for i in range(8)])
+              for name, p in (("initial", initial), ("trained", trained))}
+    print(f"denoising loss on the subject: {losses['initial']:.4f} -> {losses['trained']:.4f}")
+    assert losses["trained"] < 0.95 * losses["initial"]
+    assert not np.allclose(trained["params"]["new_tokens"], initial["params"]["new_tokens"])
