@@ -15,6 +15,8 @@ Generate: ``jaxvc generate --model RUN --prompt "a <new1> dog surfing" --steps 5
 """
 from ml_collections import ConfigDict, config_dict
 
+from jaxvc import config_sections
+
 
 def get_config(variant=None):
     variant = variant or "tiny"
@@ -25,20 +27,8 @@ def get_config(variant=None):
     config.batch_size = 4
     config.workdir = ""
 
-    config.model = ConfigDict()
-    config.model.unet_variant = "tiny"
-    config.model.motion_layout = "v3"
-    config.model.unet_overrides = ConfigDict()
-    config.model.attention_backend = "xla"
-    config.model.text_variant = "tiny"
-    config.model.vae_variant = "tiny"
-    config.model.pixel_patch = 1
-    config.model.pretrained = ""
-    config.model.motion_adapter = ""
-    config.model.allow_pickle = False
-    config.model.tokenizer = ""
-    config.model.num_frames = 4  # [C]: each image repeated 4 times
-    config.model.image_size = 32
+    # [C]: each image repeated 4 times
+    config.model = config_sections.unet_model(vae_variant="tiny", num_frames=4, image_size=32)
     config.model.options = ConfigDict(dict(
         rank=4, alpha=config_dict.placeholder(float), placeholder_token="<new1>", initializer_token="toy",
         train_token=True, detach_start_token=True, loss_type="l2", freeze_frames=True, early_lora_scale=0.4,
@@ -60,54 +50,8 @@ def get_config(variant=None):
                                             num_frames=config.model.get_ref("num_frames"), num_subjects=12,
                                             held_out=2, seed=0, records=64))
 
-    config.optim = ConfigDict()
-    config.optim.lr = 3e-5  # [P][C]
-    config.optim.schedule = "constant"
-    config.optim.warmup_steps = 0
-    config.optim.decay_steps = config_dict.placeholder(int)
-    config.optim.end_lr_ratio = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.weight_decay = 1e-2
-    config.optim.clip_norm = 1.0
-    config.optim.accumulation_steps = 1
-    config.optim.ema_decay = config_dict.placeholder(float)
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    config.rules = ()
-    config.remat_policy = "none"
-    config.compute_dtype = "float32"
-    config.matmul_precision = config_dict.placeholder(str)
-    config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)
-    config.launch = ConfigDict()
-    config.launch.libtpu_init_args = ()
-    config.launch.xla_flags = ()
-    config.launch.gpu_xla_flags = ()
-    config.launch.env = ConfigDict()
-
-    config.checkpoint = ConfigDict()
-    config.checkpoint.every = 500
-    config.checkpoint.keep = 2
-    config.checkpoint.keep_best = 0
-    config.checkpoint.best_metric = "loss"
-    config.checkpoint.best_mode = "min"
-    config.checkpoint.use_async = True
-    # the frozen weights are the (customized) base model, re-read from model.pretrained on resume when False
-    config.checkpoint.save_frozen = True
-
-    config.log_every = 10
-    config.sample_every = 0
-    config.validation = ConfigDict()
-    config.validation.prompts = ()  # text only, with the placeholder: "a <new1> toy ..."
-    config.validation.references = ()
-    config.validation.steps = 50
-    config.validation.guidance_scale = 12.0
-    config.validation.seed = 0
-    config.validation.clip_model = ""
-    config.validation.dino_model = ""
-    config.max_nonfinite_in_a_row = 3
-    config.peak_flops_per_device = config_dict.placeholder(float)
-    config.progress_bar = True
+    config.optim = config_sections.optim(lr=3e-5)  # [P][C]
+    config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=12.0)
 
     if variant == "tiny":
         config.steps = 20

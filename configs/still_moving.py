@@ -17,6 +17,8 @@ Generate from the stage-"spatial" run: ``jaxvc generate --model RUN --prompt "a 
 """
 from ml_collections import ConfigDict, config_dict
 
+from jaxvc import config_sections
+
 
 def get_config(variant=None):
     variant = variant or "tiny"
@@ -27,20 +29,7 @@ def get_config(variant=None):
     config.batch_size = 4
     config.workdir = ""
 
-    config.model = ConfigDict()
-    config.model.unet_variant = "tiny"
-    config.model.motion_layout = "v3"
-    config.model.unet_overrides = ConfigDict()
-    config.model.attention_backend = "xla"
-    config.model.text_variant = "tiny"
-    config.model.vae_variant = "tiny"
-    config.model.pixel_patch = 1
-    config.model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (the T2V base, or the customized one)
-    config.model.motion_adapter = ""  # AnimateDiff MotionAdapter folder or motion-module file (the T2V's motion)
-    config.model.allow_pickle = False
-    config.model.tokenizer = ""
-    config.model.num_frames = 8
-    config.model.image_size = 32
+    config.model = config_sections.unet_model(vae_variant="tiny", num_frames=8, image_size=32)
     config.model.options = ConfigDict(dict(
         stage="motion", motion_rank=32, motion_alpha=config_dict.placeholder(float), spatial_rank=64,
         motion_adapter="", customization_lora="", customization_scale=1.0, freeze_frames=True, drop_text_prob=0.0,
@@ -63,55 +52,8 @@ def get_config(variant=None):
                                             num_frames=config.model.get_ref("num_frames"), num_subjects=64,
                                             held_out=8, seed=0, records=4096))
 
-    config.optim = ConfigDict()
-    config.optim.lr = 1e-4  # [G] AdamW 1e-4 (METHODS.md (c))
-    config.optim.schedule = "constant"
-    config.optim.warmup_steps = 0
-    config.optim.decay_steps = config_dict.placeholder(int)
-    config.optim.end_lr_ratio = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.weight_decay = 1e-2
-    config.optim.clip_norm = 1.0
-    config.optim.accumulation_steps = 1
-    config.optim.ema_decay = config_dict.placeholder(float)
-
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    config.rules = ()
-    config.remat_policy = "none"
-    config.compute_dtype = "float32"
-    config.matmul_precision = config_dict.placeholder(str)
-    config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)
-    config.launch = ConfigDict()
-    config.launch.libtpu_init_args = ()
-    config.launch.xla_flags = ()
-    config.launch.gpu_xla_flags = ()
-    config.launch.env = ConfigDict()
-
-    config.checkpoint = ConfigDict()
-    config.checkpoint.every = 500
-    config.checkpoint.keep = 2
-    config.checkpoint.keep_best = 0
-    config.checkpoint.best_metric = "loss"
-    config.checkpoint.best_mode = "min"
-    config.checkpoint.use_async = True
-    # the frozen weights are the (customized) base model, re-read from model.pretrained on resume when False
-    config.checkpoint.save_frozen = True
-
-    config.log_every = 10
-    config.sample_every = 0
-    config.validation = ConfigDict()
-    config.validation.prompts = ()  # text only: Still-Moving takes no reference image
-    config.validation.references = ()
-    config.validation.steps = 25
-    config.validation.guidance_scale = 7.5
-    config.validation.seed = 0
-    config.validation.clip_model = ""
-    config.validation.dino_model = ""
-    config.max_nonfinite_in_a_row = 3
-    config.peak_flops_per_device = config_dict.placeholder(float)
-    config.progress_bar = True
+    config.optim = config_sections.optim(lr=1e-4)  # [G] AdamW 1e-4 (METHODS.md (c))
+    config_sections.add_run_sections(config, checkpoint_every=500, guidance_scale=7.5)
 
     if variant == "tiny":
         config.steps = 20

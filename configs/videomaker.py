@@ -12,6 +12,8 @@ Ablations of the paper's Table are switches: --config.model.options.girl=False,
 """
 from ml_collections import ConfigDict, config_dict
 
+from jaxvc import config_sections
+
 
 def get_config(variant=None):
     variant = variant or "demo"
@@ -22,23 +24,7 @@ def get_config(variant=None):
     config.batch_size = 8
     config.workdir = ""
 
-    config.model = ConfigDict()
-    config.model.unet_variant = "tiny"
-    config.model.motion_layout = "v3"
-    config.model.unet_overrides = ConfigDict()  # UNetConfig fields, e.g. down_block_types
-    # the UNet's attention (jaxvc/models/attention.py): xla (einsum, everywhere), jax, cudnn (flash attention on
-    # NVIDIA GPUs, bf16) or splash (flash attention on TPUs); what a kernel cannot take falls back to the einsum.
-    # The VAE and text encoder keep xla.
-    config.model.attention_backend = "xla"
-    config.model.text_variant = "tiny"
-    config.model.vae_variant = "none"  # "none": pixel space; "tiny" / "sd": a VAE of that size
-    config.model.pixel_patch = 1  # pixel space: p x p blocks folded into channels (jaxvc/models/patchify.py)
-    config.model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (weights for unet/vae/text)
-    config.model.motion_adapter = ""  # MotionAdapter folder or AnimateDiff motion-module file
-    config.model.allow_pickle = False
-    config.model.tokenizer = ""  # tokenizer folder; "" = the pretrained folder's, else jaxvc's default CLIP BPE
-    config.model.num_frames = 8
-    config.model.image_size = 32
+    config.model = config_sections.unet_model(vae_variant="none", num_frames=8, image_size=32)
     config.model.options = ConfigDict(dict(
         girl=True, girl_alpha=0.01, girl_beta=0.1, reference_cross_attention=True,
         train_spatial_self_attention=True, train_motion_modules=True, train_all_unet=False, train_text_encoder=False,
@@ -65,56 +51,8 @@ def get_config(variant=None):
     config.data.pattern_scale = 1.0  # synthetic: patterns drawn this many times coarser (2: about a 4x4 token wide)
     config.data.center_reference = False  # move the highlighted subject to the centre of the reference image
 
-    config.optim = ConfigDict()
-    config.optim.lr = 1e-5
-    config.optim.schedule = "constant"
-    config.optim.warmup_steps = 0
-    config.optim.decay_steps = config_dict.placeholder(int)
-    config.optim.end_lr_ratio = 0.0
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.weight_decay = 1e-2
-    config.optim.clip_norm = 1.0
-    config.optim.accumulation_steps = 1
-    config.optim.ema_decay = config_dict.placeholder(float)
-
-    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
-    config.rules = ()
-    config.remat_policy = "none"
-    config.compute_dtype = "float32"
-    config.matmul_precision = config_dict.placeholder(str)
-
-    # Exported on every host by the launch scripts (launch/*.sh) before `jaxvc train` starts: XLA and libtpu read
-    # their flags from the environment at start-up (see jaxvc/launch_env.py). Tuples of "--flag=value".
-    config.launch = ConfigDict()
-    config.launch.libtpu_init_args = ()  # TPU only (LIBTPU_INIT_ARGS)
-    config.launch.xla_flags = ()  # every platform (XLA_FLAGS)
-    config.launch.gpu_xla_flags = ()  # GPU only, appended to XLA_FLAGS
-    config.launch.env = ConfigDict()  # extra variables, e.g. {"TPU_STDERR_LOG_LEVEL": "0"}
-
-    config.checkpoint = ConfigDict()
-    config.checkpoint.every = 200
-    config.checkpoint.keep = 2
-    config.checkpoint.keep_best = 0
-    config.checkpoint.best_metric = "loss"
-    config.checkpoint.best_mode = "min"
-    config.checkpoint.use_async = True
-    config.checkpoint.save_frozen = True
-
-    config.log_every = 10
-    config.sample_every = 0  # > 0: every that many steps, generate the validation videos below (samples/, TensorBoard)
-    config.validation = ConfigDict()
-    config.validation.prompts = ()  # e.g. ("a dog runs on the beach",)
-    config.validation.references = ()  # one reference image path per prompt
-    config.validation.steps = 25  # DDIM steps
-    config.validation.guidance_scale = 8.0
-    config.validation.seed = 0  # video i uses seed + i at every sample point
-    config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)
-    config.validation.dino_model = ""  # local ViTModel (DINO) folder: DINO-I
-    config.max_nonfinite_in_a_row = 3
-    config.peak_flops_per_device = config_dict.placeholder(float)
-    config.progress_bar = True
+    config.optim = config_sections.optim(lr=1e-5)
+    config_sections.add_run_sections(config, checkpoint_every=200)
 
     if variant == "demo":
         # 32x32 pixels as 8x8 positions of 4x4 blocks (48 channels); PISA and cross-attention run at 8x8 and 4x4, the

@@ -1,0 +1,89 @@
+"""Config sections the UNet methods' files (``configs/videomaker.py``, ``still_moving.py``, ``customcrafter.py``)
+share: the model's weights and sizes, the optimizer, and the run (mesh, precision, launch, checkpoints, logging,
+validation). Each file builds its own ``model.options`` and ``data`` and changes what its method needs."""
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+
+def unet_model(*, vae_variant: str, num_frames: int, image_size: int) -> ConfigDict:
+    """``config.model`` without ``options``: sizes by name, or weights from local files."""
+    model = ConfigDict()
+    model.unet_variant = "tiny"
+    model.motion_layout = "v3"
+    model.unet_overrides = ConfigDict()  # UNetConfig fields, e.g. down_block_types
+    # the UNet's attention (jaxvc/models/attention.py): xla (einsum, everywhere), jax, cudnn (flash attention on
+    # NVIDIA GPUs, bf16) or splash (flash attention on TPUs); what a kernel cannot take falls back to the einsum.
+    # The VAE and text encoder keep xla.
+    model.attention_backend = "xla"
+    model.text_variant = "tiny"
+    model.vae_variant = vae_variant  # "none": pixel space; "tiny" / "sd": a VAE of that size
+    model.pixel_patch = 1  # pixel space: p x p blocks folded into channels (jaxvc/models/patchify.py)
+    model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (weights for unet/vae/text)
+    model.motion_adapter = ""  # MotionAdapter folder or AnimateDiff motion-module file
+    model.allow_pickle = False
+    model.tokenizer = ""  # tokenizer folder; "" = the pretrained folder's, else jaxvc's default CLIP BPE
+    model.num_frames = num_frames
+    model.image_size = image_size
+    return model
+
+
+def optim(lr: float) -> ConfigDict:
+    """AdamW (weight decay 1e-2, not on norms and biases) after global-norm clipping, on an LR schedule."""
+    section = ConfigDict()
+    section.lr = lr
+    section.schedule = "constant"
+    section.warmup_steps = 0
+    section.decay_steps = config_dict.placeholder(int)
+    section.end_lr_ratio = 0.0
+    section.b1 = 0.9
+    section.b2 = 0.999
+    section.eps = 1e-8
+    section.weight_decay = 1e-2
+    section.clip_norm = 1.0
+    section.accumulation_steps = 1
+    section.ema_decay = config_dict.placeholder(float)
+    return section
+
+
+def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_steps: int = 25,
+                     guidance_scale: float = 8.0) -> None:
+    """Mesh, precision, launch flags, checkpoints, logging and validation samples, set on ``config``."""
+    config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
+    config.rules = ()
+    config.remat_policy = "none"
+    config.compute_dtype = "float32"
+    config.matmul_precision = config_dict.placeholder(str)
+    config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)
+
+    # Exported on every host by the launch scripts (launch/*.sh) before `jaxvc train` starts: XLA and libtpu read
+    # their flags from the environment at start-up (see jaxvc/launch_env.py). Tuples of "--flag=value".
+    config.launch = ConfigDict()
+    config.launch.libtpu_init_args = ()  # TPU only (LIBTPU_INIT_ARGS)
+    config.launch.xla_flags = ()  # every platform (XLA_FLAGS)
+    config.launch.gpu_xla_flags = ()  # GPU only, appended to XLA_FLAGS
+    config.launch.env = ConfigDict()  # extra variables, e.g. {"TPU_STDERR_LOG_LEVEL": "0"}
+
+    config.checkpoint = ConfigDict()
+    config.checkpoint.every = checkpoint_every
+    config.checkpoint.keep = 2
+    config.checkpoint.keep_best = 0
+    config.checkpoint.best_metric = "loss"
+    config.checkpoint.best_mode = "min"
+    config.checkpoint.use_async = True
+    # False: frozen weights stay out of checkpoints and are re-read from model.pretrained on resume
+    config.checkpoint.save_frozen = True
+
+    config.log_every = 10
+    config.sample_every = 0  # > 0: every that many steps, generate the validation videos below (samples/, TensorBoard)
+    config.validation = ConfigDict()
+    config.validation.prompts = ()  # e.g. ("a dog runs on the beach",)
+    config.validation.references = ()  # one reference image path per prompt (methods that take one)
+    config.validation.steps = validation_steps  # DDIM steps
+    config.validation.guidance_scale = guidance_scale
+    config.validation.seed = 0  # video i uses seed + i at every sample point
+    config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)
+    config.validation.dino_model = ""  # local ViTModel (DINO) folder: DINO-I
+    config.max_nonfinite_in_a_row = 3
+    config.peak_flops_per_device = config_dict.placeholder(float)
+    config.progress_bar = True
