@@ -16,6 +16,8 @@ COMMANDS = {
     "eval": ("jaxvc.eval.cli", "score generated videos: CLIP-T, CLIP-I, DINO-I, temporal consistency"),
     "convert": ("jaxvc.convert.cli",
                 "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
+    "export-lora": ("jaxvc.convert.export_lora",
+                    "write a run's LoRA adapters and learnt tokens as diffusers files (load_lora_weights)"),
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
     "bench": ("jaxvc.bench.cli", "time the VideoMaker train step, sampling and VAE decode: jaxvc vs diffusers PyTorch"),
     "sweep": ("jaxvc.sweep.cli", "scaling study: a grid of training runs -> results table, scaling fits, plots"),

@@ -181,3 +181,50 @@ def test_training_on_the_subject_learns_its_token(subject_folder, tmp_path):
     print(f"denoising loss on the subject: {losses['initial']:.4f} -> {losses['trained']:.4f}")
     assert losses["trained"] < 0.95 * losses["initial"]
     assert not np.allclose(trained["params"]["new_tokens"], initial["params"]["new_tokens"])
+
+
+def test_exported_run_loads_in_diffusers(tmp_path):
+    """CustomCrafter trained from a diffusers AnimateDiff folder, exported with ``jaxvc export-lora``, loaded by
+    diffusers (``load_lora_weights`` + ``load_textual_inversion``): the same text features and the same UNet output."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    from jaxvc.convert.export_lora import export
+    from jaxvc.train.cli import build_data
+    from jaxvc.train.loop import Trainer
+    from jaxvc.train.trained_run import load_trained_run
+    from tests.conftest import relative_error
+    from tests.tiny_models import build_tiny_animatediff_folder
+
+    folder = build_tiny_animatediff_folder(tmp_path)
+    config = tiny_config(steps=2, batch_size=2, **{"model.pretrained": str(folder), "checkpoint.every": 2,
+                                                    "optim.lr": "0.05"})
+    method = build_method(config)
+    Trainer(config, method, tmp_path / "run").fit(lambda rows: build_data(config, rows, method.tokenizer))
+    run = load_trained_run(tmp_path / "run")
+    written = export(run, tmp_path / "export")
+
+    pipe = diffusers.AnimateDiffPipeline.from_pretrained(str(folder))
+    pipe.load_lora_weights(str(tmp_path / "export"))
+    pipe.load_textual_inversion(str(written["tokens"]), token="<new1>")
+    prompt = ["a <new1> toy"]
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    np.testing.assert_array_equal(ids.numpy(), run.method.tokenizer(prompt))
+    with torch.no_grad():
+        torch_text = pipe.text_encoder(ids)[0]
+    params = run.params
+    ours_text = run.method.encode_text(params, jnp.asarray(ids.numpy()))
+    assert relative_error(ours_text, torch_text.numpy()) < 1e-5
+
+    generator = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 4, 8, 8, generator=generator)  # (B, C, F, H, W)
+    timesteps = torch.tensor([500])
+    with torch.no_grad():
+        reference = pipe.unet(sample, timesteps, torch_text.repeat_interleave(4, dim=0)).sample.numpy()
+    ours = run.method.denoise(params, jnp.asarray(sample.numpy().transpose(0, 2, 3, 4, 1)), jnp.asarray([500]),
+                              ours_text, lora_scale=1.0)
+    error = relative_error(np.asarray(ours).transpose(0, 4, 1, 2, 3), reference)
+    lora_effect = relative_error(np.asarray(run.method.denoise(params, jnp.asarray(sample.numpy().transpose(
+        0, 2, 3, 4, 1)), jnp.asarray([500]), ours_text, lora_scale=0.0)).transpose(0, 4, 1, 2, 3), reference)
+    print(f"exported CustomCrafter in diffusers: relative error {error:.2e} (without the LoRA {lora_effect:.2e})")
+    assert lora_effect > 1e-4 and error < 1e-5

@@ -153,6 +153,13 @@ class CustomCrafter(VideoDiffusionMethod):
             return self.options.train_token
         return len(path) >= 3 and path[1] == "adapters" and path[2] == "sslm"
 
+    def exported_adapters(self, params):
+        """``jaxvc export-lora``: the SSLM at scale 1 (DWV's schedule is a sampling setting)."""
+        return {"unet": lora.AppliedAdapter(self.spec, params["params"]["adapters"]["sslm"])}, []
+
+    def learned_tokens(self, params):
+        return {self.options.placeholder_token: params["params"]["new_tokens"][0]}
+
     # ---------------------------------------------------------------- conditioning
     def text_config_with_tokens(self):
         return dataclasses.replace(self.text_encoder.config, vocab_size=self.base_vocab_size + 1)

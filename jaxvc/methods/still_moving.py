@@ -178,6 +178,12 @@ class StillMoving(VideoDiffusionMethod):
                                                   prediction_type=opts.prediction_type, x_t=noisy)
         return loss, {"diffusion_loss": loss}
 
+    def exported_adapters(self, params):
+        """``jaxvc export-lora``: the motion adapter (a LoRA); the spatial adapters are output adapters."""
+        tree = params["params"]["adapters"]
+        return ({"unet": lora.AppliedAdapter(self.motion_spec, tree["motion"])},
+                ["adapters/spatial"] if "spatial" in tree else [])
+
     # ---------------------------------------------------------------- sampling
     def pipeline(self, params, tokenizer, motion_scale: float | None = None):
         """Text-to-video sampling (no reference frame) with the spatial adapters on and the motion adapter at
