@@ -175,6 +175,7 @@ class Trainer:
             nonfinite_in_a_row=rep, nonfinite_total=rep)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
         self._compiled = None
+        self._init_compiled = None
         self._sample_fn = None
         self._scorer = None
         self.flops_per_step = None
@@ -202,11 +203,13 @@ class Trainer:
         use_ema = self.ema_decay is not None
         with self._context():
             if getattr(self.method, "init_params_jittable", True):
-                def init(init_rng, train_rng):
-                    trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
-                    return new_state(trainable, frozen, self.optimizer, train_rng, use_ema)
-                return jax.jit(init, out_shardings=self.state_shardings).lower(init_rng, train_rng).compile(
-                    self.compiler_options)(init_rng, train_rng)
+                if self._init_compiled is None:  # compiled once: restore() without frozen weights calls it again
+                    def init(init_rng, train_rng):
+                        trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
+                        return new_state(trainable, frozen, self.optimizer, train_rng, use_ema)
+                    self._init_compiled = jax.jit(init, out_shardings=self.state_shardings).lower(
+                        init_rng, train_rng).compile(self.compiler_options)
+                return self._init_compiled(init_rng, train_rng)
             # Weights read from files arrive as host arrays: place each on its sharding, then build the state.
             trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
             place = lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
