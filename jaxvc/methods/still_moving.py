@@ -239,7 +239,6 @@ def from_config(config) -> StillMoving:
         customization = loaded.adapters
     method = StillMoving(parts.unet, parts.text, parts.vae, opts, parts.tokenizer(""), motion_adapter=motion,
                          customization=customization, **kwargs)
-    method = finish_from_config(method, config, parts)
-    if motion is not None or customization:
-        method.init_params_jittable = False  # host arrays read from files
-    return method
+    # the adapters read from files are small: they enter the jitted init as constants (only pretrained weights,
+    # big host arrays, make the trainer initialise eagerly)
+    return finish_from_config(method, config, parts)
