@@ -112,28 +112,26 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return component, match.group(1), kind
 
 
-def _jaxvc_path(component: str, module: str, index: Mapping[str, tuple], source: str) -> tuple:
-    """The jaxvc module path of a torch module name (dotted, or kohya's underscored ``kohya:`` form)."""
+def _jaxvc_path(component: str, module: str, kernels: Mapping[tuple, tuple], underscored: Mapping[str, tuple],
+                source: str) -> tuple:
+    """The jaxvc module path of a torch module name (dotted, or kohya's underscored ``kohya:`` form); ``kernels``:
+    ``{module path: kernel shape}`` of the component, ``underscored``: ``{"_".join(path): path}`` of the same."""
     if module.startswith("kohya:"):
         name = module[len("kohya:"):]
-        name = name.removeprefix("text_model_") if component == "text_encoder" else name
-        path = index.get(name)
+        path = underscored.get(name.removeprefix("text_model_") if component == "text_encoder" else name)
     else:
-        name = module.removeprefix(_TORCH_PREFIX[component])
-        path, _ = torch_key_to_module_path(name + ".weight")
-        path = path if "/".join(path) in index["/"] else None
+        path, _ = torch_key_to_module_path(module.removeprefix(_TORCH_PREFIX[component]) + ".weight")
+        path = path if path in kernels else None
     if path is None:
         raise LoraFileError(f"{source}: LoRA for {component} module '{module.removeprefix('kohya:')}', which this "
                             f"model does not have (is the file for another base model, e.g. SDXL?)")
     return path
 
 
-def _kernel_index(params: Mapping) -> dict:
-    """{"_".join(path): path} and {"/": set of "/".join(path)} of the modules with a kernel."""
-    paths = [tuple(p[:-1]) for p in traverse_util.flatten_dict(nn.unbox(dict(params))) if p[-1] == "kernel"]
-    index: dict = {"_".join(p): p for p in paths}
-    index["/"] = {"/".join(p) for p in paths}
-    return index
+def _kernel_shapes(params: Mapping) -> dict[tuple, tuple]:
+    """``{module path: kernel shape}`` of the modules with a kernel (Dense and Conv layers)."""
+    return {tuple(p[:-1]): tuple(v.shape) for p, v in traverse_util.flatten_dict(nn.unbox(dict(params))).items()
+            if p[-1] == "kernel"}
 
 
 def _to_factors(down: np.ndarray, up: np.ndarray, kernel_shape: tuple, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -187,18 +185,17 @@ def read_lora(path: str | os.PathLike, models: Mapping[str, Mapping], *, allow_p
     if not parts:
         raise LoraFileError(f"{source}: no LoRA factors in the file")
     fmt = "kohya" if any(m.startswith("kohya:") for _, m in parts) else "diffusers"
-    indexes = {name: _kernel_index(params) for name, params in models.items()}
-    kernels = {name: {tuple(p[:-1]): v.shape for p, v in traverse_util.flatten_dict(nn.unbox(dict(params))).items()
-                      if p[-1] == "kernel"} for name, params in models.items()}
+    kernels = {name: _kernel_shapes(params) for name, params in models.items()}
+    underscored = {name: {"_".join(path): path for path in shapes} for name, shapes in kernels.items()}
     flat: dict[str, dict] = {}
     for (component, module), factors in sorted(parts.items()):
         if component not in models:
             raise LoraFileError(f"{source}: holds a LoRA for the {component}, which was not given")
         if set(factors) - {"alpha"} != {"A", "B"}:
             raise LoraFileError(f"{source}: module '{module}' has {sorted(factors)}; expected both LoRA factors")
-        site = _jaxvc_path(component, module, indexes[component], source)
+        site = _jaxvc_path(component, module, kernels[component], underscored[component], source)
         (key_a, down), (_, up) = factors["A"], factors["B"]
-        down, up = _to_factors(down, up, tuple(kernels[component][site]), key_a)
+        down, up = _to_factors(down, up, kernels[component][site], key_a)
         rank = down.shape[-1]
         alpha = _alpha(component, module, rank, factors, metadata, peft_config)
         flat.setdefault(component, {})[site + ("down",)] = down

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from typing import Any, Mapping
 
 import jax
@@ -38,7 +39,7 @@ from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, fi
 from jaxvc.models import lora
 
 SSLM_TARGETS = (r"(down_blocks_\d+|mid_block|up_blocks_\d+)/attentions_\d+/transformer_blocks_\d+/attn[12]/to_[qkv]",)
-CROSS_ATTENTION_KV = r".*attentions_\d+/transformer_blocks_\d+/attn2/to_[kv]"
+CROSS_ATTENTION_KV = re.compile(r".*attentions_\d+/transformer_blocks_\d+/attn2/to_[kv]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +104,7 @@ _no_grad_first_token.defvjp(_fwd, _bwd)
 def detach_start_token(next_fun, args, kwargs, context):
     """Interceptor: cross-attention key / value projections pass token 0 forward unchanged and no gradient back."""
     out = next_fun(*args, **kwargs)
-    if context.method_name == "__call__" and lora.AdapterSpec(include=(CROSS_ATTENTION_KV,)).matches(
-            context.module.path):
+    if context.method_name == "__call__" and CROSS_ATTENTION_KV.fullmatch("/".join(context.module.path)):
         return _no_grad_first_token(out)
     return out
 
@@ -135,9 +135,7 @@ class CustomCrafter(VideoDiffusionMethod):
 
     # ---------------------------------------------------------------- parameters
     def extra_params(self, rng, components):
-        sample, text = self._unet_example()
-        sites = lora.find_sites(lambda: self.unet.init(jax.random.key(0), jnp.zeros(sample.shape),
-                                                       jnp.zeros((1,), jnp.int32), jnp.zeros(text.shape)), self.spec)
+        sites = self.unet_sites(self.spec)
         hidden = self.text_encoder.config.hidden_size
         if rng is None:
             adapter = jax.eval_shape(lambda: lora.init_adapter(jax.random.key(0), sites, self.spec, boxed=True))
@@ -251,7 +249,4 @@ def from_config(config) -> CustomCrafter:
                            CustomCrafterOptions.from_mapping(model.options.to_dict()), parts.tokenizer(""),
                            num_frames=model.num_frames, image_size=model.image_size, pretrained=parts.pretrained,
                            pixel_patch=parts.pixel_patch, tokenizer=parts.tokenizer)
-    tokenizer = method.tokenizer
-    method = finish_from_config(method, config, parts)
-    method.tokenizer = tokenizer  # with the placeholder token
-    return method
+    return finish_from_config(method, config, parts)  # keeps method.tokenizer, the one with the placeholder

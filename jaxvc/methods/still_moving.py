@@ -107,16 +107,11 @@ class StillMoving(VideoDiffusionMethod):
         self.sample_motion_scale = 1.0 if opts.stage == "motion" else opts.inference_motion_scale
 
     # ---------------------------------------------------------------- parameters
-    def _sites(self, spec: lora.AdapterSpec) -> dict:
-        sample, text = self._unet_example()
-        return lora.find_sites(lambda: self.unet.init(jax.random.key(0), jnp.zeros(sample.shape),
-                                                      jnp.zeros((1,), jnp.int32), jnp.zeros(text.shape)), spec)
-
     def extra_params(self, rng, components):
         """``adapters``: the motion adapter (fresh in stage "motion", loaded in stage "spatial") and, in stage
         "spatial", the fresh spatial adapters."""
         def fresh(spec, index):
-            sites = self._sites(spec)
+            sites = self.unet_sites(spec)
             if rng is None:
                 return jax.eval_shape(lambda: lora.init_adapter(jax.random.key(0), sites, spec, boxed=True))
             return lora.init_adapter(jax.random.fold_in(rng, index), sites, spec, boxed=True)
@@ -144,8 +139,11 @@ class StillMoving(VideoDiffusionMethod):
 
     # ---------------------------------------------------------------- the model with its adapters
     def adapters(self, params, motion_scale) -> list[lora.AppliedAdapter]:
+        """The adapters the UNet runs with: the motion adapter at ``motion_scale`` (left out when that is the number
+        0: removed, as at inference) and the spatial adapters, if any, at scale 1."""
         tree = params["params"]["adapters"]
-        applied = [lora.AppliedAdapter(self.motion_spec, tree["motion"], motion_scale)]
+        removed = isinstance(motion_scale, (int, float)) and motion_scale == 0
+        applied = [] if removed else [lora.AppliedAdapter(self.motion_spec, tree["motion"], motion_scale)]
         if "spatial" in tree:
             applied.append(lora.AppliedAdapter(self.spatial_spec, tree["spatial"], 1.0))
         return applied
@@ -192,12 +190,11 @@ class StillMoving(VideoDiffusionMethod):
 
         tree = params["params"]
         scale = self.sample_motion_scale if motion_scale is None else float(motion_scale)
-        adapters = [a for a in self.adapters(params, scale) if not (a.spec is self.motion_spec and scale == 0.0)]
         return CustomVideoPipeline(
             self.unet.config, {"params": tree["unet"]}, self.text_encoder.config, {"params": tree["text_encoder"]},
             tokenizer, None if self.vae is None else self.vae.config,
             None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
-            pixel_patch=self.pixel_patch, reference_frame=False, adapters=adapters)
+            pixel_patch=self.pixel_patch, reference_frame=False, adapters=self.adapters(params, scale))
 
 
 def load_motion_adapter(path: str, unet_params) -> lora.AppliedAdapter:
@@ -221,24 +218,23 @@ def load_motion_adapter(path: str, unet_params) -> lora.AppliedAdapter:
 def from_config(config) -> StillMoving:
     """Build Still-Moving from ``configs/still_moving.py``."""
     from jaxvc.convert.lora import read_lora
+    from jaxvc.convert.unet import abstract_variables
+    from jaxvc.models.clip_text import abstract_clip_text_params
 
     parts = build_components(config)
     model = config.model
     opts = StillMovingOptions.from_mapping(model.options.to_dict())
-    kwargs = dict(num_frames=model.num_frames, image_size=model.image_size, pretrained=parts.pretrained,
-                  pixel_patch=parts.pixel_patch)
-    probe = StillMoving(parts.unet, parts.text, parts.vae, dataclasses.replace(opts, stage="motion"),
-                        parts.tokenizer(""), **kwargs)  # the architecture, to match files against
-    components = probe.abstract_params()["params"]
-    motion = load_motion_adapter(opts.motion_adapter, components["unet"]) if opts.motion_adapter else None
+    # the architecture (shapes only) that files are matched against
+    unet_shapes = abstract_variables(parts.unet)["params"]
+    motion = load_motion_adapter(opts.motion_adapter, unet_shapes) if opts.motion_adapter else None
     customization = {}
     if opts.customization_lora:
-        loaded = read_lora(opts.customization_lora, {"unet": components["unet"],
-                                                     "text_encoder": components["text_encoder"]},
-                           scale=opts.customization_scale)
+        loaded = read_lora(opts.customization_lora, {"unet": unet_shapes, "text_encoder": abstract_clip_text_params(
+            parts.text)["params"]}, scale=opts.customization_scale)
         customization = loaded.adapters
     method = StillMoving(parts.unet, parts.text, parts.vae, opts, parts.tokenizer(""), motion_adapter=motion,
-                         customization=customization, **kwargs)
+                         customization=customization, num_frames=model.num_frames, image_size=model.image_size,
+                         pretrained=parts.pretrained, pixel_patch=parts.pixel_patch)
     # the adapters read from files are small: they enter the jitted init as constants (only pretrained weights,
     # big host arrays, make the trainer initialise eagerly)
     return finish_from_config(method, config, parts)

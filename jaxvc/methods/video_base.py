@@ -91,6 +91,14 @@ class VideoDiffusionMethod(Method):
                                     jnp.float32)
         return sample, text
 
+    def unet_sites(self, spec):
+        """The UNet's sites of an adapter ``spec`` (``jaxvc/models/lora.py``), found by tracing its init."""
+        from jaxvc.models import lora
+
+        sample, text = self._unet_example()
+        return lora.find_sites(lambda: self.unet.init(jax.random.key(0), jnp.zeros(sample.shape),
+                                                      jnp.zeros((1,), jnp.int32), jnp.zeros(text.shape)), spec)
+
     def extra_params(self, rng: jax.Array | None, components: Mapping[str, Any]) -> dict:
         """Parameters a method adds beside the components (adapters): boxed and abstract when ``rng`` is None,
         concrete otherwise. ``components`` holds the (abstract or concrete) component trees."""
@@ -250,7 +258,8 @@ def build_components(config) -> Components:
 def finish_from_config(method: VideoDiffusionMethod, config, components: Components) -> VideoDiffusionMethod:
     """The settings every method built from a config gets: jittable init or not, the tokenizer, validation."""
     method.init_params_jittable = not components.pretrained  # loaded weights are host arrays the trainer places
-    method.tokenizer = components.tokenizer  # the one its captions were encoded with: generation from the run too
+    if method.tokenizer is None:  # a method may extend it (CustomCrafter adds its placeholder token)
+        method.tokenizer = components.tokenizer  # the one its captions were encoded with: generation from the run too
     configure_validation(method, config)
     return method
 
