@@ -64,15 +64,19 @@ def run(args) -> int:
                                                attention_backend=args.attention_backend, step=args.step,
                                                use_ema=not args.no_ema)
     if args.text_to_video:
+        if pipe.conditioning is not None:
+            print(f"jaxvc generate: {args.model} takes its reference through its own network; --text-to-video is "
+                  "for AnimateDiff models that take it as an extra frame", file=sys.stderr)
+            return 2
         pipe.reference_frame = False
     for spec in args.lora:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
-    if pipe.reference_frame and args.reference is None:
+    if pipe.takes_reference and args.reference is None:
         print(f"jaxvc generate: {args.model} is reference-conditioned: pass --reference IMAGE (or --text-to-video for "
               "a plain AnimateDiff model)", file=sys.stderr)
         return 2
-    if not pipe.reference_frame and args.reference is not None:
+    if not pipe.takes_reference and args.reference is not None:
         print(f"jaxvc generate: {args.model} is text-to-video (its subject is in its weights): drop --reference",
               file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ reference latent clean (never noised), and the reference frame's prediction drop
 The denoising loop is one jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``) with a tqdm bar over steps.
 
 ``reference_frame=False`` samples a plain text-to-video AnimateDiff model (no reference frame at all: the motion
-modules see exactly the F generated frames), as Still-Moving's customized models are. ``adapters`` are UNet adapters
+modules see exactly the F generated frames), as Still-Moving's customized models are. A method whose reference enters
+the UNet another way passes a ``conditioning`` (see ``ReferenceConditioning``; MicroCinema's AppearNet). ``adapters`` are UNet adapters
 (``jaxvc/models/lora.py``) applied while it runs; an adapter's scale may be a function of the step index (0 first).
 """
 from __future__ import annotations
@@ -28,7 +29,6 @@ from PIL import Image, UnidentifiedImageError
 from jaxvc import compile_options, media
 from jaxvc.diffusion.ddim import DDIMSampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
-from jaxvc.diffusion.schedule import schedule_from_diffusers_config
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from jaxvc.models.patchify import from_patches, to_patches
@@ -89,7 +89,8 @@ class CustomVideoPipeline:
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
                  tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
                  scheduler_config: dict | None = None, reference_cross_attention: bool = True,
-                 pixel_patch: int = 1, reference_frame: bool = True, adapters=()):
+                 pixel_patch: int = 1, reference_frame: bool = True, adapters=(),
+                 conditioning: "ReferenceConditioning | None" = None):
         if unet_config.motion is None:
             raise ValueError("CustomVideoPipeline needs a UNet with motion modules (pass a motion adapter)")
         self.unet = UNetMotion(unet_config)
@@ -105,9 +106,18 @@ class CustomVideoPipeline:
         self.reference_cross_attention = reference_cross_attention
         self.pixel_patch = 1 if vae_config is not None else int(pixel_patch)
         self.reference_frame = bool(reference_frame)
+        if conditioning is not None and self.reference_frame:
+            raise ValueError("CustomVideoPipeline: a conditioning replaces the reference frame (reference_frame=False)")
+        self.conditioning = conditioning
         # specs and scales are static (part of the compiled program); the trees are arguments of it
         self.adapters = tuple((a.spec, a.scale) for a in adapters)
         self.params["adapters"] = [a.tree for a in adapters]
+        self.params["conditioning"] = None if conditioning is None else conditioning.params
+
+    @property
+    def takes_reference(self) -> bool:
+        """Whether generation takes a reference image (as an extra frame, or through a conditioning)."""
+        return self.reference_frame or self.conditioning is not None
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
@@ -199,9 +209,11 @@ class CustomVideoPipeline:
                      reference_guidance_scale: float | None, reference_guidance_start: int, progress: bool):
         """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
         sampler = self._sampler(num_inference_steps, eta)
-        unet, cross, adapter_specs = self.unet, self.reference_cross_attention, self.adapters
+        unet, cross, adapter_specs, conditioning = (self.unet, self.reference_cross_attention, self.adapters,
+                                                    self.conditioning)
 
-        def generate(unet_variables, adapter_trees, text, negative_text, reference_latent, x_T, rng):
+        def generate(unet_variables, adapter_trees, conditioning_params, text, negative_text, reference_latent, x_T,
+                     rng):
             if reference_latent is None:  # a text-to-video model: [uncond; cond] texts, no reference frame
                 texts, references = jnp.concatenate([negative_text, text], axis=0), None
             elif reference_guidance_scale is None:  # [uncond; cond]
@@ -217,10 +229,17 @@ class CustomVideoPipeline:
             def model(x_stacked, t, step_index):
                 applied = [lora.AppliedAdapter(spec, tree, scale(step_index) if callable(scale) else scale)
                            for (spec, scale), tree in zip(adapter_specs, adapter_trees)]
-                with lora.applied(applied):
-                    out = unet.apply(unet_variables, x_stacked, jnp.full((x_stacked.shape[0],), t), texts,
-                                     reference_latent=references, reference_cross_attention=cross)
-                return out[:, :frames]                      # drop the reference frame's prediction (if any)
+                timesteps = jnp.full((x_stacked.shape[0],), t)
+
+                def run_unet():
+                    with lora.applied(applied):
+                        return unet.apply(unet_variables, x_stacked, timesteps, texts, reference_cross_attention=cross,
+                                          reference_latent=None if conditioning is not None else references)
+
+                if conditioning is not None:
+                    return conditioning.denoise(conditioning_params, run_unet, x_stacked, timesteps, texts,
+                                                references)
+                return run_unet()[:, :frames]               # drop the reference frame's prediction (if any)
 
             if reference_guidance_scale is None:
                 denoise = classifier_free_guidance(model, guidance_scale)
@@ -267,9 +286,9 @@ class CustomVideoPipeline:
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
         with ``decode=False`` the latents (1, F, h, w, c)."""
-        if reference_guidance_scale is not None and (reference is None or not self.reference_frame):
+        if reference_guidance_scale is not None and (reference is None or not self.takes_reference):
             raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
-        if reference is not None and not self.reference_frame:
+        if reference is not None and not self.takes_reference:
             raise ValueError("this model is text-to-video (no reference frame): generate with reference=None")
         if not 0.0 <= reference_guidance_start <= 1.0:
             raise ValueError(f"reference_guidance_start={reference_guidance_start}: expected a fraction of the steps "
@@ -284,7 +303,7 @@ class CustomVideoPipeline:
         if not 1 <= num_frames <= max_frames:
             raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames"
                              + (" (max_seq_length minus the reference frame)" if self.reference_frame else ""))
-        if not self.reference_frame:
+        if not self.takes_reference:
             reference_latent = None
         elif reference is None:  # no subject: the zero reference latent of the unconditional branch
             reference_latent = jnp.zeros((1, 1, height // self.downsample_factor, width // self.downsample_factor,
@@ -299,11 +318,13 @@ class CustomVideoPipeline:
                         self.unet.config.in_channels)
         rng_init, rng_steps = jax.random.split(jax.random.key(seed))
         x_T = jax.random.normal(rng_init, latent_shape, jnp.float32)
+        if self.conditioning is not None:  # e.g. MicroCinema's appearance noise prior
+            x_T = self.conditioning.initial_latents(x_T, reference_latent)
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
                                      round(reference_guidance_start * num_inference_steps), progress)
-        latents = generate(self.params["unet"], self.params["adapters"], text, negative_text, reference_latent, x_T,
-                           rng_steps)
+        latents = generate(self.params["unet"], self.params["adapters"], self.params["conditioning"], text,
+                           negative_text, reference_latent, x_T, rng_steps)
         if not decode:
             return latents
         if self.vae is None:
@@ -323,6 +344,24 @@ class CustomVideoPipeline:
         return {"mp4": media.write_mp4(out_dir / f"{name}.mp4", frames, fps=fps),
                 "gif": media.write_gif(out_dir / f"{name}.gif", frames, fps=fps),
                 "sheet": media.save_png(out_dir / f"{name}_sheet.png", media.contact_sheet(rows, labels))}
+
+
+class ReferenceConditioning:
+    """How a method's reference image enters the UNet when it is not VideoMaker's extra frame (the interface
+    ``CustomVideoPipeline(conditioning=...)`` calls; ``jaxvc/methods/microcinema.py`` implements it).
+
+    ``params``: its parameters, an argument of the compiled sampling program. ``denoise(params, run_unet, x,
+    timesteps, texts, references)`` returns the UNet's prediction (N, F, h, w, c) for the stacked guidance branches,
+    with ``references`` (N, 1, h, w, c) (zeros in the unconditional branch); ``run_unet()`` runs the UNet (with
+    the pipeline's adapters) on ``x``. ``initial_latents(noise, reference_latent)`` makes x_T from the Gaussian
+    noise (1, F, h, w, c) and the reference latent (1, 1, h, w, c)."""
+    params: Any = None
+
+    def denoise(self, params, run_unet, x, timesteps, texts, references):
+        raise NotImplementedError
+
+    def initial_latents(self, noise, reference_latent):
+        return noise
 
 
 def _variables(variables: Any) -> dict:

@@ -12,6 +12,7 @@ METHODS: dict[str, str] = {
     "videomaker": "jaxvc.methods.videomaker:from_config",
     "still_moving": "jaxvc.methods.still_moving:from_config",
     "customcrafter": "jaxvc.methods.customcrafter:from_config",
+    "microcinema": "jaxvc.methods.microcinema:from_config",
 }
 
 

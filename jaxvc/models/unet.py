@@ -344,12 +344,16 @@ class UNetMotion(nn.Module):
     every layer processes the F+1 frames (same timestep and text for the reference), every spatial self-attention
     is PISA (see ``transformer2d.py``), and the output is (B, F+1, H, W, C_out) with the reference's prediction
     last. ``reference_cross_attention=False`` keeps the reference frame out of cross-attention.
+
+    ``encoder_only=True`` stops after the mid block and returns its output (B, F, h, w, c): the encoder copy of a
+    ControlNet-style side network (MicroCinema's AppearNet), whose parameters need no decoder.
     """
     config: UNetConfig
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, *, reference_latent=None,
-                 reference_cross_attention: bool = True, return_intermediates: bool = False):
+                 reference_cross_attention: bool = True, return_intermediates: bool = False,
+                 encoder_only: bool = False):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         if sample.ndim != 5 or sample.shape[-1] != cfg.in_channels:
@@ -423,6 +427,9 @@ class UNetMotion(nn.Module):
 
         h = constrain(MidBlock(cfg, frames, name="mid_block", **reference)(h, temb, context), IMAGE_AXES)
         record("mid_block", h)
+        if encoder_only:
+            out = h.reshape(batch, frames, *h.shape[1:])
+            return (out, intermediates) if return_intermediates else out
 
         for i, block_type in enumerate(cfg.up_block_types):
             level = cfg.levels - 1 - i
