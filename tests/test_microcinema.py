@@ -20,6 +20,7 @@ from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods import build_method
 from jaxvc.methods.microcinema import injection_plan
 from jaxvc.models.unet import unet_config
+from tests.multidevice import run_with_devices, sharded_train_step_script
 
 FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
 TRAIN_STEPS = 12
@@ -196,3 +197,7 @@ def test_remat_changes_nothing(method, fresh):
     np.testing.assert_allclose(float(value_remat), float(value), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(grads_remat["params"]["appearnet"]), jax.tree.leaves(grads["params"]["appearnet"])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_train_step_equals_one_device():
+    run_with_devices(sharded_train_step_script("configs/microcinema.py:tiny"))

@@ -9,8 +9,6 @@
 * a customization LoRA file is merged into the frozen UNet and text encoder weights;
 * the sharded train step (data 2 x fsdp 4 on 8 simulated devices) equals one device.
 """
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +19,7 @@ from jaxvc.config_utils import apply_overrides, load_config
 from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods import build_method
 from jaxvc.models import lora
-from tests.multidevice import run_with_devices
+from tests.multidevice import run_with_devices, sharded_train_step_script
 
 MOTION_STEPS = 40
 # XLA's CPU optimisations cost most of these tiny programs' compile time and change no comparison made here
@@ -203,40 +201,5 @@ def test_customization_lora_is_merged_into_the_frozen_weights(motion_run, tmp_pa
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-SHARDED = textwrap.dedent('''
-    import jax, numpy as np
-    jax.config.update("jax_default_matmul_precision", "highest")
-    from jaxvc.config_utils import apply_overrides, load_config
-    from jaxvc.methods import build_method
-    from jaxvc.parallel.mesh import make_mesh
-    from jaxvc.train import distributed
-    from jaxvc.train.cli import build_data
-    from jaxvc.train.loop import Trainer
-
-    config = load_config("configs/still_moving.py:tiny")
-    apply_overrides(config, [("batch_size", "8"), ("progress_bar", "False"),
-                             ("compiler_options", "{'xla_backend_optimization_level': 0}")])
-    data = build_data(config, (0, 8))
-    batches = [next(data) for _ in range(2)]
-    results = {}
-    for name, sizes in (("single", {"data": 1}), ("sharded", {"data": 2, "fsdp": 4})):
-        mesh = make_mesh(sizes, devices=jax.devices()[:1] if name == "single" else None)
-        trainer = Trainer(config, build_method(config), f"/tmp/unused-{name}", mesh=mesh)
-        state = trainer.init_state()
-        losses = []
-        for batch in batches:
-            arrays = {k: v for k, v in batch.items() if k in ("video", "tokens")}
-            state, metrics = trainer.step(state, distributed.global_batch(arrays, mesh, 8, trainer.rules))
-            losses.append(float(metrics["loss"]))
-        results[name] = (losses, jax.tree.map(np.asarray, jax.device_get(state.params)))
-    (l1, p1), (l8, p8) = results["single"], results["sharded"]
-    print("losses", l1, l8)
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    print("SHARDED_OK")
-''')
-
-
 def test_sharded_train_step_equals_one_device():
-    run_with_devices(SHARDED)
+    run_with_devices(sharded_train_step_script("configs/still_moving.py:tiny"))

@@ -210,3 +210,24 @@ def test_loader_errors(saved, tmp_path):
         WanTransformer3D(config_).apply(variables, latents[..., :3], timesteps, text)
     with pytest.raises(ValueError, match=r"timesteps of shape \(3,\)"):
         WanTransformer3D(config_).apply(variables, latents, jnp.zeros(3), text)
+
+
+def test_reference_stream_is_a_frame_zero_prepended_and_masking_removes_it(saved):
+    """The reference's tokens at RoPE frame 0 before the video's (frames 1..F): without a time delta that is the
+    model on [reference; video] with the first frame's output dropped; masked out, it is the plain model."""
+    _, folder = saved["t2v"]
+    config, variables = load_wan(folder)
+    latents, timesteps, text, _ = inputs("t2v")
+    reference = np.random.default_rng(5).standard_normal(latents[:, :1].shape).astype(np.float32)
+    model = WanTransformer3D(config)
+    joined = model.apply(variables, np.concatenate([reference, latents], axis=1), timesteps, text)[:, 1:]
+    streamed = model.apply(variables, latents, timesteps, text, reference_latent=reference)
+    assert relative_error(streamed, joined) < 1e-5
+    dropped = model.apply(variables, latents, timesteps, text, reference_latent=reference,
+                          reference_mask=np.zeros((2, 6), bool))
+    assert relative_error(dropped, model.apply(variables, latents, timesteps, text)) < 1e-5
+    delta = model.apply(variables, latents, timesteps, text, reference_latent=reference,
+                        reference_time_delta=lambda silu_temb: 0.1 * jnp.ones((2, 6 * config.inner_dim)))
+    assert relative_error(delta, streamed) > 1e-3  # the reference's own modulation reaches the video
+    with pytest.raises(ValueError, match="per token"):
+        model.apply(variables, latents, np.zeros((2, 18), np.float32), text, reference_latent=reference)

@@ -61,8 +61,12 @@ def cudnn_max_head_dim() -> int:
         return 128
 
 
-def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bool = False, scale: float | None = None):
-    """Scaled dot-product attention. query (B, Lq, H, D), key/value (B, Lk, H, D) -> (B, Lq, H, D)."""
+def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bool = False, scale: float | None = None,
+                          key_mask=None):
+    """Scaled dot-product attention. query (B, Lq, H, D), key/value (B, Lk, H, D) -> (B, Lq, H, D).
+
+    ``key_mask`` (B, Lk) bool: keys a query may attend to (False = ignored, as if absent); every query must keep one.
+    Masked attention runs on the einsum path or jax's (cuDNN takes a mask as a bias), not on splash."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend '{backend}' is not one of {BACKENDS}")
     head_dim = query.shape[-1]
@@ -77,6 +81,8 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
             lq, lk = query.shape[1], key.shape[1]
             allowed = jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)
             logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+        if key_mask is not None:
+            logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
         # softmax with the normalization after the value product: one divide per output (B, Lq, H, D) instead of
         # one per weight (B, H, Lq, Lk)
         unnormalized = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
@@ -86,9 +92,15 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         return (out / total).astype(value.dtype)
     lq, lk = query.shape[1], key.shape[1]
     # Shapes a flash kernel refuses (its length or head-size rules) go through the einsum path instead.
-    if ((backend == "splash" and not splash_takes(lq, lk))
+    if ((backend == "splash" and (key_mask is not None or not splash_takes(lq, lk)))
             or (backend == "cudnn" and not _cudnn_takes(lq, lk, head_dim))):
-        return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale)
+        return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale, key_mask=key_mask)
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :]
+        if causal:
+            mask = mask & jnp.tril(jnp.ones((lq, lk), dtype=bool), k=lk - lq)[None, None]
+        implementation = "cudnn" if backend == "cudnn" else None
+        return jax.nn.dot_product_attention(query, key, value, scale=scale, mask=mask, implementation=implementation)
     if backend == "splash":
         return splash_attention(query, key, value, scale=scale, causal=causal)
     implementation = "cudnn" if backend == "cudnn" else None

@@ -17,8 +17,14 @@ cross-attention's ``norm2``), RMSNorm over all heads' channels, RoPE in interlea
 ``blocks.3.attn1.to_q.weight``), so ``jaxvc.convert.wan`` loads a ``transformer/`` folder mechanically.
 
 The text and the image context are separate arguments (diffusers concatenates them and splits them again assuming
-512 text tokens). ``frame_offset`` shifts the frames' RoPE positions, which leaves room for tokens placed before the
-video at frame 0 (the disentangled S2V method's reference).
+512 text tokens). ``frame_offset`` shifts the frames' RoPE positions.
+
+Reference stream (the disentangled identity/motion S2V method, ``jaxvc/methods/disentangled_s2v.py``): a clean
+``reference_latent`` is patch-embedded by the same ``patch_embedding`` into tokens R placed *before* the video's
+tokens X in every block's sequence, at RoPE frame 0 (the video's frames then start at 1). R has its own modulation:
+the time projection plus ``reference_time_delta(silu(temb))`` (the method's LoRA on ``time_proj``, enabled for R
+only). ``reference_mask`` drops reference tokens as keys of the self-attention (all of them: a plain text-to-video
+step). The output is X's only.
 """
 from __future__ import annotations
 
@@ -154,7 +160,7 @@ class WanAttention(nn.Module):
     param_dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden, context=None, rotary=None, image_context=None):
+    def __call__(self, hidden, context=None, rotary=None, image_context=None, key_mask=None):
         inner = self.heads * self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = dict(epsilon=self.eps, **kw)
@@ -166,7 +172,7 @@ class WanAttention(nn.Module):
         query, key, value = split(query), split(key), split(value)
         if rotary is not None:
             query, key = apply_interleaved_rotary(query, *rotary), apply_interleaved_rotary(key, *rotary)
-        out = dot_product_attention(query, key, value, backend=self.backend)
+        out = dot_product_attention(query, key, value, backend=self.backend, key_mask=key_mask)
         if image_context is not None:
             image_key = Dense(inner, axes=("embed", "heads"), name="add_k_proj", **kw)(image_context)
             image_key = RMSNorm(name="norm_added_k", **norm)(image_key)
@@ -217,26 +223,32 @@ def _modulation(table, embedding):
 
 
 class WanBlock(nn.Module):
-    """One Wan transformer block; tokens (B, L, D), ``time_projection`` (B, 6D) or (B, L, 6D)."""
+    """One Wan transformer block; tokens (B, L, D), ``time_projection`` (B, 6D) or (B, L, 6D), or a pair of
+    (B, 6D) for the first ``reference_length`` tokens and for the rest. ``key_mask`` (B, L): self-attention keys."""
     config: WanConfig
 
     @nn.compact
-    def __call__(self, tokens, text, time_projection, rotary, image=None):
+    def __call__(self, tokens, text, time_projection, rotary, image=None, reference_length: int = 0,
+                 key_mask=None):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         dim = tokens.shape[-1]
         table = self.param("scale_shift_table", nn.with_logical_partitioning(
             lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / dim ** 0.5, (None, None, "norm")),
             (1, 6, dim), cfg.param_dtype)
-        # (B[, L], 6D) -> (B[, L], 6, D)
-        time_projection = time_projection.reshape(*time_projection.shape[:-1], 6, dim)
-        shift, scale, gate, c_shift, c_scale, c_gate = _modulation(table, time_projection)
+        rows = lambda projection: _modulation(table, projection.reshape(*projection.shape[:-1], 6, dim))
+        if isinstance(time_projection, tuple):  # the reference's tokens first, then the video's: (B, 1, D) each
+            is_reference = (jnp.arange(tokens.shape[1]) < reference_length)[None, :, None]
+            modulation = [jnp.where(is_reference, r, v) for r, v in zip(*map(rows, time_projection))]
+        else:  # (B[, L], 6D) -> (B[, L], 6, D)
+            modulation = rows(time_projection)
+        shift, scale, gate, c_shift, c_scale, c_gate = modulation
         attention = dict(heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim, eps=cfg.eps,
                          backend=cfg.attention_backend, **kw)
         f32 = jnp.float32
         # Every residual sum in float32, rounded back to the compute dtype after each step (as diffusers does).
         normed = LayerNorm(cfg.eps, use_affine=False, name="norm1")(tokens) * (1 + scale) + shift
-        attended = WanAttention(name="attn1", **attention)(normed.astype(cfg.dtype), rotary=rotary)
+        attended = WanAttention(name="attn1", **attention)(normed.astype(cfg.dtype), rotary=rotary, key_mask=key_mask)
         tokens = (tokens.astype(f32) + attended.astype(f32) * gate).astype(cfg.dtype)
 
         normed = LayerNorm(cfg.eps, name="norm2")(tokens).astype(cfg.dtype) if cfg.cross_attn_norm else tokens
@@ -305,55 +317,94 @@ class WanTransformer3D(nn.Module):
     """latents (B, F, H, W, C_in), timesteps (B,) or per token (B, L), text (B, Lt, text_dim)
     [, image tokens (B, Li, image_dim)] -> the flow prediction (B, F, H, W, C_out).
 
-    ``return_intermediates=True`` also returns ``{"blocks_i": (B, L, D)}``, every block's output tokens."""
+    ``reference_latent`` (B, Fr, H, W, C_in) adds the reference stream (module docstring; per-video timesteps
+    only), ``reference_time_delta`` maps silu(temb) (B, D) to an addition (B, 6D) to the reference's time
+    projection, ``reference_mask`` (B, Lr) bool keeps (True) or drops reference tokens.
+    ``return_intermediates=True`` also returns ``{"blocks_i": (B, L, D)}``, every block's output tokens (the
+    reference's first, when there are any)."""
     config: WanConfig
 
     @nn.compact
-    def __call__(self, latents, timesteps, text, image=None, *, frame_offset: int = 0,
-                 return_intermediates: bool = False):
+    def __call__(self, latents, timesteps, text, image=None, *, frame_offset: int = 0, reference_latent=None,
+                 reference_time_delta=None, reference_mask=None, return_intermediates: bool = False):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        batch, frames, height, width, channels = latents.shape
-        p_t, p_h, p_w = cfg.patch_size
-        if channels != cfg.in_channels:
-            raise ValueError(f"Wan: latents have {channels} channels, the model takes in_channels={cfg.in_channels}")
-        if frames % p_t or height % p_h or width % p_w:
-            raise ValueError(f"Wan: latent size (F, H, W) = {(frames, height, width)} is not divisible by the patch "
-                             f"size {cfg.patch_size}")
+        batch = latents.shape[0]
+        grid = self._grid(latents, "latents")
+        num_tokens = math.prod(grid)
         if (image is None) != (cfg.image_dim is None):
             raise ValueError(f"Wan: image tokens {'missing' if image is None else 'given'}, but the model has "
                              f"image_dim={cfg.image_dim}")
-        grid = (frames // p_t, height // p_h, width // p_w)
-        num_tokens = math.prod(grid)
         timesteps = jnp.asarray(timesteps, jnp.float32)
-        if timesteps.shape not in ((batch,), (batch, num_tokens)):
-            raise ValueError(f"Wan: timesteps of shape {timesteps.shape}; expected ({batch},) or per token "
-                             f"({batch}, {num_tokens})")
-        rotary = wan_rotary(cfg, *grid, frame_offset=frame_offset)
-
-        tokens = Conv(cfg.inner_dim, cfg.patch_size, strides=cfg.patch_size, padding=0, name="patch_embedding",
-                      **kw)(latents.astype(cfg.dtype))  # (B, f, h, w, D)
-        tokens = constrain(tokens.reshape(batch, num_tokens, cfg.inner_dim), TOKEN_AXES)  # (B, L, D)
+        allowed = ((batch,),) if reference_latent is not None else ((batch,), (batch, num_tokens))
+        if timesteps.shape not in allowed:
+            raise ValueError(f"Wan: timesteps of shape {timesteps.shape}; expected "
+                             f"{' or per token '.join(str(a) for a in allowed)}"
+                             + (" (a reference stream takes one timestep per video, not per token)"
+                                if reference_latent is not None else ""))
+        patch_embedding = Conv(cfg.inner_dim, cfg.patch_size, strides=cfg.patch_size, padding=0,
+                               name="patch_embedding", **kw)
+        embed = lambda x: patch_embedding(x.astype(cfg.dtype)).reshape(batch, -1, cfg.inner_dim)  # (B, f*h*w, D)
         temb, time_projection, text, image = ConditionEmbedder(cfg, name="condition_embedder")(timesteps, text, image)
 
-        block_class = remat(WanBlock, cfg.remat)
+        tokens, key_mask, reference_length = embed(latents), None, 0
+        if reference_latent is None:
+            rotary = wan_rotary(cfg, *grid, frame_offset=frame_offset)
+        else:
+            reference_grid = self._grid(reference_latent, "reference_latent")
+            if reference_grid[1:] != grid[1:]:
+                raise ValueError(f"Wan: reference_latent {tuple(reference_latent.shape)} and latents "
+                                 f"{tuple(latents.shape)} differ in height or width")
+            reference_tokens = embed(reference_latent)  # (B, Lr, D): frames frame_offset.., then the video's
+            reference_length = reference_tokens.shape[1]
+            reference_rotary = wan_rotary(cfg, *reference_grid, frame_offset=frame_offset)
+            video_rotary = wan_rotary(cfg, *grid, frame_offset=frame_offset + reference_grid[0])
+            rotary = tuple(np.concatenate(pair) for pair in zip(reference_rotary, video_rotary))
+            tokens = jnp.concatenate([reference_tokens, tokens], axis=1)  # (B, Lr + L, D)
+            reference_projection = time_projection
+            if reference_time_delta is not None:
+                reference_projection = time_projection + reference_time_delta(nn.silu(temb)).astype(
+                    time_projection.dtype)
+            time_projection = (reference_projection, time_projection)
+            keep = (jnp.ones((batch, reference_length), bool) if reference_mask is None
+                    else jnp.broadcast_to(jnp.asarray(reference_mask, bool), (batch, reference_length)))
+            key_mask = jnp.concatenate([keep, jnp.ones((batch, num_tokens), bool)], axis=1)
+        tokens = constrain(tokens, TOKEN_AXES)
+
+        block_class = remat(WanBlock, cfg.remat, static_argnums=(6,))
         intermediates = {}
         for index in range(cfg.num_layers):
-            tokens = block_class(cfg, name=f"blocks_{index}")(tokens, text, time_projection, rotary, image)
+            tokens = block_class(cfg, name=f"blocks_{index}")(tokens, text, time_projection, rotary, image,
+                                                              reference_length, key_mask)
             if return_intermediates:
                 intermediates[f"blocks_{index}"] = tokens
+        tokens = tokens[:, reference_length:]  # the video's tokens
 
         table = self.param("scale_shift_table", nn.with_logical_partitioning(
             lambda key, shape, dtype: jax.random.normal(key, shape, dtype) / cfg.inner_dim ** 0.5,
             (None, None, "norm")), (1, 2, cfg.inner_dim), cfg.param_dtype)
         shift, scale = _modulation(table, temb[..., None, :])  # temb (B[, L], D) added to both rows
         normed = LayerNorm(cfg.eps, use_affine=False, name="norm_out")(tokens) * (1 + scale) + shift
+        p_t, p_h, p_w = cfg.patch_size
         out = Dense(cfg.out_channels * p_t * p_h * p_w, axes=("embed", "mlp"), name="proj_out",
                     **kw)(normed.astype(cfg.dtype))  # (B, L, p_t*p_h*p_w*C_out)
         # un-patchify: (B, f, h, w, p_t, p_h, p_w, C) -> (B, f, p_t, h, p_h, w, p_w, C) -> (B, F, H, W, C)
         out = out.reshape(batch, *grid, p_t, p_h, p_w, cfg.out_channels)
-        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(batch, frames, height, width, cfg.out_channels)
+        out = out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(*latents.shape[:4], cfg.out_channels)
         return (out, intermediates) if return_intermediates else out
+
+    def _grid(self, latents, name: str) -> tuple[int, int, int]:
+        """(f, h, w) patches of (B, F, H, W, C) latents, checking channels and divisibility."""
+        cfg = self.config
+        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+            raise ValueError(f"Wan: {name} must be (B, F, H, W, {cfg.in_channels}) (in_channels={cfg.in_channels}), "
+                             f"got {tuple(latents.shape)}")
+        frames, height, width = latents.shape[1:4]
+        p_t, p_h, p_w = cfg.patch_size
+        if frames % p_t or height % p_h or width % p_w:
+            raise ValueError(f"Wan: {name} size (F, H, W) = {(frames, height, width)} is not divisible by the patch "
+                             f"size {cfg.patch_size}")
+        return frames // p_t, height // p_h, width // p_w
 
 
 def abstract_wan_params(config: WanConfig):

@@ -174,7 +174,9 @@ class Trainer:
             rng=rep, ema=trainable_sh if self.ema_decay is not None else None,
             nonfinite_in_a_row=rep, nonfinite_total=rep)
         self.checkpointer = Checkpointer(self.workdir / "checkpoints", config.checkpoint)
-        self._compiled = None
+        self._compiled = None  # the step program of the last batch shape seen
+        self._programs: dict = {}  # batch signature -> (compiled step, its FLOPs): a mixture of image batches and
+        #                          video batches (method (e)'s task switching) has one program per shape
         self._init_compiled = None
         self._sample_fn = None
         self._scorer = None
@@ -239,7 +241,12 @@ class Trainer:
                                config_to_dict(self.config), metrics)
 
     def compile(self, state: TrainState, batch: dict):
-        """Lower and compile the step for these (global) argument shapes; records FLOPs per step."""
+        """The compiled step for these (global) argument shapes (compiled at their first sight; each shape's FLOPs
+        per step recorded)."""
+        signature = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+        if signature in self._programs:
+            self._compiled, self.flops_per_step = self._programs[signature]
+            return self._compiled
         step_fn = make_train_step(
             self.method, self.optimizer, self.schedule, accumulation_steps=self.accumulation,
             ema_decay=self.ema_decay,
@@ -250,12 +257,11 @@ class Trainer:
                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
             self._compiled = jitted.lower(state, batch).compile(self.compiler_options)
         self.flops_per_step = compiled_flops(self._compiled)
+        self._programs[signature] = (self._compiled, self.flops_per_step)
         return self._compiled
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        if self._compiled is None:
-            self.compile(state, batch)
-        return self._compiled(state, batch)
+        return self.compile(state, batch)(state, batch)
 
     def sample(self, state: TrainState, step: int) -> dict[str, np.ndarray] | None:
         """The method's ``sample(params, rng)`` hook on the (EMA if any) parameters, on host; None if absent."""
@@ -374,7 +380,7 @@ class Trainer:
                     if self._compiled is None:
                         self.compile(state, batch)
                         window_start = time.perf_counter()
-                    state, metrics = self._compiled(state, batch)
+                    state, metrics = self.compile(state, batch)(state, batch)
                     consume()  # the previous step's metrics: the device is already busy with this one
                     pending.append((step_index + 1, metrics))
                     window_steps += 1
