@@ -13,6 +13,7 @@ METHODS: dict[str, str] = {
     "still_moving": "jaxvc.methods.still_moving:from_config",
     "customcrafter": "jaxvc.methods.customcrafter:from_config",
     "microcinema": "jaxvc.methods.microcinema:from_config",
+    "disentangled_s2v": "jaxvc.methods.disentangled_s2v:from_config",
 }
 
 

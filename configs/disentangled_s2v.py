@@ -1,0 +1,77 @@
+"""Disentangled identity/motion S2V (jaxvc/methods/disentangled_s2v.py) on the Wan video DiT: LoRA trained by
+stochastic task switching between image pairs (identity) and videos (motion, reference tokens dropped half the time).
+
+Variants (``--config configs/disentangled_s2v.py:<variant>``):
+  tiny   the tiny Wan DiT, CLIP text encoder and per-frame VAE on the synthetic subject world (CPU tests)
+A real-size variant needs the Wan 2.x VAE and the UMT5 text encoder, which jaxvc does not have yet; the DiT itself
+loads from local files (``--config.model.transformer=/Wan2.1-T2V-1.3B-Diffusers/transformer``).
+Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..." --steps 50 --guidance-scale 6``.
+"""
+from ml_collections import ConfigDict
+
+from jaxvc import config_sections
+
+
+def get_config(variant=None):
+    variant = variant or "tiny"
+    config = ConfigDict()
+    config.method = "disentangled_s2v"
+    config.seed = 0
+    config.steps = 4000  # [C] checkpoint-4000
+    config.batch_size = 8
+    config.workdir = ""
+
+    config.model = ConfigDict()
+    config.model.transformer_variant = "tiny"  # jaxvc/models/wan.py WAN_VARIANTS
+    config.model.transformer = ""  # a diffusers transformer/ folder or an original Wan file (overrides the variant)
+    config.model.attention_backend = "xla"
+    config.model.text_variant = "tiny"
+    config.model.vae_variant = "tiny"
+    config.model.tokenizer = ""
+    config.model.num_frames = 8
+    config.model.image_size = 32
+    config.model.options = ConfigDict(dict(
+        rank=128, alpha=64.0, reference_time_lora=True, cls_token="<cls>", drop_mode="full", drop_prob=0.5,
+        drop_text_prob=0.0, flow_shift=5.0, num_train_timesteps=1000))
+
+    # stochastic task switching: each batch is image pairs (identity, 1-frame targets) or videos (p = 0.2)
+    config.data = ConfigDict()
+    config.data.source = "grain"
+    config.data.streams = ConfigDict({"image": "synthetic:pairs", "video": "synthetic:videos"})
+    config.data.weights = ConfigDict({"image": 0.8, "video": 0.2})
+    config.data.switch = True
+    config.data.image_frames = 1
+    config.data.image_size = config.model.get_ref("image_size")
+    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data.reference = "candidates"  # [C] a random one of the frames 0, 9, 18, 27, 36, 45 of the clip
+    config.data.reference_candidates = (0, 9, 18, 27, 36, 45)
+    config.data.with_mask = False
+    config.data.seed = 0
+    config.data.workers = 0
+    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
+                                            num_frames=config.model.get_ref("num_frames"), num_subjects=64,
+                                            held_out=8, seed=0, records=4096))
+
+    config.optim = config_sections.optim(lr=5e-5)  # [C] AdamW 5e-5, betas (0.9, 0.95), wd 1e-4
+    config.optim.b2 = 0.95
+    config.optim.weight_decay = 1e-4
+    config.optim.schedule = "warmup_cosine"  # [C] cosine_with_restarts, 1 cycle
+    config.optim.warmup_steps = 200
+    config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=6.0)
+
+    if variant == "tiny":
+        config.steps = 20
+        config.batch_size = 2
+        config.model.num_frames = 4
+        config.model.options.rank = 4
+        config.model.options.alpha = 2.0
+        config.data.reference = "random"  # the 4-frame clips hold only candidate 0
+        config.optim.lr = 1e-3
+        config.optim.warmup_steps = 0
+        config.checkpoint.every = 10
+        config.data.synthetic.num_subjects = 12
+        config.data.synthetic.held_out = 2
+        config.data.synthetic.records = 64
+    else:
+        raise ValueError(f"configs/disentangled_s2v.py: unknown variant '{variant}' (tiny)")
+    return config

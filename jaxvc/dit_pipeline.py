@@ -1,0 +1,103 @@
+"""``SubjectDiTPipeline``: a reference image + a prompt -> a video, with the disentangled S2V method on the Wan DiT.
+
+    pipe = CustomVideoPipeline.from_pretrained("runs/s2v")        # a training run of configs/disentangled_s2v.py
+    frames = pipe("subject.png", "a dog running on the beach", num_frames=8, height=64, width=64)
+
+Sampling follows the authors' inference on jaxvc's flow-matching DiT: flow-matching Euler steps (the method's
+shift), classifier-free guidance on the text only: both halves carry the reference's tokens, the unconditional half
+the negative prompt (default "", without ``<cls>``), the conditional half ``"<cls> " + prompt``. The loop is one
+jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``). The interface is ``CustomVideoPipeline``'s, so ``jaxvc generate``
+runs it.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvc import compile_options, media
+from jaxvc.diffusion.flow import FlowMatchEulerSampler
+from jaxvc.diffusion.sampling import classifier_free_guidance, sample
+from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
+
+
+class SubjectDiTPipeline:
+    """The trained ``DisentangledS2V`` method's DiT (with its LoRA), text encoder, tokenizer and VAE."""
+    reference_frame = False  # no extra UNet frame: the reference enters as its own token stream
+    takes_reference = True
+    conditioning = None
+    save = staticmethod(CustomVideoPipeline.save)
+
+    def __init__(self, method, params, tokenizer):
+        self.method, self.params, self.tokenizer = method, params, tokenizer
+
+    def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False):
+        raise ValueError(f"{path}: LoRA files are read for the UNet models; the Wan DiT's own LoRA is in the run")
+
+    @functools.cached_property
+    def _jitted(self) -> dict:
+        method = self.method
+        jit = compile_options.jit
+        return {"text": jit(lambda params, ids: method.encode_text(params, ids)),
+                "encode": jit(method.encode_pixels), "decode": jit(method.decode_latents)}
+
+    @functools.lru_cache(maxsize=8)
+    def _generate_fn(self, num_inference_steps: int, guidance_scale: float, progress: bool):
+        method = self.method
+        sampler = FlowMatchEulerSampler(num_inference_steps, shift=method.options.flow_shift,
+                                        num_train_timesteps=method.options.num_train_timesteps)
+
+        def generate(params, text, negative_text, reference_latent, x_T):
+            texts = jnp.concatenate([negative_text, text], axis=0)            # [uncond; cond]
+            references = jnp.concatenate([reference_latent, reference_latent], axis=0)  # the subject in both
+
+            def model(x_stacked, t, step_index):
+                return method.velocity(params, x_stacked, jnp.full((x_stacked.shape[0],), t), texts, references)
+
+            return sample(classifier_free_guidance(model, guidance_scale), x_T, sampler,
+                          progress=True if progress else None, progress_desc="denoising")
+
+        return compile_options.jit(generate)
+
+    def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 6.0,
+                 num_inference_steps: int = 50, seed: int = 0, num_frames: int = 8, height: int = 64,
+                 width: int = 64, progress: bool = False, decode: bool = True, reference_guidance_scale=None,
+                 reference_guidance_start: float = 0.0, eta: float = 0.0):
+        """reference (1, height, width, 3) in [-1, 1] -> video (1, F, height, width, 3) in [-1, 1] (unclipped), or
+        with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit)."""
+        if reference is None:
+            raise ValueError("this model generates a given subject: pass a reference image")
+        if reference_guidance_scale is not None or eta:
+            raise ValueError("the disentangled S2V sampler guides the text only (reference_guidance_scale) and is "
+                             "deterministic (eta = 0)")
+        del reference_guidance_start
+        factor = 1 if self.method.vae is None else self.method.vae.config.downsample_factor
+        _, p_h, p_w = self.method.transformer.config.patch_size
+        for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
+            if size % (factor * patch):
+                raise ValueError(f"{name}={size} must be divisible by {factor * patch} for this model")
+        if tuple(reference.shape) != (1, height, width, 3):
+            raise ValueError(f"reference must be (1, {height}, {width}, 3) in [-1, 1], got {tuple(reference.shape)}")
+        reference_latent = self._jitted["encode"](self.params, reference[:, None])  # (1, 1, h, w, c)
+        ids = lambda text: jnp.asarray(self.tokenizer([text]))
+        text = self._jitted["text"](self.params, ids(self.method.prompt(prompt)))
+        negative_text = self._jitted["text"](self.params, ids(negative_prompt))
+        shape = (1, num_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
+        x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+        latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress)(
+            self.params, text, negative_text, reference_latent, x_T)
+        return self._jitted["decode"](self.params, latents) if decode else latents
+
+    def __call__(self, reference_image, prompt: str, *, num_frames: int = 8, height: int = 64, width: int = 64,
+                 progress: bool = True, output_type: str = "uint8", **kwargs) -> np.ndarray:
+        """One video: uint8 frames (num_frames, height, width, 3), or the latents with ``output_type="latent"``."""
+        if reference_image is None:
+            raise ValueError("this model generates a given subject: pass a reference image")
+        reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
+        out = self.generate(reference, prompt, num_frames=num_frames, height=height, width=width,
+                            progress=progress, decode=output_type == "uint8", **kwargs)
+        if output_type == "latent":
+            return np.asarray(out[0])
+        return media.to_uint8(np.clip(np.asarray(out[0]), -1.0, 1.0))

@@ -1,0 +1,127 @@
+"""The disentangled identity/motion S2V method's defining mechanics (jaxvc/methods/disentangled_s2v.py) on the tiny
+Wan DiT, CLIP text encoder and VAE:
+
+* LoRA sits on q/k/v/out of both attentions of every block, the patch embedding, the text projection and
+  ffn.net.2; only it and the reference's time LoRA train; fresh, they leave the base DiT as it is;
+* "<cls> " is prefixed at the token level exactly as the pipeline's text prefix tokenizes;
+* reference-token dropping: whole streams at rate p ("full"), or single tokens ("subset"); a dropped stream is the
+  plain text-to-video model; the reference's time LoRA reaches the video only through the reference's tokens;
+* stochastic task switching trains on image-pair batches (1-frame targets) and video batches (one compiled step
+  each); the run generates with the subject's reference, text-only guidance (the reference in both halves).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jaxvc.config_utils import apply_overrides, load_config
+from jaxvc.methods import build_method
+from jaxvc.models import lora
+from tests.conftest import relative_error
+
+FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
+
+
+def tiny_config(**overrides):
+    config = load_config("configs/disentangled_s2v.py:tiny")
+    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
+                             *((k, str(v)) for k, v in overrides.items())])
+    return config
+
+
+@pytest.fixture(scope="module")
+def method():
+    return build_method(tiny_config())
+
+
+@pytest.fixture(scope="module")
+def fresh(method):
+    return jax.jit(method.init_params)(jax.random.key(0))
+
+
+def random_inputs(method, params, frames=4, seed=0):
+    rng = np.random.default_rng(seed)
+    size, channels = method.latent_size, method.transformer.config.in_channels
+    x = jnp.asarray(rng.standard_normal((2, frames, size, size, channels)), jnp.float32)
+    reference = jnp.asarray(rng.standard_normal((2, 1, size, size, channels)), jnp.float32)
+    text = method.encode_text(params, jnp.asarray(method.tokenizer([method.prompt("a red star"), "a cat"])))
+    return x, jnp.array([900.0, 250.0]), text, reference
+
+
+def with_random_adapters(params):
+    trained = {k: jax.tree.map(lambda v, s=scale: s * jax.random.normal(jax.random.key(v.size), v.shape), params[
+        "params"][k]) for k, scale in (("adapters", 0.05), ("reference_time_lora", 0.5))}
+    return {"params": {**params["params"], **trained}}
+
+
+def test_lora_sites_and_what_trains(method, fresh):
+    sites = {"/".join(s) for s in lora.adapter_sites(fresh["params"]["adapters"]["lora"])}
+    per_block = {f"attn{i}/{p}" for i in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out_0")} | {"ffn/net_2"}
+    assert sites == {f"blocks_{b}/{p}" for b in range(2) for p in per_block} | {
+        "patch_embedding", "condition_embedder/text_embedder/linear_1", "condition_embedder/text_embedder/linear_2"}
+    flat = ["/".join(p) for p in traverse_util.flatten_dict(fresh)]
+    trainable = [p for p in flat if method.trainable(tuple(p.split("/")))]
+    assert trainable and all(p.split("/")[1] in ("adapters", "reference_time_lora") for p in trainable)
+    table = fresh["params"]["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+    assert table.shape[0] == method.base_vocab_size + 1
+    x, t, text, reference = random_inputs(method, fresh)
+    base = method.transformer.apply({"params": fresh["params"]["transformer"]}, x, t, text, reference_latent=reference)
+    np.testing.assert_array_equal(np.asarray(method.velocity(fresh, x, t, text, reference)), np.asarray(base))
+
+
+def test_cls_prefix_at_the_token_level_equals_the_text_prefix(method):
+    captions = ["a red star bouncing", "word " * 90]  # the second fills the sequence: it must keep its EOS
+    prefixed = np.asarray(method.with_cls(jnp.asarray(method.tokenizer(captions))))
+    expected = method.tokenizer([method.prompt(c) for c in captions])
+    np.testing.assert_array_equal(prefixed, expected)
+    assert prefixed[1, -1] == method.tokenizer.eos_token_id
+
+
+def test_reference_dropping(method, fresh):
+    masks = {mode: np.asarray(build_method(tiny_config(**{"model.options.drop_mode": mode})).reference_mask(
+        jax.random.key(1), 4000, 16)) for mode in ("full", "subset")}
+    full, subset = masks["full"], masks["subset"]
+    assert np.all(full.all(axis=1) | ~full.any(axis=1)) and abs(full[:, 0].mean() - 0.5) < 0.03
+    assert abs(subset.mean() - 0.5) < 0.01 and np.mean(subset.any(axis=1) & ~subset.all(axis=1)) > 0.99
+
+    params = with_random_adapters(fresh)
+    x, t, text, reference = random_inputs(method, fresh)
+    with lora.applied([lora.AppliedAdapter(method.spec, params["params"]["adapters"]["lora"])]):
+        plain = method.transformer.apply({"params": fresh["params"]["transformer"]}, x, t, text)
+    dropped = method.velocity(params, x, t, text, reference, jnp.zeros((2, 64), bool))  # 8 x 8 patches
+    assert relative_error(dropped, plain) < 1e-5  # the reference's time LoRA reaches nothing without its tokens
+    kept = method.velocity(params, x, t, text, reference)
+    no_time_lora = {"params": {**params["params"], "reference_time_lora": fresh["params"]["reference_time_lora"]}}
+    assert relative_error(kept, method.velocity(no_time_lora, x, t, text, reference)) > 1e-4
+
+
+def test_task_switching_trains_both_tasks_and_generates(tmp_path):
+    from jaxvc.dit_pipeline import SubjectDiTPipeline
+    from jaxvc.pipeline import CustomVideoPipeline
+    from jaxvc.train.cli import build_data
+    from jaxvc.train.loop import Trainer
+
+    config = tiny_config(steps=8, **{"checkpoint.every": 8, "data.weights.video": 0.5, "data.weights.image": 0.5})
+    method = build_method(config)
+    trainer = Trainer(config, method, tmp_path / "run")
+    initial = jax.device_get(trainer.init_state().full_params())
+    trainer.fit(lambda rows: build_data(config, rows, method.tokenizer))
+    frames = {dict((k, shape) for k, shape, _ in signature)["video"][1] for signature in trainer._programs}
+    assert frames == {1, 4}, frames  # image-pair batches (1-frame targets) and video batches, one program each
+    state, _, _ = trainer.restore()
+    trained = jax.device_get(state.full_params())
+    changed = {"/".join(k) for k, v in traverse_util.flatten_dict(trained).items()
+               if not np.array_equal(v, traverse_util.flatten_dict(initial)[k])}
+    assert changed and all(p.split("/")[1] in ("adapters", "reference_time_lora") for p in changed)
+
+    pipe = CustomVideoPipeline.from_run(tmp_path / "run")
+    assert isinstance(pipe, SubjectDiTPipeline) and pipe.takes_reference
+    rng = np.random.default_rng(3)
+    references = [jnp.asarray(rng.uniform(-1, 1, (1, 32, 32, 3)), jnp.float32) for _ in range(2)]
+    kwargs = dict(num_inference_steps=3, num_frames=4, height=32, width=32, seed=0, guidance_scale=6.0)
+    videos = [np.asarray(pipe.generate(r, "a subject", **kwargs)) for r in references]
+    assert videos[0].shape == (1, 4, 32, 32, 3) and np.isfinite(videos[0]).all()
+    assert not np.allclose(videos[0], videos[1])  # the subject's reference enters both guidance halves
+    with pytest.raises(ValueError, match="reference image"):
+        pipe.generate(None, "a subject", **kwargs)
