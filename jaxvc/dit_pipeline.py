@@ -33,8 +33,18 @@ class SubjectDiTPipeline:
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer
 
-    def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False):
-        raise ValueError(f"{path}: LoRA files are read for the UNet models; the Wan DiT's own LoRA is in the run")
+    def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "SubjectDiTPipeline":
+        """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into the DiT's weights at ``scale``."""
+        from jaxvc.convert.lora import read_lora
+        from jaxvc.models import lora
+
+        tree = self.params["params"]
+        loaded = read_lora(path, {"transformer": tree["transformer"]}, allow_pickle=allow_pickle, scale=scale)
+        if "transformer" not in loaded.adapters:
+            raise ValueError(f"{path}: no LoRA for the Wan transformer in this file")
+        merged = lora.merge(tree["transformer"], loaded.adapters["transformer"])
+        self.params = {"params": {**tree, "transformer": merged}}
+        return self
 
     @functools.cached_property
     def _jitted(self) -> dict:

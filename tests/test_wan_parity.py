@@ -231,3 +231,37 @@ def test_reference_stream_is_a_frame_zero_prepended_and_masking_removes_it(saved
     assert relative_error(delta, streamed) > 1e-3  # the reference's own modulation reaches the video
     with pytest.raises(ValueError, match="per token"):
         model.apply(variables, latents, np.zeros((2, 18), np.float32), text, reference_latent=reference)
+
+
+def test_lora_written_by_jaxvc_loads_in_diffusers_and_reads_back(saved, tmp_path):
+    """The disentangled S2V method's LoRA (attention, patch conv, text projection, ffn.net.2) on the Wan DiT, written
+    by ``save_lora``: diffusers' ``load_lora_adapter`` on ``WanTransformer3DModel`` gives jaxvc's output, and
+    ``read_lora`` reads the file back to the same factors."""
+    import copy
+
+    pytest.importorskip("peft")
+    from jaxvc.convert.lora import read_lora, save_lora
+    from jaxvc.methods.disentangled_s2v import LORA_TARGETS
+    from jaxvc.models import lora
+
+    model, folder = saved["t2v"]
+    config, variables = load_wan(folder)
+    spec = lora.AdapterSpec(include=LORA_TARGETS, rank=3, alpha=6.0)
+    args = inputs("t2v")
+    sites = lora.find_sites(lambda: WanTransformer3D(config).init(jax.random.key(0), *args[:3]), spec)
+    tree = lora.init_adapter(jax.random.key(1), sites, spec)
+    tree = jax.tree.map(lambda v: 0.2 * jax.random.normal(jax.random.key(v.size), v.shape), tree)  # non-zero ups
+    path = save_lora(tmp_path / "wan_lora.safetensors", {"transformer": lora.AppliedAdapter(spec, tree)})
+    with lora.applied([lora.AppliedAdapter(spec, tree)]):
+        ours = np.asarray(WanTransformer3D(config).apply(variables, *args[:3]))
+    adapted = copy.deepcopy(model)
+    adapted.load_lora_adapter(str(tmp_path), weight_name=path.name, prefix="transformer", adapter_name="s2v")
+    assert relative_error(ours, torch_forward(adapted, *args)) < PARITY
+    assert relative_error(ours, torch_forward(model, *args)) > 1e-3
+    loaded = read_lora(path, {"transformer": variables["params"]}).adapters["transformer"]
+    written = lora.adapter_sites(tree)
+    assert set(lora.adapter_sites(loaded.tree)) == set(written)
+    for site, pair in lora.adapter_sites(loaded.tree).items():  # alpha / rank folded into up on reading
+        np.testing.assert_allclose(np.asarray(pair["down"]), np.asarray(written[site]["down"]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(pair["up"]), np.asarray(written[site]["up"]) * spec.scaling,
+                                   rtol=1e-6)

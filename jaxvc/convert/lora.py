@@ -1,6 +1,6 @@
 """LoRA files in the formats users have, read into jaxvc adapter trees, and jaxvc adapters written for diffusers.
 
-Read (``read_lora``), for the UNet and the CLIP text encoder:
+Read (``read_lora``), for the UNet, the CLIP text encoder and the Wan DiT (``transformer.<module>``):
   * diffusers / peft: ``unet.<module>.lora_A.weight`` (r, in[, kh, kw]) and ``lora_B.weight`` (out, r[, 1, 1]), with
     or without the ``unet.`` / ``text_encoder.`` prefix (a bare file is the UNet's), an adapter name
     (``lora_A.default.weight``) or peft's ``base_model.model.`` prefix; alpha from the safetensors metadata diffusers
@@ -35,12 +35,12 @@ from jaxvc.convert.state_dict import WeightFileError, read_weight_file
 from jaxvc.convert.torch_to_flax import torch_key_to_module_path
 from jaxvc.models.lora import AdapterSpec, AppliedAdapter, adapter_sites
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "transformer")  # transformer: the Wan DiT
 # module-name prefixes of each component inside the torch models (stripped before matching jaxvc paths)
-_TORCH_PREFIX = {"unet": "", "text_encoder": "text_model."}
+_TORCH_PREFIX = {"unet": "", "text_encoder": "text_model.", "transformer": ""}
 _KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 # torch ModuleList attributes: their numeric children are joined to the name in jaxvc paths (``resnets_0``)
-_MODULE_LISTS = frozenset({"attentions", "down_blocks", "downsamplers", "layers", "motion_modules", "net", "resnets",
+_MODULE_LISTS = frozenset({"attentions", "blocks", "down_blocks", "downsamplers", "layers", "motion_modules", "net", "resnets",
                            "to_out", "transformer_blocks", "up_blocks", "upsamplers", "attention_blocks"})
 _UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", ".diff", "oft_")
 _OLD_FORMS = ((re.compile(r"\.processor\.(to_[qkv])_lora\.(down|up)\.weight$"), r".\1.lora.\2.weight"),
@@ -135,12 +135,12 @@ def _kernel_shapes(params: Mapping) -> dict[tuple, tuple]:
 
 
 def _to_factors(down: np.ndarray, up: np.ndarray, kernel_shape: tuple, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """torch lora_A (r, in[, *window]) / lora_B (out, r[, 1, 1]) -> jaxvc down (*window, in, r) / up (r, out)."""
+    """torch lora_A (r, in[, *window]) / lora_B (out, r[, 1, ..., 1]) -> jaxvc down (*window, in, r) / up (r, out)."""
     down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
-    if up.ndim == 4:
-        if up.shape[2:] != (1, 1):
+    if up.ndim > 2:  # a convolution's: (out, r, 1, ..., 1)
+        if any(size != 1 for size in up.shape[2:]):
             raise LoraFileError(f"{key}: lora_B {up.shape} is not a 1x1 convolution")
-        up = up[:, :, 0, 0]
+        up = up.reshape(up.shape[:2])
     rank = down.shape[0]
     if up.ndim != 2 or up.shape[1] != rank:
         raise LoraFileError(f"{key}: lora_A {down.shape} and lora_B {up.shape} do not share a rank")
@@ -242,10 +242,11 @@ def save_lora(path: str | os.PathLike, adapters: Mapping[str, AppliedAdapter]) -
             if down.ndim == 2:
                 tensors[f"{component}.{name}.lora_A.weight"] = np.ascontiguousarray(down.T)
                 tensors[f"{component}.{name}.lora_B.weight"] = np.ascontiguousarray(up.T)
-            else:  # conv: (*window, in, r) -> (r, in, *window); up -> (out, r, 1, 1)
+            else:  # conv: (*window, in, r) -> (r, in, *window); up -> (out, r, 1, ..., 1)
                 tensors[f"{component}.{name}.lora_A.weight"] = np.ascontiguousarray(
                     np.transpose(down, (down.ndim - 1, down.ndim - 2, *range(down.ndim - 2))))
-                tensors[f"{component}.{name}.lora_B.weight"] = np.ascontiguousarray(up.T[:, :, None, None])
+                tensors[f"{component}.{name}.lora_B.weight"] = np.ascontiguousarray(
+                    up.T.reshape(*up.T.shape, *(1,) * (down.ndim - 2)))
         metadata.update({f"{component}.r": int(adapter.spec.rank), f"{component}.lora_alpha":
                          float(adapter.spec.alpha if adapter.spec.alpha is not None else adapter.spec.rank),
                          f"{component}.target_modules": sorted(set(modules))})
