@@ -35,20 +35,11 @@ def get_config(variant=None):
         late_lora_scale=0.8, switch_step=5, prediction_type="epsilon", beta_schedule="scaled_linear",
         beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
 
-    config.data = ConfigDict()
-    config.data.source = "grain"
     # instance images and (sd15) class images for prior preservation, drawn at equal rates
-    config.data.streams = ConfigDict({"instance": "synthetic:pairs"})
-    config.data.image_size = config.model.get_ref("image_size")
-    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data = config_sections.stream_data(config, {"instance": "synthetic:pairs"}, with_mask=True)
     config.data.hflip = 0.5  # [C]
     config.data.affine_degrees = 0.0
-    config.data.with_mask = True  # a record's mask (e.g. subject.mask.png) weights the loss; none: every pixel
-    config.data.seed = 0
-    config.data.workers = 0
-    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
-                                            num_frames=config.model.get_ref("num_frames"), num_subjects=12,
-                                            held_out=2, seed=0, records=64))
+    config.data.synthetic.update(dict(num_subjects=12, held_out=2, records=64))
 
     config.optim = config_sections.optim(lr=3e-5)  # [P][C]
     config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=12.0)

@@ -35,22 +35,12 @@ def get_config(variant=None):
         drop_text_prob=0.0, flow_shift=5.0, num_train_timesteps=1000))
 
     # stochastic task switching: each batch is image pairs (identity, 1-frame targets) or videos (p = 0.2)
-    config.data = ConfigDict()
-    config.data.source = "grain"
-    config.data.streams = ConfigDict({"image": "synthetic:pairs", "video": "synthetic:videos"})
+    config.data = config_sections.stream_data(config, {"image": "synthetic:pairs", "video": "synthetic:videos"})
     config.data.weights = ConfigDict({"image": 0.8, "video": 0.2})
     config.data.switch = True
     config.data.image_frames = 1
-    config.data.image_size = config.model.get_ref("image_size")
-    config.data.num_frames = config.model.get_ref("num_frames")
     config.data.reference = "candidates"  # [C] a random one of the frames 0, 9, 18, 27, 36, 45 of the clip
     config.data.reference_candidates = (0, 9, 18, 27, 36, 45)
-    config.data.with_mask = False
-    config.data.seed = 0
-    config.data.workers = 0
-    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
-                                            num_frames=config.model.get_ref("num_frames"), num_subjects=64,
-                                            held_out=8, seed=0, records=4096))
 
     config.optim = config_sections.optim(lr=5e-5)  # [C] AdamW 5e-5, betas (0.9, 0.95), wd 1e-4
     config.optim.b2 = 0.95
@@ -60,18 +50,12 @@ def get_config(variant=None):
     config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=6.0)
 
     if variant == "tiny":
-        config.steps = 20
-        config.batch_size = 2
-        config.model.num_frames = 4
+        config_sections.make_tiny(config)
         config.model.options.rank = 4
         config.model.options.alpha = 2.0
         config.data.reference = "random"  # the 4-frame clips hold only candidate 0
         config.optim.lr = 1e-3
         config.optim.warmup_steps = 0
-        config.checkpoint.every = 10
-        config.data.synthetic.num_subjects = 12
-        config.data.synthetic.held_out = 2
-        config.data.synthetic.records = 64
     else:
         raise ValueError(f"configs/disentangled_s2v.py: unknown variant '{variant}' (tiny)")
     return config

@@ -30,31 +30,15 @@ def get_config(variant=None):
         drop_text_prob=0.0, drop_image_prob=0.0, prediction_type="epsilon", beta_schedule="scaled_linear",
         beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
 
-    config.data = ConfigDict()
-    config.data.source = "grain"  # jaxvc/data/build.py: named streams
-    config.data.streams = ConfigDict({"video": "synthetic:videos"})
-    config.data.image_size = config.model.get_ref("image_size")
-    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data = config_sections.stream_data(config, {"video": "synthetic:videos"})
     config.data.clip_position = "random"
     config.data.frame_stride = 1
-    config.data.with_mask = False
-    config.data.seed = 0
-    config.data.workers = 0
-    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
-                                            num_frames=config.model.get_ref("num_frames"), num_subjects=64,
-                                            held_out=8, seed=0, records=4096))
 
     config.optim = config_sections.optim(lr=1e-4)  # [G] AdamW 1e-4 (METHODS.md (d))
     config_sections.add_run_sections(config, checkpoint_every=5000, guidance_scale=7.5)
 
     if variant == "tiny":
-        config.steps = 20
-        config.batch_size = 2
-        config.model.num_frames = 4
-        config.checkpoint.every = 10
-        config.data.synthetic.num_subjects = 12
-        config.data.synthetic.held_out = 2
-        config.data.synthetic.records = 64
+        config_sections.make_tiny(config)
     elif variant == "sd15":
         config.model.unet_variant = "sd15"
         config.model.text_variant = "sd15"

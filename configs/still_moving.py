@@ -38,31 +38,15 @@ def get_config(variant=None):
 
     # Frozen videos: each image example of the stream repeated over the frames (jaxvc/data/pipeline.py); the method
     # also freezes whatever it gets (options.freeze_frames).
-    config.data = ConfigDict()
-    config.data.source = "grain"  # jaxvc/data/build.py: named streams
-    config.data.streams = ConfigDict({"image": "synthetic:pairs"})
-    config.data.image_size = config.model.get_ref("image_size")
-    config.data.num_frames = config.model.get_ref("num_frames")
+    config.data = config_sections.stream_data(config, {"image": "synthetic:pairs"})
     config.data.hflip = 0.5
     config.data.affine_degrees = 0.0
-    config.data.with_mask = False
-    config.data.seed = 0
-    config.data.workers = 0
-    config.data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
-                                            num_frames=config.model.get_ref("num_frames"), num_subjects=64,
-                                            held_out=8, seed=0, records=4096))
 
     config.optim = config_sections.optim(lr=1e-4)  # [G] AdamW 1e-4 (METHODS.md (c))
     config_sections.add_run_sections(config, checkpoint_every=500, guidance_scale=7.5)
 
     if variant == "tiny":
-        config.steps = 20
-        config.batch_size = 2
-        config.model.num_frames = 4
-        config.checkpoint.every = 10
-        config.data.synthetic.num_subjects = 12
-        config.data.synthetic.held_out = 2
-        config.data.synthetic.records = 64
+        config_sections.make_tiny(config)
     elif variant in ("sd15", "sd15_spatial"):
         config.model.unet_variant = "sd15"
         config.model.text_variant = "sd15"

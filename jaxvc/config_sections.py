@@ -1,6 +1,7 @@
-"""Config sections the UNet methods' files (``configs/videomaker.py``, ``still_moving.py``, ``customcrafter.py``)
-share: the model's weights and sizes, the optimizer, and the run (mesh, precision, launch, checkpoints, logging,
-validation). Each file builds its own ``model.options`` and ``data`` and changes what its method needs."""
+"""Config sections the methods' files (``configs/videomaker.py``, ``still_moving.py``, ``customcrafter.py``,
+``microcinema.py``, ``disentangled_s2v.py``) share: the model's weights and sizes, named data streams, the optimizer,
+and the run (mesh, precision, launch, checkpoints, logging, validation). Each file builds its own ``model.options``
+and changes what its method needs."""
 from __future__ import annotations
 
 from ml_collections import ConfigDict, config_dict
@@ -26,6 +27,34 @@ def unet_model(*, vae_variant: str, num_frames: int, image_size: int) -> ConfigD
     model.num_frames = num_frames
     model.image_size = image_size
     return model
+
+
+def stream_data(config: ConfigDict, streams: dict, *, with_mask: bool = False) -> ConfigDict:
+    """``config.data`` for ``jaxvc/data/build.py``'s named streams (e.g. ``{"video": "synthetic:videos"}``): sizes
+    tied to ``config.model``, the built-in synthetic world's settings, no workers (set ``workers`` for real data)."""
+    data = ConfigDict()
+    data.source = "grain"
+    data.streams = ConfigDict(streams)
+    data.image_size = config.model.get_ref("image_size")
+    data.num_frames = config.model.get_ref("num_frames")
+    data.with_mask = with_mask  # a record's mask (e.g. subject.mask.png) weights the loss; none: every pixel
+    data.seed = 0
+    data.workers = 0
+    data.synthetic = ConfigDict(dict(image_size=config.model.get_ref("image_size"),
+                                     num_frames=config.model.get_ref("num_frames"), num_subjects=64, held_out=8,
+                                     seed=0, records=4096))
+    return data
+
+
+def make_tiny(config: ConfigDict) -> None:
+    """The CPU-test sizes every method's ``tiny`` variant shares: 20 steps of batch 2, 4 frames, a small world."""
+    config.steps = 20
+    config.batch_size = 2
+    config.model.num_frames = 4
+    config.checkpoint.every = 10
+    config.data.synthetic.num_subjects = 12
+    config.data.synthetic.held_out = 2
+    config.data.synthetic.records = 64
 
 
 def optim(lr: float) -> ConfigDict:

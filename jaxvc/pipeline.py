@@ -11,8 +11,9 @@ The denoising loop is one jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``) 
 
 ``reference_frame=False`` samples a plain text-to-video AnimateDiff model (no reference frame at all: the motion
 modules see exactly the F generated frames), as Still-Moving's customized models are. A method whose reference enters
-the UNet another way passes a ``conditioning`` (see ``ReferenceConditioning``; MicroCinema's AppearNet). ``adapters`` are UNet adapters
-(``jaxvc/models/lora.py``) applied while it runs; an adapter's scale may be a function of the step index (0 first).
+the UNet another way passes a ``conditioning`` (see ``ReferenceConditioning``; MicroCinema's AppearNet).
+``adapters`` are UNet adapters (``jaxvc/models/lora.py``) applied while it runs; an adapter's scale may be a function
+of the step index (0 first).
 """
 from __future__ import annotations
 

@@ -19,19 +19,14 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from jaxvc.config_utils import apply_overrides, load_config
 from jaxvc.methods import build_method
 from jaxvc.methods.customcrafter import dwv_lora_scale
 from jaxvc.models import lora
-
-FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
+from tests.tiny_models import method_config
 
 
 def tiny_config(**overrides):
-    config = load_config("configs/customcrafter.py:tiny")
-    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
-                             *((k, str(v)) for k, v in overrides.items())])
-    return config
+    return method_config("configs/customcrafter.py:tiny", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,17 @@ import pytest
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxvc.config_utils import apply_overrides, load_config
-from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods import build_method
 from jaxvc.methods.microcinema import injection_plan
 from jaxvc.models.unet import unet_config
 from tests.multidevice import run_with_devices, sharded_train_step_script
+from tests.tiny_models import method_config
 
-FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
 TRAIN_STEPS = 12
 
 
 def tiny_config(**overrides):
-    config = load_config("configs/microcinema.py:tiny")
-    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
-                             *((k, str(v)) for k, v in overrides.items())])
-    return config
+    return method_config("configs/microcinema.py:tiny", **overrides)
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,18 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxvc.config_utils import apply_overrides, load_config
+from jaxvc.config_utils import apply_overrides
 from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods import build_method
 from jaxvc.models import lora
 from tests.multidevice import run_with_devices, sharded_train_step_script
+from tests.tiny_models import method_config
 
 MOTION_STEPS = 40
-# XLA's CPU optimisations cost most of these tiny programs' compile time and change no comparison made here
-FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
 
 
 def tiny_config(**overrides):
-    config = load_config("configs/still_moving.py:tiny")
-    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
-                             *((k, str(v)) for k, v in overrides.items())])
-    return config
+    return method_config("configs/still_moving.py:tiny", **overrides)
 
 
 def train(config, workdir):

@@ -43,3 +43,18 @@ def build_tiny_animatediff_folder(root: Path) -> Path:
     folder = Path(root) / "animatediff"
     pipe.save_pretrained(str(folder))
     return folder
+
+
+# XLA's CPU optimisations cost most of the tiny programs' compile time and change no comparison the tests make
+FAST_COMPILE = ("compiler_options", "{'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}")
+
+
+def method_config(path: str, **overrides):
+    """A method's config file (e.g. ``"configs/microcinema.py:tiny"``) for tests: no progress bar, synchronous
+    checkpoints, fast compiles, then ``overrides`` (dotted keys, values as their text)."""
+    from jaxvc.config_utils import apply_overrides, load_config
+
+    config = load_config(path)
+    apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
+                             *((k, str(v)) for k, v in overrides.items())])
+    return config

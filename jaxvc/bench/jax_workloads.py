@@ -138,7 +138,7 @@ def sampling_program(method, params, batch_size: int, *, steps: int, guidance: f
                                                                     video_shape))]
         rng = jax.random.key(4)
     generate = pipe._generate_fn(steps, 0.0, float(guidance), None, 0, False)
-    return generate, (unet_variables, pipe.params["adapters"], *arrays, rng)
+    return generate, (unet_variables, pipe.params["adapters"], pipe.params["conditioning"], *arrays, rng)
 
 
 def vae_decode_program(method, params, batch_size: int, *, chunk: int | None):

@@ -7,14 +7,12 @@ projections and ``logit_scale`` are skipped.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from jaxvc.convert.state_dict import WeightFileError, read_model_folder
+from jaxvc.convert.state_dict import read_model_config, read_model_folder
 from jaxvc.convert.torch_to_flax import fill_params, rename_keys
 from jaxvc.models.clip_text import CLIPTextConfig, abstract_clip_text_params
 
@@ -26,14 +24,7 @@ IGNORED_KEYS = (r"(^|\.)embeddings\.position_ids$", r"^vision_model\.", r"^visua
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise WeightFileError(f"{path}: missing; a transformers model folder needs config.json next to "
-                              "its weights")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: not valid JSON ({error})") from error
+    return read_model_config(folder, "a transformers model folder")
 
 
 def clip_text_params_from_state_dict(config: CLIPTextConfig, state_dict: Mapping[str, np.ndarray],

@@ -40,8 +40,8 @@ COMPONENTS = ("unet", "text_encoder", "transformer")  # transformer: the Wan DiT
 _TORCH_PREFIX = {"unet": "", "text_encoder": "text_model.", "transformer": ""}
 _KOHYA_PREFIX = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 # torch ModuleList attributes: their numeric children are joined to the name in jaxvc paths (``resnets_0``)
-_MODULE_LISTS = frozenset({"attentions", "blocks", "down_blocks", "downsamplers", "layers", "motion_modules", "net", "resnets",
-                           "to_out", "transformer_blocks", "up_blocks", "upsamplers", "attention_blocks"})
+_MODULE_LISTS = frozenset({"attentions", "blocks", "down_blocks", "downsamplers", "layers", "motion_modules", "net",
+                           "resnets", "to_out", "transformer_blocks", "up_blocks", "upsamplers", "attention_blocks"})
 _UNSUPPORTED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", ".diff", "oft_")
 _OLD_FORMS = ((re.compile(r"\.processor\.(to_[qkv])_lora\.(down|up)\.weight$"), r".\1.lora.\2.weight"),
               (re.compile(r"\.processor\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora.\1.weight"))

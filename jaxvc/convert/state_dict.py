@@ -136,6 +136,18 @@ def read_weight_file(path: str | os.PathLike, allow_pickle: bool = False) -> dic
                           f"(expected .safetensors or, with allow_pickle, one of {PICKLE_SUFFIXES})")
 
 
+def read_model_config(folder: str | os.PathLike, needed_by: str) -> dict:
+    """The ``config.json`` of a diffusers/transformers model folder; ``needed_by`` says whose folder, for the
+    error (e.g. "a diffusers VAE folder")."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise WeightFileError(f"{path}: missing; {needed_by} needs config.json next to its weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise WeightFileError(f"{path}: not valid JSON ({error})") from error
+
+
 def read_model_folder(folder: str | os.PathLike, weights_name: str, variant: str | None = None,
                       allow_pickle: bool = False) -> dict[str, np.ndarray]:
     """The state dict of a diffusers/transformers model folder.

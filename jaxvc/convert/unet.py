@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import re
 import warnings
@@ -29,7 +28,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from jaxvc.convert.state_dict import WeightFileError, read_model_folder
+from jaxvc.convert.state_dict import read_model_config, read_model_folder
 from jaxvc.convert.torch_to_flax import CheckpointMismatchError, fill_params, torch_key_to_module_path
 from jaxvc.models.embeddings import sinusoidal_positions
 from jaxvc.models.motion import BUFFERS
@@ -191,13 +190,7 @@ def _motion_from_adapter(adapter: dict, unet_fields: dict, source: str, norm_ove
 
 # ----------------------------------------------------------------------------------------------------------------
 def read_config(folder: str | Path) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise WeightFileError(f"{folder}: no config.json (expected a diffusers model folder)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: not valid JSON ({error})") from error
+    return read_model_config(folder, "a diffusers model folder")
 
 
 @functools.lru_cache(maxsize=8)

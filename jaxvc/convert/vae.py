@@ -6,14 +6,12 @@ attention names of older diffusers files (``query``/``key``/``value``/``proj_att
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from jaxvc.convert.state_dict import WeightFileError, read_model_folder
+from jaxvc.convert.state_dict import read_model_config, read_model_folder
 from jaxvc.convert.torch_to_flax import fill_params, rename_keys
 from jaxvc.models.vae import VAEConfig, abstract_vae_params
 
@@ -29,13 +27,7 @@ DEPRECATED_ATTENTION_RENAMES = (
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise WeightFileError(f"{path}: missing; a diffusers VAE folder needs config.json next to its weights")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: not valid JSON ({error})") from error
+    return read_model_config(folder, "a diffusers VAE folder")
 
 
 def vae_params_from_state_dict(config: VAEConfig, state_dict: Mapping[str, np.ndarray],

@@ -10,7 +10,6 @@ Two layouts are read:
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxvc.convert.state_dict import WeightFileError, read_model_folder, read_weight_file
+from jaxvc.convert.state_dict import WeightFileError, read_model_config, read_model_folder, read_weight_file
 from jaxvc.convert.torch_to_flax import fill_params, rename_keys
 from jaxvc.models.unet import UnsupportedConfigError
 from jaxvc.models.wan import WanConfig, abstract_wan_params
@@ -65,14 +64,7 @@ IGNORED_KEYS = (r"\.norm_added_q\.",)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise WeightFileError(f"{path}: missing; a diffusers Wan transformer folder needs config.json next to its "
-                              "weights (a single original-layout file can be given instead)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise WeightFileError(f"{path}: not valid JSON ({error})") from error
+    return read_model_config(folder, "a diffusers Wan transformer folder (or give one original-layout file)")
 
 
 def config_from_diffusers(config: Mapping[str, Any], *, source: str = "config.json", **overrides) -> WanConfig:
@@ -93,7 +85,8 @@ def config_from_diffusers(config: Mapping[str, Any], *, source: str = "config.js
 def split_fused_projections(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``to_qkv`` -> ``to_q``/``to_k``/``to_v``, ``to_kv`` -> ``to_k``/``to_v``, ``to_added_kv`` -> ``add_k_proj``/
     ``add_v_proj`` (what ``fuse_projections()`` makes, if a fused model was saved)."""
-    splits = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"), "to_added_kv": ("add_k_proj", "add_v_proj")}
+    splits = {"to_qkv": ("to_q", "to_k", "to_v"), "to_kv": ("to_k", "to_v"),
+              "to_added_kv": ("add_k_proj", "add_v_proj")}
     out = {}
     for key, value in state_dict.items():
         match = re.search(r"\.(to_qkv|to_kv|to_added_kv)\.(weight|bias)$", key)

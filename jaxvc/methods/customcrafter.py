@@ -228,17 +228,12 @@ class CustomCrafter(VideoDiffusionMethod):
     def pipeline(self, params, tokenizer=None, lora_scale=None):
         """Text-to-video sampling with the learnt token and the SSLM at DWV's schedule (or a fixed ``lora_scale``).
         Sample with the paper's settings: 50 DDIM steps, ``guidance_scale=12``, ``eta=1``."""
-        from jaxvc.pipeline import CustomVideoPipeline
-
         tree = params["params"]
         scale = dwv_lora_scale(self.options) if lora_scale is None else float(lora_scale)
         adapter = lora.AppliedAdapter(self.spec, tree["adapters"]["sslm"], scale)
-        return CustomVideoPipeline(
-            self.unet.config, {"params": tree["unet"]}, self.text_config_with_tokens(),
-            {"params": self.text_params_with_tokens(params)}, tokenizer or self.tokenizer,
-            None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
-            scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, reference_frame=False,
-            adapters=[adapter])
+        return self.custom_pipeline(params, tokenizer or self.tokenizer, text_config=self.text_config_with_tokens(),
+                                    text_params=self.text_params_with_tokens(params), reference_frame=False,
+                                    adapters=[adapter])
 
 
 def from_config(config) -> CustomCrafter:

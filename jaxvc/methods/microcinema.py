@@ -198,7 +198,8 @@ class MicroCinema(VideoDiffusionMethod):
     def injected(self, params, embeddings):
         """Run the main UNet inside this block to have the appearance embeddings injected (FiLM at every ResNet's
         norm2, added to every transformer's output). Every planned site must be reached."""
-        convs = traverse_util.flatten_dict(params["params"]["injection"]["sites"], is_leaf=lambda _, v: isinstance(v, Mapping) and "kernel" in v)
+        is_conv = lambda _, value: isinstance(value, Mapping) and "kernel" in value
+        convs = traverse_util.flatten_dict(params["params"]["injection"]["sites"], is_leaf=is_conv)
         injections = {site: _conv1x1(embeddings[source], convs[site]) for site, source in self.plan.items()}
         reached = set()
 
@@ -265,16 +266,9 @@ class MicroCinema(VideoDiffusionMethod):
     # ---------------------------------------------------------------- sampling
     def pipeline(self, params, tokenizer):
         """Image & text to video: ``pipe.generate(center_image, prompt)``; the image is the center frame."""
-        from jaxvc.pipeline import CustomVideoPipeline
-
         tree = params["params"]
-        return CustomVideoPipeline(
-            self.unet.config, {"params": tree["unet"]}, self.text_encoder.config, {"params": tree["text_encoder"]},
-            tokenizer, None if self.vae is None else self.vae.config,
-            None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
-            pixel_patch=self.pixel_patch, reference_frame=False,
-            conditioning=AppearanceConditioning(self, {"appearnet": tree["appearnet"],
-                                                       "injection": tree["injection"]}))
+        conditioning = AppearanceConditioning(self, {"appearnet": tree["appearnet"], "injection": tree["injection"]})
+        return self.custom_pipeline(params, tokenizer, reference_frame=False, conditioning=conditioning)
 
 
 class AppearanceConditioning(ReferenceConditioning):

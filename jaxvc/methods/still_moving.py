@@ -186,15 +186,8 @@ class StillMoving(VideoDiffusionMethod):
     def pipeline(self, params, tokenizer, motion_scale: float | None = None):
         """Text-to-video sampling (no reference frame) with the spatial adapters on and the motion adapter at
         ``motion_scale`` (default: removed, as the paper; stage "motion" runs sample with it on, to show stills)."""
-        from jaxvc.pipeline import CustomVideoPipeline
-
-        tree = params["params"]
         scale = self.sample_motion_scale if motion_scale is None else float(motion_scale)
-        return CustomVideoPipeline(
-            self.unet.config, {"params": tree["unet"]}, self.text_encoder.config, {"params": tree["text_encoder"]},
-            tokenizer, None if self.vae is None else self.vae.config,
-            None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
-            pixel_patch=self.pixel_patch, reference_frame=False, adapters=self.adapters(params, scale))
+        return self.custom_pipeline(params, tokenizer, reference_frame=False, adapters=self.adapters(params, scale))
 
 
 def load_motion_adapter(path: str, unet_params) -> lora.AppliedAdapter:

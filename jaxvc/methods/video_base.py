@@ -171,6 +171,18 @@ class VideoDiffusionMethod(Method):
         """A ``CustomVideoPipeline`` sampling this model with trained ``params`` ({"params": {...}})."""
         raise NotImplementedError(f"{self.name} has no generation pipeline")
 
+    def custom_pipeline(self, params, tokenizer, *, text_config=None, text_params=None, **options):
+        """``CustomVideoPipeline`` over this method's UNet, text encoder (or the given one) and VAE with the trained
+        ``params``, its schedule and pixel patching; ``options`` are the pipeline's (adapters, conditioning...)."""
+        from jaxvc.pipeline import CustomVideoPipeline
+
+        tree = params["params"]
+        return CustomVideoPipeline(
+            self.unet.config, {"params": tree["unet"]}, text_config or self.text_encoder.config,
+            {"params": tree["text_encoder"] if text_params is None else text_params}, tokenizer,
+            None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
+            scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
+
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
     def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
                        seed: int = 0) -> None:

@@ -174,14 +174,8 @@ class VideoMaker(VideoDiffusionMethod):
     # ---------------------------------------------------------------- sampling
     def pipeline(self, params, tokenizer):
         """A ``CustomVideoPipeline`` sampling this model with trained ``params`` ({"params": {...}})."""
-        from jaxvc.pipeline import CustomVideoPipeline
-
-        tree = params["params"]
-        return CustomVideoPipeline(
-            self.unet.config, {"params": tree["unet"]}, self.text_encoder.config, {"params": tree["text_encoder"]},
-            tokenizer, None if self.vae is None else self.vae.config,
-            None if self.vae is None else {"params": tree["vae"]}, scheduler_config=self.scheduler_config(),
-            reference_cross_attention=self.options.reference_cross_attention, pixel_patch=self.pixel_patch)
+        return self.custom_pipeline(params, tokenizer,
+                                    reference_cross_attention=self.options.reference_cross_attention)
 
     def example_batch(self, batch_size: int):
         size = self.image_size
