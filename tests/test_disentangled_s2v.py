@@ -120,3 +120,35 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     assert not np.allclose(videos[0], videos[1])  # the subject's reference enters both guidance halves
     with pytest.raises(ValueError, match="reference image"):
         pipe.generate(None, "a subject", **kwargs)
+
+
+def test_umt5_text_side_from_transformers_folders(tmp_path):
+    """Wan's text side: a UMT5 encoder and T5 tokenizer from transformers folders. "<cls>" gets the next id and a
+    row (the mean of the table); the states are zero past each prompt's </s>, as Wan's pipeline feeds them; they
+    equal transformers' encoder on the same ids; the token-level prefix equals the text prefix."""
+    import torch
+    import transformers
+
+    from tests.tiny_models import build_tiny_t5_folder
+
+    root = build_tiny_t5_folder(tmp_path, vocab_size=0)  # a table without spare rows: <cls> needs a new one
+    method = build_method(tiny_config(**{"model.text_encoder": str(root / "text_encoder"),
+                                         "model.tokenizer": str(root / "tokenizer"), "model.max_text_length": 16}))
+    params = method.init_params(jax.random.key(0))
+    table = params["params"]["text_encoder"]["shared"]["embedding"]
+    reference = transformers.UMT5EncoderModel.from_pretrained(root / "text_encoder").eval()
+    original = reference.shared.weight.detach().numpy()
+    cls_id = method.tokenizer.added_tokens["<cls>"]
+    np.testing.assert_allclose(table[cls_id], original.mean(axis=0), rtol=1e-5, atol=1e-7)
+    captions = ["a red star bouncing", "a dog"]
+    ids = np.asarray(method.with_cls(jnp.asarray(method.tokenizer(captions))))
+    np.testing.assert_array_equal(ids, method.tokenizer([method.prompt(c) for c in captions]))
+    states = np.asarray(method.encode_text(params, jnp.asarray(ids)))
+    mask = ids != method.tokenizer.pad_token_id
+    assert np.all(states[~mask] == 0) and mask[1].sum() < mask[0].sum()
+    with torch.no_grad():  # transformers on the same ids with <cls>'s row appended
+        reference.resize_token_embeddings(table.shape[0])
+        reference.shared.weight[cls_id] = torch.from_numpy(np.asarray(table[cls_id]))
+        expected = reference(torch.from_numpy(ids.astype(np.int64)),
+                             attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state.numpy()
+    assert relative_error(states[mask], expected[mask]) < 1e-5

@@ -67,3 +67,20 @@ def test_buckets_and_errors(tmp_path):
     (tmp_path / "config.json").write_text(config_text.replace('"umt5"', '"bert"'))
     with pytest.raises(ValueError, match="model_type 'bert'"):
         load_t5_encoder(tmp_path)
+
+
+def test_tokenizer_matches_transformers(tmp_path):
+    from jaxvc.models.t5_tokenizer import T5Tokenizer
+    from tests.tiny_models import build_tiny_t5_folder
+
+    folder = build_tiny_t5_folder(tmp_path) / "tokenizer"
+    reference = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = T5Tokenizer.from_folder(folder, max_length=12)
+    texts = ["a red star bouncing", "the  Dog, moving left!", "", "star " * 20, "a xyz subject"]
+    expected = reference(texts, padding="max_length", truncation=True, max_length=12).input_ids
+    np.testing.assert_array_equal(ours(texts), np.asarray(expected))
+    assert ours(["star " * 20])[0, -1] == ours.eos_token_id
+    with_cls = ours.with_added_tokens(["<cls>"])
+    reference.add_special_tokens({"additional_special_tokens": ["<cls>"]})
+    np.testing.assert_array_equal(with_cls(["<cls> a red star"]),
+                                  reference(["<cls> a red star"], padding="max_length", max_length=12).input_ids)

@@ -58,3 +58,38 @@ def method_config(path: str, **overrides):
     apply_overrides(config, [("progress_bar", "False"), ("checkpoint.use_async", "False"), FAST_COMPILE,
                              *((k, str(v)) for k, v in overrides.items())])
     return config
+
+
+T5_WORDS = ("a", "the", "red", "blue", "green", "star", "circle", "square", "subject", "bouncing", "moving", "left",
+            "right", "up", "down", "rotating", "on", "of", "in", "video", "dog", "cat")
+
+
+def build_tiny_t5_folder(root: Path, *, vocab_size: int = 64) -> Path:
+    """A Wan-style text side saved in the real formats: ``root/text_encoder`` (a tiny random transformers
+    ``UMT5EncoderModel``, ``save_pretrained``) and ``root/tokenizer`` (a ``T5TokenizerFast`` over a unigram vocabulary
+    of whole words and letters, ``</s>`` appended, ``<pad>`` = 0). The encoder's table has ``vocab_size`` rows, at
+    least one per token (more: spare rows, as UMT5's). Returns ``root``."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + word, -2.0) for word in T5_WORDS] + [("\u2581", -3.0)]
+    pieces += [(letter, -5.0) for letter in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = transformers.T5TokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>", extra_ids=0)
+    fast.save_pretrained(root / "tokenizer")
+    config = transformers.UMT5Config(vocab_size=max(vocab_size, len(pieces)), d_model=32, d_kv=8, d_ff=48,
+                                     num_layers=2, num_heads=4, feed_forward_proj="gated-gelu")
+    model = transformers.UMT5EncoderModel(config).eval()
+    _randomize(model, 7, std=0.2)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "layer_norm" in name:
+                parameter.copy_(1.0 + parameter)
+    model.save_pretrained(root / "text_encoder")
+    return root

@@ -39,6 +39,7 @@ from jaxvc.methods.base import Method
 from jaxvc.methods.video_base import options_from_mapping
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
+from jaxvc.models.t5_encoder import T5Encoder, T5EncoderConfig, abstract_t5_params
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
 from jaxvc.models.wan import WanConfig, WanTransformer3D, abstract_wan_params
 from jaxvc.train.state import unbox as strip_boxes
@@ -82,16 +83,18 @@ class DisentangledS2V(Method):
     name = "disentangled_s2v"
     uses_reference = True
 
-    def __init__(self, wan_config: WanConfig, text_config: CLIPTextConfig, vae_config: VAEConfig | None,
-                 options: DisentangledS2VOptions, tokenizer, *, num_frames: int, image_size: int,
-                 pretrained: Mapping[str, Any] | None = None):
+    def __init__(self, wan_config: WanConfig, text_config: CLIPTextConfig | T5EncoderConfig,
+                 vae_config: VAEConfig | None, options: DisentangledS2VOptions, tokenizer, *, num_frames: int,
+                 image_size: int, pretrained: Mapping[str, Any] | None = None):
         latent_channels = 3 if vae_config is None else vae_config.latent_channels
         if wan_config.in_channels != latent_channels or wan_config.out_channels != latent_channels:
             raise ValueError(f"disentangled_s2v: the DiT's in/out channels ({wan_config.in_channels}, "
                              f"{wan_config.out_channels}) must equal the latent channels ({latent_channels})")
-        if wan_config.text_dim != text_config.hidden_size:
-            raise ValueError(f"disentangled_s2v: the DiT's text_dim {wan_config.text_dim} != the text encoder's "
-                             f"hidden_size {text_config.hidden_size}")
+        self.t5 = isinstance(text_config, T5EncoderConfig)  # Wan's UMT5; else a CLIP text encoder
+        width = text_config.d_model if self.t5 else text_config.hidden_size
+        if wan_config.text_dim != width:
+            raise ValueError(f"disentangled_s2v: the DiT's text_dim {wan_config.text_dim} != the text encoder's width "
+                             f"{width}")
         self.transformer = WanTransformer3D(wan_config)
         self.vae = None if vae_config is None else AutoencoderKL(vae_config)
         self.options = options
@@ -100,10 +103,12 @@ class DisentangledS2V(Method):
         self.spec = lora.AdapterSpec(include=options.lora_targets, rank=options.rank, alpha=options.alpha)
         self.base_vocab_size = text_config.vocab_size
         self.tokenizer = tokenizer
-        if options.cls_token:  # one more row in the (frozen) token table: transformers' resize_token_embeddings
+        if options.cls_token:  # <cls>'s row in the (frozen) token table: transformers' resize_token_embeddings
             self.tokenizer = tokenizer.with_added_tokens([options.cls_token])
-            text_config = dataclasses.replace(text_config, vocab_size=text_config.vocab_size + 1)
-        self.text_encoder = CLIPTextEncoder(text_config)
+            # UMT5's table has spare rows past its tokenizer's ids: <cls> may already have one
+            rows = max(text_config.vocab_size, self.tokenizer.added_tokens[options.cls_token] + 1)
+            text_config = dataclasses.replace(text_config, vocab_size=rows)
+        self.text_encoder = (T5Encoder if self.t5 else CLIPTextEncoder)(text_config)
         self.empty_prompt_tokens = jnp.asarray(self.tokenizer([""]), jnp.int32)  # (1, L): the negative prompt
         self.validation: list = []
         self.validation_settings: dict = {}
@@ -142,7 +147,8 @@ class DisentangledS2V(Method):
 
     def abstract_params(self):
         tree = {"transformer": abstract_wan_params(self.transformer.config)["params"],
-                "text_encoder": abstract_clip_text_params(self.text_encoder.config)["params"]}
+                "text_encoder": (abstract_t5_params if self.t5 else abstract_clip_text_params)(
+                    self.text_encoder.config)["params"]}
         if self.vae is not None:
             tree["vae"] = abstract_vae_params(self.vae.config)["params"]
         sites = self.lora_sites()
@@ -162,16 +168,27 @@ class DisentangledS2V(Method):
                 "params"]
         for name, loaded in self.pretrained.items():
             tree[name] = loaded
-        if self.options.cls_token and tree["text_encoder"]["embeddings"]["token_embedding"]["embedding"].shape[0] == \
-                self.base_vocab_size:  # loaded weights: append <cls>'s row, the mean of the table's rows
-            table = tree["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-            resized = jnp.concatenate([table, table.mean(axis=0, keepdims=True)], axis=0)
-            tree["text_encoder"] = {**tree["text_encoder"], "embeddings": {
-                **tree["text_encoder"]["embeddings"], "token_embedding": {"embedding": resized}}}
+        tree["text_encoder"] = self._resized_token_table(tree["text_encoder"])
         tree["adapters"] = {"lora": strip_boxes(lora.init_adapter(rngs[3], self.lora_sites(), self.spec, boxed=True))}
         if self.options.reference_time_lora:
             tree["reference_time_lora"] = strip_boxes(self._reference_time_lora(rngs[4]))
         return {"params": tree}
+
+    def _resized_token_table(self, text_params):
+        """Loaded text weights whose token table lacks <cls>'s row get one, the mean of its rows (transformers'
+        mean-resizing); a table that already has the row (a fresh init, UMT5's spare rows) is left as it is."""
+        path = ("shared",) if self.t5 else ("embeddings", "token_embedding")
+        node = text_params
+        for key in path:
+            node = node[key]
+        table, rows = node["embedding"], self.text_encoder.config.vocab_size
+        if table.shape[0] == rows:
+            return text_params
+        resized = jnp.concatenate([table, jnp.broadcast_to(table.mean(axis=0, keepdims=True),
+                                                           (rows - table.shape[0], table.shape[1]))], axis=0)
+        if self.t5:
+            return {**text_params, "shared": {"embedding": resized}}
+        return {**text_params, "embeddings": {**text_params["embeddings"], "token_embedding": {"embedding": resized}}}
 
     def trainable(self, path: tuple[str, ...]) -> bool:
         return len(path) >= 2 and path[1] in ("adapters", "reference_time_lora")
@@ -184,9 +201,15 @@ class DisentangledS2V(Method):
 
     # ---------------------------------------------------------------- the model
     def encode_text(self, params, tokens):
-        """tokens (B, L), ``<cls>`` included -> (B, L, D); the text encoder is frozen."""
-        out = self.text_encoder.apply({"params": params["params"]["text_encoder"]}, tokens)
-        return jax.lax.stop_gradient(out["last_hidden_state"])
+        """tokens (B, L), ``<cls>`` included -> (B, L, D); the text encoder is frozen. UMT5's states are zero past
+        each prompt's ``</s>``, as Wan's pipelines feed them."""
+        variables = {"params": params["params"]["text_encoder"]}
+        if self.t5:
+            mask = self.tokenizer.attention_mask(tokens)
+            states = self.text_encoder.apply(variables, tokens, mask) * mask[..., None]
+        else:
+            states = self.text_encoder.apply(variables, tokens)["last_hidden_state"]
+        return jax.lax.stop_gradient(states)
 
     def with_cls(self, tokens):
         """Caption ids (B, L) as the data gives them -> the ids of "<cls> " + caption (inserted after BOS; a full
@@ -194,7 +217,9 @@ class DisentangledS2V(Method):
         if not self.options.cls_token:
             return tokens
         cls_id = self.tokenizer.added_tokens[self.options.cls_token]
-        shifted = jnp.concatenate([tokens[:, :1], jnp.full_like(tokens[:, :1], cls_id), tokens[:, 1:-1]], axis=1)
+        start = 0 if self.tokenizer.bos_token_id is None else 1  # after CLIP's BOS; T5 has none
+        shifted = jnp.concatenate([tokens[:, :start], jnp.full_like(tokens[:, :1], cls_id), tokens[:, start:-1]],
+                                  axis=1)
         eos = self.tokenizer.eos_token_id
         last = jnp.where(tokens[:, -1:] == eos, eos, shifted[:, -1:])  # a full sequence keeps its EOS
         return jnp.concatenate([shifted[:, :-1], last], axis=1)
@@ -300,8 +325,9 @@ class DisentangledS2V(Method):
 
 
 def from_config(config) -> DisentangledS2V:
-    """Build the method from ``configs/disentangled_s2v.py``: named sizes, or a Wan transformer from local files
-    (``config.model.transformer``)."""
+    """Build the method from ``configs/disentangled_s2v.py``: named sizes, or from local files a Wan transformer
+    (``config.model.transformer``) and its UMT5 text encoder and tokenizer (``config.model.text_encoder``,
+    ``config.model.tokenizer``: transformers folders, e.g. a Wan pipeline's ``text_encoder/`` and ``tokenizer/``)."""
     from jaxvc.methods.video_base import configure_validation
     from jaxvc.models.tokenizer import load_tokenizer
     from jaxvc.models.wan import wan_config
@@ -310,10 +336,22 @@ def from_config(config) -> DisentangledS2V:
     model = config.model
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
     remat = config.get("remat_policy", "none") or "none"
-    text = CLIPTextConfig.variant(model.text_variant)
     vae = None if model.vae_variant == "none" else VAEConfig.variant(model.vae_variant)
     channels = 3 if vae is None else vae.latent_channels
     pretrained = {}
+    if model.get("text_encoder"):  # Wan's UMT5 (or any T5 encoder) from a transformers folder
+        from jaxvc.convert.t5 import load_t5_encoder
+        from jaxvc.models.t5_tokenizer import T5Tokenizer
+
+        if not model.get("tokenizer"):
+            raise ValueError("config.model.text_encoder needs config.model.tokenizer (the pipeline's tokenizer/)")
+        text, weights = load_t5_encoder(model.text_encoder, dtype=dtype)
+        pretrained["text_encoder"] = weights["params"]
+        tokenizer = T5Tokenizer.from_folder(model.tokenizer, max_length=model.get("max_text_length", 512))
+        width = text.d_model
+    else:
+        text = CLIPTextConfig.variant(model.text_variant)
+        tokenizer, width = load_tokenizer(model.get("tokenizer") or None), text.hidden_size
     overrides = dict(dtype=dtype, remat=remat, attention_backend=model.get("attention_backend", "xla") or "xla")
     if model.get("transformer"):
         from jaxvc.convert.wan import load_wan
@@ -322,10 +360,10 @@ def from_config(config) -> DisentangledS2V:
         pretrained["transformer"] = weights["params"]
     else:
         wan = wan_config(model.transformer_variant, in_channels=channels, out_channels=channels,
-                         text_dim=text.hidden_size, **overrides)
+                         text_dim=width, **overrides)
     method = DisentangledS2V(wan, text, vae, DisentangledS2VOptions.from_mapping(model.options.to_dict()),
-                             load_tokenizer(model.get("tokenizer") or None), num_frames=model.num_frames,
-                             image_size=model.image_size, pretrained=pretrained)
+                             tokenizer, num_frames=model.num_frames, image_size=model.image_size,
+                             pretrained=pretrained)
     method.init_params_jittable = not pretrained
     configure_validation(method, config)
     return method
