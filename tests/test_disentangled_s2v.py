@@ -110,6 +110,18 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
                if not np.array_equal(v, traverse_util.flatten_dict(initial)[k])}
     assert changed and all(p.split("/")[1] in ("adapters", "reference_time_lora") for p in changed)
 
+    from safetensors import safe_open
+
+    from jaxvc.convert.export_lora import export
+    from jaxvc.train.trained_run import load_trained_run
+
+    written = export(load_trained_run(tmp_path / "run"), tmp_path / "export")  # `jaxvc export-lora RUN OUT`
+    assert written["skipped"] == ["reference_time_lora"]
+    with safe_open(str(written["lora"]), "np") as exported:
+        keys = set(exported.keys())
+    assert "transformer.blocks.1.ffn.net.2.lora_A.weight" in keys and "transformer.patch_embedding.lora_B.weight" in keys
+    assert len(keys) == 2 * len(lora.adapter_sites(trained["params"]["adapters"]["lora"]))
+
     pipe = CustomVideoPipeline.from_run(tmp_path / "run")
     assert isinstance(pipe, SubjectDiTPipeline) and pipe.takes_reference
     rng = np.random.default_rng(3)
