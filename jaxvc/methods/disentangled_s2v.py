@@ -160,14 +160,14 @@ class DisentangledS2V(Method):
 
     def init_params(self, rng):
         rngs = jax.random.split(rng, 5)
-        tree = {"transformer": nn.unbox(self.transformer.init(rngs[0], *self._dit_example()))["params"],
-                "text_encoder": nn.unbox(self.text_encoder.init(rngs[1], self._text_example()))["params"]}
+        fresh = {"transformer": lambda: self.transformer.init(rngs[0], *self._dit_example()),
+                 "text_encoder": lambda: self.text_encoder.init(rngs[1], self._text_example())}
         if self.vae is not None:
             size = self.vae.config.downsample_factor
-            tree["vae"] = nn.unbox(self.vae.init(rngs[2], jnp.zeros((1, size, size, self.vae.config.in_channels))))[
-                "params"]
-        for name, loaded in self.pretrained.items():
-            tree[name] = loaded
+            fresh["vae"] = lambda: self.vae.init(rngs[2], jnp.zeros((1, size, size, self.vae.config.in_channels)))
+        # loaded weights replace a component's init, which is then not run (UMT5-XXL alone is 5.7B parameters)
+        tree = {name: self.pretrained[name] if name in self.pretrained else nn.unbox(make())["params"]
+                for name, make in fresh.items()}
         tree["text_encoder"] = self._resized_token_table(tree["text_encoder"])
         tree["adapters"] = {"lora": strip_boxes(lora.init_adapter(rngs[3], self.lora_sites(), self.spec, boxed=True))}
         if self.options.reference_time_lora:

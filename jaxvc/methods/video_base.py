@@ -118,19 +118,19 @@ class VideoDiffusionMethod(Method):
         unet_rng, text_rng, vae_rng = jax.random.split(rng, 3)  # as before extra_params existed: same inits
         extra_rng = jax.random.fold_in(rng, 3)
         sample, text = self._unet_example()
-        tree = {"unet": nn.unbox(self.unet.init(unet_rng, jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
-                                                jnp.zeros(text.shape)))["params"],
-                "text_encoder": nn.unbox(self.text_encoder.init(
-                    text_rng, jnp.broadcast_to(self.empty_prompt_tokens, (1, self.empty_prompt_tokens.shape[1]))
-                ))["params"]}
+        fresh = {"unet": lambda: self.unet.init(unet_rng, jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
+                                                jnp.zeros(text.shape)),
+                 "text_encoder": lambda: self.text_encoder.init(
+                     text_rng, jnp.broadcast_to(self.empty_prompt_tokens, (1, self.empty_prompt_tokens.shape[1])))}
         if self.vae is not None:
             size = self.vae.config.downsample_factor
-            tree["vae"] = nn.unbox(self.vae.init(vae_rng, jnp.zeros((1, size, size, self.vae.config.in_channels))))[
-                "params"]
-        for name, loaded in self.pretrained.items():
-            if name not in tree:
-                raise ValueError(f"{self.name}: pretrained weights given for unknown component '{name}'")
-            tree[name] = loaded
+            fresh["vae"] = lambda: self.vae.init(vae_rng, jnp.zeros((1, size, size, self.vae.config.in_channels)))
+        unknown = sorted(set(self.pretrained) - set(fresh))
+        if unknown:
+            raise ValueError(f"{self.name}: pretrained weights given for unknown component(s) {unknown}")
+        # a loaded component's random init is not run (at SD1.5 size it would cost seconds and gigabytes)
+        tree = {name: self.pretrained[name] if name in self.pretrained else nn.unbox(make())["params"]
+                for name, make in fresh.items()}
         # boxes stripped without sharding constraints: this also runs eagerly (weights read from files)
         tree.update(strip_boxes(self.extra_params(extra_rng, tree)))
         return {"params": tree}
