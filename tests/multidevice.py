@@ -31,7 +31,8 @@ from jaxvc.train.loop import Trainer
 
 config = load_config(CONFIG)
 apply_overrides(config, [("batch_size", "8"), ("progress_bar", "False"),
-                         ("compiler_options", "{'xla_backend_optimization_level': 0}")])
+                         ("compiler_options", "{'xla_backend_optimization_level': 0, "
+                                              "'xla_llvm_disable_expensive_passes': True}")])
 data = build_data(config, (0, 8))
 batches = [next(data) for _ in range(2)]
 results = {}

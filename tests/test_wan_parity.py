@@ -172,8 +172,10 @@ def test_intermediates_and_fused_projections(saved, tmp_path):
     assert sorted(intermediates) == ["blocks_0", "blocks_1"]
     assert intermediates["blocks_1"].shape == (2, 3 * 2 * 3, config.inner_dim)
     captured = {}
-    model.blocks[1].register_forward_hook(lambda module, a, output: captured.setdefault("out", output))
+    # a hook that returns None leaves the output alone; removed, so the shared model stays as it was
+    hook = model.blocks[1].register_forward_hook(lambda module, a, output: captured.update(out=output))
     torch_forward(model, *args)
+    hook.remove()
     assert relative_error(intermediates["blocks_1"], captured["out"].numpy()) < PARITY
 
 
