@@ -176,6 +176,7 @@ class MicroCinema(VideoDiffusionMethod):
         """AppearNet on z_t + ZeroConv(z^c) -> {site: embedding (B*F, h, w, c)} for every ``appearance_sites``."""
         tree = params["params"]
         hint = _conv1x1(center_latent.astype(noisy_latents.dtype), tree["injection"]["zero_conv"])  # (B, 1, h, w, C)
+
         def capture(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path in self.sources:
