@@ -19,43 +19,48 @@ def run_with_devices(script: str, devices: int = 8, marker: str = "SHARDED_OK", 
     return result.stdout
 
 
-SHARDED_TRAIN_STEP = """
-import jax, numpy as np
-jax.config.update("jax_default_matmul_precision", "highest")
-from jaxvc.config_utils import apply_overrides, load_config
-from jaxvc.methods import build_method
-from jaxvc.parallel.mesh import make_mesh
-from jaxvc.train import distributed
-from jaxvc.train.cli import build_data
-from jaxvc.train.loop import Trainer
 
-config = load_config(CONFIG)
-apply_overrides(config, [("batch_size", "8"), ("progress_bar", "False"),
-                         ("compiler_options", "{'xla_backend_optimization_level': 0, "
-                                              "'xla_llvm_disable_expensive_passes': True}")])
-data = build_data(config, (0, 8))
-batches = [next(data) for _ in range(2)]
-results = {}
-for name, sizes in (("single", {"data": 1}), ("sharded", {"data": 2, "fsdp": 4})):
-    mesh = make_mesh(sizes, devices=jax.devices()[:1] if name == "single" else None)
-    trainer = Trainer(config, build_method(config), f"/tmp/unused-{name}", mesh=mesh)
-    state = trainer.init_state()
-    losses = []
-    for batch in batches:
-        arrays = {k: v for k, v in batch.items() if k in KEYS}
-        state, metrics = trainer.step(state, distributed.global_batch(arrays, mesh, 8, trainer.rules))
-        losses.append(float(metrics["loss"]))
-    results[name] = (losses, jax.tree.map(np.asarray, jax.device_get(state.params)))
-(l1, p1), (l8, p8) = results["single"], results["sharded"]
-print("losses", l1, l8)
-np.testing.assert_allclose(l8, l1, rtol=1e-5)
-for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+SHARDED_LOSS = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+jax.config.update("jax_default_matmul_precision", "highest")
+from jaxvc.methods import build_method
+from jaxvc.parallel.mesh import activate, make_mesh
+from jaxvc.parallel.rules import param_shardings
+from tests.tiny_models import method_config
+
+method = build_method(method_config(CONFIG))
+fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
+for name in PERTURB:  # zero-initialised parts made non-zero, so that what lies behind them gets gradients too
+    params["params"][name] = jax.tree.map(lambda v: 0.05 * jax.random.normal(jax.random.key(v.size), v.shape),
+                                          params["params"][name])
+rng = np.random.default_rng(0)
+size = method.image_size
+batch = {"video": rng.uniform(-1, 1, (8, method.num_frames, size, size, 3)).astype(np.float32),
+         "tokens": np.tile(np.asarray(method.empty_prompt_tokens), (8, 1))}
+loss_and_grad = lambda p, b: jax.value_and_grad(lambda q: method.loss(q, b, jax.random.key(1))[0])(p)
+single = jax.jit(loss_and_grad).lower(params, batch).compile(fast)(params, batch)
+mesh = make_mesh({"data": 2, "fsdp": 4})
+with activate(mesh):
+    shardings = param_shardings(method.abstract_params(), mesh)
+    for name in SHARDED_PARTS:
+        assert any(any(a is not None for a in s.spec) for s in jax.tree.leaves(shardings["params"][name])), name
+    sharded_params = jax.device_put(params, shardings)
+    sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+    sharded = jax.jit(loss_and_grad).lower(sharded_params, sharded_batch).compile(fast)(sharded_params, sharded_batch)
+print("loss", float(single[0]), float(sharded[0]))
+np.testing.assert_allclose(float(sharded[0]), float(single[0]), rtol=1e-5)
+for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 print("SHARDED_OK")
 """
 
 
-def sharded_train_step_script(config: str, keys=("video", "tokens")) -> str:
-    """A script for ``run_with_devices``: two train steps of the method of ``config`` (batch 8) on one device and on
-    a data 2 x fsdp 4 mesh of 8 simulated devices give the same losses and parameters."""
-    return f"CONFIG = {config!r}\nKEYS = {tuple(keys)!r}\n" + SHARDED_TRAIN_STEP
+def sharded_loss_script(config: str, *, perturb=(), sharded_parts=()) -> str:
+    """A script for ``run_with_devices``: the loss of the method of ``config`` and its gradients on a batch of 8,
+    on one device and on a data 2 x fsdp 4 mesh of 8 simulated devices (parameters sharded by the rule table),
+    are the same. ``perturb``: parameter groups drawn at random first; ``sharded_parts``: groups that must have a
+    sharded leaf."""
+    return (f"CONFIG = {config!r}\nPERTURB = {tuple(perturb)!r}\nSHARDED_PARTS = {tuple(sharded_parts)!r}\n"
+            + SHARDED_LOSS)

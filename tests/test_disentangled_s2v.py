@@ -160,7 +160,7 @@ def test_umt5_text_side_from_transformers_folders(tmp_path):
     assert np.all(states[~mask] == 0) and mask[1].sum() < mask[0].sum()
     with torch.no_grad():  # transformers on the same ids with <cls>'s row appended
         reference.resize_token_embeddings(table.shape[0])
-        reference.shared.weight[cls_id] = torch.from_numpy(np.asarray(table[cls_id]))
+        reference.shared.weight[cls_id] = torch.from_numpy(np.array(table[cls_id]))
         expected = reference(torch.from_numpy(ids.astype(np.int64)),
                              attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state.numpy()
     assert relative_error(states[mask], expected[mask]) < 1e-5

@@ -19,7 +19,7 @@ from flax import traverse_util
 from jaxvc.methods import build_method
 from jaxvc.methods.microcinema import injection_plan
 from jaxvc.models.unet import unet_config
-from tests.multidevice import run_with_devices
+from tests.multidevice import run_with_devices, sharded_loss_script
 from tests.tiny_models import method_config
 
 TRAIN_STEPS = 12
@@ -185,41 +185,7 @@ def test_remat_changes_nothing(method, fresh):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
-SHARDED = """
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
-jax.config.update("jax_default_matmul_precision", "highest")
-from jaxvc.methods import build_method
-from jaxvc.parallel.mesh import activate, make_mesh
-from jaxvc.parallel.rules import param_shardings
-from tests.tiny_models import method_config
-
-method = build_method(method_config("configs/microcinema.py:tiny"))
-fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
-params["params"]["injection"] = jax.tree.map(lambda v: 0.05 * jax.random.normal(jax.random.key(v.size), v.shape),
-                                             params["params"]["injection"])  # the appearance path in use
-rng = np.random.default_rng(0)
-batch = {"video": rng.uniform(-1, 1, (8, 4, 32, 32, 3)).astype(np.float32),
-         "tokens": np.tile(np.asarray(method.empty_prompt_tokens), (8, 1))}
-loss_and_grad = lambda p, b: jax.value_and_grad(lambda q: method.loss(q, b, jax.random.key(1))[0])(p)
-single = jax.jit(loss_and_grad).lower(params, batch).compile(fast)(params, batch)
-mesh = make_mesh({"data": 2, "fsdp": 4})
-with activate(mesh):
-    shardings = param_shardings(method.abstract_params(), mesh)
-    split = [s for s in jax.tree.leaves(shardings["params"]["injection"]) if any(a is not None for a in s.spec)]
-    assert split, "no zero conv is sharded"
-    sharded_params = jax.device_put(params, shardings)
-    sharded_batch = jax.device_put(batch, NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
-    sharded = jax.jit(loss_and_grad).lower(sharded_params, sharded_batch).compile(fast)(sharded_params, sharded_batch)
-print("loss", float(single[0]), float(sharded[0]))
-np.testing.assert_allclose(float(sharded[0]), float(single[0]), rtol=1e-5)
-for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(single[1])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-print("SHARDED_OK")
-"""
-
-
 def test_sharded_loss_and_gradients_equal_one_device():
     """data 2 x fsdp 4 on 8 simulated devices: AppearNet, the zero convs and the UNet sharded by the rule table."""
-    run_with_devices(SHARDED)
+    run_with_devices(sharded_loss_script("configs/microcinema.py:tiny", perturb=("injection",),
+                                         sharded_parts=("appearnet", "injection")))

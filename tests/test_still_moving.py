@@ -7,7 +7,7 @@
 * generation removes the motion adapter (the paper's inference); stage "spatial" loads the motion adapter from the
   stage-"motion" run or from its exported LoRA file, keeps it frozen while the spatial adapters train;
 * a customization LoRA file is merged into the frozen UNet and text encoder weights;
-* the sharded train step (data 2 x fsdp 4 on 8 simulated devices) equals one device.
+* the loss and its gradients on data 2 x fsdp 4 (8 simulated devices) equal one device's.
 """
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from jaxvc.config_utils import apply_overrides
 from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods import build_method
 from jaxvc.models import lora
-from tests.multidevice import run_with_devices, sharded_train_step_script
+from tests.multidevice import run_with_devices, sharded_loss_script
 from tests.tiny_models import method_config
 
 MOTION_STEPS = 40
@@ -197,5 +197,5 @@ def test_customization_lora_is_merged_into_the_frozen_weights(motion_run, tmp_pa
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_sharded_train_step_equals_one_device():
-    run_with_devices(sharded_train_step_script("configs/still_moving.py:tiny"))
+def test_sharded_loss_and_gradients_equal_one_device():
+    run_with_devices(sharded_loss_script("configs/still_moving.py:tiny", sharded_parts=("unet",)))
