@@ -43,8 +43,8 @@ from flax import traverse_util
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise
-from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, finish_from_config,
-                                      options_from_mapping)
+from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, condition_dropout,
+                                      finish_from_config, options_from_mapping)
 from jaxvc.models.unet import UNetConfig, is_motion_param
 from jaxvc.pipeline import ReferenceConditioning
 
@@ -243,11 +243,8 @@ class MicroCinema(VideoDiffusionMethod):
         center = self.center_latent(params, batch, latents)
         batch_size = latents.shape[0]
 
-        u = jax.random.uniform(rng_drop, (batch_size,))
-        drop_both = u < opts.drop_both_prob
-        drop_text = drop_both | ((u >= opts.drop_both_prob) & (u < opts.drop_both_prob + opts.drop_text_prob))
-        lo = opts.drop_both_prob + opts.drop_text_prob
-        drop_image = drop_both | ((u >= lo) & (u < lo + opts.drop_image_prob))
+        drop_text, drop_image = condition_dropout(rng_drop, batch_size, opts.drop_both_prob, opts.drop_text_prob,
+                                                  opts.drop_image_prob)
         tokens = jnp.where(drop_text[:, None], self.empty_prompt_tokens, batch["tokens"])
         condition = jnp.where(drop_image[:, None, None, None, None], 0.0, center)
         text = self.encode_text(params, tokens)

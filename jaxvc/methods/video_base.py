@@ -35,6 +35,17 @@ def options_from_mapping(cls, values: Mapping[str, Any] | None, method: str):
     return cls(**values)
 
 
+def condition_dropout(rng, batch_size: int, both_prob: float, text_prob: float, condition_prob: float):
+    """Classifier-free guidance dropout, one draw per example: (drop_text, drop_condition) (B,) bools. u ~ U(0, 1)
+    drops both below ``both_prob``, then the text only in the next ``text_prob``, then the condition (reference
+    image, center frame) only in the next ``condition_prob``."""
+    u = jax.random.uniform(rng, (batch_size,))
+    drop_both = u < both_prob
+    drop_text = drop_both | ((u >= both_prob) & (u < both_prob + text_prob))
+    lo = both_prob + text_prob
+    return drop_text, drop_both | ((u >= lo) & (u < lo + condition_prob))
+
+
 class VideoDiffusionMethod(Method):
     """Parameters: ``{"params": {"unet": ..., "text_encoder": ..., "vae": ...}}`` (``vae`` absent in pixel space),
     plus whatever ``extra_params`` a method adds.

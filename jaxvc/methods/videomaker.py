@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise, get_target
-from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, finish_from_config,
-                                      options_from_mapping)
+from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, condition_dropout,
+                                      finish_from_config, options_from_mapping)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,11 +129,8 @@ class VideoMaker(VideoDiffusionMethod):
         batch_size, num_frames = latents.shape[:2]
 
         # condition dropout: per example, both / text only / reference only
-        u = jax.random.uniform(rng_drop, (batch_size,))
-        drop_both = u < opts.drop_both_prob
-        drop_text = drop_both | ((u >= opts.drop_both_prob) & (u < opts.drop_both_prob + opts.drop_text_prob))
-        lo = opts.drop_both_prob + opts.drop_text_prob
-        drop_reference = drop_both | ((u >= lo) & (u < lo + opts.drop_reference_prob))
+        drop_text, drop_reference = condition_dropout(rng_drop, batch_size, opts.drop_both_prob, opts.drop_text_prob,
+                                                      opts.drop_reference_prob)
         tokens = jnp.where(drop_text[:, None], self.empty_prompt_tokens, tokens)
         reference = jnp.where(drop_reference[:, None, None, None, None], 0.0, reference)
         text = self.encode_text(params, tokens)
