@@ -90,17 +90,26 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        nd = len(self.kernel_size)
-        window_axes = ("kernel_t", "kernel_h", "kernel_w")[-nd:] if nd <= 3 else (None,) * nd
-        kernel_axes = (*window_axes, "conv_in", "conv_out")
-        kernel = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, kernel_axes),
-                            (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-        y = conv_nd(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.padding)
-        if self.use_bias:
-            bias = self.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (self.features,),
-                              self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+        return apply_conv(self, x)
+
+
+def apply_conv(module: nn.Module, x, padding: Any = None):
+    """The convolution of ``module`` (a ``Conv`` or a module with the same fields: ``features``, ``kernel_size``,
+    ``strides``, ``padding``, ``use_bias``, ``dtype``, ``param_dtype``, ``kernel_init``), creating its ``kernel`` and
+    ``bias`` in ``module``'s scope; for modules that change the input first (``jaxvc.models.wan_vae.CausalConv3d``).
+    ``padding`` overrides ``module.padding``."""
+    nd = len(module.kernel_size)
+    window_axes = ("kernel_t", "kernel_h", "kernel_w")[-nd:] if nd <= 3 else (None,) * nd
+    kernel_axes = (*window_axes, "conv_in", "conv_out")
+    kernel = module.param("kernel", nn.with_logical_partitioning(module.kernel_init, kernel_axes),
+                          (*module.kernel_size, x.shape[-1], module.features), module.param_dtype)
+    y = conv_nd(x.astype(module.dtype), kernel.astype(module.dtype), module.strides,
+                module.padding if padding is None else padding)
+    if module.use_bias:
+        bias = module.param("bias", nn.with_logical_partitioning(zeros, ("conv_out",)), (module.features,),
+                            module.param_dtype)
+        y = y + bias.astype(module.dtype)
+    return y
 
 
 def _affine(module: nn.Module, y, with_bias: bool = True):
