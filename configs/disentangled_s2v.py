@@ -2,9 +2,12 @@
 stochastic task switching between image pairs (identity) and videos (motion, reference tokens dropped half the time).
 
 Variants (``--config configs/disentangled_s2v.py:<variant>``):
-  tiny   the tiny Wan DiT, CLIP text encoder and per-frame VAE on the synthetic subject world (CPU tests)
-A real-size variant needs the Wan 2.x VAE and the UMT5 text encoder, which jaxvc does not have yet; the DiT itself
-loads from local files (``--config.model.transformer=/Wan2.1-T2V-1.3B-Diffusers/transformer``).
+  tiny         the tiny Wan DiT, a tiny Wan video VAE and a tiny CLIP text encoder on the synthetic world (CPU tests)
+  wan21_1.3b   Wan 2.1 T2V 1.3B, its UMT5-XXL and its video VAE, all from a local diffusers pipeline folder:
+               ``--config.model.pretrained=/path/Wan2.1-T2V-1.3B-Diffusers`` (each part can also be given on its
+               own: ``model.transformer``, ``model.text_encoder`` + ``model.tokenizer``, ``model.vae``); data from
+               packed or folder streams (``--config.data.streams.image=packed:/pairs --config.data.streams.video=
+               packed:/videos``, see ``jaxvc pack``). 49 frames (1 + 4 x 12, the paper's clip length) at 480 x 480.
 Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..." --steps 50 --guidance-scale 6``.
 """
 from ml_collections import ConfigDict
@@ -29,8 +32,12 @@ def get_config(variant=None):
     config.model.text_encoder = ""  # a transformers T5/UMT5 encoder folder (Wan: the pipeline's text_encoder/)
     config.model.tokenizer = ""  # with text_encoder: its tokenizer folder (Wan: tokenizer/); else a CLIP one or ""
     config.model.max_text_length = 512  # T5 tokens per prompt (Wan's pipelines: 512)
-    config.model.vae_variant = "tiny"
-    config.model.num_frames = 8
+    config.model.pretrained = ""  # a diffusers Wan pipeline folder: transformer/, text_encoder/, tokenizer/, vae/
+    config.model.vae_variant = "wan21"  # jaxvc/models/video_vae.py: wan_tiny, wan21, wan22 (or SD sizes, none)
+    config.model.vae = ""  # a diffusers Wan vae/ folder or the original Wan2.1_VAE.pth (overrides the variant)
+    config.model.allow_pickle = False  # read .pth weight files (a restricted unpickler)
+    config.model.vae_chunk_frames = 4  # frames per step of the VAE's streaming scan (bounded memory); 0: all at once
+    config.model.num_frames = 49
     config.model.image_size = 32
     config.model.options = ConfigDict(dict(
         rank=128, alpha=64.0, reference_time_lora=True, cls_token="<cls>", drop_mode="full", drop_prob=0.5,
@@ -53,11 +60,25 @@ def get_config(variant=None):
 
     if variant == "tiny":
         config_sections.make_tiny(config)
+        config.model.num_frames = 5  # the Wan VAE codes 1 + 4k frames
+        config.model.vae_variant = "wan_tiny"
+        config.model.vae_chunk_frames = 0
         config.model.options.rank = 4
         config.model.options.alpha = 2.0
         config.data.reference = "random"  # the 4-frame clips hold only candidate 0
         config.optim.lr = 1e-3
         config.optim.warmup_steps = 0
+    elif variant == "wan21_1.3b":
+        config.model.transformer_variant = "wan21_t2v_1.3b"  # sizes only: the weights come from model.pretrained
+        config.model.text_variant = ""  # UMT5-XXL from the pipeline folder (required)
+        config.model.image_size = 480
+        config.batch_size = 8
+        config.remat_policy = "full"
+        config.compute_dtype = "bfloat16"
+        config.log_every = 50
+        config.data.streams = ConfigDict({"image": "", "video": ""})  # packed:/path or folder:/path, required
+        config.data.frame_stride = 2
+        config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
     else:
-        raise ValueError(f"configs/disentangled_s2v.py: unknown variant '{variant}' (tiny)")
+        raise ValueError(f"configs/disentangled_s2v.py: unknown variant '{variant}' (tiny, wan21_1.3b)")
     return config

@@ -83,7 +83,8 @@ class SubjectDiTPipeline:
             raise ValueError("the disentangled S2V sampler guides the text only (reference_guidance_scale) and is "
                              "deterministic (eta = 0)")
         del reference_guidance_start
-        factor = 1 if self.method.vae is None else self.method.vae.config.downsample_factor
+        factor = 1 if self.method.vae is None else self.method.vae.downsample_factor
+        latent_frames = self.method.latent_frames(num_frames)  # Wan VAE: 1 + (num_frames - 1) / 4
         _, p_h, p_w = self.method.transformer.config.patch_size
         for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
             if size % (factor * patch):
@@ -94,7 +95,7 @@ class SubjectDiTPipeline:
         ids = lambda text: jnp.asarray(self.tokenizer([text]))
         text = self._jitted["text"](self.params, ids(self.method.prompt(prompt)))
         negative_text = self._jitted["text"](self.params, ids(negative_prompt))
-        shape = (1, num_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
+        shape = (1, latent_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
         x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress)(
             self.params, text, negative_text, reference_latent, x_T)

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    parser.add_argument("--frames", type=int, default=16, help="number of video frames")
+    parser.add_argument("--frames", type=int, default=16, help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81)")
     parser.add_argument("--height", type=int, default=512, help="video height in pixels")
     parser.add_argument("--width", type=int, default=512, help="video width in pixels")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")

@@ -84,7 +84,8 @@ def test_reference_dropping(method, fresh):
     x, t, text, reference = random_inputs(method, fresh)
     with lora.applied([lora.AppliedAdapter(method.spec, params["params"]["adapters"]["lora"])]):
         plain = method.transformer.apply({"params": fresh["params"]["transformer"]}, x, t, text)
-    dropped = method.velocity(params, x, t, text, reference, jnp.zeros((2, 64), bool))  # 8 x 8 patches
+    patches = (method.latent_size // 2) ** 2  # 2 x 2 patches of the reference latent
+    dropped = method.velocity(params, x, t, text, reference, jnp.zeros((2, patches), bool))
     assert relative_error(dropped, plain) < 1e-5  # the reference's time LoRA reaches nothing without its tokens
     kept = method.velocity(params, x, t, text, reference)
     no_time_lora = {"params": {**params["params"], "reference_time_lora": fresh["params"]["reference_time_lora"]}}
@@ -103,7 +104,7 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     initial = jax.device_get(trainer.init_state().full_params())
     trainer.fit(lambda rows: build_data(config, rows, method.tokenizer))
     frames = {dict((k, shape) for k, shape, _ in signature)["video"][1] for signature in trainer._programs}
-    assert frames == {1, 4}, frames  # image-pair batches (1-frame targets) and video batches, one program each
+    assert frames == {1, 5}, frames  # image-pair batches (1-frame targets) and video batches, one program each
     state, _, _ = trainer.restore()
     trained = jax.device_get(state.full_params())
     changed = {"/".join(k) for k, v in traverse_util.flatten_dict(trained).items()
@@ -126,9 +127,9 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     assert isinstance(pipe, SubjectDiTPipeline) and pipe.takes_reference
     rng = np.random.default_rng(3)
     references = [jnp.asarray(rng.uniform(-1, 1, (1, 32, 32, 3)), jnp.float32) for _ in range(2)]
-    kwargs = dict(num_inference_steps=3, num_frames=4, height=32, width=32, seed=0, guidance_scale=6.0)
+    kwargs = dict(num_inference_steps=3, num_frames=5, height=32, width=32, seed=0, guidance_scale=6.0)
     videos = [np.asarray(pipe.generate(r, "a subject", **kwargs)) for r in references]
-    assert videos[0].shape == (1, 4, 32, 32, 3) and np.isfinite(videos[0]).all()
+    assert videos[0].shape == (1, 5, 32, 32, 3) and np.isfinite(videos[0]).all()
     assert not np.allclose(videos[0], videos[1])  # the subject's reference enters both guidance halves
     with pytest.raises(ValueError, match="reference image"):
         pipe.generate(None, "a subject", **kwargs)
@@ -164,3 +165,44 @@ def test_umt5_text_side_from_transformers_folders(tmp_path):
         expected = reference(torch.from_numpy(ids.astype(np.int64)),
                              attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state.numpy()
     assert relative_error(states[mask], expected[mask]) < 1e-5
+
+
+def test_wan_pipeline_folder_loads_every_part_and_the_latents_are_the_wan_vae_s(tmp_path):
+    """``model.pretrained`` = a diffusers Wan pipeline folder (transformer/, text_encoder/, tokenizer/, vae/, each a
+    tiny random model saved in the real format): every part loads from it, and the method's latents are the Wan VAE's
+    posterior means normalized as Wan's pipelines do, (mean - latents_mean) / latents_std, streamed in 4-frame
+    chunks. The real-size variant asks for those files by name."""
+    import diffusers
+    import torch
+
+    from configs.disentangled_s2v import get_config
+    from jaxvc.methods.disentangled_s2v import from_config
+    from tests.tiny_models import build_tiny_t5_folder
+
+    root = build_tiny_t5_folder(tmp_path / "Wan-tiny-Diffusers")
+    torch.manual_seed(0)
+    diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                    in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=40,
+                                    num_layers=1).save_pretrained(root / "transformer")
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                                     temperal_downsample=[True, True], scale_factor_spatial=4,
+                                     latents_mean=[0.5, -0.5, 0.0, 1.0], latents_std=[2.0, 0.5, 1.0, 3.0]).eval()
+    vae.save_pretrained(root / "vae")
+    method = build_method(tiny_config(**{"model.pretrained": str(root), "model.max_text_length": 16,
+                                         "model.vae_chunk_frames": 4, "model.num_frames": 9}))
+    assert method.t5 and method.vae.is_wan and method.transformer.config.num_layers == 1
+    params = method.init_params(jax.random.key(0))
+    video = np.random.default_rng(0).uniform(-1, 1, (1, 9, 32, 32, 3)).astype(np.float32)
+    latents = np.asarray(jax.jit(method.encode_pixels)(params, jnp.asarray(video)))
+    with torch.no_grad():
+        mean = vae.encode(torch.from_numpy(np.moveaxis(video, -1, 1))).latent_dist.mean.numpy()
+    stats = [np.asarray(vae.config[k], np.float32)[:, None, None, None] for k in ("latents_mean", "latents_std")]
+    expected = np.moveaxis((mean - stats[0]) / stats[1], 1, -1)
+    assert latents.shape == (1, 3, 8, 8, 4) and relative_error(latents, expected) < 1e-5
+
+    real = get_config("wan21_1.3b")
+    assert (real.model.num_frames - 1) % 4 == 0 and real.model.vae_variant == "wan21"
+    with pytest.raises(ValueError, match="reads Wan's UMT5 text encoder from files"):
+        from_config(real)
+    with pytest.raises(ValueError, match=r"1 \+ 4k frames .* got 4"):
+        build_method(tiny_config(**{"model.num_frames": 4}))

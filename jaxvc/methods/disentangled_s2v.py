@@ -40,7 +40,9 @@ from jaxvc.methods.video_base import options_from_mapping
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.t5_encoder import T5Encoder, T5EncoderConfig, abstract_t5_params
-from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
+from jaxvc.models.vae import VAEConfig
+from jaxvc.models.video_vae import VideoVAE, video_vae_config
+from jaxvc.models.wan_vae import WanVAEConfig
 from jaxvc.models.wan import WanConfig, WanTransformer3D, abstract_wan_params
 from jaxvc.train.state import unbox as strip_boxes
 
@@ -84,8 +86,9 @@ class DisentangledS2V(Method):
     uses_reference = True
 
     def __init__(self, wan_config: WanConfig, text_config: CLIPTextConfig | T5EncoderConfig,
-                 vae_config: VAEConfig | None, options: DisentangledS2VOptions, tokenizer, *, num_frames: int,
-                 image_size: int, pretrained: Mapping[str, Any] | None = None):
+                 vae_config: VAEConfig | WanVAEConfig | None, options: DisentangledS2VOptions, tokenizer, *,
+                 num_frames: int, image_size: int, pretrained: Mapping[str, Any] | None = None,
+                 vae_chunk_frames: int | None = None):
         latent_channels = 3 if vae_config is None else vae_config.latent_channels
         if wan_config.in_channels != latent_channels or wan_config.out_channels != latent_channels:
             raise ValueError(f"disentangled_s2v: the DiT's in/out channels ({wan_config.in_channels}, "
@@ -96,7 +99,8 @@ class DisentangledS2V(Method):
             raise ValueError(f"disentangled_s2v: the DiT's text_dim {wan_config.text_dim} != the text encoder's width "
                              f"{width}")
         self.transformer = WanTransformer3D(wan_config)
-        self.vae = None if vae_config is None else AutoencoderKL(vae_config)
+        self.vae = None if vae_config is None else VideoVAE(vae_config, vae_chunk_frames)
+        self.latent_frames(num_frames)  # a Wan VAE codes 1 + 4k frames: refuse other lengths here
         self.options = options
         self.num_frames, self.image_size = num_frames, image_size
         self.pretrained = dict(pretrained or {})
@@ -120,7 +124,12 @@ class DisentangledS2V(Method):
     # ---------------------------------------------------------------- shapes and parameters
     @property
     def latent_size(self) -> int:
-        return self.image_size // (1 if self.vae is None else self.vae.config.downsample_factor)
+        return self.image_size // (1 if self.vae is None else self.vae.downsample_factor)
+
+    def latent_frames(self, frames: int) -> int:
+        """Latent frames of a ``frames``-frame video: the same per-frame (pixels, SD VAE), 1 + (frames - 1) / 4
+        with the Wan VAE."""
+        return frames if self.vae is None else self.vae.latent_frames(frames)
 
     def _dit_example(self):
         size, cfg = self.latent_size, self.transformer.config
@@ -150,7 +159,7 @@ class DisentangledS2V(Method):
                 "text_encoder": (abstract_t5_params if self.t5 else abstract_clip_text_params)(
                     self.text_encoder.config)["params"]}
         if self.vae is not None:
-            tree["vae"] = abstract_vae_params(self.vae.config)["params"]
+            tree["vae"] = self.vae.abstract_params()
         sites = self.lora_sites()
         tree["adapters"] = {"lora": jax.eval_shape(lambda: lora.init_adapter(jax.random.key(0), sites, self.spec,
                                                                                boxed=True))}
@@ -162,12 +171,11 @@ class DisentangledS2V(Method):
         rngs = jax.random.split(rng, 5)
         fresh = {"transformer": lambda: self.transformer.init(rngs[0], *self._dit_example()),
                  "text_encoder": lambda: self.text_encoder.init(rngs[1], self._text_example())}
-        if self.vae is not None:
-            size = self.vae.config.downsample_factor
-            fresh["vae"] = lambda: self.vae.init(rngs[2], jnp.zeros((1, size, size, self.vae.config.in_channels)))
         # loaded weights replace a component's init, which is then not run (UMT5-XXL alone is 5.7B parameters)
         tree = {name: self.pretrained[name] if name in self.pretrained else nn.unbox(make())["params"]
                 for name, make in fresh.items()}
+        if self.vae is not None:
+            tree["vae"] = self.pretrained["vae"] if "vae" in self.pretrained else self.vae.init(rngs[2])
         tree["text_encoder"] = self._resized_token_table(tree["text_encoder"])
         tree["adapters"] = {"lora": strip_boxes(lora.init_adapter(rngs[3], self.lora_sites(), self.spec, boxed=True))}
         if self.options.reference_time_lora:
@@ -227,12 +235,12 @@ class DisentangledS2V(Method):
     def encode_pixels(self, params, video):
         if self.vae is None:
             return video
-        return jax.lax.stop_gradient(encode_video(self.vae, {"params": params["params"]["vae"]}, video))
+        return jax.lax.stop_gradient(self.vae.encode({"params": params["params"]["vae"]}, video))
 
     def decode_latents(self, params, latents):
         if self.vae is None:
             return jnp.clip(latents, -1.0, 1.0)
-        return jnp.clip(decode_video(self.vae, {"params": params["params"]["vae"]}, latents), -1.0, 1.0)
+        return self.vae.decode({"params": params["params"]["vae"]}, latents)
 
     def reference_time_delta(self, params):
         """silu(temb) (B, D) -> the reference's LoRA addition to the time projection (B, 6D), or None."""
@@ -325,9 +333,12 @@ class DisentangledS2V(Method):
 
 
 def from_config(config) -> DisentangledS2V:
-    """Build the method from ``configs/disentangled_s2v.py``: named sizes, or from local files a Wan transformer
-    (``config.model.transformer``) and its UMT5 text encoder and tokenizer (``config.model.text_encoder``,
-    ``config.model.tokenizer``: transformers folders, e.g. a Wan pipeline's ``text_encoder/`` and ``tokenizer/``)."""
+    """Build the method from ``configs/disentangled_s2v.py``: named sizes, or local files: a diffusers Wan pipeline
+    folder (``config.model.pretrained``: its ``transformer/``, ``text_encoder/``, ``tokenizer/`` and ``vae/``), or
+    each part on its own (``config.model.transformer``, ``text_encoder`` + ``tokenizer``: transformers folders,
+    ``vae``: a Wan VAE folder or the original ``Wan2.1_VAE.pth``); a part given on its own wins."""
+    from pathlib import Path
+
     from jaxvc.methods.video_base import configure_validation
     from jaxvc.models.tokenizer import load_tokenizer
     from jaxvc.models.wan import wan_config
@@ -336,34 +347,50 @@ def from_config(config) -> DisentangledS2V:
     model = config.model
     dtype = compute_dtype(config.get("compute_dtype", "float32"))
     remat = config.get("remat_policy", "none") or "none"
-    vae = None if model.vae_variant == "none" else VAEConfig.variant(model.vae_variant)
-    channels = 3 if vae is None else vae.latent_channels
+    parts = {name: model.get(name) or "" for name in ("transformer", "text_encoder", "tokenizer", "vae")}
+    if model.get("pretrained"):
+        root = Path(model.pretrained)
+        if not root.is_dir():
+            raise FileNotFoundError(f"config.model.pretrained: {root} is not a diffusers Wan pipeline folder")
+        parts = {name: value or (str(root / name) if (root / name).is_dir() else "") for name, value in parts.items()}
     pretrained = {}
-    if model.get("text_encoder"):  # Wan's UMT5 (or any T5 encoder) from a transformers folder
+    if parts["vae"]:
+        from jaxvc.convert.wan_vae import load_wan_vae
+
+        vae, weights = load_wan_vae(parts["vae"], allow_pickle=bool(model.get("allow_pickle", False)))
+        pretrained["vae"] = weights["params"]
+    else:
+        vae = video_vae_config(model.vae_variant)
+    channels = 3 if vae is None else vae.latent_channels
+    if parts["text_encoder"]:  # Wan's UMT5 (or any T5 encoder) from a transformers folder
         from jaxvc.convert.t5 import load_t5_encoder
         from jaxvc.models.t5_tokenizer import T5Tokenizer
 
-        if not model.get("tokenizer"):
+        if not parts["tokenizer"]:
             raise ValueError("config.model.text_encoder needs config.model.tokenizer (the pipeline's tokenizer/)")
-        text, weights = load_t5_encoder(model.text_encoder, dtype=dtype)
+        text, weights = load_t5_encoder(parts["text_encoder"], dtype=dtype)
         pretrained["text_encoder"] = weights["params"]
-        tokenizer = T5Tokenizer.from_folder(model.tokenizer, max_length=model.get("max_text_length", 512))
+        tokenizer = T5Tokenizer.from_folder(parts["tokenizer"], max_length=model.get("max_text_length", 512))
         width = text.d_model
+    elif not model.get("text_variant"):
+        raise ValueError("disentangled_s2v: this variant reads Wan's UMT5 text encoder from files: set "
+                         "config.model.pretrained (a diffusers Wan pipeline folder) or config.model.text_encoder and "
+                         "config.model.tokenizer")
     else:
         text = CLIPTextConfig.variant(model.text_variant)
-        tokenizer, width = load_tokenizer(model.get("tokenizer") or None), text.hidden_size
+        tokenizer, width = load_tokenizer(parts["tokenizer"] or None), text.hidden_size
     overrides = dict(dtype=dtype, remat=remat, attention_backend=model.get("attention_backend", "xla") or "xla")
-    if model.get("transformer"):
+    if parts["transformer"]:
         from jaxvc.convert.wan import load_wan
 
-        wan, weights = load_wan(model.transformer, **overrides)
+        wan, weights = load_wan(parts["transformer"], **overrides)
         pretrained["transformer"] = weights["params"]
     else:
         wan = wan_config(model.transformer_variant, in_channels=channels, out_channels=channels,
                          text_dim=width, **overrides)
     method = DisentangledS2V(wan, text, vae, DisentangledS2VOptions.from_mapping(model.options.to_dict()),
                              tokenizer, num_frames=model.num_frames, image_size=model.image_size,
-                             pretrained=pretrained)
+                             pretrained=pretrained, vae_chunk_frames=model.get("vae_chunk_frames") or None)
     method.init_params_jittable = not pretrained
     configure_validation(method, config)
     return method
