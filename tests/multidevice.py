@@ -36,9 +36,8 @@ for name in PERTURB:  # zero-initialised parts made non-zero, so that what lies 
     params["params"][name] = jax.tree.map(lambda v: 0.05 * jax.random.normal(jax.random.key(v.size), v.shape),
                                           params["params"][name])
 rng = np.random.default_rng(0)
-size = method.image_size
-batch = {"video": rng.uniform(-1, 1, (8, method.num_frames, size, size, 3)).astype(np.float32),
-         "tokens": np.tile(np.asarray(method.empty_prompt_tokens), (8, 1))}
+batch = {key: np.tile(np.asarray(method.empty_prompt_tokens), (8, 1)) if key == "tokens"
+         else rng.uniform(-1, 1, spec.shape).astype(np.float32) for key, spec in method.example_batch(8).items()}
 loss_and_grad = lambda p, b: jax.value_and_grad(lambda q: method.loss(q, b, jax.random.key(1))[0])(p)
 single = jax.jit(loss_and_grad).lower(params, batch).compile(fast)(params, batch)
 mesh = make_mesh({"data": 2, "fsdp": 4})

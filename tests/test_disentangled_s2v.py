@@ -206,3 +206,12 @@ def test_wan_pipeline_folder_loads_every_part_and_the_latents_are_the_wan_vae_s(
         from_config(real)
     with pytest.raises(ValueError, match=r"1 \+ 4k frames .* got 4"):
         build_method(tiny_config(**{"model.num_frames": 4}))
+
+
+def test_sharded_loss_and_gradients_equal_one_device():
+    """data 2 x fsdp 4 on 8 simulated devices, a video batch: the Wan VAE's streamed encoding, the DiT (sharded by
+    the rule table) with its reference stream, the dropped reference tokens and the LoRA gradients."""
+    from tests.multidevice import run_with_devices, sharded_loss_script
+
+    run_with_devices(sharded_loss_script("configs/disentangled_s2v.py:tiny", perturb=("adapters",),
+                                         sharded_parts=("transformer",)))
