@@ -12,6 +12,7 @@ import abc
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import linen as nn
 
 PyTree = Any
@@ -62,3 +63,40 @@ def _key_name(key) -> str:
         if hasattr(key, attr):
             return str(getattr(key, attr))
     return str(key)
+
+
+class PipelineValidation:
+    """``set_validation`` and the trainer's ``sample`` hook for methods that generate with
+    ``self.pipeline(params, tokenizer)`` (a ``CustomVideoPipeline``-like ``generate``), from prompts and, where
+    ``uses_reference``, one reference image each. Needs ``name``, ``uses_reference``, ``tokenizer``, ``num_frames``,
+    ``image_size`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
+
+    def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
+                       seed: int = 0) -> None:
+        """What ``sample`` generates every ``config.sample_every`` steps: each prompt (with its reference image when
+        the method takes one; ``references`` may be empty otherwise)."""
+        if self.uses_reference and len(prompts) != len(references):
+            raise ValueError(f"{self.name} validation: {len(prompts)} prompts but {len(references)} reference images "
+                             "(one each)")
+        references = list(references) if references else [None] * len(prompts)
+        self.validation = list(zip(prompts, references))
+        self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
+                                        guidance_scale=float(guidance_scale), seed=int(seed))
+
+    def sample(self, params, rng):
+        """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
+        uses the seed ``validation_settings["seed"] + i``, not ``rng``: the same noise at every sample point, so the
+        videos show what training changed."""
+        del rng
+        if not self.validation:
+            raise ValueError(f"{self.name}: no validation prompts (config.validation.prompts) to sample")
+        from jaxvc.models.tokenizer import load_tokenizer
+
+        pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
+        settings = self.validation_settings
+        videos = [pipe.generate(None if reference is None else jnp.asarray(reference, jnp.float32)[None], prompt,
+                                num_frames=self.num_frames, height=self.image_size, width=self.image_size,
+                                seed=settings["seed"] + i, num_inference_steps=settings["num_inference_steps"],
+                                guidance_scale=settings["guidance_scale"])[0]
+                  for i, (prompt, reference) in enumerate(self.validation)]
+        return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.flow import flow_add_noise, flow_target, sample_flow_sigmas
-from jaxvc.methods.base import Method
+from jaxvc.methods.base import Method, PipelineValidation
 from jaxvc.methods.video_base import options_from_mapping
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
@@ -79,7 +79,7 @@ class DisentangledS2VOptions:
         return options_from_mapping(cls, values, "disentangled_s2v")
 
 
-class DisentangledS2V(Method):
+class DisentangledS2V(PipelineValidation, Method):
     """Parameters: ``{"params": {"transformer", "text_encoder", "vae", "adapters": {"lora"},
     "reference_time_lora": {"down", "up"}}}`` (``vae`` absent in pixel space)."""
     name = "disentangled_s2v"
@@ -303,27 +303,6 @@ class DisentangledS2V(Method):
         from jaxvc.dit_pipeline import SubjectDiTPipeline
 
         return SubjectDiTPipeline(self, params, tokenizer or self.tokenizer)
-
-    def set_validation(self, prompts, references, *, num_inference_steps: int = 50, guidance_scale: float = 6.0,
-                       seed: int = 0) -> None:
-        if len(prompts) != len(references):
-            raise ValueError(f"{self.name} validation: {len(prompts)} prompts but {len(references)} references")
-        self.validation = list(zip(prompts, references))
-        self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
-                                        guidance_scale=float(guidance_scale), seed=int(seed))
-
-    def sample(self, params, rng):
-        del rng
-        if not self.validation:
-            raise ValueError(f"{self.name}: no validation prompts (config.validation.prompts) to sample")
-        pipe = self.pipeline(params)
-        settings = self.validation_settings
-        videos = [pipe.generate(jnp.asarray(reference, jnp.float32)[None], prompt, num_frames=self.num_frames,
-                                height=self.image_size, width=self.image_size, seed=settings["seed"] + i,
-                                num_inference_steps=settings["num_inference_steps"],
-                                guidance_scale=settings["guidance_scale"])[0]
-                  for i, (prompt, reference) in enumerate(self.validation)]
-        return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}
 
     def example_batch(self, batch_size: int):
         size = self.image_size

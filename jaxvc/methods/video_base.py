@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
-from jaxvc.methods.base import Method
+from jaxvc.methods.base import Method, PipelineValidation
 from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.patchify import from_patches, to_patches
@@ -46,7 +46,7 @@ def condition_dropout(rng, batch_size: int, both_prob: float, text_prob: float, 
     return drop_text, drop_both | ((u >= lo) & (u < lo + condition_prob))
 
 
-class VideoDiffusionMethod(Method):
+class VideoDiffusionMethod(PipelineValidation, Method):
     """Parameters: ``{"params": {"unet": ..., "text_encoder": ..., "vae": ...}}`` (``vae`` absent in pixel space),
     plus whatever ``extra_params`` a method adds.
 
@@ -195,36 +195,6 @@ class VideoDiffusionMethod(Method):
             scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
 
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
-    def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
-                       seed: int = 0) -> None:
-        """What ``sample`` generates every ``config.sample_every`` steps: each prompt (with its reference image when
-        the method takes one; ``references`` may be empty otherwise)."""
-        if self.uses_reference and len(prompts) != len(references):
-            raise ValueError(f"{self.name} validation: {len(prompts)} prompts but {len(references)} reference images "
-                             "(one each)")
-        references = list(references) if references else [None] * len(prompts)
-        self.validation = list(zip(prompts, references))
-        self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
-                                        guidance_scale=float(guidance_scale), seed=int(seed))
-
-    def sample(self, params, rng):
-        """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
-        uses the seed ``validation_settings["seed"] + i``, not ``rng``: the same noise at every sample point, so the
-        videos show what training changed."""
-        del rng
-        if not self.validation:
-            raise ValueError(f"{self.name}: no validation prompts (config.validation.prompts) to sample")
-        from jaxvc.models.tokenizer import load_tokenizer
-
-        pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
-        settings = self.validation_settings
-        videos = [pipe.generate(None if reference is None else jnp.asarray(reference, jnp.float32)[None], prompt,
-                                num_frames=self.num_frames, height=self.image_size, width=self.image_size,
-                                seed=settings["seed"] + i, num_inference_steps=settings["num_inference_steps"],
-                                guidance_scale=settings["guidance_scale"])[0]
-                  for i, (prompt, reference) in enumerate(self.validation)]
-        return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}
-
     def example_batch(self, batch_size: int):
         size = self.image_size
         return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
