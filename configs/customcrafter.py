@@ -37,8 +37,13 @@ def get_config(variant=None):
 
     # instance images and (sd15) class images for prior preservation, drawn at equal rates
     config.data = config_sections.stream_data(config, {"instance": "synthetic:pairs"}, with_mask=True)
-    config.data.hflip = 0.5  # [C]
+    config.data.target_hflip = 0.5  # [C] the instance images
+    config.data.hflip = 0.0  # (the reference's flip: CustomCrafter has no reference)
     config.data.affine_degrees = 0.0
+    # [C] the instance images zoomed out (x1/3-1, on black, "a far away"/"very small" below 0.6, loss on the box) or
+    # in (x1.2-1.4, "zoomed in"/"close up"); the class images of prior preservation are not
+    config.data.rescale = ("instance",)
+    config.data.rescale_mask_inset = 8  # one latent cell of the SD VAE
     config.data.synthetic.update(dict(num_subjects=12, held_out=2, records=64))
 
     config.optim = config_sections.optim(lr=3e-5)  # [P][C]
@@ -49,6 +54,7 @@ def get_config(variant=None):
         config.batch_size = 2
         config.optim.lr = 1e-3
         config.checkpoint.every = 10
+        config.data.rescale_mask_inset = 2  # one latent cell of the tiny VAE
     elif variant == "sd15":
         config.model.unet_variant = "sd15"
         config.model.text_variant = "sd15"

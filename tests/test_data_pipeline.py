@@ -300,3 +300,57 @@ def test_from_config_for_the_trainer_rows():
     assert part.dataset.config.affine_scale == (0.95, 1.05) and part.dataset.weights.tolist() == [0.8, 0.2]
     full.close()
     part.close()
+
+
+def test_customcrafter_rescale_zooms_the_subject_and_says_so_in_the_caption():
+    """transforms.rescale_subject on a uniform image: zoomed out, the image is pasted on black and the loss mask is the
+    pasted box inset by `inset` on each side, with a "far away"/"very small" prefix below 0.6 (none from 0.6 to 1);
+    zoomed in (x1.2-1.4) it is a crop, the mask all ones, the prefix "zoomed in"/"close up". In the pipeline only the
+    named streams' image targets are rescaled (and flipped with target_hflip), never the reference."""
+    from jaxvc.data import transforms
+
+    image = np.full((48, 48, 3), 200, np.uint8)
+    seen = {"far": 0, "near": 0, "plain": 0}
+    for seed in range(200):
+        out, mask, prefix = transforms.rescale_subject(image, None, np.random.default_rng(seed), inset=4)
+        lit = np.argwhere(out[..., 0] > 0)
+        if prefix in transforms.ZOOM_IN_PREFIXES:
+            assert np.all(out == 200) and mask.all()
+            seen["near"] += 1
+            continue
+        (top, left), (bottom, right) = lit.min(0), lit.max(0) + 1
+        side = bottom - top
+        assert np.all(out[top:bottom, left:right] == 200) and (out[..., 0] > 0).sum() == side * (right - left)
+        box = np.zeros_like(mask)
+        box[top + 4:bottom - 4, left + 4:right - 4] = True
+        np.testing.assert_array_equal(mask, box)
+        assert 16 <= side <= 48
+        if prefix:
+            assert prefix in transforms.ZOOM_OUT_PREFIXES and side < 0.6 * 48 + 1
+            seen["far"] += 1
+        else:
+            assert side >= 0.6 * 48 - 1
+            seen["plain"] += 1
+    assert min(seen.values()) > 20, seen  # all three cases occur; zoom out about 2/3 of the time
+    assert 0.55 < (seen["far"] + seen["plain"]) / 200 < 0.77
+
+    subject_mask = np.zeros((48, 48), bool)
+    subject_mask[10:20, 10:30] = True
+    out, mask, _ = transforms.rescale_subject(image, subject_mask, np.random.default_rng(1), zoom_out_prob=1.0)
+    assert 0 < mask.sum() <= subject_mask.sum() and np.all(out[mask] == 200)  # the record's mask shrinks along
+
+    source = {"instance": ListSource([pair_example(i) for i in range(8)]),
+              "prior": ListSource([pair_example(i) for i in range(8)])}
+    config = DataConfig(batch_size=8, **{**PLAIN, "image_size": 32}, rescale=("instance",), rescale_mask_inset=2,
+                        weights={"instance": 0.5, "prior": 0.5})
+    batch = BatchDataset(source, config, 0, 1)[0]
+    instance, prior = batch["stream"] == "instance", batch["stream"] == "prior"
+    assert instance.any() and prior.any()
+    assert batch["has_mask"][instance].all() and not batch["has_mask"][prior].any()
+    black = np.all(batch["video"] == -1.0, axis=-1)  # the surround of zoomed-out targets
+    assert black[instance].any() and not black[prior].any()
+    assert any(c.startswith(transforms.ZOOM_OUT_PREFIXES + transforms.ZOOM_IN_PREFIXES)
+               for c in batch["caption"][instance])
+    assert not np.any(np.all(batch["reference"] == -1.0, axis=-1))  # references are never rescaled
+    with pytest.raises(ValueError, match=r"rescale names streams \['instances'\]"):
+        BatchDataset(source, DataConfig(batch_size=2, rescale=("instances",)), 0, 1)

@@ -68,6 +68,10 @@ class DataConfig:
     random_crop: bool = True
     swap_pair: bool = True  # randomly pick which view of a pair is the reference (else view 0)
     with_mask: bool = True
+    target_hflip: float = 0.0  # image examples' targets (and masks) flipped left-right with this probability
+    rescale: tuple[str, ...] = ()  # streams whose image targets get CustomCrafter's zoom (transforms.rescale_subject)
+    rescale_fill: int = 0  # the zoomed-out image's surround (black)
+    rescale_mask_inset: int = 8  # pixels the zoomed-out loss box keeps off its edges (one SD latent cell)
     seed: int = 0
     max_retries: int = 8  # substitutes tried for an unreadable record before giving up
     num_batches: int | None = None  # None: endless
@@ -208,6 +212,9 @@ class BatchDataset(grain.MapDataset):
         if not config.switch and image_frames != config.num_frames and len(self.names) > 1:
             raise ValueError(f"image_frames={config.image_frames} differs from num_frames={config.num_frames}: "
                              f"examples of different kinds could share a batch; use switch=True or image_frames=None")
+        unknown_rescale = sorted(set(config.rescale) - set(self.names))
+        if unknown_rescale:
+            raise ValueError(f"rescale names streams {unknown_rescale}; the streams are {self.names}")
         if config.reference not in transforms.REFERENCE_MODES:
             raise ValueError(f"reference={config.reference!r}: expected one of {transforms.REFERENCE_MODES}")
         self.config = config
@@ -286,7 +293,7 @@ class BatchDataset(grain.MapDataset):
             try:
                 example = source[idx]
                 rng = np.random.default_rng([self.config.seed, stream, position, attempt])
-                out = self.transform(example, rng)
+                out = self.transform(example, rng, self.names[stream])
                 out["stream"] = self.names[stream]
                 return out, attempt
             except Exception as e:  # a bad record is skipped, never fatal
@@ -298,8 +305,8 @@ class BatchDataset(grain.MapDataset):
             f"(around position {position}); the data looks broken. Last error: {type(error).__name__}: {error}"
         ) from error
 
-    def transform(self, example: dict, rng: np.random.Generator) -> dict:
-        """One example -> {video, reference, mask, has_mask, caption, kind, fps}."""
+    def transform(self, example: dict, rng: np.random.Generator, stream: str = "") -> dict:
+        """One example of ``stream`` -> {video, reference, mask, has_mask, caption, kind, fps}."""
         cfg = self.config
         size = cfg.size
         kind = example["kind"]
@@ -337,15 +344,25 @@ class BatchDataset(grain.MapDataset):
                     m_box = transforms.scale_box(box, img.shape[:2], m.shape)
                     decoded_masks.append((v, transforms.resize_crop_mask(m[None], size, m_box)[0]))
             images, view_masks = dict(decoded), dict(decoded_masks)
+            reference, ref_mask = images[ref_view], view_masks.get(ref_view)
+            prefix = ""
+            if cfg.target_hflip and rng.random() < cfg.target_hflip:
+                images[target_view] = np.ascontiguousarray(images[target_view][:, ::-1])
+                if target_view in view_masks:
+                    view_masks[target_view] = np.ascontiguousarray(view_masks[target_view][:, ::-1])
+            if stream in cfg.rescale:  # the loss mask becomes the rescaled subject's region (every record has one)
+                images[target_view], view_masks[target_view], prefix = transforms.rescale_subject(
+                    images[target_view], view_masks.get(target_view), rng, fill=cfg.rescale_fill,
+                    inset=cfg.rescale_mask_inset)
+                has_mask = True
             t = cfg.image_frames or cfg.num_frames
             target = transforms.frozen_video(images[target_view], t)
-            reference = images[ref_view]
             target_mask = transforms.frozen_video(view_masks[target_view], t) if has_mask else None
-            ref_mask = view_masks.get(ref_view)
             if kind == "image_pair" and len(captions) >= 2:
                 caption = captions[target_view]
             else:
                 caption = captions[int(rng.integers(len(captions)))] if captions else ""
+            caption = prefix + caption
         else:
             raise records.CorruptRecordError(f"{example.get('source')}: unknown kind {kind!r}")
         if cfg.highlight and ref_mask is not None:

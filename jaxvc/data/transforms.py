@@ -145,6 +145,46 @@ def augment_reference(image: np.ndarray, rng: np.random.Generator, hflip: float 
     return np.asarray(out)
 
 
+ZOOM_OUT_PREFIXES = ("a far away ", "very small ")
+ZOOM_IN_PREFIXES = ("zoomed in ", "close up ")
+
+
+def rescale_subject(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *, fill: int = 0,
+                    inset: int = 8, zoom_out_prob: float = 0.66) -> tuple[np.ndarray, np.ndarray, str]:
+    """CustomCrafter's (Custom Diffusion's) subject rescale: image (H, W, 3) uint8 and its subject mask (H, W) or
+    None -> (image, loss mask (H, W) bool, caption prefix).
+
+    With probability ``zoom_out_prob`` a scale s in [1/3, 1]: the image shrunk by s is pasted at a random place on
+    ``fill`` (black), the loss mask is the pasted box inset by ``inset`` pixels on each side (one latent cell of the
+    SD VAE; a record's own mask shrinks along instead), and below s = 0.6 the prompt gets "a far away " or
+    "very small ". Otherwise s in [1.2, 1.4): a random crop of the enlarged image, the mask all ones (or the record's
+    mask cropped along), prefix "zoomed in " or "close up "."""
+    h, w = image.shape[:2]
+    zoom_out = rng.random() < zoom_out_prob
+    s = rng.uniform(1 / 3, 1.0) if zoom_out else rng.uniform(1.2, 1.4)
+    inner_h, inner_w = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    scaled = np.asarray(Image.fromarray(image).resize((inner_w, inner_h), Image.BILINEAR))
+    scaled_mask = None
+    if mask is not None:
+        scaled_mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((inner_w, inner_h),
+                                                                                      Image.NEAREST)) > 127
+    top = int(rng.integers(0, abs(h - inner_h) + 1))
+    left = int(rng.integers(0, abs(w - inner_w) + 1))
+    if not zoom_out:  # crop the enlarged image
+        window = (slice(top, top + h), slice(left, left + w))
+        loss_mask = np.ones((h, w), bool) if scaled_mask is None else scaled_mask[window]
+        return np.ascontiguousarray(scaled[window]), loss_mask, str(rng.choice(ZOOM_IN_PREFIXES))
+    out = np.full_like(image, fill)
+    out[top:top + inner_h, left:left + inner_w] = scaled
+    loss_mask = np.zeros((h, w), bool)
+    if scaled_mask is None:
+        loss_mask[top + inset:top + inner_h - inset, left + inset:left + inner_w - inset] = True
+    else:
+        loss_mask[top:top + inner_h, left:left + inner_w] = scaled_mask
+    prefix = str(rng.choice(ZOOM_OUT_PREFIXES)) if s < 0.6 else ""
+    return out, loss_mask, prefix
+
+
 def frozen_video(image: np.ndarray, num_frames: int) -> np.ndarray:
     """A still image repeated over time: (H, W, C) -> (num_frames, H, W, C)."""
     return np.repeat(image[None], num_frames, axis=0)

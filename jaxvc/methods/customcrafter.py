@@ -18,8 +18,10 @@ Read top to bottom.
       empty prompt, DDIM eta 1.
 
 The paper's base is VideoCrafter2; jaxvc runs the same mechanism on its AnimateDiff UNet (SD1.5 + motion modules),
-whose spatial transformer blocks are the same BasicTransformerBlocks. The authors' random rescale augmentation (zoom
-out with a "far away" prompt prefix and a box mask, zoom in with "close up") is not implemented.
+whose spatial transformer blocks are the same BasicTransformerBlocks. The authors' data augmentation is the input
+pipeline's (``config.data``): instance images flipped with p 0.5 and rescaled (``jaxvc.data.transforms.
+rescale_subject``: zoomed out onto black with a "far away"/"very small" prefix and the loss on the subject's box, or
+zoomed in with "zoomed in"/"close up"); the class images of prior preservation are not.
 """
 from __future__ import annotations
 
