@@ -12,6 +12,8 @@ Variants (``--config configs/still_moving.py:<variant>``):
                   --config.model.options.customization_lora=/my-dog-lora.safetensors
                   --config.model.options.motion_adapter=/runs/still-moving-motion
                   --config.data.streams.image=folder:/my-dog-samples
+                prior preservation (off by default, [G]): frozen videos of the *original* T2I's samples of the class
+                mixed in at an equal rate: --config.data.streams.prior=folder:/dog-class-samples
 Generate from the stage-"spatial" run: ``jaxvc generate --model RUN --prompt "a [V] dog running on the beach"``
 (no reference image: the subject is in the weights; the motion adapter is removed, as in the paper).
 """
@@ -64,6 +66,7 @@ def get_config(variant=None):
             config.checkpoint.every = 1000
         else:
             config.model.options.stage = "spatial"
+            config.data.streams.prior = "none"  # optional: the original T2I's class samples (prior preservation)
             config.steps = 500  # [S]: Still-Moving trains its spatial adapters for 500 steps
             config.checkpoint.every = 250
     else:

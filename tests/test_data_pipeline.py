@@ -354,3 +354,18 @@ def test_customcrafter_rescale_zooms_the_subject_and_says_so_in_the_caption():
     assert not np.any(np.all(batch["reference"] == -1.0, axis=-1))  # references are never rescaled
     with pytest.raises(ValueError, match=r"rescale names streams \['instances'\]"):
         BatchDataset(source, DataConfig(batch_size=2, rescale=("instances",)), 0, 1)
+
+
+def test_an_optional_stream_set_to_none_is_off_with_its_weight():
+    """config.data.streams.<name> = "none" (Still-Moving's optional prior-preservation stream) drops the stream, its
+    weight and its rescale entry; naming a folder turns it on."""
+    from jaxvc.config_utils import get_config
+    from jaxvc.data.build import data_config, stream_specs
+
+    config = get_config("configs/still_moving.py:sd15_spatial", [("data.streams.image", "synthetic:pairs")])
+    assert stream_specs(config.data) == {"image": "synthetic:pairs"}
+    config.data.weights = {"image": 1.0, "prior": 1.0}
+    assert data_config(config).weights == {"image": 1.0}
+    config = get_config("configs/still_moving.py:sd15_spatial", [("data.streams.image", "synthetic:pairs"),
+                                                                 ("data.streams.prior", "synthetic:pairs")])
+    assert set(stream_specs(config.data)) == {"image", "prior"}

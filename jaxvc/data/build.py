@@ -7,6 +7,8 @@ It reads `config.batch_size` (global) and `config.data`:
                    "packed:DIR" | "packed:DIR:KIND[,KIND]"          shards from `jaxvc pack`
                    "tfds:NAME:SPLIT[:KIND]"                         TFDS ArrayRecord (data_dir = config.data.tfds_dir)
                    "folder:PATH"                                    media folder / JSONL manifest read directly
+                   "none"                                           an optional stream switched off (its weight
+                                                                    is dropped too)
   weights        {name: weight} (default equal); switch: True for one stream per batch (method (e): p = weight)
   image_size, num_frames, frame_stride, image_frames, reference, reference_candidates, highlight, hflip,
   affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
@@ -17,7 +19,6 @@ It reads `config.batch_size` (global) and `config.data`:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 from jaxvc.data.pipeline import DataConfig, DataIterator, make_pipeline
 
@@ -79,6 +80,12 @@ def build_source(spec: str, data_cfg=None):
     raise ValueError(f"stream spec {spec!r}: expected synthetic:, packed:, tfds: or folder:")
 
 
+def stream_specs(data_cfg) -> dict[str, str]:
+    """The named streams of config.data.streams that are on (spec "none" switches an optional one off)."""
+    specs = _plain(_get(data_cfg, "streams", None)) or {"image": "synthetic:pairs", "video": "synthetic:videos"}
+    return {name: spec for name, spec in specs.items() if spec != "none"}
+
+
 def data_config(config) -> DataConfig:
     """DataConfig from config.batch_size and the DataConfig fields present in config.data."""
     data_cfg = config.data
@@ -89,6 +96,11 @@ def data_config(config) -> DataConfig:
         value = _get(data_cfg, f.name, None)
         if value is not None:
             fields[f.name] = _plain(value)
+    if "weights" in fields:  # the weights of streams switched off go with them
+        on = stream_specs(data_cfg)
+        fields["weights"] = {name: weight for name, weight in fields["weights"].items() if name in on}
+    if "rescale" in fields:
+        fields["rescale"] = tuple(name for name in fields["rescale"] if name in stream_specs(data_cfg))
     return DataConfig(batch_size=int(config.batch_size), **fields)
 
 
@@ -101,9 +113,7 @@ def from_config(config, rows: tuple[int, int] | None = None, tokenizer=None) -> 
 
         tokenizer = load_tokenizer(config.model.get("tokenizer") or None)
     data_cfg = config.data
-    specs: dict[str, Any] = _plain(_get(data_cfg, "streams", None)) or {"image": "synthetic:pairs",
-                                                                         "video": "synthetic:videos"}
-    streams = {name: build_source(spec, data_cfg) for name, spec in specs.items()}
+    streams = {name: build_source(spec, data_cfg) for name, spec in stream_specs(data_cfg).items()}
     return make_pipeline(streams, data_config(config), rows=rows, tokenizer=tokenizer,
                          worker_count=int(_get(data_cfg, "workers", 0) or 0),
                          read_threads=int(_get(data_cfg, "read_threads", 1) or 1),

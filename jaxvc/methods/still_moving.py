@@ -15,7 +15,8 @@ trains small adapters instead, in two stages, on frozen videos v = [x, x, ..., x
       on the output of every spatial ResNet and transformer block, y = f(x) + up(down(f(x))), trained ~500 steps on
       about 40 frozen videos made from the customized T2I's samples. With the motion adapter on, a frozen video is
       what the model should produce, so the spatial adapters learn to fix the customized features *without* having
-      to explain away motion.
+      to explain away motion. Prior preservation ([G] off) is a data matter: a second stream of frozen videos from
+      the *original* T2I's class samples (``config.data.streams.prior``), mixed in at an equal rate, same loss.
   inference
       The motion adapter is removed (scale 0): customized spatial weights + spatial adapters + the original motion
       modules generate moving videos of the customized subject.
