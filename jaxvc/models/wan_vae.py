@@ -410,21 +410,34 @@ class AutoencoderKLWan(nn.Module):
         self.post_quant_conv = CausalConv3d(cfg.z_dim, (1, 1, 1), (0, 0, 0), **kw)
 
     def encode_chunk(self, video, first_chunk: bool):
-        """video (B, T, H, W, in) -> (mean, logvar) (B, T', H/f, W/f, z) float32, logvar clamped to [-30, 20]."""
-        moments = self.quant_conv(self.encoder(patchify(video, self.config.patch_size), first_chunk), first_chunk)
-        mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
-        return mean, jnp.clip(logvar, -30.0, 20.0)
+        """A chunk of the patchified video (B, T, H/p, W/p, in) -> moments (B, T', h, w, 2 z) float32: the
+        posterior's mean and log-variance (``posterior``)."""
+        return self.quant_conv(self.encoder(video, first_chunk), first_chunk).astype(jnp.float32)
 
     def decode_chunk(self, latents, first_chunk: bool):
-        """latents (B, T', h, w, z) (not normalized) -> video (B, T, h*f, w*f, out) float32 in [-1, 1]."""
-        x = self.decoder(self.post_quant_conv(latents.astype(self.config.dtype), first_chunk), first_chunk)
-        return jnp.clip(unpatchify(x.astype(jnp.float32), self.config.patch_size), -1.0, 1.0)
+        """A chunk of latents (B, T', h, w, z) (not normalized) -> the decoder's output (B, T, H/p, W/p, out)
+        float32, before un-patchifying and clipping (tiles are blended there, as diffusers does)."""
+        return self.decoder(self.post_quant_conv(latents.astype(self.config.dtype), first_chunk),
+                            first_chunk).astype(jnp.float32)
 
     def __call__(self, video):
         """Reconstruction through the posterior mean, in two chunks (frame 0, the rest); used for init."""
-        first = self.encode_chunk(video[:, :1], True)[0]
-        rest = self.encode_chunk(video[:, 1:], False)[0]
-        return jnp.concatenate([self.decode_chunk(first, True), self.decode_chunk(rest, False)], axis=1)
+        video = patchify(video, self.config.patch_size)
+        first = posterior(self.encode_chunk(video[:, :1], True))[0]
+        rest = posterior(self.encode_chunk(video[:, 1:], False))[0]
+        out = jnp.concatenate([self.decode_chunk(first, True), self.decode_chunk(rest, False)], axis=1)
+        return finish_video(out, self.config)
+
+
+def posterior(moments):
+    """moments (..., 2 z) -> (mean, logvar), logvar clamped to [-30, 20] (diffusers' DiagonalGaussianDistribution)."""
+    mean, logvar = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.clip(logvar, -30.0, 20.0)
+
+
+def finish_video(decoded, config: WanVAEConfig):
+    """The decoder's output -> video in [-1, 1]: un-patchified (Wan 2.2) and clipped."""
+    return jnp.clip(unpatchify(decoded, config.patch_size), -1.0, 1.0)
 
 
 def _strip_cache(variables) -> dict:
@@ -462,30 +475,40 @@ def _run_chunks(vae: AutoencoderKLWan, params, x, method, chunk: int | None, ste
     return jax.tree.map(lambda *ys: jnp.concatenate(ys, axis=1), *pieces)
 
 
+def check_video(cfg: WanVAEConfig, video) -> None:
+    """Raises unless video is (B, 1 + 4k, H, W, 3) with H and W multiples of the downsampling factor."""
+    channels = cfg.in_channels // (cfg.patch_size or 1) ** 2
+    if video.ndim != 5 or video.shape[-1] != channels:
+        raise ValueError(f"Wan VAE: video must be (B, T, H, W, {channels}) channels-last, got {video.shape}")
+    cfg.latent_frames(video.shape[1])
+    if video.shape[2] % cfg.downsample_factor or video.shape[3] % cfg.downsample_factor:
+        raise ValueError(f"Wan VAE: frame size {video.shape[2]}x{video.shape[3]} is not divisible by the "
+                         f"downsampling factor {cfg.downsample_factor}")
+
+
+def check_latents(cfg: WanVAEConfig, latents) -> None:
+    if latents.ndim != 5 or latents.shape[-1] != cfg.z_dim:
+        raise ValueError(f"Wan VAE: latents must be (B, T, h, w, {cfg.z_dim}), got {latents.shape}")
+
+
 def encode_wan(vae: AutoencoderKLWan, params, video, chunk_frames: int | None = None):
     """video (B, T, H, W, in) in [-1, 1], T = 1 + 4k -> posterior (mean, logvar), each (B, 1 + k, H/f, W/f, z).
 
     ``chunk_frames``: video frames (after frame 0) encoded per step of a ``lax.scan`` (a multiple of 4; diffusers
     uses 4); None encodes them all at once (fastest, most memory)."""
-    cfg = vae.config
-    if video.ndim != 5 or video.shape[-1] != cfg.in_channels // (cfg.patch_size or 1) ** 2:
-        raise ValueError(f"Wan VAE: video must be (B, T, H, W, {cfg.in_channels // (cfg.patch_size or 1) ** 2}) "
-                         f"channels-last, got {video.shape}")
-    cfg.latent_frames(video.shape[1])
-    if video.shape[2] % cfg.downsample_factor or video.shape[3] % cfg.downsample_factor:
-        raise ValueError(f"Wan VAE: frame size {video.shape[2]}x{video.shape[3]} is not divisible by the "
-                         f"downsampling factor {cfg.downsample_factor}")
-    return _run_chunks(vae, params, video, AutoencoderKLWan.encode_chunk, chunk_frames, cfg.temporal_factor)
+    check_video(vae.config, video)
+    moments = _run_chunks(vae, params, patchify(video, vae.config.patch_size), AutoencoderKLWan.encode_chunk,
+                          chunk_frames, vae.config.temporal_factor)
+    return posterior(moments)
 
 
 def decode_wan(vae: AutoencoderKLWan, params, latents, chunk_frames: int | None = None):
     """latents (B, 1 + k, h, w, z) (not normalized) -> video (B, 1 + 4k, h*f, w*f, out) in [-1, 1].
 
     ``chunk_frames``: latent frames (after the first) decoded per scan step (diffusers: 1); None: all at once."""
-    cfg = vae.config
-    if latents.ndim != 5 or latents.shape[-1] != cfg.z_dim:
-        raise ValueError(f"Wan VAE: latents must be (B, T, h, w, {cfg.z_dim}), got {latents.shape}")
-    return _run_chunks(vae, params, latents, AutoencoderKLWan.decode_chunk, chunk_frames, 1)
+    check_latents(vae.config, latents)
+    decoded = _run_chunks(vae, params, latents, AutoencoderKLWan.decode_chunk, chunk_frames, 1)
+    return finish_video(decoded, vae.config)
 
 
 def _latent_statistics(cfg: WanVAEConfig):
