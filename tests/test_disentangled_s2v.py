@@ -215,3 +215,16 @@ def test_sharded_loss_and_gradients_equal_one_device():
 
     run_with_devices(sharded_loss_script("configs/disentangled_s2v.py:tiny", perturb=("adapters",),
                                          sharded_parts=("transformer",)))
+
+
+def test_vae_tiles_are_a_setting_of_the_method():
+    """config.model.vae_tile: the method's latents come from the Wan VAE's tiled encoder (wan_vae_tiling)."""
+    from jaxvc.models.wan_vae_tiling import encode_wan_tiled
+
+    method = build_method(tiny_config(**{"model.vae_tile": 24, "model.vae_tile_stride": 16}))
+    assert (method.vae.tile, method.vae.tile_stride) == (24, 16)
+    params = {"params": method.vae.init(jax.random.key(0))}
+    video = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (1, 5, 32, 32, 3)), jnp.float32)
+    latents = jax.jit(method.encode_pixels)({"params": {"vae": params["params"]}}, video)
+    mean, _ = jax.jit(lambda p, v: encode_wan_tiled(method.vae.module, p, v, tile=24, stride=16))(params, video)
+    np.testing.assert_allclose(np.asarray(latents), np.asarray(mean), rtol=1e-6, atol=1e-6)  # tiny: mean 0, std 1

@@ -103,8 +103,9 @@ def test_decode_matches_diffusers_whole_and_chunked(models, name):
     model, config, params, _ = models[name]
     vae = AutoencoderKLWan(config)
     f, h, w = CASES[name][1]
+    factor = config.downsample_factor
     latents = np.random.default_rng(1).standard_normal(
-        (2, 1 + (f - 1) // 4, h // config.downsample_factor, w // config.downsample_factor, config.z_dim)).astype(np.float32)
+        (2, 1 + (f - 1) // 4, h // factor, w // factor, config.z_dim)).astype(np.float32)
     want = torch_decode(model, latents)
     assert want.shape == (2, f, h, w, 3)
     assert np.mean(np.abs(want) < 0.999) > 0.5  # mostly inside the clamp, so the comparison sees the network

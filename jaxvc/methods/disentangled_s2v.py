@@ -88,7 +88,7 @@ class DisentangledS2V(PipelineValidation, Method):
     def __init__(self, wan_config: WanConfig, text_config: CLIPTextConfig | T5EncoderConfig,
                  vae_config: VAEConfig | WanVAEConfig | None, options: DisentangledS2VOptions, tokenizer, *,
                  num_frames: int, image_size: int, pretrained: Mapping[str, Any] | None = None,
-                 vae_chunk_frames: int | None = None):
+                 vae_chunk_frames: int | None = None, vae_tile: int | None = None, vae_tile_stride: int = 192):
         latent_channels = 3 if vae_config is None else vae_config.latent_channels
         if wan_config.in_channels != latent_channels or wan_config.out_channels != latent_channels:
             raise ValueError(f"disentangled_s2v: the DiT's in/out channels ({wan_config.in_channels}, "
@@ -99,7 +99,7 @@ class DisentangledS2V(PipelineValidation, Method):
             raise ValueError(f"disentangled_s2v: the DiT's text_dim {wan_config.text_dim} != the text encoder's width "
                              f"{width}")
         self.transformer = WanTransformer3D(wan_config)
-        self.vae = None if vae_config is None else VideoVAE(vae_config, vae_chunk_frames)
+        self.vae = None if vae_config is None else VideoVAE(vae_config, vae_chunk_frames, vae_tile, vae_tile_stride)
         self.latent_frames(num_frames)  # a Wan VAE codes 1 + 4k frames: refuse other lengths here
         self.options = options
         self.num_frames, self.image_size = num_frames, image_size
@@ -369,7 +369,8 @@ def from_config(config) -> DisentangledS2V:
                          text_dim=width, **overrides)
     method = DisentangledS2V(wan, text, vae, DisentangledS2VOptions.from_mapping(model.options.to_dict()),
                              tokenizer, num_frames=model.num_frames, image_size=model.image_size,
-                             pretrained=pretrained, vae_chunk_frames=model.get("vae_chunk_frames") or None)
+                             pretrained=pretrained, vae_chunk_frames=model.get("vae_chunk_frames") or None,
+                             vae_tile=model.get("vae_tile") or None, vae_tile_stride=model.get("vae_tile_stride", 192))
     method.init_params_jittable = not pretrained
     configure_validation(method, config)
     return method

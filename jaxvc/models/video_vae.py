@@ -32,9 +32,13 @@ def video_vae_config(name: str) -> VAEConfig | WanVAEConfig | None:
 @dataclasses.dataclass(frozen=True)
 class VideoVAE:
     """``config``: a ``VAEConfig`` or a ``WanVAEConfig``. ``chunk_frames``: the Wan VAE's frames per ``lax.scan``
-    step (None: a whole clip at once); the SD VAE's frames per ``lax.map`` step."""
+    step (None: a whole clip at once); the SD VAE's frames per ``lax.map`` step. ``tile``/``tile_stride``: the Wan
+    VAE codes frames in spatial tiles of ``tile`` px every ``tile_stride`` px (``jaxvc/models/wan_vae_tiling.py``;
+    None: whole frames)."""
     config: VAEConfig | WanVAEConfig
     chunk_frames: int | None = None
+    tile: int | None = None
+    tile_stride: int = 192
 
     @property
     def is_wan(self) -> bool:
@@ -60,14 +64,17 @@ class VideoVAE:
         """video (B, F, H, W, 3) in [-1, 1] -> the diffusion model's latents (B, F', h, w, c); ``params`` is the
         VAE's ``{"params": ...}``."""
         if self.is_wan:
-            return encode_wan_video(self.module, params, video, chunk_frames=self.chunk_frames)
+            return encode_wan_video(self.module, params, video, chunk_frames=self.chunk_frames, **self._tiling())
         return encode_video(self.module, params, video, chunk=self.chunk_frames)
 
     def decode(self, params, latents):
         """The inverse of ``encode``: video in [-1, 1] (the SD VAE's output is clipped here too)."""
         if self.is_wan:
-            return decode_wan_video(self.module, params, latents, chunk_frames=self.chunk_frames)
+            return decode_wan_video(self.module, params, latents, chunk_frames=self.chunk_frames, **self._tiling())
         return decode_video(self.module, params, latents, chunk=self.chunk_frames).clip(-1.0, 1.0)
+
+    def _tiling(self) -> dict:
+        return {} if not self.tile else {"tile": self.tile, "stride": self.tile_stride}
 
     def init(self, rng) -> dict:
         """The VAE's parameter subtree (unboxed), randomly initialized."""

@@ -519,9 +519,15 @@ def _latent_statistics(cfg: WanVAEConfig):
 
 
 def encode_wan_video(vae: AutoencoderKLWan, params, video, rng=None, sample: bool = False,
-                     chunk_frames: int | None = None):
-    """Normalized latents (z - latents_mean) / latents_std of video (the Wan DiT's latent space), as Wan's pipelines."""
-    mean, logvar = encode_wan(vae, params, video, chunk_frames)
+                     chunk_frames: int | None = None, tile: int | None = None, stride: int = 192):
+    """Normalized latents (z - latents_mean) / latents_std of video (the Wan DiT's latent space), as Wan's pipelines.
+    ``tile``: code the frames in spatial tiles of that many px every ``stride`` (``wan_vae_tiling``)."""
+    if tile:
+        from jaxvc.models.wan_vae_tiling import encode_wan_tiled
+
+        mean, logvar = encode_wan_tiled(vae, params, video, tile=tile, stride=stride, chunk_frames=chunk_frames)
+    else:
+        mean, logvar = encode_wan(vae, params, video, chunk_frames)
     if sample:
         if rng is None:
             raise ValueError("encode_wan_video: sample=True needs an rng")
@@ -530,10 +536,16 @@ def encode_wan_video(vae: AutoencoderKLWan, params, video, rng=None, sample: boo
     return (mean - latents_mean) / latents_std
 
 
-def decode_wan_video(vae: AutoencoderKLWan, params, latents, chunk_frames: int | None = None):
+def decode_wan_video(vae: AutoencoderKLWan, params, latents, chunk_frames: int | None = None,
+                     tile: int | None = None, stride: int = 192):
     """Video in [-1, 1] from normalized latents (the inverse of ``encode_wan_video``'s normalization, then decode)."""
     latents_mean, latents_std = _latent_statistics(vae.config)
-    return decode_wan(vae, params, latents.astype(jnp.float32) * latents_std + latents_mean, chunk_frames)
+    latents = latents.astype(jnp.float32) * latents_std + latents_mean
+    if tile:
+        from jaxvc.models.wan_vae_tiling import decode_wan_tiled
+
+        return decode_wan_tiled(vae, params, latents, tile=tile, stride=stride, chunk_frames=chunk_frames)
+    return decode_wan(vae, params, latents, chunk_frames)
 
 
 def init_wan_vae(config: WanVAEConfig, rng) -> dict:
