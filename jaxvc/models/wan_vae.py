@@ -10,12 +10,13 @@ time; each causal conv carries the last frames it saw into the next chunk (diffu
 carry is the ``cache`` variable collection: one chunk is one ``apply(..., mutable=["cache"])``, the first chunk (one
 frame) with ``first_chunk=True``, which starts every carry at zeros (the causal zero padding). Frame 0 is special in
 three places, as in diffusers:
-  * a temporal downsampler passes it through; the later chunks' stride-2 time conv sees it as their first input;
+  * a temporal downsampler passes it through; each later chunk's stride-2 time conv starts from the previous
+    chunk's last frame (frame 0 for the second chunk);
   * a temporal upsampler passes it through undoubled; the next chunk's time conv sees zeros before it, not frame 0;
   * Wan 2.2's duplicating shortcut drops the first copy of it.
 Because each carry is exact, the chunk length is free: ``encode_wan``/``decode_wan`` run frame 0, then the rest at
 once or as a ``lax.scan`` over equal chunks (memory bounded by one chunk). Both equal diffusers to float rounding
-(tests/test_wan_vae_parity.py).
+(tests/test_wan_vae_parity.py). Large frames can also be cut into spatial tiles (``wan_vae_tiling.py``).
 
 Parameter paths mirror diffusers' keys (``decoder/up_blocks_1/resnets_0/conv1/kernel`` <->
 ``decoder.up_blocks.1.resnets.0.conv1.weight``); ``jaxvc.convert.wan_vae`` loads a ``vae/`` folder or the original
