@@ -96,11 +96,11 @@ def data_config(config) -> DataConfig:
         value = _get(data_cfg, f.name, None)
         if value is not None:
             fields[f.name] = _plain(value)
-    if "weights" in fields:  # the weights of streams switched off go with them
-        on = stream_specs(data_cfg)
+    on = stream_specs(data_cfg)  # the weights and rescale entries of streams switched off go with them
+    if "weights" in fields:
         fields["weights"] = {name: weight for name, weight in fields["weights"].items() if name in on}
     if "rescale" in fields:
-        fields["rescale"] = tuple(name for name in fields["rescale"] if name in stream_specs(data_cfg))
+        fields["rescale"] = tuple(name for name in fields["rescale"] if name in on)
     return DataConfig(batch_size=int(config.batch_size), **fields)
 
 

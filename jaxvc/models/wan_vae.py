@@ -448,14 +448,14 @@ def _strip_cache(variables) -> dict:
 def _run_chunks(vae: AutoencoderKLWan, params, x, method, chunk: int | None, step: int):
     """``method`` over x (B, T, ...) as frame 0, then the rest: at once, or ``lax.scan`` over chunks of ``chunk``
     frames (a multiple of ``step``) plus one shorter chunk for what is left. Outputs concatenated along time."""
+    if chunk is not None and (chunk < step or chunk % step):
+        raise ValueError(f"Wan VAE: chunk of {chunk} frames is not a positive multiple of {step}")
     variables = _strip_cache(params)
     first, state = vae.apply(variables, x[:, :1], True, method=method, mutable=["cache"])
     rest = x[:, 1:]
     total = rest.shape[1]
     if total == 0:
         return first
-    if chunk is not None and (chunk < step or chunk % step):
-        raise ValueError(f"Wan VAE: chunk of {chunk} frames is not a positive multiple of {step}")
     pieces = [first]
     cache = state["cache"]
     full = 0 if chunk is None or chunk >= total else total // chunk
