@@ -26,6 +26,7 @@ if [ ! -f "$venv/.jaxvc-newer-installed" ]; then
   echo "check_newer_jax.sh: installing the newest releases into $venv" >&2
   "${pip[@]}" "${jax_pin[@]}" "${names[@]}"
   "${pip[@]}" --no-deps open_clip_torch==3.3.0  # the CLIP BPE vocabulary file only (see setup_env.sh)
+  "${pip[@]}" --no-deps -r launch/requirements-test-nodeps.txt  # the metrics' reference code (see that file)
   "${pip[@]}" --no-deps -e .
   libtpu="$("$venv/bin/python" - <<'EOF'
 import importlib.metadata as md

@@ -1,4 +1,5 @@
-"""``jaxvc eval``: CLIP-T, CLIP-I, DINO-I and temporal consistency of generated videos (``feature_metrics.py``).
+"""``jaxvc eval``: CLIP-T, CLIP-I, DINO-I and temporal consistency (``feature_metrics.py``) and dynamic degree
+(``dynamic_degree.py``, RAFT optical flow) of generated videos.
 
 Videos are named by records: the ``<name>.json`` that ``jaxvc generate`` writes beside each video, or the lines of
 a JSONL manifest. A record is ``{"video": PATH, "prompt": TEXT, "reference": PATH}`` (or ``"references": [PATH,
@@ -11,6 +12,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from jaxvc.eval.dynamic_degree import TAO_WU_SCALE, VBENCH_SCALE
 
 
 class RecordError(ValueError):
@@ -26,16 +29,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "CLIP-T, CLIP-I and temporal consistency")
     parser.add_argument("--dino-model", default=None,
                         help="local transformers ViTModel folder (the papers use facebook/dino-vits16): DINO-I")
+    parser.add_argument("--raft-model", default=None,
+                        help="RAFT checkpoint for the dynamic degree: princeton-vl/RAFT's raft-things.pth (a torch "
+                             "pickle: needs --allow-pickle) or a .safetensors copy")
+    parser.add_argument("--dd-scale", type=float, default=VBENCH_SCALE,
+                        help="a frame pair moves when its top-5%% flow magnitude exceeds SCALE * min(H, W) / 256 "
+                             f"pixels: {VBENCH_SCALE} as in VBench and method (e), {TAO_WU_SCALE} as in VideoMaker's "
+                             "and CustomCrafter's eval code (the papers' figures are not comparable)")
+    parser.add_argument("--dd-batch-size", type=int, default=8, help="frame pairs per RAFT call")
+    parser.add_argument("--i3d-model", default=None,
+                        help="I3D checkpoint for FVD and KVD: TATS's i3d_pretrained_400.pt (a torch pickle: needs "
+                             "--allow-pickle) or a .safetensors copy; needs --real-videos")
+    parser.add_argument("--real-videos", nargs="+", default=None, metavar="PATH",
+                        help="the real set FVD/KVD compare the records' videos with: video files, folders of "
+                             "videos, or .json/.jsonl records (their \"video\" fields)")
+    parser.add_argument("--fvd-frames", type=int, default=16,
+                        help="FVD/KVD take the first this many frames of every video, real and generated (TATS's "
+                             "and cd-fvd's sequence_length); shorter videos are left out of FVD and counted")
+    parser.add_argument("--fvd-batch-size", type=int, default=16, help="videos per I3D call")
     parser.add_argument("--tokenizer", default=None,
                         help="CLIP tokenizer folder (vocab.json + merges.txt or tokenizer.json); default: the one "
                              "in --clip-model, else jaxvc's built-in CLIP vocabulary")
     parser.add_argument("--frames", type=int, default=None,
                         help="score only this many frames from the middle of each video (method (e) uses 16); "
-                             "default: every frame")
+                             "default: every frame. The dynamic degree then keeps about 8 fps of those frames")
     parser.add_argument("--batch-size", type=int, default=32, help="images per call of an image tower")
     parser.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickled pytorch_model.bin weights (they can run code when loaded) where a folder "
-                             "has no safetensors")
+                        help="allow pickled torch weights (they can run code when loaded): pytorch_model.bin where "
+                             "a folder has no safetensors, raft-things.pth, i3d_pretrained_400.pt")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
 
 
@@ -71,10 +92,31 @@ def _normalise(record, folder: Path, source: str) -> dict:
             "references": [str(folder / r) for r in references]}
 
 
+def real_video_paths(paths) -> list[str]:
+    """Video files named directly, found in folders (sorted, not recursive) or named by records."""
+    from jaxvc.data.media import is_video
+
+    found = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found += sorted(str(p) for p in path.iterdir() if p.is_file() and is_video(p.name))
+        elif path.suffix in (".json", ".jsonl"):
+            found += [record["video"] for record in read_records([path])]
+        elif path.is_file() and is_video(path.name):
+            found.append(str(path))
+        else:
+            raise RecordError(f"{path}: not a video file, a folder of videos or a .json/.jsonl record file")
+    if len(found) < 2:
+        raise RecordError(f"--real-videos {' '.join(map(str, paths))}: {len(found)} video(s); FVD and KVD need at "
+                          "least 2")
+    return found
+
+
 def _read_video(path: str):
+    """(frames (F, H, W, 3) uint8, frames per second)."""
     from jaxvc.data.media import read_video
 
-    return read_video(path)[0]
+    return read_video(path)
 
 
 def run(args) -> int:
@@ -82,33 +124,68 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from jaxvc.data.media import MediaError, read_image
-    from jaxvc.eval.feature_metrics import VideoScorer, center_frames, mean_scores
+    from jaxvc.eval.dynamic_degree import DynamicDegree, FlowEstimator
+    from jaxvc.eval.feature_metrics import METRICS, VideoScorer, center_frames, mean_scores
+    from jaxvc.eval.fvd import MIN_FRAMES, FeatureStream, I3DFeatures, score_features
 
-    if not args.clip_model and not args.dino_model:
-        raise SystemExit("jaxvc eval: give --clip-model (CLIP-T, CLIP-I, temporal consistency) and/or --dino-model "
-                         "(DINO-I)")
-    if args.frames is not None and args.frames < 1:
-        raise SystemExit(f"jaxvc eval: --frames must be >= 1, got {args.frames}")
+    if not (args.clip_model or args.dino_model or args.raft_model or args.i3d_model):
+        raise SystemExit("jaxvc eval: give --clip-model (CLIP-T, CLIP-I, temporal consistency), --dino-model "
+                         "(DINO-I), --raft-model (dynamic degree) and/or --i3d-model with --real-videos (FVD, KVD)")
+    if bool(args.i3d_model) != bool(args.real_videos):
+        raise SystemExit("jaxvc eval: FVD/KVD need both --i3d-model and --real-videos")
+    for flag, value in (("--frames", args.frames), ("--dd-batch-size", args.dd_batch_size),
+                        ("--fvd-batch-size", args.fvd_batch_size)):
+        if value is not None and value < 1:
+            raise SystemExit(f"jaxvc eval: {flag} must be >= 1, got {value}")
+    if args.fvd_frames < MIN_FRAMES:
+        raise SystemExit(f"jaxvc eval: --fvd-frames must be >= {MIN_FRAMES} (I3D's shortest input), got "
+                         f"{args.fvd_frames}")
     try:
         records = read_records(args.records)
+        real_paths = real_video_paths(args.real_videos) if args.real_videos else []
     except RecordError as error:
         raise SystemExit(f"jaxvc eval: {error}") from None
     try:
-        scorer = VideoScorer.from_folders(args.clip_model, args.dino_model, args.tokenizer,
-                                           args.batch_size, args.allow_pickle)
+        i3d = (I3DFeatures.from_file(args.i3d_model, args.fvd_batch_size, allow_pickle=args.allow_pickle)
+               if args.i3d_model else None)
+        scorer = (VideoScorer.from_folders(args.clip_model, args.dino_model, args.tokenizer, args.batch_size,
+                                           args.allow_pickle) if args.clip_model or args.dino_model else None)
+        dynamic = (DynamicDegree(FlowEstimator.from_file(args.raft_model, args.dd_batch_size, args.allow_pickle),
+                                 scale=args.dd_scale) if args.raft_model else None)
     except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the folder, key or shape
         raise SystemExit(f"jaxvc eval: {error}") from None
     results, skipped = [], []
+    fake_features = FeatureStream(i3d, "generated videos") if i3d else None
     for record in tqdm(records, desc="scoring videos", unit="video"):
         try:
-            frames = center_frames(_read_video(record["video"]), args.frames)
+            whole, fps = _read_video(record["video"])
+            frames = np.asarray(center_frames(whole, args.frames))
             references = [read_image(path) for path in record["references"]]
-        except MediaError as error:
+            scores = scorer.score(frames, record["prompt"], references) if scorer else {}
+            if dynamic:
+                motion = dynamic.score(frames, fps)
+                scores.update(dynamic_degree=motion["dynamic_degree"], flow_scores=motion["flow_scores"])
+        except (MediaError, ValueError) as error:  # unreadable, or too small for RAFT: named, counted, skipped
             skipped.append(f"{record['source']}: {error}")
             continue
-        scores = scorer.score(np.asarray(frames), record["prompt"], references)
+        if fake_features is not None:
+            _add_clip(fake_features, whole, args.fvd_frames, record["source"], skipped)
         results.append({"video": record["video"], "source": record["source"], "frames": int(len(frames)), **scores})
-    means = mean_scores(results)
+    means = mean_scores(results, METRICS + ("dynamic_degree",))
+    if i3d is not None:
+        real_features = FeatureStream(i3d, "real videos")
+        for path in tqdm(real_paths, desc="real videos (I3D)", unit="video"):
+            try:
+                _add_clip(real_features, _read_video(path)[0], args.fvd_frames, f"real {path}", skipped)
+            except MediaError as error:
+                skipped.append(f"real {path}: {error}")
+        real, fake = real_features.finish(), fake_features.finish()
+        if len(real) < 2 or len(fake) < 2:
+            skipped.append(f"FVD/KVD: {len(real)} real and {len(fake)} generated videos were usable; each set "
+                           "needs at least 2")
+        else:
+            for name, value in score_features(real, fake).items():
+                means[name] = (value, len(fake))
     print(format_table(means, len(results)))
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
@@ -117,10 +194,21 @@ def run(args) -> int:
         summary = {"means": {name: value for name, (value, _) in means.items()},
                    "counts": {name: count for name, (_, count) in means.items()},
                    "videos": results, "skipped": skipped,
-                   "models": {"clip": args.clip_model, "dino": args.dino_model}, "frames": args.frames}
+                   "models": {"clip": args.clip_model, "dino": args.dino_model, "raft": args.raft_model,
+                              "i3d": args.i3d_model},
+                   "frames": args.frames, "dd_scale": args.dd_scale if args.raft_model else None,
+                   "fvd": {"frames": args.fvd_frames, "real_videos": len(real_paths)} if i3d else None}
         Path(args.out).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.out}")
     return 1 if skipped else 0
+
+
+def _add_clip(stream, frames, count: int, source: str, skipped: list) -> None:
+    """The first ``count`` frames of a video into an I3D feature stream; a shorter video is counted as skipped."""
+    if len(frames) < count:
+        skipped.append(f"{source}: {len(frames)} frames, fewer than --fvd-frames {count}; left out of FVD/KVD")
+        return
+    stream.add(frames[:count])
 
 
 def format_table(means: dict, scored: int) -> str:

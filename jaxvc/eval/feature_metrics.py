@@ -9,7 +9,7 @@ With L2-normalised embeddings and cos = dot product, per video of frames f_1..f_
 
 Each metric's mean over videos is the reported figure. The backbones are the papers': CLIP ViT-B/32
 (``openai/clip-vit-base-patch32``) and DINO ViT-S/16 (``facebook/dino-vits16``), read from local transformers folders.
-Dynamic degree (RAFT optical flow) and FVD (I3D) are not here: neither network has a JAX port in this project.
+Dynamic degree (RAFT optical flow) is in ``dynamic_degree.py``; ``jaxvc eval`` reports it beside these.
 """
 from __future__ import annotations
 
@@ -164,10 +164,11 @@ class VideoScorer:
         return {name: scores[name] for name in METRICS if name in scores}
 
 
-def mean_scores(per_video: Sequence[dict[str, float]]) -> dict[str, tuple[float, int]]:
-    """metric -> (mean over the videos that have it, how many do)."""
+def mean_scores(per_video: Sequence[dict[str, float]],
+                names: Sequence[str] = METRICS) -> dict[str, tuple[float, int]]:
+    """metric -> (mean over the videos that have it, how many do), for the metrics ``names``."""
     out = {}
-    for name in METRICS:
+    for name in names:
         values = [scores[name] for scores in per_video if name in scores]
         if values:
             out[name] = (float(np.mean(values)), len(values))

@@ -1,0 +1,267 @@
+"""FVD and KVD between a set of real and a set of generated videos (specs/METHODS.md, section 0), with I3D.
+
+What is followed, and from where:
+
+- **Features**: the logits (400-d, Kinetics-400) of I3D (``jaxvc.models.i3d``, TATS's ``i3d_pretrained_400.pt``),
+  as cd-fvd's ``get_i3d_logits`` and CustomCrafter's ``utils/fvd_utils.get_fvd_logits`` take them: ``i3d(x)``.
+- **Preprocessing**: cd-fvd's ``preprocess_i3d`` (= CustomCrafter's ``preprocess``): uint8 frames, bilinear resize
+  to 224x224 with ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialiasing, even when shrinking),
+  then ``2 x / 255 - 1``. ``jax.image.resize`` antialiases when downsampling, so the resize here is torch's formula
+  written as two interpolation matrices (``bilinear_matrix``).
+- **FVD**: ``frechet_distance`` of cd-fvd's ``third_party/i3d/utils.py`` (identical in CustomCrafter's
+  ``utils/fvd_utils.py``): means, *unbiased* covariances, and the trace term through TF-GAN's symmetric matrix
+  square roots (SVD, singular values below 1e-10 kept unrooted): Tr(S_r + S_f) - 2 Tr(sqrt(sqrt(S_r) S_f sqrt(S_r)))
+  + |m_r - m_f|^2. Computed in float64 (the references run it in float32 torch). cd-fvd's ``cdfvd.compute_fvd``
+  class method instead uses biased covariances and ``scipy.linalg.sqrtm``; that variant is not followed.
+- **KVD**: CustomCrafter's ``eval/eval_fvd_kvd.py`` -> ``utils/cal_fvd_text2video.cal_fvd`` ->
+  ``utils/fvd_utils.polynomial_mmd(fake, real)`` (the same function as in TATS's and StyleGAN-V's FVD scripts): the
+  unbiased MMD^2 estimate with sklearn's default ``polynomial_kernel``, k(x, y) = (x.y / d + 1)^3 (degree 3,
+  gamma = 1 / feature dimension, coef0 = 1), on *all* features at once (no subsets, unlike KID's 100 subsets of 1000):
+  sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (n (n - 1)) - 2 sum_{i,j} k(x_i, y_j) / (m n).
+  Reported unscaled (CustomCrafter prints it as is). Computed in float64 (sklearn gets float32 features there).
+
+Both distances are symmetric in their two sets. Videos are (B, T, H, W, 3) uint8, T >= 9 (I3D's minimum).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvc.models.i3d import MAX_FRAME_SIZE, MIN_FRAMES, InceptionI3d
+
+TARGET_SIZE = (MAX_FRAME_SIZE, MAX_FRAME_SIZE)  # cd-fvd's TARGET_RESOLUTION, (224, 224)
+SQRT_EPS = 1e-10  # TF-GAN's _symmetric_matrix_square_root eps
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out_size, in_size) float32 weights of torch's 1-D bilinear resize with ``align_corners=False``: source
+    coordinate (i + 0.5) * in / out - 0.5 clamped at 0, floor index i0, neighbour min(i0 + 1, in - 1), weights
+    1 - frac and frac (``area_pixel_compute_source_index``).
+
+    The rounding is torch's CPU kernel's, bit for bit (checked against ``F.interpolate`` for every input size 1..699
+    to 224): the scale is float32(in / out), and scale * (i + 0.5) - 0.5 is rounded to float32 once (a fused
+    multiply-add), not after each operation; per-operation float32 rounding moves some weights by an ulp of the
+    coordinate (1.5e-5 at 256), up to 4e-3 grey levels."""
+    scale = np.float64(np.float32(in_size) / np.float32(out_size))
+    # exact in float64 (a 24-bit scale times a half-integer), then one rounding to float32
+    source = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
+    source = np.maximum(source, np.float32(0))
+    lower = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
+    upper = lower + (lower < in_size - 1)
+    frac = np.clip(source - lower.astype(np.float32), 0, 1).astype(np.float32)
+    weights = np.zeros((out_size, in_size), np.float32)
+    rows = np.arange(out_size)
+    np.add.at(weights, (rows, lower), 1 - frac)
+    np.add.at(weights, (rows, upper), frac)  # upper == lower at the last pixel: the weights add up to 1 there
+    return weights
+
+
+def preprocess_videos(videos, size: tuple[int, int] = TARGET_SIZE) -> jax.Array:
+    """uint8 videos (B, T, H, W, C) -> float32 (B, T, 224, 224, C) in [-1, 1], cd-fvd's ``preprocess_i3d`` in NTHWC.
+
+    The resize is separable: rows (224, H) @ frame @ cols (W, 224), at full float32 precision (no bf16 passes)."""
+    height, width = videos.shape[2:4]
+    rows = jnp.asarray(bilinear_matrix(height, size[0]))
+    cols = jnp.asarray(bilinear_matrix(width, size[1]))
+    x = jnp.asarray(videos).astype(jnp.float32)
+    highest = jax.lax.Precision.HIGHEST
+    x = jnp.einsum("oh,bthwc->btowc", rows, x, precision=highest)  # (B, T, 224, W, C)
+    x = jnp.einsum("pw,btowc->btopc", cols, x, precision=highest)  # (B, T, 224, 224, C)
+    return 2.0 * x / 255.0 - 1.0
+
+
+def check_videos(videos, what: str = "videos") -> None:
+    """Raise ValueError unless ``videos`` is a uint8 (B, T, H, W, 3) array with T >= 9."""
+    shape, dtype = tuple(np.shape(videos)), getattr(videos, "dtype", None)
+    if len(shape) != 5 or shape[-1] != 3:
+        raise ValueError(f"{what}: expected uint8 videos (count, frames, height, width, 3), got shape {shape}")
+    if dtype != np.uint8:
+        raise ValueError(f"{what}: expected uint8 frames in 0..255 (as cd-fvd's preprocess_i3d), got dtype {dtype}")
+    if shape[1] < MIN_FRAMES:
+        raise ValueError(f"{what}: {shape[1]} frames per video; I3D needs at least {MIN_FRAMES} (its time axis "
+                         f"shrinks 8x before a 2-step average pool), got shape {shape}")
+    if shape[0] < 1 or min(shape[2:4]) < 1:
+        raise ValueError(f"{what}: no videos or empty frames, got shape {shape}")
+
+
+# ---------------------------------------------------------------- features
+
+
+@dataclass
+class I3DFeatures:
+    """I3D logits of uint8 videos: ``params`` of ``InceptionI3d`` and a jitted ``uint8 videos -> (N, 400)``.
+
+    Batches of ``batch_size`` videos (the last one zero-padded, so one compile per video shape), data parallel over
+    this host's devices like ``jaxvc.eval.feature_metrics.ImageTower``. ``precision`` is the matmul/conv precision
+    while tracing: "highest" keeps float32 on GPUs (no TF32) and TPUs (no single bf16 pass), as the references'
+    float32 torch runs; preprocessing is always at full precision."""
+    params: dict
+    batch_size: int = 16
+    num_classes: int = 400
+    precision: str | None = "highest"
+
+    def __post_init__(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from jaxvc.parallel.mesh import make_mesh
+
+        model = InceptionI3d(self.num_classes)
+        self.mesh = make_mesh({"data": -1}, devices=jax.local_devices())
+        devices = self.mesh.shape["data"]
+        self.batch_size = -(-self.batch_size // devices) * devices
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.params = jax.device_put(self.params, replicated)
+        self._logits = jax.jit(lambda params, videos: model.apply(params, preprocess_videos(videos)),
+                               in_shardings=(replicated, NamedSharding(self.mesh, PartitionSpec("data"))),
+                               out_shardings=replicated)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, batch_size: int = 16, allow_pickle: bool = False) -> "I3DFeatures":
+        """From TATS's ``i3d_pretrained_400.pt`` (needs ``allow_pickle``) or the same keys in a ``.safetensors``."""
+        from jaxvc.convert.i3d import load_i3d
+
+        _, params = load_i3d(path, allow_pickle=allow_pickle)
+        return cls(params, batch_size)
+
+    def __call__(self, videos, what: str = "videos") -> np.ndarray:
+        """uint8 videos (N, T, H, W, 3), or a list of (T, H, W, 3) videos (grouped by shape) -> (N, 400) float64."""
+        if isinstance(videos, (list, tuple)):
+            if not videos:
+                raise ValueError(f"{what}: no videos")
+            out = np.zeros((len(videos), self.num_classes), np.float64)
+            for shape in dict.fromkeys(np.shape(v) for v in videos):
+                index = [i for i, v in enumerate(videos) if np.shape(v) == shape]
+                out[index] = self(np.stack([videos[i] for i in index]), what)
+            return out
+        check_videos(videos, what)
+        out = []
+        with jax.default_matmul_precision(self.precision):
+            for start in range(0, len(videos), self.batch_size):
+                chunk = np.asarray(videos[start:start + self.batch_size])
+                padding = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                logits = self._logits(self.params, np.concatenate([chunk, padding]))
+                out.append(np.asarray(logits, np.float64)[:len(chunk)])
+        return np.concatenate(out)
+
+
+class FeatureStream:
+    """I3D logits of videos added one at a time: each shape's videos wait until a full batch of them is there, so a
+    large set is never held in memory whole. ``finish()`` -> (N, 400) float64 in the order the videos were added."""
+
+    def __init__(self, i3d: I3DFeatures, what: str = "videos"):
+        self.i3d, self.what = i3d, what
+        self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
+        self.done: dict[int, np.ndarray] = {}
+        self.count = 0
+
+    def add(self, video: np.ndarray) -> None:
+        """One uint8 video (T, H, W, 3), T >= 9."""
+        video = np.asarray(video)
+        check_videos(video[None], self.what)
+        queue = self.pending.setdefault(video.shape, [])
+        queue.append((self.count, video))
+        self.count += 1
+        if len(queue) >= self.i3d.batch_size:
+            self._run(video.shape)
+
+    def _run(self, shape) -> None:
+        queue = self.pending.pop(shape, [])
+        if queue:
+            features = self.i3d(np.stack([video for _, video in queue]), self.what)
+            self.done.update((index, row) for (index, _), row in zip(queue, features))
+
+    def finish(self) -> np.ndarray:
+        for shape in list(self.pending):
+            self._run(shape)
+        return np.stack([self.done[index] for index in range(self.count)]) if self.count else \
+            np.zeros((0, self.i3d.num_classes))
+
+
+# ---------------------------------------------------------------- distances
+
+
+def _check_feature_sets(real, fake) -> tuple[np.ndarray, np.ndarray]:
+    real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
+    for name, features in (("real", real), ("fake", fake)):
+        if features.ndim != 2:
+            raise ValueError(f"{name} features: expected (count, dim), got shape {features.shape}")
+        if len(features) < 2:
+            raise ValueError(f"{name} set: {len(features)} video(s); FVD/KVD need at least 2 per set (a covariance, "
+                             "and the unbiased MMD's pairs)")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature dimensions differ: real {real.shape}, fake {fake.shape}")
+    return real, fake
+
+
+def symmetric_matrix_square_root(matrix: np.ndarray, eps: float = SQRT_EPS) -> np.ndarray:
+    """TF-GAN's ``_symmetric_matrix_square_root``: U diag(s') V^T from the SVD, s' = sqrt(s) unless s < eps (then s)."""
+    u, s, vh = np.linalg.svd(matrix)
+    return (u * np.where(s < eps, s, np.sqrt(s))) @ vh
+
+
+def trace_sqrt_product(sigma: np.ndarray, sigma_other: np.ndarray) -> float:
+    """Tr(sqrt(sigma sigma_other)) computed as Tr(sqrt(sqrt(sigma) sigma_other sqrt(sigma))) (TF-GAN)."""
+    root = symmetric_matrix_square_root(sigma)
+    return float(np.trace(symmetric_matrix_square_root(root @ sigma_other @ root)))
+
+
+def frechet_distance(real_features, fake_features) -> float:
+    """FVD of two feature sets (count, dim): |m_r - m_f|^2 + Tr(S_r + S_f) - 2 Tr(sqrt(S_r S_f)), unbiased S."""
+    real, fake = _check_feature_sets(real_features, fake_features)
+    sigma_real, sigma_fake = np.cov(real, rowvar=False), np.cov(fake, rowvar=False)  # (dim, dim), divided by N - 1
+    trace = np.trace(sigma_real + sigma_fake) - 2.0 * trace_sqrt_product(sigma_real, sigma_fake)
+    return float(trace + np.sum((real.mean(0) - fake.mean(0)) ** 2))
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None,
+                      coef0: float = 1.0) -> np.ndarray:
+    """sklearn's ``polynomial_kernel``: (gamma x.y + coef0)^degree, gamma defaulting to 1 / dim. (m, d), (n, d) ->
+    (m, n)."""
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (gamma * (x @ y.T) + coef0) ** degree
+
+
+def kernel_distance(real_features, fake_features, degree: int = 3, gamma: float | None = None,
+                    coef0: float = 1.0) -> float:
+    """KVD: the unbiased MMD^2 of two feature sets with the polynomial kernel (CustomCrafter's ``polynomial_mmd``;
+    the defaults are sklearn's, which it uses). Can be slightly negative for sets from one distribution."""
+    real, fake = _check_feature_sets(real_features, fake_features)
+    m, n = len(real), len(fake)
+    k_rr = polynomial_kernel(real, real, degree, gamma, coef0)
+    k_ff = polynomial_kernel(fake, fake, degree, gamma, coef0)
+    k_rf = polynomial_kernel(real, fake, degree, gamma, coef0)
+    within_real = (k_rr.sum() - np.trace(k_rr)) / (m * (m - 1))
+    within_fake = (k_ff.sum() - np.trace(k_ff)) / (n * (n - 1))
+    return float(within_real + within_fake - 2.0 * k_rf.sum() / (m * n))
+
+
+def score_features(real_features, fake_features) -> dict[str, float]:
+    """``{"fvd": ..., "kvd": ...}`` from precomputed I3D logits (e.g. real-set features computed once)."""
+    return {"fvd": frechet_distance(real_features, fake_features),
+            "kvd": kernel_distance(real_features, fake_features)}
+
+
+def score_sets(real_videos, fake_videos, i3d: I3DFeatures) -> dict[str, float]:
+    """``{"fvd": ..., "kvd": ...}`` between uint8 video sets ((N, T, H, W, 3) arrays or lists of (T, H, W, 3)).
+
+    The two sets may differ in size and in frame size; each needs at least 2 videos of at least 9 frames."""
+    for name, videos in (("real videos", real_videos), ("fake videos", fake_videos)):
+        count = len(videos)
+        if count < 2:
+            raise ValueError(f"{name}: {count} video(s); FVD/KVD need at least 2 per set")
+        for video in (videos if isinstance(videos, (list, tuple)) else [videos[0]]):
+            check_videos(np.asarray(video)[None], name)
+    return score_features(i3d(real_videos, "real videos"), i3d(fake_videos, "fake videos"))
+
+
+__all__ = ["FeatureStream", "I3DFeatures", "bilinear_matrix", "frechet_distance", "kernel_distance",
+           "polynomial_kernel", "preprocess_videos", "score_features", "score_sets", "symmetric_matrix_square_root",
+           "trace_sqrt_product"]
+
