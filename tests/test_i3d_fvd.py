@@ -31,12 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 def load_reference():
     """(pytorch_i3d, utils) from cd-fvd's ``third_party/i3d`` folder, imported as the package ``_cdfvd_i3d``."""
-    from tests.reference_code import load_package_folder
+    from jaxvc.bench.reference_code import cdfvd_i3d
 
     if importlib.util.find_spec("cdfvd") is None:
         pytest.skip("cd-fvd (the PyTorch FVD reference) is not installed")
-    load_package_folder("cdfvd", "third_party/i3d", "_cdfvd_i3d")
-    return importlib.import_module("_cdfvd_i3d.pytorch_i3d"), importlib.import_module("_cdfvd_i3d.utils")
+    return cdfvd_i3d()
 
 
 @pytest.fixture(scope="module")

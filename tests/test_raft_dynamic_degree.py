@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 
 
 def random_torch_raft(small: bool, seed: int = 0):
-    from tests.reference_code import vbench_raft
+    from jaxvc.bench.reference_code import vbench_raft
 
     raft_class, _ = vbench_raft()
     torch.manual_seed(seed)
@@ -103,7 +103,7 @@ def test_checkpoint_errors_name_the_file_and_key(tmp_path):
 @pytest.mark.parametrize("mode", ["sintel", "kitti"])
 def test_padding_matches_input_padder(height, width, mode):
     from jaxvc.models.raft import pad_to_multiple_of_8
-    from tests.reference_code import vbench_raft
+    from jaxvc.bench.reference_code import vbench_raft
 
     _, input_padder = vbench_raft()
     images = np.random.default_rng(0).uniform(0, 255, (1, height, width, 3)).astype(np.float32)
@@ -115,7 +115,7 @@ def test_padding_matches_input_padder(height, width, mode):
 def vbench_video_is_dynamic(model, frames, scale):
     """VBench 0.1.5 ``DynamicDegree.infer`` on a list of frames (its ``get_score``, ``set_params`` and
     ``check_move``, transcribed: the module itself imports decord/cv2 at import time)."""
-    from tests.reference_code import vbench_raft
+    from jaxvc.bench.reference_code import vbench_raft
 
     _, input_padder = vbench_raft()
     frames = [torch.tensor(frame, dtype=torch.float32).permute(2, 0, 1)[None] for frame in frames]

@@ -1,11 +1,14 @@
-"""Real-size check of the metric backbones: jaxvc vs transformers, same weights, same frames, one process.
+"""Real-size check of the metric backbones: jaxvc vs the PyTorch reference, same weights, same inputs, one process.
 
     python -m jaxvc.eval.bench [--clip-model DIR] [--dino-model DIR] [--frames 64] [--batch-size 32]
+                               [--flow-size 256] [--flow-pairs 4] [--i3d-videos 2]
 
 Without folders it builds CLIP ViT-B/32 and DINO ViT-S/16 with random weights at their published sizes (nothing is
-downloaded) and saves them in transformers' format first, so the loaders are exercised as with real weights. It
-prints, per tower: the largest relative error of the embeddings, and images/s of jaxvc (jitted, float32) and of
-torch (eager, float32, no_grad), preprocessing excluded. Medians of 5 timed calls after a warm-up.
+downloaded) and saves them in transformers' format first, so the loaders are exercised as with real weights; RAFT
+(large, 20 steps; the reference is princeton-vl's code as VBench ships it) and I3D (16 x 224 x 224; cd-fvd's copy
+of TATS's) are random too, saved as torch files and read by jaxvc's loaders. It prints, per network: the largest
+relative error of the outputs, and items/s of jaxvc (jitted, float32) and of torch (eager, float32, no_grad),
+preprocessing excluded. Medians of 5 timed calls after a warm-up.
 """
 from __future__ import annotations
 
@@ -59,7 +62,70 @@ def compare_tower(name: str, folder: str, frames: int, batch_size: int) -> dict:
                                    warmup=1, iters=5).median_s
     images = calls * batch_size
     return {"tower": name, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6, "rel_error": error,
-            "jaxvc_images_s": images / jax_seconds, "torch_images_s": images / torch_seconds}
+            "jaxvc_per_s": images / jax_seconds, "torch_per_s": images / torch_seconds, "unit": "img"}
+
+
+def compare_torch_network(name: str, unit: str, count: int, ours, params, reference, inputs) -> dict:
+    """One row: ``ours(params, *inputs)`` (jitted, NHWC) against ``reference(*torch inputs)`` (NCHW / NCTHW)."""
+    import jax
+    import torch
+
+    from jaxvc.bench.timing import time_calls
+
+    channels_first = [torch.from_numpy(np.moveaxis(x, -1, 1).copy()) for x in inputs]
+    with torch.no_grad():  # channels back to last (a no-op for (B, classes) logits)
+        expected = np.moveaxis(reference(*channels_first).double().numpy(), 1, -1)
+    got = np.asarray(ours(params, *inputs), np.float64)
+    error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+    jax_seconds = time_calls(lambda: ours(params, *inputs), jax.block_until_ready, warmup=1, iters=5).median_s
+    with torch.no_grad():
+        torch_seconds = time_calls(lambda: reference(*channels_first), lambda _: None, warmup=1, iters=5).median_s
+    return {"tower": name, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6, "rel_error": error,
+            "jaxvc_per_s": count / jax_seconds, "torch_per_s": count / torch_seconds, "unit": unit}
+
+
+def compare_raft(folder: str, size: int, pairs: int) -> dict:
+    """RAFT large, 20 refinement steps, ``pairs`` frame pairs of size x size per call (dynamic degree's network)."""
+    import argparse as _argparse
+
+    import jax
+    import torch
+
+    from jaxvc.bench.reference_code import vbench_raft
+    from jaxvc.convert.raft import load_raft
+    from jaxvc.models.raft import RAFT
+
+    raft_class, _ = vbench_raft()
+    torch.manual_seed(0)
+    model = raft_class(_argparse.Namespace(small=False, mixed_precision=False, alternate_corr=False)).eval()
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, f"{folder}/raft-things.pth")
+    config, params = load_raft(f"{folder}/raft-things.pth", allow_pickle=True)
+    rng = np.random.default_rng(0)
+    first = rng.uniform(0, 255, (pairs, size, size, 3)).astype(np.float32)
+    second = np.roll(first, (2, -3), axis=(1, 2))
+    flow = jax.jit(lambda p, a, b: RAFT(config).apply(p, a, b))
+    reference = lambda a, b: model(a, b, iters=config.iters, test_mode=True)[1]  # noqa: E731
+    return compare_torch_network(f"RAFT large, 20 steps, {size}px (DD)", "pair", pairs, flow, params, reference,
+                                 (first, second))
+
+
+def compare_i3d(folder: str, videos: int) -> dict:
+    """I3D logits of ``videos`` clips of 16 x 224 x 224 per call (FVD's network)."""
+    import jax
+    import torch
+
+    from jaxvc.bench.reference_code import cdfvd_i3d
+    from jaxvc.convert.i3d import load_i3d
+    from jaxvc.models.i3d import InceptionI3d
+
+    pytorch_i3d, _ = cdfvd_i3d()
+    torch.manual_seed(0)
+    model = pytorch_i3d.InceptionI3d(400, in_channels=3).eval()
+    torch.save(model.state_dict(), f"{folder}/i3d_pretrained_400.pt")
+    _, params = load_i3d(f"{folder}/i3d_pretrained_400.pt", allow_pickle=True)
+    clips = np.random.default_rng(0).uniform(-1, 1, (videos, 16, 224, 224, 3)).astype(np.float32)
+    logits = jax.jit(lambda p, x: InceptionI3d().apply(p, x))
+    return compare_torch_network("I3D, 16 x 224px (FVD, KVD)", "video", videos, logits, params, model, (clips,))
 
 
 def main(argv=None) -> int:
@@ -69,6 +135,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dino-model", default=None, help="ViTModel folder (default: random DINO ViT-S/16)")
     parser.add_argument("--frames", type=int, default=64, help="images per timed call (a multiple of the batch)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per tower call")
+    parser.add_argument("--flow-size", type=int, default=256, help="RAFT frame side (a multiple of 8, >= 128)")
+    parser.add_argument("--flow-pairs", type=int, default=4, help="RAFT frame pairs per call")
+    parser.add_argument("--i3d-videos", type=int, default=2, help="I3D clips per call")
     args = parser.parse_args(argv)
     import jax
     import torch
@@ -79,13 +148,16 @@ def main(argv=None) -> int:
             random_clip, random_dino = build_random_towers(folder)
             clip_folder, dino_folder = clip_folder or random_clip, dino_folder or random_dino
         rows = [compare_tower("CLIP image (CLIP-I, CLIP-T, T.Cons)", clip_folder, args.frames, args.batch_size),
-                compare_tower("DINO (DINO-I)", dino_folder, args.frames, args.batch_size)]
+                compare_tower("DINO (DINO-I)", dino_folder, args.frames, args.batch_size),
+                compare_raft(folder, args.flow_size, args.flow_pairs),
+                compare_i3d(folder, args.i3d_videos)]
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads) | float32, batch {args.batch_size}, 224 px")
-    print(f"{'tower':<38} {'params':>8} {'max rel err':>12} {'jaxvc img/s':>12} {'torch img/s':>12} {'ratio':>6}")
+          f"({torch.get_num_threads()} threads) | float32; towers: batch {args.batch_size}, 224 px")
+    print(f"{'network':<38} {'params':>8} {'rel err':>9} {'jaxvc /s':>10} {'torch /s':>10} {'ratio':>6}")
     for row in rows:
-        print(f"{row['tower']:<38} {row['params_m']:>7.1f}M {row['rel_error']:>12.2e} {row['jaxvc_images_s']:>12.1f} "
-              f"{row['torch_images_s']:>12.1f} {row['jaxvc_images_s'] / row['torch_images_s']:>5.2f}x")
+        print(f"{row['tower']:<38} {row['params_m']:>7.1f}M {row['rel_error']:>9.2e} "
+              f"{row['jaxvc_per_s']:>6.2f} {row['unit']:<4}{row['torch_per_s']:>6.2f} {row['unit']:<4}"
+              f"{row['jaxvc_per_s'] / row['torch_per_s']:>5.2f}x")
     return 0
 
 

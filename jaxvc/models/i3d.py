@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.layers import Conv, ones, zeros
+from jaxvc.models.layers import Conv, EvalBatchNorm
 
 Dtype = Any
 
@@ -65,29 +65,6 @@ def max_pool_same(x: jax.Array, kernel: Sequence[int], strides: Sequence[int]) -
     x = jnp.pad(x, padding)
     return jax.lax.reduce_window(x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (1, *kernel, 1), (1, *strides, 1),
                                  "VALID")
-
-
-class EvalBatchNorm(nn.Module):
-    """``nn.BatchNorm3d`` in eval mode over the last (channel) axis, computed as torch's CPU kernel does:
-    y = x * alpha + beta with alpha = scale / sqrt(running_var + eps), beta = bias - running_mean * alpha.
-
-    The running statistics are leaves of ``params`` (named like torch's buffers) because nothing here trains them;
-    the checkpoint's ``num_batches_tracked`` is not needed."""
-    epsilon: float = 1e-5
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        features = x.shape[-1]
-
-        def leaf(name, init):
-            return self.param(name, nn.with_logical_partitioning(init, ("norm",)), (features,), self.param_dtype)
-
-        scale, bias = leaf("scale", ones), leaf("bias", zeros)
-        mean, var = leaf("running_mean", zeros), leaf("running_var", ones)
-        alpha = scale.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.epsilon)
-        beta = bias.astype(jnp.float32) - mean.astype(jnp.float32) * alpha
-        return (x.astype(jnp.float32) * alpha + beta).astype(x.dtype)
 
 
 class Unit3D(nn.Module):

@@ -151,6 +151,29 @@ class GroupNorm(nn.Module):
         return y.astype(self.dtype)
 
 
+class EvalBatchNorm(nn.Module):
+    """torch's ``BatchNorm{2,3}d`` in eval mode over the last (channel) axis, computed as torch's CPU kernel does:
+    y = x * alpha + beta with alpha = scale / sqrt(running_var + eps), beta = bias - running_mean * alpha.
+
+    The running statistics are leaves of ``params`` (named like torch's buffers) because nothing here trains them
+    (the metrics' networks: I3D, RAFT's context encoder); the checkpoint's ``num_batches_tracked`` is not needed."""
+    epsilon: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+
+        def leaf(name, init):
+            return self.param(name, nn.with_logical_partitioning(init, ("norm",)), (features,), self.param_dtype)
+
+        scale, bias = leaf("scale", ones), leaf("bias", zeros)
+        mean, var = leaf("running_mean", zeros), leaf("running_var", ones)
+        alpha = scale.astype(jnp.float32) * jax.lax.rsqrt(var.astype(jnp.float32) + self.epsilon)
+        beta = bias.astype(jnp.float32) - mean.astype(jnp.float32) * alpha
+        return (x.astype(jnp.float32) * alpha + beta).astype(x.dtype)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm over the last axis with float32 statistics; ``epsilon`` must be given (torch uses 1e-5)."""
     epsilon: float = 1e-5

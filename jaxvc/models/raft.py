@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxvc.models.layers import Conv
+from jaxvc.models.layers import Conv, EvalBatchNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,24 +58,11 @@ class InstanceNorm(nn.Module):
         return (x - mean) * jax.lax.rsqrt(var + 1e-5)
 
 
-class FrozenBatchNorm(nn.Module):
-    """torch's BatchNorm2d in eval mode: the stored running statistics, then the affine (eps 1e-5)."""
-
-    @nn.compact
-    def __call__(self, x):
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,))
-        bias = self.param("bias", nn.initializers.zeros, (features,))
-        mean = self.param("running_mean", nn.initializers.zeros, (features,))
-        var = self.param("running_var", nn.initializers.ones, (features,))
-        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-
-
 def make_norm(norm_fn: str, name: str):
     if norm_fn == "instance":
         return InstanceNorm(name=name)
     if norm_fn == "batch":
-        return FrozenBatchNorm(name=name)
+        return EvalBatchNorm(name=name)
     if norm_fn == "none":
         return lambda x: x
     raise ValueError(f"RAFT norm '{norm_fn}': expected 'instance', 'batch' or 'none' (the released models' norms)")

@@ -1,5 +1,7 @@
-"""Reference implementations that ship inside packages whose own ``__init__`` pulls in what the tests do not need
-(VBench's imports decord, cv2 and torchvision): load the wanted folder as a stand-alone package by file path."""
+"""The metrics' PyTorch reference code, for the parity tests and ``python -m jaxvc.eval.bench``: it ships inside
+packages whose own ``__init__`` pulls in what neither needs (VBench's imports decord, cv2 and torchvision), so the
+wanted folder is loaded as a stand-alone package by file path. Installed without dependencies by
+``launch/setup_env.sh --test`` (``launch/requirements-test-nodeps.txt``)."""
 import importlib.util
 import os
 import sys
@@ -31,3 +33,12 @@ def vbench_raft():
     raft = importlib.import_module("vbench_raft_core.raft")
     utils = importlib.import_module("vbench_raft_core.utils_core.utils")
     return raft.RAFT, utils.InputPadder
+
+
+def cdfvd_i3d():
+    """cd-fvd 0.1.1's copy of piergiaj's I3D (TATS's): ``(pytorch_i3d module, utils module)`` (``InceptionI3d``;
+    ``preprocess_i3d`` and ``frechet_distance``)."""
+    import importlib
+
+    load_package_folder("cdfvd", "third_party/i3d", "_cdfvd_i3d")
+    return importlib.import_module("_cdfvd_i3d.pytorch_i3d"), importlib.import_module("_cdfvd_i3d.utils")
