@@ -153,11 +153,10 @@ def main(argv=None) -> int:
                 compare_i3d(folder, args.i3d_videos)]
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | float32; towers: batch {args.batch_size}, 224 px")
-    print(f"{'network':<38} {'params':>8} {'rel err':>9} {'jaxvc /s':>10} {'torch /s':>10} {'ratio':>6}")
+    print(f"{'network':<38} {'params':>8} {'rel err':>9} {'unit':>6} {'jaxvc /s':>9} {'torch /s':>9} {'ratio':>6}")
     for row in rows:
-        print(f"{row['tower']:<38} {row['params_m']:>7.1f}M {row['rel_error']:>9.2e} "
-              f"{row['jaxvc_per_s']:>6.2f} {row['unit']:<4}{row['torch_per_s']:>6.2f} {row['unit']:<4}"
-              f"{row['jaxvc_per_s'] / row['torch_per_s']:>5.2f}x")
+        print(f"{row['tower']:<38} {row['params_m']:>7.1f}M {row['rel_error']:>9.2e} {row['unit']:>6} "
+              f"{row['jaxvc_per_s']:>9.2f} {row['torch_per_s']:>9.2f} {row['jaxvc_per_s'] / row['torch_per_s']:>5.2f}x")
     return 0
 
 
