@@ -86,8 +86,6 @@ def compare_torch_network(name: str, unit: str, count: int, ours, params, refere
 
 def compare_raft(folder: str, size: int, pairs: int) -> dict:
     """RAFT large, 20 refinement steps, ``pairs`` frame pairs of size x size per call (dynamic degree's network)."""
-    import argparse as _argparse
-
     import jax
     import torch
 
@@ -97,7 +95,7 @@ def compare_raft(folder: str, size: int, pairs: int) -> dict:
 
     raft_class, _ = vbench_raft()
     torch.manual_seed(0)
-    model = raft_class(_argparse.Namespace(small=False, mixed_precision=False, alternate_corr=False)).eval()
+    model = raft_class(argparse.Namespace(small=False, mixed_precision=False, alternate_corr=False)).eval()
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, f"{folder}/raft-things.pth")
     config, params = load_raft(f"{folder}/raft-things.pth", allow_pickle=True)
     rng = np.random.default_rng(0)
