@@ -80,6 +80,7 @@ class FlowEstimator:
         from jaxvc.models.raft import RAFT
 
         model = RAFT(self.config)
+        self.params = jax.device_put(self.params)  # once, not with every call
         self._flow = jax.jit(lambda params, first, second: model.apply(params, first, second))
 
     @classmethod
