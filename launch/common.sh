@@ -130,6 +130,8 @@ start_script() {
   printf '%s' "set -euo pipefail; label=$label_expr; logs=$logs; mkdir -p \"\$logs\"; "
   printf '%s' "if [ -f \"\$logs/\$label.pid\" ] && read -r old host < \"\$logs/\$label.pid\" && [ \"\$host\" = \"\$(hostname)\" ] && kill -0 \"\$old\" 2>/dev/null; then "
   printf '%s' "echo \"[\$label] already running (pid \$old); stop it first\" >&2; exit 1; fi; "
+  # the log exists before the run starts: a `tail -F` that opens it late exits 1 though it printed everything
+  printf '%s' ": > \"\$logs/\$label.log\"; "
   printf '%s' "cd $(quote_word "$dir"); $exports"
   printf '%s' "setsid nohup $(quote_cmd "$@") > \"\$logs/\$label.log\" 2>&1 < /dev/null & pid=\$!; "
   printf '%s' "echo \"\$pid \$(hostname)\" > \"\$logs/\$label.pid\"; "

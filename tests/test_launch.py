@@ -197,6 +197,8 @@ def test_tpu_vm_dry_run_commands():
             f"libtpu=={LIBTPU_PIN}") in setup
     # training: config.launch's libtpu flags exported, then jaxvc train with the coordinator from the TPU metadata
     assert f"cd jaxvc; export LIBTPU_INIT_ARGS='{LIBTPU_SD15}'; setsid nohup " in start
+    # the log is made before the run starts: `tail -F` opening it late exits 1 (a failed launch that was not)
+    assert start.index(': > "$logs/$label.log"; ') < start.index("setsid nohup ")
     assert started_command(start) == [".venv/bin/jaxvc", "train", "--config", SD15, "--workdir", "gs://bucket/runs/r1",
                                       "--distributed=auto", *OVERRIDES]
     assert start.startswith(f"set -euo pipefail; label={TPU_LABEL}; logs=$HOME/jaxvc-logs/my-pod;")
