@@ -96,19 +96,12 @@ class FlowEstimator:
         multiples of 8 as RAFT's ``InputPadder`` does (the flow is not cropped back, as in VBench)."""
         import jax.numpy as jnp
 
+        from jaxvc.eval.feature_metrics import in_fixed_batches
         from jaxvc.models.raft import pad_to_multiple_of_8
 
         first, _ = pad_to_multiple_of_8(jnp.asarray(first, jnp.float32))
         second, _ = pad_to_multiple_of_8(jnp.asarray(second, jnp.float32))
-        out = []
-        for start in range(0, len(first), self.batch_size):
-            chunk1, chunk2 = first[start:start + self.batch_size], second[start:start + self.batch_size]
-            missing = self.batch_size - len(chunk1)
-            if missing:
-                chunk1 = jnp.concatenate([chunk1, jnp.zeros((missing, *chunk1.shape[1:]), chunk1.dtype)])
-                chunk2 = jnp.concatenate([chunk2, jnp.zeros((missing, *chunk2.shape[1:]), chunk2.dtype)])
-            out.append(np.asarray(self._flow(self.params, chunk1, chunk2))[:self.batch_size - missing])
-        return np.concatenate(out)
+        return in_fixed_batches(lambda a, b: self._flow(self.params, a, b), (first, second), self.batch_size)
 
 
 class DynamicDegree:

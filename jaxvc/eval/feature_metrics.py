@@ -68,14 +68,9 @@ class ImageTower:
         from jaxvc.parallel.mesh import activate
 
         pixels = self.preprocess(images)
-        out = []
         with activate(self.mesh):  # the towers' logical constraints: tokens split by batch over "data"
-            for start in range(0, len(pixels), self.batch_size):
-                chunk = pixels[start:start + self.batch_size]
-                padding = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-                embeds = self._embed(self.params, np.concatenate([chunk, padding]))
-                out.append(np.asarray(embeds, np.float64)[:len(chunk)])
-        return unit(np.concatenate(out))
+            embeds = in_fixed_batches(lambda chunk: self._embed(self.params, chunk), (pixels,), self.batch_size)
+        return unit(np.asarray(embeds, np.float64))
 
 
 @dataclass
@@ -108,6 +103,20 @@ class TextTower:
         ids = self.tokenizer(list(prompts))[:, :self.config.max_position_embeddings]
         pooled = np.asarray(self._encode(self.params, jnp.asarray(ids)), np.float64)
         return unit(pooled @ self.projection.astype(np.float64))
+
+
+def in_fixed_batches(fn, arrays, batch_size: int) -> np.ndarray:
+    """``fn(*chunks)`` over consecutive ``batch_size`` rows of each of ``arrays`` (equal lengths), the last chunk
+    zero-padded so that every call has one shape (one compile); the padded rows' outputs are dropped and the rest
+    concatenated (numpy). The metric networks' batching: image towers, RAFT pairs, I3D clips."""
+    out = []
+    for start in range(0, len(arrays[0]), batch_size):
+        chunks = [np.asarray(array[start:start + batch_size]) for array in arrays]
+        missing = batch_size - len(chunks[0])
+        if missing:
+            chunks = [np.concatenate([c, np.zeros((missing, *c.shape[1:]), c.dtype)]) for c in chunks]
+        out.append(np.asarray(fn(*chunks))[:batch_size - missing])
+    return np.concatenate(out)
 
 
 def unit(vectors: np.ndarray) -> np.ndarray:

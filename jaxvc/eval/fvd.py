@@ -140,15 +140,12 @@ class I3DFeatures:
                 index = [i for i, v in enumerate(videos) if np.shape(v) == shape]
                 out[index] = self(np.stack([videos[i] for i in index]), what)
             return out
+        from jaxvc.eval.feature_metrics import in_fixed_batches
+
         check_videos(videos, what)
-        out = []
         with jax.default_matmul_precision(self.precision):
-            for start in range(0, len(videos), self.batch_size):
-                chunk = np.asarray(videos[start:start + self.batch_size])
-                padding = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-                logits = self._logits(self.params, np.concatenate([chunk, padding]))
-                out.append(np.asarray(logits, np.float64)[:len(chunk)])
-        return np.concatenate(out)
+            logits = in_fixed_batches(lambda chunk: self._logits(self.params, chunk), (videos,), self.batch_size)
+        return np.asarray(logits, np.float64)
 
 
 class FeatureStream:
