@@ -42,3 +42,26 @@ def cdfvd_i3d():
 
     load_package_folder("cdfvd", "third_party/i3d", "_cdfvd_i3d")
     return importlib.import_module("_cdfvd_i3d.pytorch_i3d"), importlib.import_module("_cdfvd_i3d.utils")
+
+
+def vbench_amt():
+    """MCG-NKU/AMT as VBench 0.1.5 ships it (``third_party/amt``): ``(AMT-S Model class, utils module)`` (the utils
+    have ``InputPadder``, ``img2tensor``, ``tensor2img``). Its modules import ``vbench.third_party.amt...`` by
+    absolute name, so ``vbench`` is registered as a bare namespace (its ``__init__`` is not run)."""
+    import importlib
+    import types
+
+    if "vbench" not in sys.modules:
+        spec = importlib.util.find_spec("vbench")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("vbench is not installed (bash launch/setup_env.sh --test installs it)")
+        bare = types.ModuleType("vbench")
+        bare.__path__ = list(spec.submodule_search_locations)
+        sys.modules["vbench"] = bare
+    if "_vbench_amt_s" not in sys.modules:
+        path = os.path.join(sys.modules["vbench"].__path__[0], "third_party", "amt", "networks", "AMT-S.py")
+        module_spec = importlib.util.spec_from_file_location("_vbench_amt_s", path)  # "AMT-S" is no module name
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        sys.modules["_vbench_amt_s"] = module
+    return sys.modules["_vbench_amt_s"].Model, importlib.import_module("vbench.third_party.amt.utils.utils")

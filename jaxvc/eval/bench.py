@@ -1,12 +1,13 @@
 """Real-size check of the metric backbones: jaxvc vs the PyTorch reference, same weights, same inputs, one process.
 
     python -m jaxvc.eval.bench [--clip-model DIR] [--dino-model DIR] [--frames 64] [--batch-size 32]
-                               [--flow-size 256] [--flow-pairs 4] [--i3d-videos 2]
+                               [--flow-size 256] [--flow-pairs 4] [--interp-size 256] [--interp-pairs 4]
+                               [--i3d-videos 2]
 
 Without folders it builds CLIP ViT-B/32 and DINO ViT-S/16 with random weights at their published sizes (nothing is
 downloaded) and saves them in transformers' format first, so the loaders are exercised as with real weights; RAFT
-(large, 20 steps; the reference is princeton-vl's code as VBench ships it) and I3D (16 x 224 x 224; cd-fvd's copy
-of TATS's) are random too, saved as torch files and read by jaxvc's loaders. It prints, per network: the largest
+(large, 20 steps; the reference is princeton-vl's code as VBench ships it), AMT-S (VBench's copy) and I3D
+(16 x 224 x 224; cd-fvd's copy of TATS's) are random too, saved as torch files and read by jaxvc's loaders. It prints, per network: the largest
 relative error of the outputs, and items/s of jaxvc (jitted, float32) and of torch (eager, float32, no_grad),
 preprocessing excluded. Medians of 5 timed calls after a warm-up.
 """
@@ -107,6 +108,30 @@ def compare_raft(folder: str, size: int, pairs: int) -> dict:
                                  (first, second))
 
 
+def compare_amt(folder: str, size: int, pairs: int) -> dict:
+    """AMT-S, ``pairs`` frame pairs of size x size per call (motion smoothness's network)."""
+    import jax
+    import torch
+
+    from jaxvc.bench.reference_code import vbench_amt
+    from jaxvc.convert.amt import load_amt
+    from jaxvc.models.amt import AMT
+
+    model_class, _ = vbench_amt()
+    torch.manual_seed(0)
+    model = model_class().eval()
+    torch.save({"state_dict": model.state_dict()}, f"{folder}/amt-s.pth")
+    config, params = load_amt(f"{folder}/amt-s.pth", allow_pickle=True)
+    rng = np.random.default_rng(0)
+    first = rng.uniform(0, 1, (pairs, size, size, 3)).astype(np.float32)
+    second = np.roll(first, (2, -3), axis=(1, 2))
+    middle = jax.jit(lambda p, a, b: AMT(config).apply(p, a, b))
+    half = torch.full((pairs, 1, 1, 1), 0.5)
+    reference = lambda a, b: model(a, b, half, eval=True)["imgt_pred"]  # noqa: E731
+    return compare_torch_network(f"AMT-S, {size}px (motion smoothness)", "pair", pairs, middle, params, reference,
+                                 (first, second))
+
+
 def compare_i3d(folder: str, videos: int) -> dict:
     """I3D logits of ``videos`` clips of 16 x 224 x 224 per call (FVD's network)."""
     import jax
@@ -135,6 +160,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per tower call")
     parser.add_argument("--flow-size", type=int, default=256, help="RAFT frame side (a multiple of 8, >= 128)")
     parser.add_argument("--flow-pairs", type=int, default=4, help="RAFT frame pairs per call")
+    parser.add_argument("--interp-size", type=int, default=256, help="AMT frame side (a multiple of 16, >= 128)")
+    parser.add_argument("--interp-pairs", type=int, default=4, help="AMT frame pairs per call")
     parser.add_argument("--i3d-videos", type=int, default=2, help="I3D clips per call")
     args = parser.parse_args(argv)
     import jax
@@ -148,6 +175,7 @@ def main(argv=None) -> int:
         rows = [compare_tower("CLIP image (CLIP-I, CLIP-T, T.Cons)", clip_folder, args.frames, args.batch_size),
                 compare_tower("DINO (DINO-I)", dino_folder, args.frames, args.batch_size),
                 compare_raft(folder, args.flow_size, args.flow_pairs),
+                compare_amt(folder, args.interp_size, args.interp_pairs),
                 compare_i3d(folder, args.i3d_videos)]
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | float32; towers: batch {args.batch_size}, 224 px")

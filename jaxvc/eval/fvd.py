@@ -7,7 +7,7 @@ What is followed, and from where:
 - **Preprocessing**: cd-fvd's ``preprocess_i3d`` (= CustomCrafter's ``preprocess``): uint8 frames, bilinear resize
   to 224x224 with ``F.interpolate(mode="bilinear", align_corners=False)`` (no antialiasing, even when shrinking),
   then ``2 x / 255 - 1``. ``jax.image.resize`` antialiases when downsampling, so the resize here is torch's formula
-  written as two interpolation matrices (``bilinear_matrix``).
+  written as two interpolation matrices (``jaxvc.models.resample``).
 - **FVD**: ``frechet_distance`` of cd-fvd's ``third_party/i3d/utils.py`` (identical in CustomCrafter's
   ``utils/fvd_utils.py``): means, *unbiased* covariances, and the trace term through TF-GAN's symmetric matrix
   square roots (SVD, singular values below 1e-10 kept unrooted): Tr(S_r + S_f) - 2 Tr(sqrt(sqrt(S_r) S_f sqrt(S_r)))
@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvc.models.i3d import MAX_FRAME_SIZE, MIN_FRAMES, InceptionI3d
+from jaxvc.models.resample import bilinear_matrix, resize_bilinear
 
 TARGET_SIZE = (MAX_FRAME_SIZE, MAX_FRAME_SIZE)  # cd-fvd's TARGET_RESOLUTION, (224, 224)
 SQRT_EPS = 1e-10  # TF-GAN's _symmetric_matrix_square_root eps
@@ -40,40 +41,11 @@ SQRT_EPS = 1e-10  # TF-GAN's _symmetric_matrix_square_root eps
 # ---------------------------------------------------------------- preprocessing
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) float32 weights of torch's 1-D bilinear resize with ``align_corners=False``: source
-    coordinate (i + 0.5) * in / out - 0.5 clamped at 0, floor index i0, neighbour min(i0 + 1, in - 1), weights
-    1 - frac and frac (``area_pixel_compute_source_index``).
-
-    The rounding is torch's CPU kernel's, bit for bit (checked against ``F.interpolate`` for every input size 1..699
-    to 224): the scale is float32(in / out), and scale * (i + 0.5) - 0.5 is rounded to float32 once (a fused
-    multiply-add), not after each operation; per-operation float32 rounding moves some weights by an ulp of the
-    coordinate (1.5e-5 at 256), up to 4e-3 grey levels."""
-    scale = np.float64(np.float32(in_size) / np.float32(out_size))
-    # exact in float64 (a 24-bit scale times a half-integer), then one rounding to float32
-    source = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
-    source = np.maximum(source, np.float32(0))
-    lower = np.minimum(np.floor(source).astype(np.int64), in_size - 1)
-    upper = lower + (lower < in_size - 1)
-    frac = np.clip(source - lower.astype(np.float32), 0, 1).astype(np.float32)
-    weights = np.zeros((out_size, in_size), np.float32)
-    rows = np.arange(out_size)
-    np.add.at(weights, (rows, lower), 1 - frac)
-    np.add.at(weights, (rows, upper), frac)  # upper == lower at the last pixel: the weights add up to 1 there
-    return weights
-
-
 def preprocess_videos(videos, size: tuple[int, int] = TARGET_SIZE) -> jax.Array:
     """uint8 videos (B, T, H, W, C) -> float32 (B, T, 224, 224, C) in [-1, 1], cd-fvd's ``preprocess_i3d`` in NTHWC.
 
     The resize is separable: rows (224, H) @ frame @ cols (W, 224), at full float32 precision (no bf16 passes)."""
-    height, width = videos.shape[2:4]
-    rows = jnp.asarray(bilinear_matrix(height, size[0]))
-    cols = jnp.asarray(bilinear_matrix(width, size[1]))
-    x = jnp.asarray(videos).astype(jnp.float32)
-    highest = jax.lax.Precision.HIGHEST
-    x = jnp.einsum("oh,bthwc->btowc", rows, x, precision=highest)  # (B, T, 224, W, C)
-    x = jnp.einsum("pw,btowc->btopc", cols, x, precision=highest)  # (B, T, 224, 224, C)
+    x = resize_bilinear(jnp.asarray(videos).astype(jnp.float32), size)  # (B, T, 224, 224, C)
     return 2.0 * x / 255.0 - 1.0
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxvc.models.layers import Conv, EvalBatchNorm
+from jaxvc.models.resample import pad_to_multiple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,9 +315,4 @@ def pad_to_multiple_of_8(images, mode: str = "sintel"):
     """RAFT's ``InputPadder``: edge-replicate (N, H, W, C) images up to multiples of 8, split evenly top/bottom and
     left/right ("sintel", what the dynamic-degree metric uses) or all at the bottom ("kitti"). Returns (padded,
     (top, bottom, left, right))."""
-    height, width = images.shape[1:3]
-    pad_h, pad_w = (-height) % 8, (-width) % 8
-    top = pad_h // 2 if mode == "sintel" else 0
-    pads = (top, pad_h - top, pad_w // 2, pad_w - pad_w // 2)
-    padded = jnp.pad(images, ((0, 0), pads[:2], pads[2:], (0, 0)), mode="edge")
-    return padded, pads
+    return pad_to_multiple(images, 8, bottom_only=mode != "sintel")
