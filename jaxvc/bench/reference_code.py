@@ -65,3 +65,26 @@ def vbench_amt():
         module_spec.loader.exec_module(module)
         sys.modules["_vbench_amt_s"] = module
     return sys.modules["_vbench_amt_s"].Model, importlib.import_module("vbench.third_party.amt.utils.utils")
+
+
+def insightface_modules():
+    """insightface 2.1's pure-Python face pipeline (installed without dependencies): ``(model_zoo.scrfd,
+    model_zoo.arcface_onnx, utils.face_align)`` modules. ``insightface`` and the two subpackages are registered as
+    bare namespaces: their ``__init__``s import the whole library (GUI, mesh rendering, downloads)."""
+    import importlib
+    import types
+
+    if "insightface" in sys.modules:  # registered by an earlier call (a bare module has no spec to find)
+        root = sys.modules["insightface"].__path__[0]
+    else:
+        spec = importlib.util.find_spec("insightface")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("insightface is not installed (bash launch/setup_env.sh --test installs it)")
+        root = list(spec.submodule_search_locations)[0]
+    for name in ("insightface", "insightface.model_zoo", "insightface.utils"):
+        if name not in sys.modules:
+            bare = types.ModuleType(name)
+            bare.__path__ = [os.path.join(root, *name.split(".")[1:])]
+            sys.modules[name] = bare
+    return tuple(importlib.import_module(f"insightface.{name}")
+                 for name in ("model_zoo.scrfd", "model_zoo.arcface_onnx", "utils.face_align"))
