@@ -8,9 +8,12 @@ detect-align-embed pipeline on small random SCRFD-like and ArcFace-like networks
 import numpy as np
 import pytest
 
+from tests.conftest import relative_error
+
 cv2 = pytest.importorskip("cv2")
 pytest.importorskip("skimage")
 pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the legacy ONNX exporter warns
 torch = pytest.importorskip("torch")
 
 
@@ -90,3 +93,155 @@ def test_decoding_and_nms_match_scrfd():
         if metric == "max":
             np.testing.assert_array_equal(chosen[:, :4], kept[np.argsort(area)[::-1][:2], :4])
         assert chosen.shape == (2, 5) and chosen_landmarks.shape == (2, 5, 2)
+
+
+@pytest.fixture(scope="module")
+def face_models(tmp_path_factory):
+    """(detector path, recognizer path): a TinySCRFD whose score bias lets about 40 of the 16800 anchors of the
+    test images pass 0.5 (a random detector would pass about half of them), and a TinyIResNet; exported to ONNX."""
+    from tests.onnx_face_models import TinyIResNet, TinySCRFD, export, randomize_norms
+
+    folder = tmp_path_factory.mktemp("faces")
+    torch.manual_seed(11)
+    detector = randomize_norms(TinySCRFD(), seed=12)
+    with torch.no_grad():
+        for head in detector.cls:
+            head.weight.mul_(4.0)
+            head.bias.fill_(-0.58)
+    names = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in (8, 16, 32)]
+    detector_path = export(detector, torch.randn(1, 3, 640, 640), folder / "det_10g.onnx", ["input.1"], names,
+                           {"input.1": {2: "height", 3: "width"}, **{name: {0: "count"} for name in names}})
+    torch.manual_seed(13)
+    recognizer_path = export(randomize_norms(TinyIResNet(), seed=14), torch.randn(1, 3, 112, 112),
+                             folder / "w600k_r50.onnx", ["input.1"], ["embedding"], {"input.1": {0: "batch"},
+                                                                              "embedding": {0: "batch"}})
+    return detector_path, recognizer_path
+
+
+def smooth_images(count: int, height: int, width: int, seed: int) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    images = gaussian_filter(rng.uniform(0, 255, (count, height, width, 3)), (0, 4, 4, 0))
+    return np.clip((images - images.mean()) * 3 + 128, 0, 255).round().astype(np.uint8)
+
+
+def test_detection_and_similarity_match_insightface(face_models):
+    from types import SimpleNamespace
+
+    from jaxvc.bench.reference_code import insightface_modules
+    from jaxvc.eval.face_similarity import FaceDetector, FaceEmbedder, FaceSimilarity, cosine
+
+    scrfd, arcface_onnx, _ = insightface_modules()
+    detector_path, recognizer_path = face_models
+    detector, embedder = FaceDetector.from_file(detector_path), FaceEmbedder.from_file(recognizer_path, batch_size=4)
+    assert embedder.crop_size == 112 and (embedder.mean, embedder.std) == (127.5, 127.5)
+    reference_detector = scrfd.SCRFD(model_file=str(detector_path))
+    reference_recognizer = arcface_onnx.ArcFaceONNX(model_file=str(recognizer_path))
+
+    frames = smooth_images(3, 360, 480, seed=15)  # letterboxed into 640 x 640 (resized by 4/3)
+    references = list(smooth_images(2, 640, 640, seed=16))  # already the detector's size
+    counts = []
+    for image in [*frames, *references]:
+        boxes, landmarks = detector.detect(image)
+        # insightface takes OpenCV's BGR and swaps to RGB itself
+        want_boxes, want_landmarks = reference_detector.detect(image[..., ::-1].copy(), input_size=(640, 640))
+        assert boxes.shape == want_boxes.shape and landmarks.shape == want_landmarks.shape
+        np.testing.assert_allclose(boxes, want_boxes, rtol=1e-5, atol=1e-3)
+        np.testing.assert_allclose(landmarks, want_landmarks, rtol=1e-5, atol=1e-3)
+        counts.append(len(boxes))
+    print(f"faces found per image after NMS: {counts}")
+    assert min(counts) >= 2  # several candidates: NMS and the main-face choice are exercised
+
+    def reference_embedding(image):  # FaceAnalysis.get(img, max_num=1), then the recognizer on the main face
+        boxes, landmarks = reference_detector.detect(image[..., ::-1].copy(), input_size=(640, 640), max_num=1)
+        face = SimpleNamespace(bbox=boxes[0, :4], kps=landmarks[0], det_score=boxes[0, 4])
+        return reference_recognizer.get(image[..., ::-1].copy(), face)
+
+    _, _, face_align = insightface_modules()
+    images = [*frames, *references]
+    want_embeddings = np.stack([reference_embedding(image) for image in images])
+    scorer = FaceSimilarity(detector, embedder)
+    crops, found = scorer.face_crops(images)
+    assert found == list(range(5))
+    for crop, image in zip(crops, images):  # the same main face, aligned to the same pixels
+        _, landmarks = reference_detector.detect(image[..., ::-1].copy(), input_size=(640, 640), max_num=1)
+        np.testing.assert_array_equal(crop, face_align.norm_crop(image[..., ::-1].copy(), landmarks[0])[..., ::-1])
+    embeddings = embedder.embed(crops)
+    # a random recognizer's embeddings share a large constant part (its biases): compare what varies between faces
+    centred = lambda x: x - x.mean(axis=0)  # noqa: E731
+    error = relative_error(centred(embeddings), centred(want_embeddings))
+    print(f"embeddings: relative error {relative_error(embeddings, want_embeddings):.1e}, of their variation "
+          f"{error:.1e}")
+    assert error < 1e-4
+    want = cosine(want_embeddings[:3], want_embeddings[3:])
+    scores = scorer.score(frames, references)
+    print(f"face similarity {scores['face_similarity']:.7f} (insightface's pipeline {want.mean():.7f})")
+    assert scores["face_frames"] == 3 and scores["frames_without_face"] == 0 and scores["references_with_face"] == 2
+    assert scores["face_similarity"] == pytest.approx(float(want.mean()), abs=2e-6)
+    assert abs(scores["face_similarity"]) > 0.05  # not a degenerate zero
+
+
+def test_frames_without_faces_are_skipped_and_counted(face_models):
+    from jaxvc.eval.face_geometry import letterbox
+    from jaxvc.eval.face_similarity import FaceDetector, FaceEmbedder, FaceSimilarity
+
+    detector_path, recognizer_path = face_models
+    detector = FaceDetector.from_file(detector_path)
+    frames, references = smooth_images(2, 360, 480, seed=15), [smooth_images(1, 640, 640, seed=16)[0]]
+    blank = np.full((2, 360, 480, 3), 128, np.uint8)
+
+    def best_score(image):
+        return max(float(out.max()) for out in detector.raw_outputs(letterbox(image, detector.input_size)[0])[:3])
+
+    # the random detector scores a flat grey frame lower than the textures: a threshold between them makes the
+    # grey frames faceless
+    threshold = (best_score(blank[0]) + min(best_score(f) for f in [*frames, *references])) / 2
+    assert best_score(blank[0]) < threshold
+    scorer = FaceSimilarity(FaceDetector(detector.graph, threshold=threshold), FaceEmbedder.from_file(recognizer_path))
+    assert len(scorer.detector.detect(blank[0])[0]) == 0
+    scores = scorer.score(np.concatenate([frames, blank]), references)
+    assert scores["face_frames"] == 2 and scores["frames_without_face"] == 2
+    assert scores["face_similarity"] == pytest.approx(scorer.score(frames, references)["face_similarity"])
+    with pytest.raises(ValueError, match="no face detected in any of the 2 frames"):
+        scorer.score(blank, references)
+    with pytest.raises(ValueError, match="reference"):
+        scorer.score(frames, [blank[0]])
+    with pytest.raises(ValueError, match="no reference image"):
+        scorer.score(frames, [])
+
+
+def test_eval_command_reports_face_similarity(tmp_path, face_models):
+    import json
+
+    from PIL import Image
+
+    from jaxvc.cli import main as jaxvc_main
+    from jaxvc.data.media import read_image, read_video
+    from jaxvc.eval.face_similarity import FaceDetector, FaceEmbedder, FaceSimilarity
+    from jaxvc.media import write_mp4
+
+    detector_path, recognizer_path = face_models
+    write_mp4(tmp_path / "a.mp4", smooth_images(4, 240, 320, seed=17), fps=8, min_size=128)
+    Image.fromarray(smooth_images(1, 300, 300, seed=18)[0]).save(tmp_path / "face.png")
+    records = [{"video": "a.mp4", "prompt": "a person", "reference": "face.png"},
+               {"video": "a.mp4", "prompt": "a person"}]  # no reference: no face similarity for it
+    (tmp_path / "set.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "scores.json"
+    code = jaxvc_main(["eval", str(tmp_path / "set.jsonl"), "--face-det-model", str(detector_path),
+                       "--face-rec-model", str(recognizer_path), "--face-batch-size", "3", "--out", str(out)])
+    assert code == 1  # the second record has no reference image: counted
+    summary = json.loads(out.read_text())
+    assert len(summary["skipped"]) == 1 and "set.jsonl:2: face similarity" in summary["skipped"][0]
+    first, second = summary["videos"]
+    assert "face_similarity" not in second
+    frames, _ = read_video(str(tmp_path / "a.mp4"))
+    scorer = FaceSimilarity(FaceDetector.from_file(detector_path), FaceEmbedder.from_file(recognizer_path, 3))
+    want = scorer.score(frames, [read_image(str(tmp_path / "face.png"))])
+    assert first["face_similarity"] == pytest.approx(want["face_similarity"], abs=1e-12)
+    assert first["face_frames"] == want["face_frames"] == 4
+    assert summary["means"]["face_similarity"] == first["face_similarity"]
+    assert summary["counts"] == {"face_similarity": 1}
+    assert summary["models"]["face_detector"] == str(detector_path)
+    with pytest.raises(SystemExit, match="both --face-det-model and --face-rec-model"):
+        jaxvc_main(["eval", str(tmp_path / "set.jsonl"), "--face-det-model", str(detector_path)])

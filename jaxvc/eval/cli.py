@@ -1,6 +1,7 @@
 """``jaxvc eval``: CLIP-T, CLIP-I, DINO-I and temporal consistency (``feature_metrics.py``), dynamic degree
-(``dynamic_degree.py``, RAFT optical flow), motion smoothness (``motion_smoothness.py``, AMT frame interpolation)
-and FVD/KVD against real videos (``fvd.py``, I3D) of generated videos.
+(``dynamic_degree.py``, RAFT optical flow), motion smoothness (``motion_smoothness.py``, AMT frame interpolation),
+face similarity (``face_similarity.py``, insightface's ONNX detector and ArcFace run in JAX) and FVD/KVD against real
+videos (``fvd.py``, I3D) of generated videos.
 
 Videos are named by records: the ``<name>.json`` that ``jaxvc generate`` writes beside each video, or the lines of
 a JSONL manifest. A record is ``{"video": PATH, "prompt": TEXT, "reference": PATH}`` (or ``"references": [PATH,
@@ -42,6 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="AMT-S checkpoint for VBench's motion smoothness: amt-s.pth (a torch pickle: needs "
                              "--allow-pickle) or a .safetensors copy")
     parser.add_argument("--ms-batch-size", type=int, default=8, help="frame pairs per AMT call")
+    parser.add_argument("--face-det-model", default=None,
+                        help="insightface SCRFD detector with landmarks for the face similarity (VideoMaker's "
+                             "FaceSim): buffalo_l's det_10g.onnx or antelopev2's scrfd_10g_bnkps.onnx; needs "
+                             "--face-rec-model")
+    parser.add_argument("--face-rec-model", default=None,
+                        help="insightface ArcFace recognizer: buffalo_l's w600k_r50.onnx or antelopev2's "
+                             "glintr100.onnx. Each record's references and frames are detected, aligned and "
+                             "embedded; frames without a face are skipped and counted")
+    parser.add_argument("--face-det-size", type=int, default=640,
+                        help="the detector's square input side (insightface's det_size); frames are letterboxed in")
+    parser.add_argument("--face-batch-size", type=int, default=16, help="aligned faces per ArcFace call")
     parser.add_argument("--i3d-model", default=None,
                         help="I3D checkpoint for FVD and KVD: TATS's i3d_pretrained_400.pt (a torch pickle: needs "
                              "--allow-pickle) or a .safetensors copy; needs --real-videos")
@@ -61,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per call of an image tower")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled torch weights (they can run code when loaded): pytorch_model.bin where "
-                             "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt")
+                             "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the face models are ONNX "
+                             "files: no pickle)")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
 
 
@@ -132,16 +145,21 @@ def run(args) -> int:
     from jaxvc.eval.dynamic_degree import DynamicDegree, FlowEstimator
     from jaxvc.eval.feature_metrics import METRICS, VideoScorer, center_frames, mean_scores
     from jaxvc.eval.fvd import MIN_FRAMES, FeatureStream, I3DFeatures, score_features
+    from jaxvc.eval.face_similarity import FaceDetector, FaceEmbedder, FaceSimilarity
     from jaxvc.eval.motion_smoothness import Interpolator, MotionSmoothness
 
-    if not (args.clip_model or args.dino_model or args.raft_model or args.amt_model or args.i3d_model):
+    if not (args.clip_model or args.dino_model or args.raft_model or args.amt_model or args.face_det_model
+            or args.i3d_model):
         raise SystemExit("jaxvc eval: give --clip-model (CLIP-T, CLIP-I, temporal consistency), --dino-model "
-                         "(DINO-I), --raft-model (dynamic degree), --amt-model (motion smoothness) and/or "
-                         "--i3d-model with --real-videos (FVD, KVD)")
+                         "(DINO-I), --raft-model (dynamic degree), --amt-model (motion smoothness), --face-det-model "
+                         "with --face-rec-model (face similarity) and/or --i3d-model with --real-videos (FVD, KVD)")
+    if bool(args.face_det_model) != bool(args.face_rec_model):
+        raise SystemExit("jaxvc eval: face similarity needs both --face-det-model and --face-rec-model")
     if bool(args.i3d_model) != bool(args.real_videos):
         raise SystemExit("jaxvc eval: FVD/KVD need both --i3d-model and --real-videos")
     for flag, value in (("--frames", args.frames), ("--dd-batch-size", args.dd_batch_size),
-                        ("--ms-batch-size", args.ms_batch_size), ("--fvd-batch-size", args.fvd_batch_size)):
+                        ("--ms-batch-size", args.ms_batch_size), ("--fvd-batch-size", args.fvd_batch_size),
+                        ("--face-det-size", args.face_det_size), ("--face-batch-size", args.face_batch_size)):
         if value is not None and value < 1:
             raise SystemExit(f"jaxvc eval: {flag} must be >= 1, got {value}")
     if args.fvd_frames < MIN_FRAMES:
@@ -161,6 +179,10 @@ def run(args) -> int:
                                  scale=args.dd_scale) if args.raft_model else None)
         smoothness = (MotionSmoothness(Interpolator.from_file(args.amt_model, args.ms_batch_size, args.allow_pickle))
                       if args.amt_model else None)
+        faces = (FaceSimilarity(FaceDetector.from_file(args.face_det_model,
+                                                       input_size=(args.face_det_size, args.face_det_size)),
+                                FaceEmbedder.from_file(args.face_rec_model, args.face_batch_size))
+                 if args.face_det_model else None)
     except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the folder, key or shape
         raise SystemExit(f"jaxvc eval: {error}") from None
     results, skipped = [], []
@@ -178,13 +200,18 @@ def run(args) -> int:
                 smooth = smoothness.score(frames)
                 scores.update(motion_smoothness=smooth["motion_smoothness"],
                               interpolation_errors=smooth["interpolation_errors"])
+            if faces:
+                try:
+                    scores.update(faces.score(frames, references))
+                except ValueError as error:  # no face found: only this metric is missing for the video
+                    skipped.append(f"{record['source']}: face similarity: {error}")
         except (MediaError, ValueError) as error:  # unreadable, or too small for RAFT/AMT: named, counted, skipped
             skipped.append(f"{record['source']}: {error}")
             continue
         if fake_features is not None:
             _add_clip(fake_features, whole, args.fvd_frames, record["source"], skipped)
         results.append({"video": record["video"], "source": record["source"], "frames": int(len(frames)), **scores})
-    means = mean_scores(results, METRICS + ("dynamic_degree", "motion_smoothness"))
+    means = mean_scores(results, METRICS + ("dynamic_degree", "motion_smoothness", "face_similarity"))
     if i3d is not None:
         real_features = FeatureStream(i3d, "real videos")
         for path in tqdm(real_paths, desc="real videos (I3D)", unit="video"):
@@ -208,7 +235,8 @@ def run(args) -> int:
                    "counts": {name: count for name, (_, count) in means.items()},
                    "videos": results, "skipped": skipped,
                    "models": {"clip": args.clip_model, "dino": args.dino_model, "raft": args.raft_model,
-                              "amt": args.amt_model, "i3d": args.i3d_model},
+                              "amt": args.amt_model, "face_detector": args.face_det_model,
+                              "face_recognizer": args.face_rec_model, "i3d": args.i3d_model},
                    "frames": args.frames, "dd_scale": args.dd_scale if args.raft_model else None,
                    "fvd": {"frames": args.fvd_frames, "real_videos": len(real_paths)} if i3d else None}
         Path(args.out).write_text(json.dumps(summary, indent=2))

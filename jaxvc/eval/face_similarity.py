@@ -172,7 +172,7 @@ class FaceSimilarity:
 
     def score(self, frames: np.ndarray, references) -> dict:
         if not len(references):
-            raise ValueError("face similarity needs a reference image (the record has none)")
+            raise ValueError("no reference image in the record (a face to compare with)")
         reference_crops, with_face = self.face_crops(references)
         if not with_face:
             raise ValueError(f"no face detected in any of the {len(references)} reference image(s)")
