@@ -98,8 +98,8 @@ def test_decoding_and_nms_match_scrfd():
 @pytest.fixture(scope="module")
 def face_models(tmp_path_factory):
     """(detector path, recognizer path): a TinySCRFD whose score bias lets about 40 of the 16800 anchors of the
-    test images pass 0.5 (a random detector would pass about half of them), and a TinyIResNet; exported to ONNX."""
-    from tests.onnx_face_models import TinyIResNet, TinySCRFD, export, randomize_norms
+    test images pass 0.5 (a random detector would pass about half of them), and a tiny IResNet; exported to ONNX."""
+    from jaxvc.bench.torch_face_models import IResNet, TinySCRFD, export, randomize_norms
 
     folder = tmp_path_factory.mktemp("faces")
     torch.manual_seed(11)
@@ -112,7 +112,7 @@ def face_models(tmp_path_factory):
     detector_path = export(detector, torch.randn(1, 3, 640, 640), folder / "det_10g.onnx", ["input.1"], names,
                            {"input.1": {2: "height", 3: "width"}, **{name: {0: "count"} for name in names}})
     torch.manual_seed(13)
-    recognizer_path = export(randomize_norms(TinyIResNet(), seed=14), torch.randn(1, 3, 112, 112),
+    recognizer_path = export(randomize_norms(IResNet(), seed=14), torch.randn(1, 3, 112, 112),
                              folder / "w600k_r50.onnx", ["input.1"], ["embedding"], {"input.1": {0: "batch"},
                                                                               "embedding": {0: "batch"}})
     return detector_path, recognizer_path

@@ -18,7 +18,7 @@ import jax  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from jaxvc.models.onnx_graph import OnnxError, OnnxGraph  # noqa: E402
-from tests.onnx_face_models import TinyIResNet, TinySCRFD, export, randomize_norms  # noqa: E402
+from jaxvc.bench.torch_face_models import IResNet, TinySCRFD, export, randomize_norms  # noqa: E402
 
 BOUND = 1e-5
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
@@ -34,7 +34,7 @@ def ort_run(path, feeds: dict) -> list:
 @pytest.fixture(scope="module")
 def arcface(tmp_path_factory):
     torch.manual_seed(0)
-    model = randomize_norms(TinyIResNet(), seed=1)
+    model = randomize_norms(IResNet(), seed=1)
     path = export(model, torch.randn(1, 3, 112, 112), tmp_path_factory.mktemp("arcface") / "iresnet.onnx",
                   ["input.1"], ["embedding"], {"input.1": {0: "batch"}, "embedding": {0: "batch"}})
     return path, OnnxGraph.from_file(path)

@@ -1,7 +1,8 @@
-"""Small random stand-ins for insightface's face models, built in torch and exported to ONNX with the legacy
-TorchScript exporter as the released files were: an ArcFace-like IResNet (``w600k_r50.onnx``, ``glintr100.onnx``) and
-an SCRFD-like detector with 5 landmarks (``det_10g.onnx``: 9 outputs, dynamic height and width). Shared by
-``test_onnx_graph.py`` and ``test_face_similarity.py``."""
+"""Random stand-ins for insightface's face models, built in torch and exported to ONNX with the legacy TorchScript
+exporter as the released files were: arcface_torch's IResNet (``w600k_r50.onnx`` is ``IResNet((3, 4, 14, 3))``;
+tiny by default) and a small SCRFD-like detector with 5 landmarks (``det_10g.onnx``'s output layout: 9 outputs,
+dynamic height and width). For ``tests/test_onnx_graph.py``, ``tests/test_face_similarity.py`` and
+``python -m jaxvc.eval.bench``; torch is imported here, never by jaxvc itself."""
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -29,7 +30,6 @@ def export(model, example, path, input_names, output_names, dynamic_axes, opset=
     return path
 
 
-# ------------------------------------------------------------------------------------------- 1. ArcFace-like IResNet
 def conv3x3(c_in, c_out, stride=1):
     return nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
 
@@ -42,18 +42,26 @@ class IBasicBlock(nn.Module):
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), conv3x3(c_in, c_out)
         self.bn2, self.prelu = nn.BatchNorm2d(c_out), nn.PReLU(c_out)
         self.conv2, self.bn3 = conv3x3(c_out, c_out, stride), nn.BatchNorm2d(c_out)
-        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                           if stride != 1 or c_in != c_out else None)
 
     def forward(self, x):
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return out + self.downsample(x)
+        return out + (x if self.downsample is None else self.downsample(x))
 
 
-class TinyIResNet(nn.Module):
-    def __init__(self, widths=(8, 8, 16, 16, 24), features=512):
+class IResNet(nn.Module):
+    """arcface_torch's ``iresnet``: a 3x3 stem at ``widths[0]``, four stages of ``layers`` blocks (the first of each
+    strided, 112 -> 7), BN, dropout, a linear layer to ``features`` and a 1-D batch norm. ``layers=(3, 4, 14, 3)``,
+    ``widths=(64, 64, 128, 256, 512)`` is IResNet-50; the default is a tiny one for tests."""
+
+    def __init__(self, layers=(1, 1, 1, 1), widths=(8, 8, 16, 16, 24), features=512):
         super().__init__()
         self.conv1, self.bn1, self.prelu = conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0])
-        self.layers = nn.Sequential(*[IBasicBlock(a, b, 2) for a, b in zip(widths[:-1], widths[1:])])  # 112 -> 7
+        blocks = []
+        for count, c_in, c_out in zip(layers, widths[:-1], widths[1:]):
+            blocks += [IBasicBlock(c_in, c_out, 2)] + [IBasicBlock(c_out, c_out, 1) for _ in range(count - 1)]
+        self.layers = nn.Sequential(*blocks)  # (N, widths[-1], 7, 7)
         self.bn2, self.dropout = nn.BatchNorm2d(widths[-1]), nn.Dropout(0.4)
         self.fc = nn.Linear(widths[-1] * 7 * 7, features)
         self.features = nn.BatchNorm1d(features)
