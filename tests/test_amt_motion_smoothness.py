@@ -146,8 +146,8 @@ def test_motion_smoothness_matches_vbench():
     ours = scorer.score(frames)
     want, want_errors = vbench_motion_score(model, frames)
     flips = np.abs(np.subtract(ours["interpolation_errors"], want_errors)) * (120 * 136 * 3)
-    print(f"motion smoothness {ours['motion_smoothness']:.6f} (VBench's procedure {want:.6f}), pixel flips {flips.round(2)}, errors "
-          f"{np.round(ours['interpolation_errors'], 4)} vs {np.round(want_errors, 4)}")
+    print(f"motion smoothness {ours['motion_smoothness']:.6f} (VBench's procedure {want:.6f}), pixel flips "
+          f"{flips.round(2)}, errors {np.round(ours['interpolation_errors'], 4)} vs {np.round(want_errors, 4)}")
     assert len(ours["interpolation_errors"]) == 3 and ours["frames_used"] == 8
     # the uint8 truncation of a float32 frame flips a value by one level where the two frames straddle an integer
     # in the last bit: each flip moves a pair's mean by 1 / (120 * 136 * 3) = 2e-5 (1 or 2 of 49k values here)

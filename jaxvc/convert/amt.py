@@ -33,8 +33,8 @@ def amt_params_from_state_dict(state_dict, source: str = "AMT checkpoint") -> tu
                                       f"(first keys: {sorted(state)[:5]})")
     config = VARIANTS["small"]
     if tuple(stem.shape) != (32, 3, 7, 7) or "update4.convc2.weight" in state:
-        raise CheckpointMismatchError(f"{source}: 'feat_encoder.conv1.weight' is {tuple(stem.shape)}"
-                                      f"{' with a convc2 in the update blocks' if 'update4.convc2.weight' in state else ''}"
+        extra = " with a convc2 in the update blocks" if "update4.convc2.weight" in state else ""
+        raise CheckpointMismatchError(f"{source}: 'feat_encoder.conv1.weight' is {tuple(stem.shape)}{extra}"
                                       ": this is AMT-L or AMT-G; jaxvc implements AMT-S (stem (32, 3, 7, 7)), the "
                                       "model VBench's motion smoothness uses")
     state = {(key[:-len("weight")] + "negative_slope" if key.endswith(".weight") and np.ndim(value) == 1 else key):

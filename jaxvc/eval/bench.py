@@ -1,15 +1,17 @@
-"""Real-size check of the metric backbones: jaxvc vs the PyTorch reference, same weights, same inputs, one process.
+"""Real-size check of the metric backbones: jaxvc vs the reference implementation, same weights, same inputs, one
+process.
 
     python -m jaxvc.eval.bench [--clip-model DIR] [--dino-model DIR] [--frames 64] [--batch-size 32]
                                [--flow-size 256] [--flow-pairs 4] [--interp-size 256] [--interp-pairs 4]
-                               [--i3d-videos 2]
+                               [--faces 16] [--i3d-videos 2]
 
 Without folders it builds CLIP ViT-B/32 and DINO ViT-S/16 with random weights at their published sizes (nothing is
 downloaded) and saves them in transformers' format first, so the loaders are exercised as with real weights; RAFT
-(large, 20 steps; the reference is princeton-vl's code as VBench ships it), AMT-S (VBench's copy) and I3D
-(16 x 224 x 224; cd-fvd's copy of TATS's) are random too, saved as torch files and read by jaxvc's loaders. It prints, per network: the largest
-relative error of the outputs, and items/s of jaxvc (jitted, float32) and of torch (eager, float32, no_grad),
-preprocessing excluded. Medians of 5 timed calls after a warm-up.
+(large, 20 steps; the reference is princeton-vl's code as VBench ships it), AMT-S (VBench's copy) and I3D (16 x 224 x
+224; cd-fvd's copy of TATS's) are random too, saved as torch files and read by jaxvc's loaders; ArcFace IResNet-50
+is exported to ONNX and run by jaxvc's ONNX runner against onnxruntime on the same file (what insightface runs). It
+prints, per network: the relative error of the outputs, and items/s of jaxvc (jitted, float32) and of the reference
+(torch eager, float32, no_grad; or onnxruntime), preprocessing excluded. Medians of 5 timed calls after a warm-up.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def compare_tower(name: str, folder: str, frames: int, batch_size: int) -> dict:
                                    warmup=1, iters=5).median_s
     images = calls * batch_size
     return {"tower": name, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6, "rel_error": error,
-            "jaxvc_per_s": images / jax_seconds, "torch_per_s": images / torch_seconds, "unit": "img"}
+            "jaxvc_per_s": images / jax_seconds, "reference_per_s": images / torch_seconds, "unit": "img"}
 
 
 def compare_torch_network(name: str, unit: str, count: int, ours, params, reference, inputs) -> dict:
@@ -82,7 +84,7 @@ def compare_torch_network(name: str, unit: str, count: int, ours, params, refere
     with torch.no_grad():
         torch_seconds = time_calls(lambda: reference(*channels_first), lambda _: None, warmup=1, iters=5).median_s
     return {"tower": name, "params_m": sum(x.size for x in jax.tree.leaves(params)) / 1e6, "rel_error": error,
-            "jaxvc_per_s": count / jax_seconds, "torch_per_s": count / torch_seconds, "unit": unit}
+            "jaxvc_per_s": count / jax_seconds, "reference_per_s": count / torch_seconds, "unit": unit}
 
 
 def compare_raft(folder: str, size: int, pairs: int) -> dict:
@@ -132,6 +134,36 @@ def compare_amt(folder: str, size: int, pairs: int) -> dict:
                                  (first, second))
 
 
+def compare_arcface(folder: str, faces: int) -> dict:
+    """ArcFace IResNet-50 (``w600k_r50.onnx``'s network, random) exported to ONNX: jaxvc's OnnxGraph (jitted)
+    against onnxruntime on the same file, ``faces`` aligned 112 x 112 faces per call (face similarity's network)."""
+    import jax
+    import onnxruntime
+    import torch
+
+    from jaxvc.bench.timing import time_calls
+    from jaxvc.bench.torch_face_models import IResNet, export, randomize_norms
+    from jaxvc.models.onnx_graph import OnnxGraph
+
+    torch.manual_seed(0)
+    model = randomize_norms(IResNet((3, 4, 14, 3), (64, 64, 128, 256, 512)), seed=1)
+    path = export(model, torch.randn(1, 3, 112, 112), f"{folder}/w600k_r50.onnx", ["input.1"], ["683"],
+                  {"input.1": {0: "batch"}, "683": {0: "batch"}})
+    graph = OnnxGraph.from_file(path)
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    crops = np.random.default_rng(0).uniform(-1, 1, (faces, 3, 112, 112)).astype(np.float32)
+    embed = jax.jit(lambda params, x: graph(params, x)[0])
+    expected = session.run(None, {"input.1": crops})[0].astype(np.float64)
+    got = np.asarray(embed(graph.params, crops), np.float64)
+    error = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+    jax_seconds = time_calls(lambda: embed(graph.params, crops), jax.block_until_ready, warmup=1, iters=5).median_s
+    ort_seconds = time_calls(lambda: session.run(None, {"input.1": crops}), lambda _: None, warmup=1,
+                             iters=5).median_s
+    return {"tower": "ArcFace R50 ONNX (face sim; ref: ORT)", "rel_error": error,
+            "params_m": sum(x.size for x in graph.params.values()) / 1e6, "jaxvc_per_s": faces / jax_seconds,
+            "reference_per_s": faces / ort_seconds, "unit": "face"}
+
+
 def compare_i3d(folder: str, videos: int) -> dict:
     """I3D logits of ``videos`` clips of 16 x 224 x 224 per call (FVD's network)."""
     import jax
@@ -162,6 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--flow-pairs", type=int, default=4, help="RAFT frame pairs per call")
     parser.add_argument("--interp-size", type=int, default=256, help="AMT frame side (a multiple of 16, >= 128)")
     parser.add_argument("--interp-pairs", type=int, default=4, help="AMT frame pairs per call")
+    parser.add_argument("--faces", type=int, default=16, help="aligned faces per ArcFace call")
     parser.add_argument("--i3d-videos", type=int, default=2, help="I3D clips per call")
     args = parser.parse_args(argv)
     import jax
@@ -176,13 +209,15 @@ def main(argv=None) -> int:
                 compare_tower("DINO (DINO-I)", dino_folder, args.frames, args.batch_size),
                 compare_raft(folder, args.flow_size, args.flow_pairs),
                 compare_amt(folder, args.interp_size, args.interp_pairs),
+                compare_arcface(folder, args.faces),
                 compare_i3d(folder, args.i3d_videos)]
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | float32; towers: batch {args.batch_size}, 224 px")
-    print(f"{'network':<38} {'params':>8} {'rel err':>9} {'unit':>6} {'jaxvc /s':>9} {'torch /s':>9} {'ratio':>6}")
+    print(f"{'network':<38} {'params':>8} {'rel err':>9} {'unit':>6} {'jaxvc /s':>9} {'ref /s':>9} {'ratio':>6}")
     for row in rows:
         print(f"{row['tower']:<38} {row['params_m']:>7.1f}M {row['rel_error']:>9.2e} {row['unit']:>6} "
-              f"{row['jaxvc_per_s']:>9.2f} {row['torch_per_s']:>9.2f} {row['jaxvc_per_s'] / row['torch_per_s']:>5.2f}x")
+              f"{row['jaxvc_per_s']:>9.2f} {row['reference_per_s']:>9.2f} "
+              f"{row['jaxvc_per_s'] / row['reference_per_s']:>5.2f}x")
     return 0
 
 

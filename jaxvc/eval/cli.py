@@ -73,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per call of an image tower")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled torch weights (they can run code when loaded): pytorch_model.bin where "
-                             "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the face models are ONNX "
-                             "files: no pickle)")
+                             "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the "
+                             "face models are ONNX files: no pickle)")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
 
 
