@@ -17,6 +17,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the leg
 torch = pytest.importorskip("torch")
 
 
+# OpenCV 5 rewrote warpAffine in float arithmetic; the pinned reference (launch/requirements-test.txt) is 4.13
+OPENCV_WARP = "opencv5" if int(cv2.__version__.split(".")[0]) >= 5 else "opencv4"
+
+
+def assert_same_warp(ours: np.ndarray, want: np.ndarray) -> None:
+    """OpenCV 4's warp is reproduced bit for bit. OpenCV 5's float kernel (checked on 5.1, which
+    check_newer_jax.sh installs) is reproduced but for about 5 values in a million, one grey level off: its float
+    operation order is not fully known here."""
+    if OPENCV_WARP == "opencv4":
+        np.testing.assert_array_equal(ours, want)
+    else:
+        difference = np.abs(ours.astype(int) - want.astype(int))
+        assert difference.max() <= 1 and np.mean(difference > 0) < 1e-4, (difference.max(), np.mean(difference > 0))
+
+
 def random_landmarks(rng, center, size):
     """5 face-like landmarks (eyes, nose, mouth corners) around ``center``, jittered and rotated."""
     from jaxvc.eval.face_geometry import ARCFACE_TEMPLATE
@@ -39,9 +54,11 @@ def test_alignment_matches_insightface_norm_crop():
         landmarks = random_landmarks(rng, rng.uniform(-20, 220, 2), rng.uniform(30, 160))
         matrix = alignment_matrix(landmarks, size)
         np.testing.assert_allclose(matrix, face_align.estimate_norm(landmarks, size), rtol=0, atol=1e-9)
-        ours, want = warp_affine(image, matrix, size), face_align.norm_crop(image, landmarks, size)
+        ours, want = warp_affine(image, matrix, size, OPENCV_WARP), face_align.norm_crop(image, landmarks, size)
         assert ours.shape == want.shape == (size, size, 3)
-        np.testing.assert_array_equal(ours, want)  # OpenCV's fixed-point warp, bit for bit
+        assert_same_warp(ours, want)  # in the installed OpenCV's arithmetic
+        other = warp_affine(image, matrix, size, "opencv5" if OPENCV_WARP == "opencv4" else "opencv4")
+        assert 0 < np.abs(other.astype(int) - want).max() <= 16  # the other major version's is not it
 
 
 def test_letterbox_resize_matches_opencv():
@@ -134,7 +151,8 @@ def test_detection_and_similarity_match_insightface(face_models):
 
     scrfd, arcface_onnx, _ = insightface_modules()
     detector_path, recognizer_path = face_models
-    detector, embedder = FaceDetector.from_file(detector_path), FaceEmbedder.from_file(recognizer_path, batch_size=4)
+    detector = FaceDetector.from_file(detector_path)
+    embedder = FaceEmbedder.from_file(recognizer_path, batch_size=4, warp=OPENCV_WARP)
     assert embedder.crop_size == 112 and (embedder.mean, embedder.std) == (127.5, 127.5)
     reference_detector = scrfd.SCRFD(model_file=str(detector_path))
     reference_recognizer = arcface_onnx.ArcFaceONNX(model_file=str(recognizer_path))
@@ -166,7 +184,7 @@ def test_detection_and_similarity_match_insightface(face_models):
     assert found == list(range(5))
     for crop, image in zip(crops, images):  # the same main face, aligned to the same pixels
         _, landmarks = reference_detector.detect(image[..., ::-1].copy(), input_size=(640, 640), max_num=1)
-        np.testing.assert_array_equal(crop, face_align.norm_crop(image[..., ::-1].copy(), landmarks[0])[..., ::-1])
+        assert_same_warp(crop, face_align.norm_crop(image[..., ::-1].copy(), landmarks[0])[..., ::-1])
     embeddings = embedder.embed(crops)
     # a random recognizer's embeddings share a large constant part (its biases): compare what varies between faces
     centred = lambda x: x - x.mean(axis=0)  # noqa: E731

@@ -7,16 +7,38 @@ import os
 import sys
 
 
+def package_root(package: str) -> str:
+    """The folder of an installed package, without importing it (nor failing where ``register_bare`` put it)."""
+    if package in sys.modules and getattr(sys.modules[package], "__path__", None):
+        return list(sys.modules[package].__path__)[0]  # a bare module has no spec to find
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{package} is not installed (bash launch/setup_env.sh --test installs it)")
+    return list(spec.submodule_search_locations)[0]
+
+
+def register_bare(package: str, *subpackages: str) -> str:
+    """Register ``package`` (and ``package.<sub>`` for each of ``subpackages``) as bare namespaces pointing at their
+    folders, so modules that import ``package.x.y`` by absolute name load without ``package/__init__.py`` running.
+    Returns the package's folder."""
+    import types
+
+    root = package_root(package)
+    for name in (package, *(f"{package}.{sub}" for sub in subpackages)):
+        if name not in sys.modules:
+            bare = types.ModuleType(name)
+            bare.__path__ = [os.path.join(root, *name.split(".")[1:])]
+            sys.modules[name] = bare
+    return root
+
+
 def load_package_folder(package: str, folder: str, alias: str):
     """Import ``<package>/<folder>`` (a folder of modules with relative imports) as the top-level package ``alias``
     without running ``<package>/__init__.py``; returns the package module (import its submodules as
     ``alias.submodule``)."""
     if alias in sys.modules:
         return sys.modules[alias]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{package} is not installed (bash launch/setup_env.sh --test installs it)")
-    path = os.path.join(list(spec.submodule_search_locations)[0], *folder.split("/"))
+    path = os.path.join(package_root(package), *folder.split("/"))
     init = os.path.join(path, "__init__.py")
     module_spec = importlib.util.spec_from_file_location(alias, init, submodule_search_locations=[path])
     module = importlib.util.module_from_spec(module_spec)
@@ -49,17 +71,10 @@ def vbench_amt():
     have ``InputPadder``, ``img2tensor``, ``tensor2img``). Its modules import ``vbench.third_party.amt...`` by
     absolute name, so ``vbench`` is registered as a bare namespace (its ``__init__`` is not run)."""
     import importlib
-    import types
 
-    if "vbench" not in sys.modules:
-        spec = importlib.util.find_spec("vbench")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("vbench is not installed (bash launch/setup_env.sh --test installs it)")
-        bare = types.ModuleType("vbench")
-        bare.__path__ = list(spec.submodule_search_locations)
-        sys.modules["vbench"] = bare
+    root = register_bare("vbench")
     if "_vbench_amt_s" not in sys.modules:
-        path = os.path.join(sys.modules["vbench"].__path__[0], "third_party", "amt", "networks", "AMT-S.py")
+        path = os.path.join(root, "third_party", "amt", "networks", "AMT-S.py")
         module_spec = importlib.util.spec_from_file_location("_vbench_amt_s", path)  # "AMT-S" is no module name
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
@@ -72,19 +87,7 @@ def insightface_modules():
     model_zoo.arcface_onnx, utils.face_align)`` modules. ``insightface`` and the two subpackages are registered as
     bare namespaces: their ``__init__``s import the whole library (GUI, mesh rendering, downloads)."""
     import importlib
-    import types
 
-    if "insightface" in sys.modules:  # registered by an earlier call (a bare module has no spec to find)
-        root = sys.modules["insightface"].__path__[0]
-    else:
-        spec = importlib.util.find_spec("insightface")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError("insightface is not installed (bash launch/setup_env.sh --test installs it)")
-        root = list(spec.submodule_search_locations)[0]
-    for name in ("insightface", "insightface.model_zoo", "insightface.utils"):
-        if name not in sys.modules:
-            bare = types.ModuleType(name)
-            bare.__path__ = [os.path.join(root, *name.split(".")[1:])]
-            sys.modules[name] = bare
+    register_bare("insightface", "model_zoo", "utils")
     return tuple(importlib.import_module(f"insightface.{name}")
                  for name in ("model_zoo.scrfd", "model_zoo.arcface_onnx", "utils.face_align"))

@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--face-det-size", type=int, default=640,
                         help="the detector's square input side (insightface's det_size); frames are letterboxed in")
     parser.add_argument("--face-batch-size", type=int, default=16, help="aligned faces per ArcFace call")
+    parser.add_argument("--face-warp", choices=("opencv4", "opencv5"), default="opencv4",
+                        help="whose affine-warp arithmetic aligns the faces, bit for bit: OpenCV 4's fixed point "
+                             "(what the published evaluations ran) or OpenCV 5's float (a few grey levels apart)")
     parser.add_argument("--i3d-model", default=None,
                         help="I3D checkpoint for FVD and KVD: TATS's i3d_pretrained_400.pt (a torch pickle: needs "
                              "--allow-pickle) or a .safetensors copy; needs --real-videos")
@@ -181,7 +184,7 @@ def run(args) -> int:
                       if args.amt_model else None)
         faces = (FaceSimilarity(FaceDetector.from_file(args.face_det_model,
                                                        input_size=(args.face_det_size, args.face_det_size)),
-                                FaceEmbedder.from_file(args.face_rec_model, args.face_batch_size))
+                                FaceEmbedder.from_file(args.face_rec_model, args.face_batch_size, args.face_warp))
                  if args.face_det_model else None)
     except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the folder, key or shape
         raise SystemExit(f"jaxvc eval: {error}") from None

@@ -5,9 +5,10 @@ landmarks onto ArcFace's 112 x 112 template, then an affine warp).
 
 What is exact and what is not (``tests/test_face_similarity.py`` measures both):
 
-- ``warp_affine`` is OpenCV's ``warpAffine(INTER_LINEAR, BORDER_CONSTANT 0)`` on uint8 images bit for bit: source
-  positions in fixed point (1/1024, then 1/32 of a pixel), the 32 x 32 table of integer bilinear weights summing to
-  2^15 (its rounding correction included), and the rounding shift of the weighted sum.
+- ``warp_affine`` is OpenCV's ``warpAffine(INTER_LINEAR, BORDER_CONSTANT 0)`` on uint8 images bit for bit, in
+  OpenCV 4's arithmetic (source positions in fixed point, 1/1024 then 1/32 of a pixel, the 32 x 32 table of integer
+  bilinear weights summing to 2^15 with its rounding correction, the rounding shift of the weighted sum); with
+  ``kernel="opencv5"``, OpenCV 5's float arithmetic, equal but for about 5 values in a million (one grey level).
 - ``similarity_transform`` is scikit-image's ``_umeyama`` (``SimilarityTransform.estimate``), the same numpy
   operations in the same order.
 - ``resize_linear`` is OpenCV's ``resize(INTER_LINEAR)`` on uint8 images bit for bit (11-bit weights, the rounding
@@ -110,34 +111,68 @@ def _bilinear_weight_table() -> np.ndarray:
 _WEIGHT_TABLE = None
 
 
-def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+WARP_KERNELS = ("opencv4", "opencv5")
+
+
+def warp_affine(image: np.ndarray, matrix: np.ndarray, size: int, kernel: str = "opencv4") -> np.ndarray:
     """OpenCV's ``warpAffine(image, matrix, (size, size), INTER_LINEAR, BORDER_CONSTANT, 0)`` for a uint8
-    (H, W, C) image: output pixel (x, y) samples the source at ``matrix^-1 (x, y, 1)``."""
-    global _WEIGHT_TABLE
-    if _WEIGHT_TABLE is None:
-        _WEIGHT_TABLE = _bilinear_weight_table()
+    (H, W, C) image: output pixel (x, y) samples the source at ``matrix^-1 (x, y, 1)``. ``kernel``: "opencv4"
+    (OpenCV <= 4.x, what the published evaluations ran: positions in fixed point, 1/32 px, integer weights; bit for
+    bit) or "opencv5" (OpenCV 5 computes in float32; this reproduces OpenCV 5.1's output but for about 5 values in a
+    million, off by one grey level). The two differ by up to a few grey levels at about half of the pixels."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"warp_affine takes uint8 (H, W, C) images, got {image.dtype} {image.shape}")
+    if kernel not in WARP_KERNELS:
+        raise ValueError(f"warp kernel '{kernel}': expected one of {WARP_KERNELS}")
     inverse = _inverse_affine(np.asarray(matrix, np.float64))
-    scale, steps = 1024, np.arange(size)  # AB_BITS = 10; positions rounded to 1/1024, then shifted to 1/32
+    if kernel == "opencv4":
+        x0, y0, weights = _fixed_point_taps(inverse, size)
+        corners = _corners(image, x0, y0, np.int64)
+        total = sum(corners[dy, dx] * weights[..., dy, dx, None] for dy in (0, 1) for dx in (0, 1))
+        return np.clip((total + (1 << 14)) >> 15, 0, 255).astype(np.uint8)
+    # OpenCV 5: float32 positions, then two fused lerps (horizontal, vertical), each rounded once to float32; the
+    # products are exact in float64, so float64 arithmetic rounded to float32 is the fused multiply-add
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = (inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]).astype(np.float32)
+    y = (inverse[1, 0] * xs + inverse[1, 1] * ys + inverse[1, 2]).astype(np.float32)
+    x0, y0 = np.floor(x), np.floor(y)
+    fx = (x - x0).astype(np.float32)[..., None].astype(np.float64)
+    fy = (y - y0).astype(np.float32)[..., None].astype(np.float64)
+    corners = _corners(image, x0.astype(np.int64), y0.astype(np.int64), np.float64)
+    top = (fx * (corners[0, 1] - corners[0, 0]) + corners[0, 0]).astype(np.float32)
+    bottom = (fx * (corners[1, 1] - corners[1, 0]) + corners[1, 0]).astype(np.float32)
+    out = (fy * (bottom - top).astype(np.float64) + top).astype(np.float32)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _corners(image: np.ndarray, x0: np.ndarray, y0: np.ndarray, dtype) -> dict:
+    """The 2 x 2 source pixels of each output pixel, (dy, dx) -> (size, size, C); outside the image: 0."""
+    height, width = image.shape[:2]
+    corners = {}
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cx, cy = x0 + dx, y0 + dy
+            inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
+            values = image[np.clip(cy, 0, height - 1), np.clip(cx, 0, width - 1)].astype(dtype)
+            corners[dy, dx] = np.where(inside[..., None], values, 0)
+    return corners
+
+
+def _fixed_point_taps(inverse: np.ndarray, size: int):
+    """OpenCV 4's ``WarpAffineInvoker``: the top-left source pixel of each output pixel and its 2 x 2 integer
+    weights (of 2^15), positions rounded to 1/1024 px per row and column term, then shifted to 1/32 px."""
+    global _WEIGHT_TABLE
+    if _WEIGHT_TABLE is None:
+        _WEIGHT_TABLE = _bilinear_weight_table()
+    scale, steps = 1024, np.arange(size)  # AB_BITS = 10
     x_step = np.rint(inverse[0, 0] * steps * scale).astype(np.int64)  # per output column
     y_step = np.rint(inverse[1, 0] * steps * scale).astype(np.int64)
     x_row = np.rint((inverse[0, 1] * steps + inverse[0, 2]) * scale).astype(np.int64) + 16  # per row, + 1/64 px
     y_row = np.rint((inverse[1, 1] * steps + inverse[1, 2]) * scale).astype(np.int64) + 16
     x = (x_row[:, None] + x_step[None, :]) >> 5  # (size, size) in 1/32 px
     y = (y_row[:, None] + y_step[None, :]) >> 5
-    weights = _WEIGHT_TABLE[y & 31, x & 31]  # (size, size, 2, 2)
-    x0, y0 = x >> 5, y >> 5
-    height, width = image.shape[:2]
-    total = np.zeros((size, size, image.shape[2]), np.int64)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            cx, cy = x0 + dx, y0 + dy
-            inside = (cx >= 0) & (cx < width) & (cy >= 0) & (cy < height)
-            values = image[np.clip(cy, 0, height - 1), np.clip(cx, 0, width - 1)].astype(np.int64)
-            total += np.where(inside[..., None], values * weights[..., dy, dx, None], 0)
-    return np.clip((total + (1 << 14)) >> 15, 0, 255).astype(np.uint8)
+    return x >> 5, y >> 5, _WEIGHT_TABLE[y & 31, x & 31]
 
 
 def _resize_taps(in_size: int, out_size: int, clamp: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -10,7 +10,7 @@ pipeline the face-customization papers' evaluators use), at insightface 0.7's si
    stride, anchors scoring >= 0.5 decode into boxes and 5 landmarks; NMS at IoU 0.4; the main face is insightface's
    ``max_num=1`` choice (largest box, preferring central ones);
 2. align: the landmarks' similarity transform onto ArcFace's 112 x 112 template, OpenCV's affine warp
-   (``face_geometry``, bit-exact);
+   (``face_geometry``, bit-exact; OpenCV 4's arithmetic by default, as the published evaluations ran, or OpenCV 5's);
 3. embed: (x - 127.5) / 127.5 (mean 0, std 1 for the old mxnet exports, which normalise inside, told apart by
    insightface's test of the first node names), the recognizer's 512-d output;
 4. score: cos(reference, frame) averaged over the frames that have a face and over the reference images. Frames
@@ -112,6 +112,7 @@ class FaceEmbedder:
     """ArcFace: ``embed(aligned crops (N, S, S, 3) uint8 RGB) -> (N, D)`` raw embeddings (cosine compares them)."""
     graph: object
     batch_size: int = 16
+    warp: str = "opencv4"  # face_geometry.warp_affine's kernel: OpenCV 4's fixed point or OpenCV 5's float
     _run: object = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -131,10 +132,10 @@ class FaceEmbedder:
         self._run = _jitted(self.graph)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, batch_size: int = 16) -> "FaceEmbedder":
+    def from_file(cls, path: str | os.PathLike, batch_size: int = 16, warp: str = "opencv4") -> "FaceEmbedder":
         from jaxvc.models.onnx_graph import OnnxGraph
 
-        return cls(OnnxGraph.from_file(path), batch_size)
+        return cls(OnnxGraph.from_file(path), batch_size, warp)
 
     def embed(self, crops: np.ndarray) -> np.ndarray:
         from jaxvc.eval.feature_metrics import in_fixed_batches
@@ -144,7 +145,7 @@ class FaceEmbedder:
                                 self.batch_size)
 
     def align(self, image: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        return warp_affine(image, alignment_matrix(landmarks, self.crop_size), self.crop_size)
+        return warp_affine(image, alignment_matrix(landmarks, self.crop_size), self.crop_size, self.warp)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
