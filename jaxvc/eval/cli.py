@@ -55,8 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the detector's square input side (insightface's det_size); frames are letterboxed in")
     parser.add_argument("--face-batch-size", type=int, default=16, help="aligned faces per ArcFace call")
     parser.add_argument("--face-warp", choices=("opencv4", "opencv5"), default="opencv4",
-                        help="whose affine-warp arithmetic aligns the faces, bit for bit: OpenCV 4's fixed point "
-                             "(what the published evaluations ran) or OpenCV 5's float (a few grey levels apart)")
+                        help="whose affine-warp arithmetic aligns the faces: OpenCV 4's fixed point, bit for bit "
+                             "(what the published evaluations ran), or OpenCV 5's float (equal but for about 5 values "
+                             "per million); the two are a few grey levels apart at half of the pixels")
     parser.add_argument("--i3d-model", default=None,
                         help="I3D checkpoint for FVD and KVD: TATS's i3d_pretrained_400.pt (a torch pickle: needs "
                              "--allow-pickle) or a .safetensors copy; needs --real-videos")
