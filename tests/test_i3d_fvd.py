@@ -108,13 +108,19 @@ def test_i3d_features_match_reference_pipeline(i3d, reference):
     net, path, _ = i3d
     _, utils = reference
     videos = np.random.default_rng(1).integers(0, 256, (3, 10, 48, 64, 3), dtype=np.uint8)
-    features = fvd.I3DFeatures.from_file(path, batch_size=2, allow_pickle=True)(videos)
+    i3d_features = fvd.I3DFeatures.from_file(path, batch_size=2, allow_pickle=True)
+    features = i3d_features(videos)
     with torch.no_grad():
         expected = net(utils.preprocess_i3d(videos)).numpy()
     error = relative_error(features, expected)
     print(f"I3DFeatures (3 videos, batches of 2): relative error {error:.2e}")
     assert features.shape == (3, 400) and features.dtype == np.float64
     assert error < PARITY
+    # a list of videos of two frame sizes: batched per size, rows in the list's order
+    other = np.random.default_rng(2).integers(0, 256, (2, 9, 40, 40, 3), dtype=np.uint8)
+    mixed = i3d_features([videos[0], other[0], videos[1], other[1], videos[2]])
+    np.testing.assert_allclose(mixed[[0, 2, 4]], features, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(mixed[[1, 3]], i3d_features(other), rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------- (b) preprocessing

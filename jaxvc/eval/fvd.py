@@ -107,11 +107,10 @@ class I3DFeatures:
         if isinstance(videos, (list, tuple)):
             if not videos:
                 raise ValueError(f"{what}: no videos")
-            out = np.zeros((len(videos), self.num_classes), np.float64)
-            for shape in dict.fromkeys(np.shape(v) for v in videos):
-                index = [i for i, v in enumerate(videos) if np.shape(v) == shape]
-                out[index] = self(np.stack([videos[i] for i in index]), what)
-            return out
+            stream = FeatureStream(self, what)  # batches each shape's videos, keeps the order
+            for video in videos:
+                stream.add(video)
+            return stream.finish()
         from jaxvc.eval.feature_metrics import in_fixed_batches
 
         check_videos(videos, what)
