@@ -26,7 +26,7 @@ fi
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 files=(launch/requirements-lock.txt setup.py)
 [ "$want_test" = 1 ] && files+=(launch/requirements-test.txt launch/requirements-test-nodeps.txt
-                                 launch/requirements-libtpu.txt)
+                                 launch/constraints-build.txt launch/requirements-libtpu.txt)
 [ "$want_gpu_compile" = 1 ] && files+=(launch/requirements-cuda-compile.txt)
 stamp=".venv/.jaxvc-installed-$(cat "${files[@]}" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
@@ -39,7 +39,9 @@ if [ ! -f "$stamp" ]; then
   "${pip[@]}" --no-deps open_clip_torch==3.3.0
   "${pip[@]}" --no-deps -e .
   if [ "$want_test" = 1 ]; then
-    "${pip[@]}" --no-deps -r launch/requirements-test-nodeps.txt
+    # PIP_CONSTRAINT reaches the isolated build environments too: chainer's sdist needs a setuptools that still
+    # ships pkg_resources
+    PIP_CONSTRAINT=launch/constraints-build.txt "${pip[@]}" --no-deps -r launch/requirements-test-nodeps.txt
     # libtpu for `jaxvc plan`, outside site-packages (see launch/requirements-libtpu.txt); emptied first, since pip's
     # --target keeps an older version's metadata beside the new one
     rm -rf .venv/opt/libtpu

@@ -1,7 +1,7 @@
 """``jaxvc eval``: CLIP-T, CLIP-I, DINO-I and temporal consistency (``feature_metrics.py``), dynamic degree
 (``dynamic_degree.py``, RAFT optical flow), motion smoothness (``motion_smoothness.py``, AMT frame interpolation),
-face similarity (``face_similarity.py``, insightface's ONNX detector and ArcFace run in JAX) and FVD/KVD against real
-videos (``fvd.py``, I3D) of generated videos.
+face similarity (``face_similarity.py``, insightface's ONNX detector and ArcFace run in JAX), FVD/KVD against real
+videos (``fvd.py``, I3D) and the UCF-101 Inception Score (``inception_score.py``, C3D) of generated videos.
 
 Videos are named by records: the ``<name>.json`` that ``jaxvc generate`` writes beside each video, or the lines of
 a JSONL manifest. A record is ``{"video": PATH, "prompt": TEXT, "reference": PATH}`` (or ``"references": [PATH,
@@ -68,6 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="FVD/KVD take the first this many frames of every video, real and generated (TATS's "
                              "and cd-fvd's sequence_length); shorter videos are left out of FVD and counted")
     parser.add_argument("--fvd-batch-size", type=int, default=16, help="videos per I3D call")
+    parser.add_argument("--c3d-model", default=None,
+                        help="UCF-101 C3D for the video Inception Score (MicroCinema's UCF-101 IS): TGANv2's "
+                             "conv3d_deepnetA_ucf.npz (chainer) or the same keys in .safetensors; needs --c3d-mean. "
+                             "The first 16 frames of every video are scored; shorter videos are left out and counted")
+    parser.add_argument("--c3d-mean", default=None,
+                        help="the mean clip C3D's inputs are centred with: TGANv2's mean2.npz (3 x 16 x 128 x 171)")
+    parser.add_argument("--is-splits", type=int, default=1,
+                        help="1: TGANv2's score over all videos at once; N > 1: StyleGAN-V's mean and standard "
+                             "deviation over N parts of the shuffled set (it uses 10)")
+    parser.add_argument("--is-batch-size", type=int, default=16, help="videos per C3D call")
     parser.add_argument("--tokenizer", default=None,
                         help="CLIP tokenizer folder (vocab.json + merges.txt or tokenizer.json); default: the one "
                              "in --clip-model, else jaxvc's built-in CLIP vocabulary")
@@ -78,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow pickled torch weights (they can run code when loaded): pytorch_model.bin where "
                              "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the "
-                             "face models are ONNX files: no pickle)")
+                             "face models are ONNX files and the C3D an .npz: no pickle)")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
 
 
@@ -150,20 +160,26 @@ def run(args) -> int:
     from jaxvc.eval.feature_metrics import METRICS, VideoScorer, center_frames, mean_scores
     from jaxvc.eval.fvd import MIN_FRAMES, FeatureStream, I3DFeatures, score_features
     from jaxvc.eval.face_similarity import FaceDetector, FaceEmbedder, FaceSimilarity
+    from jaxvc.eval.inception_score import C3DProbabilities, inception_score
     from jaxvc.eval.motion_smoothness import Interpolator, MotionSmoothness
+    from jaxvc.models.c3d import CLIP_FRAMES
 
     if not (args.clip_model or args.dino_model or args.raft_model or args.amt_model or args.face_det_model
-            or args.i3d_model):
+            or args.i3d_model or args.c3d_model):
         raise SystemExit("jaxvc eval: give --clip-model (CLIP-T, CLIP-I, temporal consistency), --dino-model "
                          "(DINO-I), --raft-model (dynamic degree), --amt-model (motion smoothness), --face-det-model "
-                         "with --face-rec-model (face similarity) and/or --i3d-model with --real-videos (FVD, KVD)")
+                         "with --face-rec-model (face similarity), --i3d-model with --real-videos (FVD, KVD) and/or "
+                         "--c3d-model with --c3d-mean (UCF-101 Inception Score)")
     if bool(args.face_det_model) != bool(args.face_rec_model):
         raise SystemExit("jaxvc eval: face similarity needs both --face-det-model and --face-rec-model")
     if bool(args.i3d_model) != bool(args.real_videos):
         raise SystemExit("jaxvc eval: FVD/KVD need both --i3d-model and --real-videos")
+    if bool(args.c3d_model) != bool(args.c3d_mean):
+        raise SystemExit("jaxvc eval: the Inception Score needs both --c3d-model and --c3d-mean")
     for flag, value in (("--frames", args.frames), ("--dd-batch-size", args.dd_batch_size),
                         ("--ms-batch-size", args.ms_batch_size), ("--fvd-batch-size", args.fvd_batch_size),
-                        ("--face-det-size", args.face_det_size), ("--face-batch-size", args.face_batch_size)):
+                        ("--face-det-size", args.face_det_size), ("--face-batch-size", args.face_batch_size),
+                        ("--is-splits", args.is_splits), ("--is-batch-size", args.is_batch_size)):
         if value is not None and value < 1:
             raise SystemExit(f"jaxvc eval: {flag} must be >= 1, got {value}")
     if args.fvd_frames < MIN_FRAMES:
@@ -187,10 +203,13 @@ def run(args) -> int:
                                                        input_size=(args.face_det_size, args.face_det_size)),
                                 FaceEmbedder.from_file(args.face_rec_model, args.face_batch_size, args.face_warp))
                  if args.face_det_model else None)
+        c3d = (C3DProbabilities.from_files(args.c3d_model, args.c3d_mean, args.is_batch_size, args.allow_pickle)
+               if args.c3d_model else None)
     except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the folder, key or shape
         raise SystemExit(f"jaxvc eval: {error}") from None
     results, skipped = [], []
     fake_features = FeatureStream(i3d, "generated videos") if i3d else None
+    class_probabilities = FeatureStream(c3d, "generated videos (C3D)") if c3d else None
     for record in tqdm(records, desc="scoring videos", unit="video"):
         try:
             whole, fps = _read_video(record["video"])
@@ -214,6 +233,8 @@ def run(args) -> int:
             continue
         if fake_features is not None:
             _add_clip(fake_features, whole, args.fvd_frames, record["source"], skipped)
+        if class_probabilities is not None:
+            _add_clip(class_probabilities, whole, CLIP_FRAMES, record["source"], skipped, "the Inception Score")
         results.append({"video": record["video"], "source": record["source"], "frames": int(len(frames)), **scores})
     means = mean_scores(results, METRICS + ("dynamic_degree", "motion_smoothness", "face_similarity"))
     if i3d is not None:
@@ -230,6 +251,15 @@ def run(args) -> int:
         else:
             for name, value in score_features(real, fake).items():
                 means[name] = (value, len(fake))
+    if c3d is not None:
+        probabilities = class_probabilities.finish()
+        if len(probabilities) < args.is_splits:
+            skipped.append(f"Inception Score: {len(probabilities)} usable videos for --is-splits {args.is_splits}")
+        else:
+            score, spread = inception_score(probabilities, args.is_splits)
+            means["inception_score"] = (score, len(probabilities))
+            if args.is_splits > 1:
+                means["inception_score_std"] = (spread, len(probabilities))
     print(format_table(means, len(results)))
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
@@ -240,18 +270,21 @@ def run(args) -> int:
                    "videos": results, "skipped": skipped,
                    "models": {"clip": args.clip_model, "dino": args.dino_model, "raft": args.raft_model,
                               "amt": args.amt_model, "face_detector": args.face_det_model,
-                              "face_recognizer": args.face_rec_model, "i3d": args.i3d_model},
+                              "face_recognizer": args.face_rec_model, "i3d": args.i3d_model,
+                              "c3d": args.c3d_model, "c3d_mean": args.c3d_mean},
                    "frames": args.frames, "dd_scale": args.dd_scale if args.raft_model else None,
-                   "fvd": {"frames": args.fvd_frames, "real_videos": len(real_paths)} if i3d else None}
+                   "fvd": {"frames": args.fvd_frames, "real_videos": len(real_paths)} if i3d else None,
+                   "inception_score": {"frames": CLIP_FRAMES, "splits": args.is_splits} if c3d else None}
         Path(args.out).write_text(json.dumps(summary, indent=2))
         print(f"wrote {args.out}")
     return 1 if skipped else 0
 
 
-def _add_clip(stream, frames, count: int, source: str, skipped: list) -> None:
-    """The first ``count`` frames of a video into an I3D feature stream; a shorter video is counted as skipped."""
+def _add_clip(stream, frames, count: int, source: str, skipped: list, metric: str = "FVD/KVD") -> None:
+    """The first ``count`` frames of a video into a feature stream (I3D or C3D); a shorter video is counted as
+    skipped."""
     if len(frames) < count:
-        skipped.append(f"{source}: {len(frames)} frames, fewer than --fvd-frames {count}; left out of FVD/KVD")
+        skipped.append(f"{source}: {len(frames)} frames, fewer than {count}; left out of {metric}")
         return
     stream.add(frames[:count])
 

@@ -102,6 +102,8 @@ class I3DFeatures:
         _, params = load_i3d(path, allow_pickle=allow_pickle)
         return cls(params, batch_size)
 
+    check = staticmethod(check_videos)
+
     def __call__(self, videos, what: str = "videos") -> np.ndarray:
         """uint8 videos (N, T, H, W, 3), or a list of (T, H, W, 3) videos (grouped by shape) -> (N, 400) float64."""
         if isinstance(videos, (list, tuple)):
@@ -120,36 +122,38 @@ class I3DFeatures:
 
 
 class FeatureStream:
-    """I3D logits of videos added one at a time: each shape's videos wait until a full batch of them is there, so a
-    large set is never held in memory whole. ``finish()`` -> (N, 400) float64 in the order the videos were added."""
+    """A network's outputs for videos added one at a time: each shape's videos wait until a full batch of them is
+    there, so a large set is never held in memory whole. ``finish()`` -> (N, classes) float64 in the order the videos
+    were added. ``network`` is an ``I3DFeatures`` (FVD/KVD) or a ``jaxvc.eval.inception_score.C3DProbabilities``:
+    it has ``batch_size``, ``num_classes``, ``check(videos, what)`` and ``__call__(videos, what)``."""
 
-    def __init__(self, i3d: I3DFeatures, what: str = "videos"):
-        self.i3d, self.what = i3d, what
+    def __init__(self, network, what: str = "videos"):
+        self.network, self.what = network, what
         self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         self.done: dict[int, np.ndarray] = {}
         self.count = 0
 
     def add(self, video: np.ndarray) -> None:
-        """One uint8 video (T, H, W, 3), T >= 9."""
+        """One uint8 video (T, H, W, 3) the network takes (I3D: T >= 9; C3D: T = 16)."""
         video = np.asarray(video)
-        check_videos(video[None], self.what)
+        self.network.check(video[None], self.what)
         queue = self.pending.setdefault(video.shape, [])
         queue.append((self.count, video))
         self.count += 1
-        if len(queue) >= self.i3d.batch_size:
+        if len(queue) >= self.network.batch_size:
             self._run(video.shape)
 
     def _run(self, shape) -> None:
         queue = self.pending.pop(shape, [])
         if queue:
-            features = self.i3d(np.stack([video for _, video in queue]), self.what)
+            features = self.network(np.stack([video for _, video in queue]), self.what)
             self.done.update((index, row) for (index, _), row in zip(queue, features))
 
     def finish(self) -> np.ndarray:
         for shape in list(self.pending):
             self._run(shape)
         return np.stack([self.done[index] for index in range(self.count)]) if self.count else \
-            np.zeros((0, self.i3d.num_classes))
+            np.zeros((0, self.network.num_classes))
 
 
 # ---------------------------------------------------------------- distances

@@ -1,6 +1,7 @@
-"""Resampling that reproduces torch's kernels exactly, for the metric networks whose scores are compared with the
-PyTorch reference: bilinear resizing (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing) and
-edge padding to a multiple (the ``InputPadder`` of RAFT and AMT). Channels last."""
+"""Resampling that reproduces the reference code's kernels, for the metric networks whose scores are compared with
+it: torch's bilinear resizing (``F.interpolate(mode="bilinear", align_corners=False)``, no antialiasing), OpenCV's
+bicubic resizing (``cv2.resize(..., INTER_CUBIC)`` of float frames) and edge padding to a multiple (the
+``InputPadder`` of RAFT and AMT). Channels last."""
 from __future__ import annotations
 
 import jax
@@ -32,12 +33,42 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return weights
 
 
+def cubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
+    """(out_size, in_size) float32 weights of OpenCV's 1-D ``INTER_CUBIC`` resize: source coordinate
+    (i + 0.5) * in / out - 0.5, floor index s, the four taps s - 1 .. s + 2 clamped to the edge (replicated border),
+    Keys' cubic with a = -0.75 on the fraction, the last weight 1 minus the others (``interpolateCubic``). No
+    antialiasing when shrinking. Float frames match ``cv2.resize`` to float32 rounding (5e-5 of 255); OpenCV's uint8
+    path (fixed-point weights, rounded output) is not this."""
+    # OpenCV keeps the source coordinate in double and rounds only its fractional part to float (checked with
+    # impulse images: t = 0.1 exactly where a float coordinate 516.1 would give 0.0999756)
+    coordinate = (np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5
+    start = np.floor(coordinate).astype(np.int64)
+    t = (coordinate - start).astype(np.float32)
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    taps = np.stack([w0, w1, w2, 1 - w0 - w1 - w2], axis=1)  # (out, 4)
+    weights = np.zeros((out_size, in_size), np.float32)
+    rows = np.repeat(np.arange(out_size), 4)
+    columns = np.clip(start[:, None] + np.arange(-1, 3)[None], 0, in_size - 1).ravel()
+    np.add.at(weights, (rows, columns), taps.ravel())  # clamped taps at the edges add onto the edge pixel
+    return weights
+
+
 def resize_bilinear(x, size: tuple[int, int]):
     """(..., H, W, C) -> (..., size[0], size[1], C): separable, rows then columns, at full float32 precision (no
     bf16 passes on accelerators)."""
-    height, width = x.shape[-3:-1]
-    rows = jnp.asarray(bilinear_matrix(height, size[0]))
-    cols = jnp.asarray(bilinear_matrix(width, size[1]))
+    return resize_separable(x, bilinear_matrix(x.shape[-3], size[0]), bilinear_matrix(x.shape[-2], size[1]))
+
+
+def resize_cubic(x, size: tuple[int, int]):
+    """``cv2.resize(frame, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)`` of float frames (..., H, W, C)."""
+    return resize_separable(x, cubic_matrix(x.shape[-3], size[0]), cubic_matrix(x.shape[-2], size[1]))
+
+
+def resize_separable(x, rows: np.ndarray, cols: np.ndarray):
+    """(..., H, W, C) -> (..., R, S, C) with row weights (R, H) and column weights (S, W), at full precision."""
+    rows, cols = jnp.asarray(rows), jnp.asarray(cols)
     highest = jax.lax.Precision.HIGHEST
     x = jnp.einsum("oh,...hwc->...owc", rows, x, precision=highest)
     return jnp.einsum("pw,...owc->...opc", cols, x, precision=highest)
