@@ -1,6 +1,8 @@
 """``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling), or
 a text-to-video sample of a model whose subject is in its weights (Still-Moving runs, ``--text-to-video`` with
-``--lora`` on a plain AnimateDiff folder)."""
+``--lora`` on a plain AnimateDiff folder). ``--prompts`` generates a whole evaluation set with one loaded model and
+one compiled sampler (``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are
+what ``jaxvc eval`` reads; videos whose record exists are kept, so a stopped run resumes."""
 from __future__ import annotations
 
 import argparse
@@ -29,7 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA file (diffusers, peft or kohya/A1111 format; e.g. a DreamBooth LoRA of SD1.5) "
                              "merged into the UNet and text encoder at SCALE (default 1.0); repeatable")
-    parser.add_argument("--prompt", required=True, help="what the subject should do")
+    parser.add_argument("--prompt", default=None, help="what the subject should do (or --prompts)")
+    parser.add_argument("--prompts", default=None, metavar="SET",
+                        help="generate a set instead of one video: 'ucf101' (the 101 UCF-101 class names, the "
+                             "zero-shot protocol), a .txt file (one prompt per line) or a .jsonl/.json file of "
+                             "{\"prompt\", \"reference\", \"name\", \"seed\", \"negative_prompt\"} records "
+                             "(`jaxvc motion-bins` writes such files); --reference, --seed and --negative-prompt are "
+                             "the defaults of records without their own")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="with --prompts: videos per prompt, with seeds seed, seed + 1, ... (named NAME_000, ...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --prompts: generate again the videos whose record is already in --out (default: "
+                             "keep them, so that a stopped run resumes)")
     parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     parser.add_argument("--guidance-scale", type=float, default=8.0, help="classifier-free guidance scale")
     parser.add_argument("--reference-guidance-scale", type=float, default=None,
@@ -41,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    parser.add_argument("--frames", type=int, default=16, help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81)")
+    parser.add_argument("--frames", type=int, default=16,
+                        help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81)")
     parser.add_argument("--height", type=int, default=512, help="video height in pixels")
     parser.add_argument("--width", type=int, default=512, help="video width in pixels")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")
@@ -52,12 +66,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention on TPUs)")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
-    parser.add_argument("--name", default="video", help="base name of the output files")
+    parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
+                                                         "each video after its record, class or index)")
 
 
 def run(args) -> int:
+    from jaxvc.data.prompt_sets import PromptSetError, read_prompt_set
     from jaxvc.pipeline import CustomVideoPipeline
 
+    if (args.prompt is None) == (args.prompts is None):
+        print("jaxvc generate: give --prompt TEXT (one video) or --prompts SET (many), not both", file=sys.stderr)
+        return 2
+    items = None
+    if args.prompts is not None:
+        try:
+            items = read_prompt_set(args.prompts, args.repeats, args.seed)
+        except PromptSetError as error:
+            print(f"jaxvc generate: {error}", file=sys.stderr)
+            return 2
     start = time.perf_counter()
     pipe = CustomVideoPipeline.from_pretrained(args.model, motion_adapter=args.motion_adapter,
                                                allow_pickle=args.allow_pickle, dtype=args.dtype,
@@ -72,22 +98,26 @@ def run(args) -> int:
     for spec in args.lora:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
-    if pipe.takes_reference and args.reference is None:
-        print(f"jaxvc generate: {args.model} is reference-conditioned: pass --reference IMAGE (or --text-to-video for "
-              "a plain AnimateDiff model)", file=sys.stderr)
+    references = [args.reference] if items is None else [item.reference or args.reference for item in items]
+    if pipe.takes_reference and None in references:
+        where = "" if items is None else f" (item '{items[references.index(None)].name}' of {args.prompts} has none)"
+        print(f"jaxvc generate: {args.model} is reference-conditioned: pass --reference IMAGE{where} (or "
+              "--text-to-video for a plain AnimateDiff model)", file=sys.stderr)
         return 2
-    if not pipe.takes_reference and args.reference is not None:
-        print(f"jaxvc generate: {args.model} is text-to-video (its subject is in its weights): drop --reference",
-              file=sys.stderr)
+    if not pipe.takes_reference and any(reference is not None for reference in references):
+        print(f"jaxvc generate: {args.model} is text-to-video (its subject is in its weights): drop --reference"
+              + ("" if items is None else f" and the records' \"reference\" in {args.prompts}"), file=sys.stderr)
         return 2
     loaded = time.perf_counter()
+    if items is not None:
+        return generate_set(pipe, items, args, loaded - start)
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
-    files["record"] = write_record(args, files["mp4"], getattr(pipe, "trained_step", None),
-                                   getattr(pipe, "trained_with_ema", None))
+    files["record"] = write_record(args, files["mp4"], args.prompt, args.reference, args.seed, args.negative_prompt,
+                                   getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
           f"in {time.perf_counter() - loaded:.1f}s")
     for kind, path in files.items():
@@ -106,16 +136,56 @@ def parse_lora_argument(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def write_record(args, video: Path, trained_step: int | None = None, ema: bool | None = None) -> Path:
+def generate_set(pipe, items, args, load_seconds: float) -> int:
+    """Every item of a prompt set into ``args.out``: videos, records and ``manifest.jsonl`` (rewritten after each
+    video, so that it lists what exists if the run stops). Items whose record exists are kept unless
+    ``--overwrite``. An unreadable reference image stops the run (the images are the user's own inputs)."""
+    from tqdm.auto import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest, made, kept, seconds = out / "manifest.jsonl", 0, 0, 0.0
+    lines = []
+    for item in tqdm(items, desc="generating", unit="video"):
+        record_path = out / f"{item.name}.json"
+        if record_path.is_file() and not args.overwrite:
+            kept += 1
+        else:
+            began = time.perf_counter()
+            reference = item.reference or args.reference
+            negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
+            frames = pipe(reference, item.prompt, negative_prompt=negative, guidance_scale=args.guidance_scale,
+                          reference_guidance_scale=args.reference_guidance_scale,
+                          reference_guidance_start=args.reference_guidance_start,
+                          num_inference_steps=args.steps, seed=item.seed, num_frames=args.frames,
+                          height=args.height, width=args.width, eta=args.eta, progress=False)
+            files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
+            write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
+                         getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
+            made, seconds = made + 1, seconds + time.perf_counter() - began
+        lines.append(json.dumps(json.loads(record_path.read_text())))
+        tmp = manifest.with_suffix(".jsonl.tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(manifest)
+    rate = f", {seconds / made:.1f}s per video" if made else ""
+    print(f"loaded in {load_seconds:.1f}s; generated {made} videos{rate}, kept {kept} already in {out}")
+    print(f"  manifest: {manifest}")
+    return 0
+
+
+def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,
+                 trained_step: int | None = None, ema: bool | None = None) -> Path:
     """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference)."""
-    reference = None if args.reference is None else str(Path(args.reference).resolve())
-    record = {"video": video.name, "prompt": args.prompt, "reference": reference, "lora": list(args.lora),
-              "negative_prompt": args.negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
+    reference = None if reference is None else str(Path(reference).resolve())
+    record = {"video": video.name, "prompt": prompt, "reference": reference, "lora": list(args.lora),
+              "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps, "eta": args.eta,
-              "seed": args.seed, "frames": args.frames, "height": args.height, "width": args.width,
+              "seed": seed, "frames": args.frames, "height": args.height, "width": args.width,
               "dtype": args.dtype, "attention_backend": args.attention_backend, "trained_step": trained_step,
               "ema": ema}
     path = video.with_suffix(".json")
-    path.write_text(json.dumps(record, indent=2))
+    tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: a record on disk is never half a record
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
     return path

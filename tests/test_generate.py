@@ -111,3 +111,46 @@ def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
     assert (record["prompt"], record["seed"], record["steps"], record["frames"]) == ("a cat jumps", 0, 2, 3)
     [read] = read_records([out / "cat.json"])
     assert (read["video"], read["references"]) == (str(out / "cat.mp4"), [str(reference.resolve())])
+
+
+def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, pipe, tmp_path):
+    """--prompts: each item as the one-video path would make it (same seed, prompt and reference: equal GIF
+    bytes), records and a manifest `jaxvc eval` reads, and a rerun that keeps what exists."""
+    from jaxvc.eval.cli import read_records
+
+    (tmp_path / "refs").mkdir()
+    _image(5).save(tmp_path / "refs" / "dog.png")
+    _image(6).save(tmp_path / "default.png")
+    (tmp_path / "set.jsonl").write_text(
+        json.dumps({"prompt": "a dog runs", "reference": "refs/dog.png", "seed": 11, "video": "/clips/c7.mp4"}) + "\n"
+        + json.dumps({"prompt": "a cat sits", "name": "cat"}) + "\n")
+    out = tmp_path / "out"
+    command = ["generate", "--model", str(folder), "--prompts", str(tmp_path / "set.jsonl"), "--reference",
+               str(tmp_path / "default.png"), "--repeats", "2", "--seed", "4", "--frames", "3", "--height", "16",
+               "--width", "16", "--steps", "2", "--out", str(out)]
+    assert jaxvc_main(command) == 0
+    names = ["c7_000", "c7_001", "cat_000", "cat_001"]  # a record's video stem names its item
+    seeds = [11, 12, 4, 5]
+    records = read_records([out / "manifest.jsonl"])
+    assert [r["video"] for r in records] == [str(out / f"{name}.mp4") for name in names]
+    for name, seed, record in zip(names, seeds, records):
+        saved = json.loads((out / f"{name}.json").read_text())
+        assert saved["seed"] == seed
+        reference = tmp_path / ("refs/dog.png" if name.startswith("c7") else "default.png")
+        assert record["references"] == [str(reference.resolve())]
+        if name not in ("c7_001", "cat_000"):  # one repeat of each item is made again one video at a time
+            continue
+        frames = pipe(str(reference), saved["prompt"], seed=seed, num_frames=3, height=16, width=16,
+                      num_inference_steps=2, progress=False)
+        single = CustomVideoPipeline.save(frames, tmp_path / "single", name, reference=str(reference))
+        assert single["gif"].read_bytes() == (out / f"{name}.gif").read_bytes()
+    # a rerun keeps the existing videos (resume); --overwrite makes them again
+    stamp = (out / "c7_000.mp4").stat().st_mtime_ns
+    assert jaxvc_main(command) == 0
+    assert (out / "c7_000.mp4").stat().st_mtime_ns == stamp
+    assert len(read_records([out / "manifest.jsonl"])) == 4
+    # a reference-conditioned model needs a reference for every item
+    (tmp_path / "bare.txt").write_text("a bird flies\n")
+    assert jaxvc_main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "bare.txt"),
+                       "--out", str(tmp_path / "bare")]) == 2
+    assert jaxvc_main(["generate", "--model", str(folder), "--prompt", "x", "--prompts", "ucf101"]) == 2
