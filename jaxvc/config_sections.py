@@ -14,7 +14,8 @@ def unet_model(*, vae_variant: str, num_frames: int, image_size: int) -> ConfigD
     model.motion_layout = "v3"
     model.unet_overrides = ConfigDict()  # UNetConfig fields, e.g. down_block_types
     # the UNet's attention (jaxvc/models/attention.py): xla (einsum, everywhere), jax, cudnn (flash attention on
-    # NVIDIA GPUs, bf16) or splash (flash attention on TPUs); what a kernel cannot take falls back to the einsum.
+    # NVIDIA GPUs, bf16), splash (flash attention on TPUs) or ring (context parallelism over the mesh's sequence
+    # axis); what a kernel cannot take falls back to the einsum.
     # The VAE and text encoder keep xla.
     model.attention_backend = "xla"
     model.text_variant = "tiny"

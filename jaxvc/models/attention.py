@@ -10,6 +10,10 @@ Backends (``backend=``):
   "splash"  flash attention on TPUs: Pallas's splash-attention kernel (``jaxvc/models/tpu_attention.py``), in a
             shard_map under a mesh; query and key lengths that are not multiples of 128 go through the einsum path.
             Off a TPU it runs in Pallas's interpret mode (slow; for tests).
+  "ring"    context parallelism: ring attention over the mesh's ``sequence`` axis
+            (``jaxvc/models/context_parallel.py``), each device keeping its key/value block and passing it on; for
+            sequences too long to gather whole on one device. Without a ``sequence`` axis, or with lengths it does
+            not divide, the einsum path.
 
 Reference-injected self-attention (VideoMaker's PISA) enters through ``reference_tokens``: the reference tokens are
 appended to the sequence, every token (frame and reference) attends over ``[own tokens; reference tokens]``
@@ -24,10 +28,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc.models.context_parallel import ring_attention, ring_takes
 from jaxvc.models.layers import Dense
 from jaxvc.models.tpu_attention import splash_attention, splash_takes
 
-BACKENDS = ("xla", "jax", "cudnn", "splash")
+BACKENDS = ("xla", "jax", "cudnn", "splash", "ring")
 # Below one flash-attention tile of keys the einsum path is as good and fuses with its neighbours; the AnimateDiff
 # motion modules attend over the frames only (16-32 keys) with a batch of B*h*w positions, which flash kernels gain
 # nothing on. "cudnn" therefore sends such short sequences through the einsum path.
@@ -91,9 +96,12 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         total = jnp.transpose(unnormalized.sum(axis=-1), (0, 2, 1))[..., None]  # (B, Lq, H, 1)
         return (out / total).astype(value.dtype)
     lq, lk = query.shape[1], key.shape[1]
-    # Shapes a flash kernel refuses (its length or head-size rules) go through the einsum path instead.
+    if backend == "ring" and ring_takes(lq, lk):
+        return ring_attention(query, key, value, scale=scale, causal=causal, key_mask=key_mask)
+    # Shapes a flash kernel refuses (its length or head-size rules) go through the einsum path instead, and so does
+    # the ring backend without a sequence axis that divides both lengths.
     if ((backend == "splash" and (key_mask is not None or not splash_takes(lq, lk)))
-            or (backend == "cudnn" and not _cudnn_takes(lq, lk, head_dim))):
+            or (backend == "cudnn" and not _cudnn_takes(lq, lk, head_dim)) or backend == "ring"):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale, key_mask=key_mask)
     if key_mask is not None:
         mask = key_mask[:, None, None, :]

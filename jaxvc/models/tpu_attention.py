@@ -90,13 +90,14 @@ def _local_attention(query, key, value, *, causal: bool, interpret: bool):
     return heads_first(jax.vmap(kernel)(heads_first(query), heads_first(key), heads_first(value)))
 
 
-def _mesh_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
-    """(B, L, H, D) split as the rule table splits ("batch", -, "heads", -), where the mesh divides the size."""
+def batch_heads_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
+    """(B, L, H, D) split as the rule table splits ("batch", -, "heads", -), where the mesh divides the size (the
+    mesh's ``sequence`` axis never: it is the ring backend's, ``jaxvc/models/context_parallel.py``)."""
     spec = nn.logical_to_mesh_axes(("batch", None, "heads", None))
     parts = []
     for size, axes in zip(shape, tuple(spec) + (None,) * (4 - len(spec))):
         names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        names = tuple(name for name in names if name in mesh.shape)
+        names = tuple(name for name in names if name in mesh.shape and name != "sequence")
         ways = int(np.prod([mesh.shape[name] for name in names])) if names else 1
         parts.append(names if names and size % ways == 0 else None)
     return PartitionSpec(*parts)
@@ -112,7 +113,7 @@ def splash_attention(query, key, value, *, scale: float, causal: bool = False):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return local(query, key, value)
-    query_spec, key_spec = _mesh_spec(query.shape, mesh), _mesh_spec(key.shape, mesh)
+    query_spec, key_spec = batch_heads_spec(query.shape, mesh), batch_heads_spec(key.shape, mesh)
     # query and key/value must be split alike: keep an axis split only where both shapes allow it
     spec = PartitionSpec(*(q if q == k else None for q, k in zip(query_spec, key_spec)))
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
