@@ -40,19 +40,9 @@ class ImageTower:
     batch_size: int = 32
 
     def __post_init__(self):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxvc.parallel.mesh import make_mesh
-
         model = VisionTransformer(self.config)
-        self.mesh = make_mesh({"data": -1}, devices=jax.local_devices())  # one host's: the trainer scores on one
-        devices = self.mesh.shape["data"]
-        self.batch_size = -(-self.batch_size // devices) * devices
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(self.params, replicated)
-        self._embed = jax.jit(lambda params, pixels: model.apply(params, pixels)["image_embeds"],
-                              in_shardings=(replicated, NamedSharding(self.mesh, PartitionSpec("data"))),
-                              out_shardings=replicated)
+        self.mesh, self.params, self.batch_size, self._embed = data_parallel(
+            lambda params, pixels: model.apply(params, pixels)["image_embeds"], self.params, self.batch_size)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, batch_size: int = 32, allow_pickle: bool = False,
@@ -103,6 +93,23 @@ class TextTower:
         ids = self.tokenizer(list(prompts))[:, :self.config.max_position_embeddings]
         pooled = np.asarray(self._encode(self.params, jnp.asarray(ids)), np.float64)
         return unit(pooled @ self.projection.astype(np.float64))
+
+
+def data_parallel(fn, state, batch_size: int):
+    """The metric networks' placement over this host's devices (a Colab TPU's 8 cores, a GPU host's GPUs; one host's:
+    the trainer scores on one): ``state`` (the parameters and any constants, a pytree) replicated, each batch split
+    over the mesh's ``data`` axis, ``batch_size`` rounded up to a multiple of the device count. Returns (mesh, state
+    on the devices, batch size, jitted ``fn(state, batch)`` with a replicated output)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxvc.parallel.mesh import make_mesh
+
+    mesh = make_mesh({"data": -1}, devices=jax.local_devices())
+    devices = mesh.shape["data"]
+    replicated = NamedSharding(mesh, PartitionSpec())
+    program = jax.jit(fn, in_shardings=(replicated, NamedSharding(mesh, PartitionSpec("data"))),
+                      out_shardings=replicated)
+    return mesh, jax.device_put(state, replicated), -(-batch_size // devices) * devices, program
 
 
 def in_fixed_batches(fn, arrays, batch_size: int) -> np.ndarray:

@@ -80,19 +80,11 @@ class I3DFeatures:
     precision: str | None = "highest"
 
     def __post_init__(self):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxvc.parallel.mesh import make_mesh
+        from jaxvc.eval.feature_metrics import data_parallel
 
         model = InceptionI3d(self.num_classes)
-        self.mesh = make_mesh({"data": -1}, devices=jax.local_devices())
-        devices = self.mesh.shape["data"]
-        self.batch_size = -(-self.batch_size // devices) * devices
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params = jax.device_put(self.params, replicated)
-        self._logits = jax.jit(lambda params, videos: model.apply(params, preprocess_videos(videos)),
-                               in_shardings=(replicated, NamedSharding(self.mesh, PartitionSpec("data"))),
-                               out_shardings=replicated)
+        self.mesh, self.params, self.batch_size, self._logits = data_parallel(
+            lambda params, videos: model.apply(params, preprocess_videos(videos)), self.params, self.batch_size)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, batch_size: int = 16, allow_pickle: bool = False) -> "I3DFeatures":

@@ -68,23 +68,16 @@ class C3DProbabilities:
     precision: str | None = "highest"
 
     def __post_init__(self):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from jaxvc.parallel.mesh import make_mesh
+        from jaxvc.eval.feature_metrics import data_parallel
 
         model = C3D(self.num_classes)
-        self.mesh = make_mesh({"data": -1}, devices=jax.local_devices())
-        devices = self.mesh.shape["data"]
-        self.batch_size = -(-self.batch_size // devices) * devices
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.params, self.mean = jax.device_put((self.params, jnp.asarray(self.mean, jnp.float32)), replicated)
 
-        def probabilities(params, mean, videos):
+        def probabilities(state, videos):
+            params, mean = state
             return jax.nn.softmax(model.apply(params, preprocess_clips(videos, mean)), axis=-1)
 
-        self._probabilities = jax.jit(probabilities, out_shardings=replicated,
-                                      in_shardings=(replicated, replicated,
-                                                    NamedSharding(self.mesh, PartitionSpec("data"))))
+        self.mesh, (self.params, self.mean), self.batch_size, self._probabilities = data_parallel(
+            probabilities, (self.params, jnp.asarray(self.mean, jnp.float32)), self.batch_size)
 
     @classmethod
     def from_files(cls, model_path: str | os.PathLike, mean_path: str | os.PathLike, batch_size: int = 16,
@@ -112,7 +105,7 @@ class C3DProbabilities:
 
         check_clips(videos, what)
         with jax.default_matmul_precision(self.precision):
-            probabilities = in_fixed_batches(lambda chunk: self._probabilities(self.params, self.mean, chunk),
+            probabilities = in_fixed_batches(lambda chunk: self._probabilities((self.params, self.mean), chunk),
                                              (videos,), self.batch_size)
         return np.asarray(probabilities, np.float64)
 
