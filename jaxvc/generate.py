@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA file (diffusers, peft or kohya/A1111 format; e.g. a DreamBooth LoRA of SD1.5) "
                              "merged into the UNet and text encoder at SCALE (default 1.0); repeatable")
-    parser.add_argument("--prompt", default=None, help="what the subject should do (or --prompts)")
+    parser.add_argument("--prompt", default=None,
+                        help="what the subject should do (or --prompts; with --prompts, the prompt of records "
+                             "without their own)")
     parser.add_argument("--prompts", default=None, metavar="SET",
                         help="generate a set instead of one video: 'ucf101' (the 101 UCF-101 class names, the "
                              "zero-shot protocol), a .txt file (one prompt per line) or a .jsonl/.json file of "
@@ -74,13 +76,13 @@ def run(args) -> int:
     from jaxvc.data.prompt_sets import PromptSetError, read_prompt_set
     from jaxvc.pipeline import CustomVideoPipeline
 
-    if (args.prompt is None) == (args.prompts is None):
-        print("jaxvc generate: give --prompt TEXT (one video) or --prompts SET (many), not both", file=sys.stderr)
+    if args.prompt is None and args.prompts is None:
+        print("jaxvc generate: give --prompt TEXT (one video) or --prompts SET (many)", file=sys.stderr)
         return 2
     items = None
     if args.prompts is not None:
         try:
-            items = read_prompt_set(args.prompts, args.repeats, args.seed)
+            items = read_prompt_set(args.prompts, args.repeats, args.seed, default_prompt=args.prompt)
         except PromptSetError as error:
             print(f"jaxvc generate: {error}", file=sys.stderr)
             return 2

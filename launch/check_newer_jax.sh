@@ -26,7 +26,8 @@ if [ ! -f "$venv/.jaxvc-newer-installed" ]; then
   echo "check_newer_jax.sh: installing the newest releases into $venv" >&2
   "${pip[@]}" "${jax_pin[@]}" "${names[@]}"
   "${pip[@]}" --no-deps open_clip_torch==3.3.0  # the CLIP BPE vocabulary file only (see setup_env.sh)
-  "${pip[@]}" --no-deps -r launch/requirements-test-nodeps.txt  # the metrics' reference code (see that file)
+  # the metrics' reference code (see that file); chainer's sdist builds with launch/constraints-build.txt
+  PIP_CONSTRAINT=launch/constraints-build.txt "${pip[@]}" --no-deps -r launch/requirements-test-nodeps.txt
   "${pip[@]}" --no-deps -e .
   libtpu="$("$venv/bin/python" - <<'EOF'
 import importlib.metadata as md

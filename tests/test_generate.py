@@ -153,4 +153,4 @@ def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, p
     (tmp_path / "bare.txt").write_text("a bird flies\n")
     assert jaxvc_main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "bare.txt"),
                        "--out", str(tmp_path / "bare")]) == 2
-    assert jaxvc_main(["generate", "--model", str(folder), "--prompt", "x", "--prompts", "ucf101"]) == 2
+    assert jaxvc_main(["generate", "--model", str(folder)]) == 2  # neither --prompt nor --prompts

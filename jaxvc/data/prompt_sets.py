@@ -7,7 +7,8 @@ A set is one of:
   tensorflow-datasets ships (``tensorflow_datasets/video/ucf101_labels.txt``, UCF-101's ``classInd.txt`` order),
   read as a file without importing TensorFlow;
 - a ``.txt`` file: one prompt per line (blank lines and lines starting with ``#`` are skipped);
-- a ``.jsonl`` file (or a ``.json`` list): one object per item, ``{"prompt": TEXT}`` and optionally
+- a ``.jsonl`` file (or a ``.json`` list): one object per item, ``{"prompt": TEXT}`` (or the default prompt) and
+  optionally
   ``"reference"`` (an image, relative to the file's folder), ``"name"``, ``"seed"``, ``"negative_prompt"``. A record
   with a ``"video"`` and no ``"name"`` is named after the video's stem: ``jaxvc motion-bins`` writes such records,
   each real clip's first frame as its reference, so that the generated video has the real clip's name.
@@ -57,7 +58,7 @@ def class_name_prompt(class_name: str) -> str:
     return " ".join(re.findall(r"[A-Z][a-z]*|[a-z]+|\d+", class_name)).lower()
 
 
-def _base_items(spec: str) -> list[dict]:
+def _base_items(spec: str, default_prompt: str | None) -> list[dict]:
     """(prompt, name, optional fields) of each item before repeats."""
     if spec == "ucf101":
         return [{"prompt": class_name_prompt(name), "name": name} for name in ucf101_class_names()]
@@ -80,7 +81,7 @@ def _base_items(spec: str) -> list[dict]:
         records = [(f"{path}[{index}]", record) for index, record in enumerate(loaded)]
     else:
         raise PromptSetError(f"{path}: unknown prompt file type '{path.suffix}' (expected .txt, .jsonl or .json)")
-    return [_item_fields(record, source, path.parent) for source, record in records]
+    return [_item_fields(record, source, path.parent, default_prompt) for source, record in records]
 
 
 def _parse(text: str, source: str):
@@ -90,9 +91,12 @@ def _parse(text: str, source: str):
         raise PromptSetError(f"{source}: not valid JSON ({error})") from error
 
 
-def _item_fields(record, source: str, folder: Path) -> dict:
+def _item_fields(record, source: str, folder: Path, default_prompt: str | None) -> dict:
+    if isinstance(record, dict) and record.get("prompt") is None and default_prompt is not None:
+        record = {**record, "prompt": default_prompt}
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-        raise PromptSetError(f"{source}: a record needs a \"prompt\" string, got {str(record)[:120]}")
+        raise PromptSetError(f"{source}: a record needs a \"prompt\" string (or give a default prompt), got "
+                             f"{str(record)[:120]}")
     fields = {"prompt": record["prompt"]}
     if record.get("name") is not None:
         fields["name"] = str(record["name"])
@@ -109,12 +113,13 @@ def _item_fields(record, source: str, folder: Path) -> dict:
     return fields
 
 
-def read_prompt_set(spec: str, repeats: int = 1, seed: int = 0) -> list[PromptItem]:
-    """Every video to generate, in order; raises PromptSetError for an unreadable set, no items, or two items that
-    would write the same file."""
+def read_prompt_set(spec: str, repeats: int = 1, seed: int = 0, default_prompt: str | None = None) -> list[PromptItem]:
+    """Every video to generate, in order; ``default_prompt`` is the prompt of records without one (e.g. motion-bins'
+    records of uncaptioned clips). Raises PromptSetError for an unreadable set, no items, or two items that would
+    write the same file."""
     if repeats < 1:
         raise PromptSetError(f"repeats must be >= 1, got {repeats}")
-    base = _base_items(spec)
+    base = _base_items(spec, default_prompt)
     if not base:
         raise PromptSetError(f"{spec}: no prompts")
     width = max(5, len(str(len(base) - 1)))
