@@ -3,13 +3,14 @@ process.
 
     python -m jaxvc.eval.bench [--clip-model DIR] [--dino-model DIR] [--frames 64] [--batch-size 32]
                                [--flow-size 256] [--flow-pairs 4] [--interp-size 256] [--interp-pairs 4]
-                               [--faces 16] [--i3d-videos 2]
+                               [--faces 16] [--i3d-videos 2] [--c3d-videos 4]
 
 Without folders it builds CLIP ViT-B/32 and DINO ViT-S/16 with random weights at their published sizes (nothing is
 downloaded) and saves them in transformers' format first, so the loaders are exercised as with real weights; RAFT
-(large, 20 steps; the reference is princeton-vl's code as VBench ships it), AMT-S (VBench's copy) and I3D (16 x 224 x
-224; cd-fvd's copy of TATS's) are random too, saved as torch files and read by jaxvc's loaders; ArcFace IResNet-50
-is exported to ONNX and run by jaxvc's ONNX runner against onnxruntime on the same file (what insightface runs). It
+(large, 20 steps; the reference is princeton-vl's code as VBench ships it), AMT-S (VBench's copy), I3D (16 x 224 x
+224; cd-fvd's copy of TATS's) and C3D (16 x 112 x 112; a torch transcription of TGANv2's chainer model) are random
+too, saved as torch files and read by jaxvc's loaders; ArcFace IResNet-50 is exported to ONNX and run by jaxvc's
+ONNX runner against onnxruntime on the same file (what insightface runs). It
 prints, per network: the relative error of the outputs, and items/s of jaxvc (jitted, float32) and of the reference
 (torch eager, float32, no_grad; or onnxruntime), preprocessing excluded. Medians of 5 timed calls after a warm-up.
 """
@@ -183,6 +184,24 @@ def compare_i3d(folder: str, videos: int) -> dict:
     return compare_torch_network("I3D, 16 x 224px (FVD, KVD)", "video", videos, logits, params, model, (clips,))
 
 
+def compare_c3d(folder: str, videos: int) -> dict:
+    """C3D class logits of ``videos`` mean-subtracted clips of 16 x 112 x 112 per call (the Inception Score's network);
+    the reference is a torch transcription of TGANv2's chainer model (``jaxvc/bench/torch_c3d.py``)."""
+    import jax
+    from safetensors.torch import save_file
+
+    from jaxvc.bench.torch_c3d import random_c3d
+    from jaxvc.convert.c3d import load_c3d
+    from jaxvc.models.c3d import C3D
+
+    model = random_c3d()
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, f"{folder}/c3d.safetensors")
+    _, params = load_c3d(f"{folder}/c3d.safetensors")
+    clips = np.random.default_rng(0).uniform(-100, 100, (videos, 16, 112, 112, 3)).astype(np.float32)
+    logits = jax.jit(lambda p, x: C3D().apply(p, x))
+    return compare_torch_network("C3D, 16 x 112px (UCF-101 IS)", "video", videos, logits, params, model, (clips,))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxvc.eval.bench", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -196,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--interp-pairs", type=int, default=4, help="AMT frame pairs per call")
     parser.add_argument("--faces", type=int, default=16, help="aligned faces per ArcFace call")
     parser.add_argument("--i3d-videos", type=int, default=2, help="I3D clips per call")
+    parser.add_argument("--c3d-videos", type=int, default=4, help="C3D clips per call")
     args = parser.parse_args(argv)
     import jax
     import torch
@@ -210,7 +230,8 @@ def main(argv=None) -> int:
                 compare_raft(folder, args.flow_size, args.flow_pairs),
                 compare_amt(folder, args.interp_size, args.interp_pairs),
                 compare_arcface(folder, args.faces),
-                compare_i3d(folder, args.i3d_videos)]
+                compare_i3d(folder, args.i3d_videos),
+                compare_c3d(folder, args.c3d_videos)]
     print(f"device: {jax.devices()[0].device_kind} | jax {jax.__version__} | torch {torch.__version__} "
           f"({torch.get_num_threads()} threads) | float32; towers: batch {args.batch_size}, 224 px")
     print(f"{'network':<38} {'params':>8} {'rel err':>9} {'unit':>6} {'jaxvc /s':>9} {'ref /s':>9} {'ratio':>6}")
