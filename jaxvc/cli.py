@@ -13,7 +13,8 @@ COMMANDS = {
     "demo": ("jaxvc.demo", "train a tiny reference-injected video model on the synthetic world, generate, evaluate"),
     "train": ("jaxvc.train.cli", "train a method from a config file (configs/<method>.py:<variant>)"),
     "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
-    "eval": ("jaxvc.eval.cli", "score generated videos: CLIP-T, CLIP-I, DINO-I, temporal consistency"),
+    "eval": ("jaxvc.eval.cli", "score generated videos: CLIP-T/I, DINO-I, T.Cons, dynamic degree, motion smoothness, "
+                               "face similarity, FVD/KVD, UCF-101 Inception Score"),
     "convert": ("jaxvc.convert.cli",
                 "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
     "export-lora": ("jaxvc.convert.export_lora",
