@@ -39,7 +39,9 @@ for requirement in md.requires("jax") or []:
 EOF
 )"
   if [ -n "$libtpu" ]; then
-    "${pip[@]}" --no-deps --upgrade --target "$venv/opt/libtpu" "$libtpu"
+    # the registry may not hold the libtpu a brand-new jax names: then only the TPU plan tests are skipped
+    "${pip[@]}" --no-deps --upgrade --target "$venv/opt/libtpu" "$libtpu" ||
+      echo "check_newer_jax.sh: could not install $libtpu; the TPU plan tests will be skipped" >&2
   else
     echo "check_newer_jax.sh: jax names no libtpu in its tpu extra; the TPU plan tests will be skipped" >&2
   fi
