@@ -99,12 +99,7 @@ class I3DFeatures:
     def __call__(self, videos, what: str = "videos") -> np.ndarray:
         """uint8 videos (N, T, H, W, 3), or a list of (T, H, W, 3) videos (grouped by shape) -> (N, 400) float64."""
         if isinstance(videos, (list, tuple)):
-            if not videos:
-                raise ValueError(f"{what}: no videos")
-            stream = FeatureStream(self, what)  # batches each shape's videos, keeps the order
-            for video in videos:
-                stream.add(video)
-            return stream.finish()
+            return FeatureStream.of(self, videos, what)  # batches each shape's videos, keeps the order
         from jaxvc.eval.feature_metrics import in_fixed_batches
 
         check_videos(videos, what)
@@ -124,6 +119,16 @@ class FeatureStream:
         self.pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
         self.done: dict[int, np.ndarray] = {}
         self.count = 0
+
+    @classmethod
+    def of(cls, network, videos, what: str = "videos") -> np.ndarray:
+        """The network's outputs for a list of videos of any sizes: (N, classes) float64, in the list's order."""
+        if not len(videos):
+            raise ValueError(f"{what}: no videos")
+        stream = cls(network, what)
+        for video in videos:
+            stream.add(video)
+        return stream.finish()
 
     def add(self, video: np.ndarray) -> None:
         """One uint8 video (T, H, W, 3) the network takes (I3D: T >= 9; C3D: T = 16)."""

@@ -95,12 +95,7 @@ class C3DProbabilities:
         if isinstance(videos, (list, tuple)):
             from jaxvc.eval.fvd import FeatureStream
 
-            if not videos:
-                raise ValueError(f"{what}: no videos")
-            stream = FeatureStream(self, what)
-            for video in videos:
-                stream.add(video)
-            return stream.finish()
+            return FeatureStream.of(self, videos, what)
         from jaxvc.eval.feature_metrics import in_fixed_batches
 
         check_clips(videos, what)
