@@ -139,40 +139,45 @@ def parse_lora_argument(spec: str) -> tuple[str, float]:
 
 
 def generate_set(pipe, items, args, load_seconds: float) -> int:
-    """Every item of a prompt set into ``args.out``: videos, records and ``manifest.jsonl`` (rewritten after each
-    video, so that it lists what exists if the run stops). Items whose record exists are kept unless
-    ``--overwrite``. An unreadable reference image stops the run (the images are the user's own inputs)."""
+    """Every item of a prompt set into ``args.out``: videos, records and ``manifest.jsonl`` (started anew by each
+    run and a line appended after each video, so that it lists what exists if the run stops). Items whose record
+    exists are kept unless ``--overwrite``. An unreadable reference image stops the run (the images are the user's
+    own inputs)."""
     from tqdm.auto import tqdm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest, made, kept, seconds = out / "manifest.jsonl", 0, 0, 0.0
-    lines = []
-    for item in tqdm(items, desc="generating", unit="video"):
-        record_path = out / f"{item.name}.json"
-        if record_path.is_file() and not args.overwrite:
-            kept += 1
-        else:
-            began = time.perf_counter()
-            reference = item.reference or args.reference
-            negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
-            frames = pipe(reference, item.prompt, negative_prompt=negative, guidance_scale=args.guidance_scale,
-                          reference_guidance_scale=args.reference_guidance_scale,
-                          reference_guidance_start=args.reference_guidance_start,
-                          num_inference_steps=args.steps, seed=item.seed, num_frames=args.frames,
-                          height=args.height, width=args.width, eta=args.eta, progress=False)
-            files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
-            write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
-                         getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
-            made, seconds = made + 1, seconds + time.perf_counter() - began
-        lines.append(json.dumps(json.loads(record_path.read_text())))
-        tmp = manifest.with_suffix(".jsonl.tmp")
-        tmp.write_text("\n".join(lines) + "\n")
-        tmp.replace(manifest)
+    with open(manifest, "w") as lines:
+        for item in tqdm(items, desc="generating", unit="video"):
+            made_now, spent = _generate_item(pipe, item, args, out)
+            made, kept, seconds = made + made_now, kept + (not made_now), seconds + spent
+            # the record as one line (written whole by write_record, so a kept one is never half a record)
+            lines.write(json.dumps(json.loads((out / f"{item.name}.json").read_text())) + "\n")
+            lines.flush()
     rate = f", {seconds / made:.1f}s per video" if made else ""
     print(f"loaded in {load_seconds:.1f}s; generated {made} videos{rate}, kept {kept} already in {out}")
     print(f"  manifest: {manifest}")
     return 0
+
+
+def _generate_item(pipe, item, args, out: Path) -> tuple[bool, float]:
+    """One item of a set: (whether it was generated, seconds); an item whose record exists is kept unless
+    ``--overwrite``."""
+    if (out / f"{item.name}.json").is_file() and not args.overwrite:
+        return False, 0.0
+    began = time.perf_counter()
+    reference = item.reference or args.reference
+    negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
+    frames = pipe(reference, item.prompt, negative_prompt=negative, guidance_scale=args.guidance_scale,
+                  reference_guidance_scale=args.reference_guidance_scale,
+                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
+                  seed=item.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
+                  progress=False)
+    files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
+    write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
+                 getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
+    return True, time.perf_counter() - began
 
 
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,
