@@ -4,7 +4,7 @@
     frames = pipe("subject.png", "a dog running on the beach", num_frames=8, height=64, width=64)
 
 Sampling follows the authors' inference on jaxvc's flow-matching DiT: flow-matching Euler steps (the method's
-shift), classifier-free guidance on the text only: both halves carry the reference's tokens, the unconditional half
+shift; ``sampler="unipc"`` or ``"dpm++"`` run Wan's own multistep solvers on the same sigmas' shift), classifier-free guidance on the text only: both halves carry the reference's tokens, the unconditional half
 the negative prompt (default "", without ``<cls>``), the conditional half ``"<cls> " + prompt``. The loop is one
 jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``). The interface is ``CustomVideoPipeline``'s, so ``jaxvc generate``
 runs it.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvc import compile_options, media
-from jaxvc.diffusion.flow import FlowMatchEulerSampler
+from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
 
@@ -54,19 +54,20 @@ class SubjectDiTPipeline:
                 "encode": jit(method.encode_pixels), "decode": jit(method.decode_latents)}
 
     @functools.lru_cache(maxsize=8)
-    def _generate_fn(self, num_inference_steps: int, guidance_scale: float, progress: bool):
+    def _generate_fn(self, num_inference_steps: int, guidance_scale: float, progress: bool,
+                     sampler_name: str = "euler"):
         method = self.method
-        sampler = FlowMatchEulerSampler(num_inference_steps, shift=method.options.flow_shift,
-                                        num_train_timesteps=method.options.num_train_timesteps)
+        sampler = make_sampler(sampler_name, None, num_inference_steps, flow_shift=method.options.flow_shift,
+                               num_train_timesteps=method.options.num_train_timesteps)
 
-        def generate(params, text, negative_text, reference_latent, x_T):
+        def generate(params, text, negative_text, reference_latent, x_T, rng):
             texts = jnp.concatenate([negative_text, text], axis=0)            # [uncond; cond]
             references = jnp.concatenate([reference_latent, reference_latent], axis=0)  # the subject in both
 
             def model(x_stacked, t, step_index):
                 return method.velocity(params, x_stacked, jnp.full((x_stacked.shape[0],), t), texts, references)
 
-            return sample(classifier_free_guidance(model, guidance_scale), x_T, sampler,
+            return sample(classifier_free_guidance(model, guidance_scale), x_T, sampler, rng=rng,
                           progress=True if progress else None, progress_desc="denoising")
 
         return compile_options.jit(generate)
@@ -74,7 +75,7 @@ class SubjectDiTPipeline:
     def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 6.0,
                  num_inference_steps: int = 50, seed: int = 0, num_frames: int = 8, height: int = 64,
                  width: int = 64, progress: bool = False, decode: bool = True, reference_guidance_scale=None,
-                 reference_guidance_start: float = 0.0, eta: float = 0.0):
+                 reference_guidance_start: float = 0.0, eta: float = 0.0, sampler: str = "euler"):
         """reference (1, height, width, 3) in [-1, 1] -> video (1, F, height, width, 3) in [-1, 1] (unclipped), or
         with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit)."""
         if reference is None:
@@ -97,8 +98,9 @@ class SubjectDiTPipeline:
         negative_text = self._jitted["text"](self.params, ids(negative_prompt))
         shape = (1, latent_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
         x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress)(
-            self.params, text, negative_text, reference_latent, x_T)
+        rng_steps = jax.random.fold_in(jax.random.key(seed), 1)  # the SDE samplers' noise; x_T as before
+        latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress, sampler)(
+            self.params, text, negative_text, reference_latent, x_T, rng_steps)
         return self._jitted["decode"](self.params, latents) if decode else latents
 
     def __call__(self, reference_image, prompt: str, *, num_frames: int = 8, height: int = 64, width: int = 64,

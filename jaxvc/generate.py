@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxvc.diffusion.samplers import SAMPLERS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
@@ -53,8 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-guidance-start", type=float, default=0.0,
                         help="with --reference-guidance-scale: the fraction of the steps (the layout) before which "
                              "the reference is guided with --guidance-scale")
-    parser.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps")
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="the solver (default: the model's own: ddim for the UNet methods, euler for the Wan "
+                             "DiT); dpm++ (2M), dpm++-karras, dpm++-sde (2M SDE), dpm++-sde-karras, unipc (Wan's "
+                             "pipelines' solver), unipc-karras: diffusers' multistep schedulers, good in 20-25 "
+                             "steps; the -karras ones run DDPM-schedule (UNet) models only")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; --sampler ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     parser.add_argument("--frames", type=int, default=16,
                         help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81)")
@@ -116,7 +123,8 @@ def run(args) -> int:
     frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
-                  seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta)
+                  seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
+                  **sampler_option(args))
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     files["record"] = write_record(args, files["mp4"], args.prompt, args.reference, args.seed, args.negative_prompt,
                                    getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
@@ -173,11 +181,16 @@ def _generate_item(pipe, item, args, out: Path) -> tuple[bool, float]:
                   reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=item.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
-                  progress=False)
+                  progress=False, **sampler_option(args))
     files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
     write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
                  getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
     return True, time.perf_counter() - began
+
+
+def sampler_option(args) -> dict:
+    """``--sampler``, if given (each pipeline has its own default)."""
+    return {} if args.sampler is None else {"sampler": args.sampler}
 
 
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,
@@ -187,7 +200,8 @@ def write_record(args, video: Path, prompt: str, reference, seed: int, negative_
     record = {"video": video.name, "prompt": prompt, "reference": reference, "lora": list(args.lora),
               "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
-              "reference_guidance_start": args.reference_guidance_start, "steps": args.steps, "eta": args.eta,
+              "reference_guidance_start": args.reference_guidance_start, "steps": args.steps,
+              "sampler": args.sampler, "eta": args.eta,
               "seed": seed, "frames": args.frames, "height": args.height, "width": args.width,
               "dtype": args.dtype, "attention_backend": args.attention_backend, "trained_step": trained_step,
               "ema": ema}

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from jaxvc import compile_options, media
-from jaxvc.diffusion.ddim import DDIMSampler
+from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder
@@ -202,14 +202,15 @@ class CustomVideoPipeline:
                 "decode": jit(lambda params, latents: decode_video(self.vae, {"params": params}, latents))}
 
     @functools.lru_cache(maxsize=8)
-    def _sampler(self, num_inference_steps: int, eta: float) -> DDIMSampler:
-        return DDIMSampler.from_diffusers_config(self.scheduler_config, num_inference_steps, eta=float(eta))
+    def _sampler(self, num_inference_steps: int, eta: float, sampler: str = "ddim"):
+        return make_sampler(sampler, self.scheduler_config, num_inference_steps, eta=float(eta))
 
     @functools.lru_cache(maxsize=8)
     def _generate_fn(self, num_inference_steps: int, eta: float, guidance_scale: float,
-                     reference_guidance_scale: float | None, reference_guidance_start: int, progress: bool):
+                     reference_guidance_scale: float | None, reference_guidance_start: int, progress: bool,
+                     sampler_name: str = "ddim"):
         """The jitted generation for these settings (cached: a new jit wrapper would recompile every call)."""
-        sampler = self._sampler(num_inference_steps, eta)
+        sampler = self._sampler(num_inference_steps, eta, sampler_name)
         unet, cross, adapter_specs, conditioning = (self.unet, self.reference_cross_attention, self.adapters,
                                                     self.conditioning)
 
@@ -257,7 +258,8 @@ class CustomVideoPipeline:
     def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
-                 width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8") -> np.ndarray:
+                 width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8",
+                 sampler: str = "ddim") -> np.ndarray:
         """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
         float32 latents (num_frames, h, w, c) before decoding. ``reference_image=None`` generates without a subject
         (zero reference latent, text only). ``reference_guidance_scale``: None guides text and reference together
@@ -265,7 +267,8 @@ class CustomVideoPipeline:
         ``jaxvc.diffusion.sampling.reference_guidance``): ``guidance_scale`` for the text, this for the reference,
         from the fraction ``reference_guidance_start`` of the steps on (before it, the reference is guided with
         ``guidance_scale`` too: a strong reference guidance while the layout forms pulls the subject to where it
-        is in the reference image)."""
+        is in the reference image). ``sampler``: ``ddim`` (the methods' own), ``dpm++``, ``dpm++-karras``,
+        ``dpm++-sde``, ``unipc``, ... (``jaxvc.diffusion.samplers``)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
         reference = None
@@ -275,7 +278,7 @@ class CustomVideoPipeline:
                             reference_guidance_scale=reference_guidance_scale,
                             reference_guidance_start=reference_guidance_start, num_inference_steps=num_inference_steps,
                             seed=seed, num_frames=num_frames, height=height, width=width, eta=eta, progress=progress,
-                            decode=output_type == "uint8")
+                            decode=output_type == "uint8", sampler=sampler)
         if output_type == "latent":
             return np.asarray(out[0])
         return media.to_uint8(np.clip(np.asarray(out[0]), -1.0, 1.0))
@@ -283,7 +286,8 @@ class CustomVideoPipeline:
     def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
-                 width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True):
+                 width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True,
+                 sampler: str = "ddim"):
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
         with ``decode=False`` the latents (1, F, h, w, c)."""
@@ -323,7 +327,7 @@ class CustomVideoPipeline:
             x_T = self.conditioning.initial_latents(x_T, reference_latent)
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
-                                     round(reference_guidance_start * num_inference_steps), progress)
+                                     round(reference_guidance_start * num_inference_steps), progress, sampler)
         latents = generate(self.params["unet"], self.params["adapters"], self.params["conditioning"], text,
                            negative_text, reference_latent, x_T, rng_steps)
         if not decode:

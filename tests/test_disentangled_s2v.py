@@ -133,6 +133,12 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     assert not np.allclose(videos[0], videos[1])  # the subject's reference enters both guidance halves
     with pytest.raises(ValueError, match="reference image"):
         pipe.generate(None, "a subject", **kwargs)
+    # Wan's own solver on the method's shifted sigmas (the model then sees integer timesteps, as in diffusers)
+    euler = pipe.generate(references[0], "a subject", decode=False, **kwargs)
+    unipc = pipe.generate(references[0], "a subject", decode=False, sampler="unipc", **kwargs)
+    assert np.isfinite(unipc).all() and not np.allclose(unipc, euler)
+    with pytest.raises(ValueError, match="does not run a flow-matching"):
+        pipe.generate(references[0], "a subject", sampler="dpm++-karras", **kwargs)
 
 
 def test_umt5_text_side_from_transformers_folders(tmp_path):

@@ -15,7 +15,8 @@ quantity (a guidance scale, a LoRA scale, which frames to keep) with jnp ops.
 
 A sampler is any object with ``timesteps`` (host array, one per step), ``needs_noise`` (bool) and
 ``step(model_out, step_index, x, noise) -> (prev_sample, pred_original_sample)``: ``DDIMSampler`` and
-``FlowMatchEulerSampler`` are the two in jaxvc. Per-step noise is ``step_noise(rng, step_index, ...)``: fold the
+``FlowMatchEulerSampler``. A multistep sampler (``DPMSolverSampler``, ``UniPCSampler``) also has ``init_state(x)``
+and its step takes and returns a state (its earlier model outputs), which the scan carries. Per-step noise is ``step_noise(rng, step_index, ...)``: fold the
 step index into one key, so a run is reproducible and the noise of any step can be regenerated outside.
 """
 from __future__ import annotations
@@ -154,21 +155,28 @@ def sample(denoise_fn: DenoiseFn, x_T, sampler, *, rng=None, progress=None, retu
     if progress is True:
         progress = _ProgressBar(num_steps, progress_desc)
 
-    def body(x, xs):
+    multistep = hasattr(sampler, "init_state")  # DPM-Solver++, UniPC: earlier model outputs ride in the carry
+
+    def body(carry, xs):
+        x, state = carry if multistep else (carry, None)
         t, step_index = xs
         model_out = denoise_fn(x, t, step_index)
         if model_out.shape != x.shape:
             raise ValueError(f"sample: denoise_fn returned shape {model_out.shape}, expected the sample's {x.shape}")
         noise = step_noise(rng, step_index, x.shape, x.dtype) if sampler.needs_noise else None
-        x_next, pred_x0 = sampler.step(model_out, step_index, x, noise)
+        if multistep:
+            x_next, pred_x0, state = sampler.step(model_out, step_index, x, noise, state)
+        else:
+            x_next, pred_x0 = sampler.step(model_out, step_index, x, noise)
         x_next = x_next.astype(x.dtype)  # the scan carry keeps x_T's dtype whatever the model computes in
         if progress is not None:
             _report_progress(progress, step_index, num_steps, progress_device)
-        return x_next, ((x_next, pred_x0) if return_intermediates else None)
+        return ((x_next, state) if multistep else x_next), ((x_next, pred_x0) if return_intermediates else None)
 
     t_dtype = jnp.int32 if np.issubdtype(timesteps.dtype, np.integer) else jnp.float32
     xs = (jnp.asarray(timesteps, t_dtype), jnp.arange(num_steps, dtype=jnp.int32))
-    x0, stacked = jax.lax.scan(body, x_T, xs)
+    carry, stacked = jax.lax.scan(body, (x_T, sampler.init_state(x_T)) if multistep else x_T, xs)
+    x0 = carry[0] if multistep else carry
     if return_intermediates:
         return x0, {"samples": stacked[0], "pred_x0": stacked[1]}
     return x0
