@@ -4,10 +4,10 @@
     frames = pipe("subject.png", "a dog running on the beach", num_frames=8, height=64, width=64)
 
 Sampling follows the authors' inference on jaxvc's flow-matching DiT: flow-matching Euler steps (the method's
-shift; ``sampler="unipc"`` or ``"dpm++"`` run Wan's own multistep solvers on the same sigmas' shift), classifier-free guidance on the text only: both halves carry the reference's tokens, the unconditional half
-the negative prompt (default "", without ``<cls>``), the conditional half ``"<cls> " + prompt``. The loop is one
-jitted ``lax.scan`` (``jaxvc/diffusion/sampling.py``). The interface is ``CustomVideoPipeline``'s, so ``jaxvc generate``
-runs it.
+shift; ``sampler="unipc"`` (Wan's pipelines' own solver) or ``"dpm++"`` use the same shift), classifier-free
+guidance on the text only: both halves carry the reference's tokens, the unconditional half the negative prompt
+(default "", without ``<cls>``), the conditional half ``"<cls> " + prompt``. The loop is one jitted ``lax.scan``
+(``jaxvc/diffusion/sampling.py``). The interface is ``CustomVideoPipeline``'s, so ``jaxvc generate`` runs it.
 """
 from __future__ import annotations
 

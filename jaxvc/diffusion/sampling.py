@@ -16,8 +16,9 @@ quantity (a guidance scale, a LoRA scale, which frames to keep) with jnp ops.
 A sampler is any object with ``timesteps`` (host array, one per step), ``needs_noise`` (bool) and
 ``step(model_out, step_index, x, noise) -> (prev_sample, pred_original_sample)``: ``DDIMSampler`` and
 ``FlowMatchEulerSampler``. A multistep sampler (``DPMSolverSampler``, ``UniPCSampler``) also has ``init_state(x)``
-and its step takes and returns a state (its earlier model outputs), which the scan carries. Per-step noise is ``step_noise(rng, step_index, ...)``: fold the
-step index into one key, so a run is reproducible and the noise of any step can be regenerated outside.
+and its step takes and returns a state (its earlier model outputs), which the scan carries. Per-step noise is
+``step_noise(rng, step_index, ...)``: fold the step index into one key, so a run is reproducible and the noise of
+any step can be regenerated outside. ``jaxvc.diffusion.samplers.make_sampler`` makes any of them by name.
 """
 from __future__ import annotations
 
