@@ -109,7 +109,8 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.validation = ConfigDict()
     config.validation.prompts = ()  # e.g. ("a dog runs on the beach",)
     config.validation.references = ()  # one reference image path per prompt (methods that take one)
-    config.validation.steps = validation_steps  # DDIM steps
+    config.validation.steps = validation_steps  # sampling steps
+    config.validation.sampler = ""  # "" = the method's own (ddim; euler for the Wan DiT), or "dpm++", "unipc", ...
     config.validation.guidance_scale = guidance_scale
     config.validation.seed = 0  # video i uses seed + i at every sample point
     config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)

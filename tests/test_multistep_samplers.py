@@ -220,6 +220,9 @@ def test_sampler_switch_and_its_errors():
         UniPCSampler.from_diffusers_config({**SD15, "solver_p": "x"}, 20)
     with pytest.raises(ValueError, match="algorithm_type"):
         DPMSolverSampler.from_diffusers_config({**SD15, "algorithm_type": "dpmsolver"}, 20)
+    with pytest.raises(ValueError, match="traced"):  # inside jit the coefficients need a host schedule
+        jax.jit(lambda: UniPCSampler(make_schedule(), 5).timesteps)()
+    jax.jit(lambda: UniPCSampler(make_schedule(host=True), 5).timesteps)()
     with pytest.raises(ValueError, match="flow sigmas"):
         UniPCSampler(make_schedule(), 20, use_flow_sigmas=True)
     # a second-order step onto sigma 0 is undefined (diffusers returns NaN there): refused when built

@@ -38,14 +38,14 @@ def validation_config(references, *extra):
 
 
 def test_sample_is_the_pipeline_generation_of_each_pair(references):
-    method = build_method(validation_config(references))
+    method = build_method(validation_config(references, "validation.sampler=unipc"))
     params = jax.jit(method.init_params)(jax.random.key(0))
     videos = np.asarray(jax.jit(method.sample)(params, jax.random.key(1))["validation"])
     assert videos.shape == (2, 2, 32, 32, 3)
     pipe = method.pipeline(params, method.tokenizer)
     for i, (prompt, path) in enumerate(zip(PROMPTS, references)):
         want = pipe(path, prompt, num_frames=2, height=32, width=32, num_inference_steps=2, guidance_scale=2.0,
-                    seed=7 + i, progress=False)  # uint8, as the pipeline writes videos
+                    seed=7 + i, progress=False, sampler="unipc")  # uint8, as the pipeline writes videos
         got = np.round((videos[i] + 1.0) * 127.5)
         assert np.abs(got - want.astype(np.float64)).max() <= 1, i  # float rounding at the uint8 step only
 
@@ -85,6 +85,8 @@ def test_training_logs_the_scores_of_its_validation_videos_and_keeps_the_best(re
 def test_validation_settings_are_checked_when_the_method_is_built(references, tmp_path):
     with pytest.raises(ConfigError, match="sample_every > 0 needs config.validation.prompts"):
         build_method(get_config("configs/videomaker.py:tiny", ["sample_every=10"]))
+    with pytest.raises(ConfigError, match=r"validation.sampler = 'euler': method 'videomaker' samples with one of"):
+        build_method(validation_config(references, "validation.sampler=euler"))
     with pytest.raises(ConfigError, match="2 prompts but 1 references"):
         build_method(validation_config(references[:1]))
     with pytest.raises(ConfigError, match=r"validation.clip_model = '.*nowhere': no config.json there"):

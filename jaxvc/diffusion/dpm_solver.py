@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from jaxvc.diffusion.multistep import (FINAL_SIGMAS_TYPES, MultistepSampler, StepTables, alpha_sigma_lambda,
-                                       check_choice, data_conversion, karras_sigmas, shift_flow, sigma_to_t,
-                                       spaced_timesteps, vp_sigma_table)
+                                       check_choice, data_conversion, host_alphas_cumprod, karras_sigmas, shift_flow,
+                                       sigma_to_t, spaced_timesteps, vp_sigma_table)
 from jaxvc.diffusion.schedule import NoiseSchedule, load_scheduler_config, schedule_from_diffusers_config
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -34,7 +34,8 @@ SOLVER_TYPES = ("midpoint", "heun")
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hash by identity (it holds arrays)
 class DPMSolverSampler(MultistepSampler):
     """Field defaults are diffusers' ``DPMSolverMultistepScheduler`` defaults. ``schedule`` is the VP noise table
-    (needed unless ``use_flow_sigmas``). ``algorithm_type="sde-dpmsolver++"`` draws noise at every step."""
+    (needed unless ``use_flow_sigmas``; concrete: ``make_schedule(..., host=True)`` inside jit).
+    ``algorithm_type="sde-dpmsolver++"`` draws noise at every step."""
 
     schedule: NoiseSchedule | None
     num_inference_steps: int
@@ -74,10 +75,7 @@ class DPMSolverSampler(MultistepSampler):
         return max(self.solver_order - 1, 1)
 
     def _vp_alphas_cumprod(self) -> np.ndarray:
-        ac = np.asarray(self.schedule.alphas_cumprod, np.float32).copy()
-        if self.rescale_betas_zero_snr:
-            ac[-1] = 2.0 ** -24  # diffusers: close to 0 so the first sigma is finite
-        return ac
+        return host_alphas_cumprod(self.schedule, self.rescale_betas_zero_snr, type(self).__name__)
 
     def _sigmas(self) -> tuple[np.ndarray, np.ndarray]:
         """-> (timesteps (n,) int64, sigmas (n + 1,) float32), as ``DPMSolverMultistepScheduler.set_timesteps``."""
@@ -190,4 +188,5 @@ class DPMSolverSampler(MultistepSampler):
             fields["solver_type"] = "midpoint"  # diffusers maps UniPC's/DEIS's solver types so
         if fields.get("lambda_min_clipped") is None:
             fields.pop("lambda_min_clipped", None)
-        return cls(schedule=schedule_from_diffusers_config(cfg), num_inference_steps=num_inference_steps, **fields)
+        return cls(schedule=schedule_from_diffusers_config(cfg, host=True), num_inference_steps=num_inference_steps,
+                   **fields)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -118,6 +119,18 @@ class MultistepSampler:
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {tuple(choices)}")
+
+
+def host_alphas_cumprod(schedule, rescale_betas_zero_snr: bool, name: str) -> np.ndarray:
+    """The schedule's abar table as a numpy float32 copy (diffusers' last value 2^-24 with the zero-SNR rescale)."""
+    try:
+        ac = np.asarray(schedule.alphas_cumprod, np.float32).copy()
+    except jax.errors.TracerArrayConversionError:
+        raise ValueError(f"{name}: the schedule's tables are traced (made inside jit); make them with "
+                         "make_schedule(..., host=True)") from None
+    if rescale_betas_zero_snr:
+        ac[-1] = 2.0 ** -24  # diffusers: close to 0 so the first sigma is finite
+    return ac
 
 
 def vp_sigma_table(alphas_cumprod) -> np.ndarray:

@@ -64,8 +64,10 @@ def _rescale_zero_terminal_snr(alphas_cumprod: np.ndarray) -> np.ndarray:
 
 def make_schedule(beta_schedule: str = "scaled_linear", *, beta_start: float = 0.00085, beta_end: float = 0.012,
                   num_train_timesteps: int = 1000, trained_betas=None, rescale_betas_zero_snr: bool = False,
-                  snr_shift_scale: float = 1.0) -> NoiseSchedule:
+                  snr_shift_scale: float = 1.0, host: bool = False) -> NoiseSchedule:
     """Build a schedule. Defaults are Stable Diffusion 1.5's ("scaled_linear", 0.00085 -> 0.012, 1000 steps).
+    ``host=True``: numpy float32 tables, concrete even inside ``jit`` (the multistep samplers derive their
+    coefficients from them on the host).
 
     ``snr_shift_scale`` s != 1 divides the SNR by s (alpha_bar <- alpha_bar / (s + (1 - s) alpha_bar)), as
     CogVideoX's schedulers do before the optional zero-terminal-SNR rescale.
@@ -96,7 +98,8 @@ def make_schedule(beta_schedule: str = "scaled_linear", *, beta_start: float = 0
     if snr_shift_scale != 1.0 or rescale_betas_zero_snr:
         # Betas consistent with the modified table (diffusers' DDIMScheduler keeps exactly these).
         betas = 1.0 - alphas_cumprod / np.concatenate([[1.0], alphas_cumprod[:-1]])
-    return NoiseSchedule(betas=jnp.asarray(betas, jnp.float32), alphas_cumprod=jnp.asarray(alphas_cumprod, jnp.float32))
+    xp = np if host else jnp
+    return NoiseSchedule(betas=xp.asarray(betas, xp.float32), alphas_cumprod=xp.asarray(alphas_cumprod, xp.float32))
 
 
 # Keys of a diffusers scheduler_config.json that change the alpha_bar table.
@@ -121,7 +124,8 @@ def load_scheduler_config(config: Mapping[str, Any] | str | os.PathLike) -> dict
             raise ValueError(f"scheduler config: {path} is not valid JSON: {err}") from err
 
 
-def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike) -> NoiseSchedule:
+def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike, *,
+                                   host: bool = False) -> NoiseSchedule:
     """The schedule a diffusers DDPM/DDIM/CogVideoX scheduler config describes; missing keys take diffusers'
     class defaults (note: "linear" 1e-4 -> 0.02, not SD1.5's values), CogVideoX's ``snr_shift_scale`` included."""
     cfg = load_scheduler_config(config)
@@ -129,7 +133,7 @@ def schedule_from_diffusers_config(config: Mapping[str, Any] | str | os.PathLike
     snr_shift_scale = cfg.get("snr_shift_scale", 1.0)
     if "snr_shift_scale" not in cfg and str(cfg.get("_class_name", "")).startswith("CogVideoX"):
         snr_shift_scale = 3.0  # the CogVideoX schedulers' class default
-    return make_schedule(kw.pop("beta_schedule"), snr_shift_scale=snr_shift_scale, **kw)
+    return make_schedule(kw.pop("beta_schedule"), snr_shift_scale=snr_shift_scale, host=host, **kw)
 
 
 def _per_example(values: jnp.ndarray, t, ndim: int) -> jnp.ndarray:

@@ -26,8 +26,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from jaxvc.diffusion.multistep import (FINAL_SIGMAS_TYPES, MultistepSampler, StepTables, alpha_sigma_lambda,
-                                       check_choice, data_conversion, karras_sigmas, shift_flow, sigma_to_t,
-                                       spaced_timesteps, vp_sigma_table)
+                                       check_choice, data_conversion, host_alphas_cumprod, karras_sigmas, shift_flow,
+                                       sigma_to_t, spaced_timesteps, vp_sigma_table)
 from jaxvc.diffusion.schedule import NoiseSchedule, load_scheduler_config, schedule_from_diffusers_config
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -48,7 +48,8 @@ def _noise_conversion(prediction_type: str, alpha: float, sigma: float) -> tuple
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: hash by identity (it holds arrays)
 class UniPCSampler(MultistepSampler):
     """Field defaults are diffusers' ``UniPCMultistepScheduler`` defaults. ``schedule`` is the VP noise table
-    (needed unless ``use_flow_sigmas``). ``disable_corrector``: steps whose following corrector is skipped."""
+    (needed unless ``use_flow_sigmas``; concrete: ``make_schedule(..., host=True)`` inside jit).
+    ``disable_corrector``: steps whose following corrector is skipped."""
 
     schedule: NoiseSchedule | None
     num_inference_steps: int
@@ -98,9 +99,7 @@ class UniPCSampler(MultistepSampler):
             timesteps = sigmas * self.num_train_timesteps
             last = sigmas[-1]
         else:
-            ac = np.asarray(self.schedule.alphas_cumprod, np.float32).copy()
-            if self.rescale_betas_zero_snr:
-                ac[-1] = 2.0 ** -24
+            ac = host_alphas_cumprod(self.schedule, self.rescale_betas_zero_snr, type(self).__name__)
             table = vp_sigma_table(ac)
             timesteps = spaced_timesteps(n, self.timestep_spacing, num_train_timesteps=len(ac),
                                          steps_offset=self.steps_offset)
@@ -209,4 +208,5 @@ class UniPCSampler(MultistepSampler):
         if fields.get("solver_type") in ("midpoint", "heun", "logrho"):
             fields["solver_type"] = "bh2"  # diffusers maps DPM-Solver's solver types so
         fields["disable_corrector"] = tuple(fields.get("disable_corrector") or ())
-        return cls(schedule=schedule_from_diffusers_config(cfg), num_inference_steps=num_inference_steps, **fields)
+        return cls(schedule=schedule_from_diffusers_config(cfg, host=True), num_inference_steps=num_inference_steps,
+                   **fields)

@@ -84,6 +84,7 @@ class DisentangledS2V(PipelineValidation, Method):
     "reference_time_lora": {"down", "up"}}}`` (``vae`` absent in pixel space)."""
     name = "disentangled_s2v"
     uses_reference = True
+    flow_matching = True  # velocity outputs on flow sigmas: the flow samplers of jaxvc.diffusion.samplers
 
     def __init__(self, wan_config: WanConfig, text_config: CLIPTextConfig | T5EncoderConfig,
                  vae_config: VAEConfig | WanVAEConfig | None, options: DisentangledS2VOptions, tokenizer, *,

@@ -276,6 +276,14 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         if folder and not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"config.validation.{key} = {folder!r}: no config.json there (a local transformers "
                               "folder is expected)")
+    sampler = validation.get("sampler", "")
+    if sampler:
+        from jaxvc.diffusion.samplers import sampler_names
+
+        names = sampler_names(flow=getattr(method, "flow_matching", False))
+        if sampler not in names:
+            raise ConfigError(f"config.validation.sampler = {sampler!r}: method '{method.name}' samples with one of "
+                              f"{names} ('' for its own)")
     if prompts:
         if method.uses_reference and len(references) != len(prompts):
             raise ConfigError(f"config.validation: {len(prompts)} prompts but {len(references)} references")
@@ -283,4 +291,5 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
             raise ConfigError(f"config.validation.references: method '{method.name}' takes no reference image")
         images = [load_reference_image(path, method.image_size, method.image_size) for path in references]
         method.set_validation(prompts, images, num_inference_steps=validation.get("steps", 25),
-                              guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0))
+                              guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0),
+                              sampler=sampler)
