@@ -1,6 +1,6 @@
 """jaxvc AutoencoderKLWan + convert/wan_vae.py against diffusers 0.42.1 AutoencoderKLWan (float32, random weights).
 
-Each torch VAE is saved with ``save_pretrained`` (or rewritten in the original Wan 2.1 layout) and loaded by
+Each torch VAE is saved with ``save_pretrained`` (or rewritten in the original Wan 2.1 / 2.2 layout) and loaded by
 ``load_wan_vae`` from the files. diffusers streams (frame 0, then 4 frames per encoder call; one latent frame per
 decoder call); jaxvc's results must equal its output whether it runs the rest of the video at once or in scan chunks.
 Cases: Wan 2.1, Wan 2.2 (residual levels, 2x2 patchify, wider decoder) and the
@@ -172,6 +172,140 @@ def test_original_wan21_layout_loads_like_the_diffusers_folder(models, tmp_path)
     assert relative_error(np.asarray(mean), torch_encode(model, video)[0]) < PARITY
 
 
+_RESIDUAL_LEAVES = {"residual.0.gamma": "norm1.gamma", "residual.2.weight": "conv1.weight",
+                    "residual.2.bias": "conv1.bias", "residual.3.gamma": "norm2.gamma",
+                    "residual.6.weight": "conv2.weight", "residual.6.bias": "conv2.bias",
+                    "shortcut.weight": "conv_shortcut.weight", "shortcut.bias": "conv_shortcut.bias"}
+
+
+def convert_vae_22_key(key):
+    """diffusers' scripts/convert_wan_to_diffusers.py ``convert_vae_22`` (commit 7d56827) on one original key,
+    transcribed: fixed tables for the quant convs, input convs, heads and mid blocks, rules for the levels."""
+    fixed = {"conv1.weight": "quant_conv.weight", "conv1.bias": "quant_conv.bias",
+             "conv2.weight": "post_quant_conv.weight", "conv2.bias": "post_quant_conv.bias"}
+    for side in ("encoder", "decoder"):
+        fixed.update({f"{side}.conv1.{leaf}": f"{side}.conv_in.{leaf}" for leaf in ("weight", "bias")})
+        fixed.update({f"{side}.head.0.gamma": f"{side}.norm_out.gamma",
+                      f"{side}.head.2.weight": f"{side}.conv_out.weight",
+                      f"{side}.head.2.bias": f"{side}.conv_out.bias"})
+        for index, resnet in (("0", "0"), ("2", "1")):
+            fixed.update({f"{side}.middle.{index}.{old}": f"{side}.mid_block.resnets.{resnet}.{new}"
+                          for old, new in _RESIDUAL_LEAVES.items() if "shortcut" not in old})
+        fixed.update({f"{side}.middle.1.{leaf}": f"{side}.mid_block.attentions.0.{leaf}"
+                      for leaf in ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")})
+    if key in fixed:
+        return fixed[key]
+    for side, nested, resampler in (("encoder", "downsamples", "downsampler"), ("decoder", "upsamples", "upsampler")):
+        if not key.startswith(f"{side}.{nested}."):
+            continue
+        new = key.replace(f"{side}.{nested}.", f"{side}.{'down' if side == 'encoder' else 'up'}_blocks.")
+        if "residual" in new or "shortcut" in new:
+            new = new.replace(f".{nested}.", ".resnets.")
+            old = next((old for old in _RESIDUAL_LEAVES if f".{old}" in new), None)
+            return new.replace(f".{old}", f".{_RESIDUAL_LEAVES[old]}") if old else new
+        if "resample" in new or "time_conv" in new:
+            parts = new.split(".")
+            return ".".join(parts[:3] + [resampler] + parts[5:]) if parts[3] == nested else new
+        return new
+    return key
+
+
+def wan22_original_key(key, num_res_blocks):
+    """diffusers key -> the original Wan 2.2 key (wan/modules/vae2_2.py's module names), written independently of
+    jaxvc: a level's Sequential holds its residual blocks and, last, its Resample (encoder: num_res_blocks residual
+    blocks; decoder: num_res_blocks + 1)."""
+    parts = key.split(".")
+    if parts[0] in ("quant_conv", "post_quant_conv"):
+        return ".".join([{"quant_conv": "conv1", "post_quant_conv": "conv2"}[parts[0]]] + parts[1:])
+    side, rest = parts[0], parts[1:]
+    if "resnets" in rest:  # a residual block's layers by their place in its nn.Sequential
+        leaf = ".".join(rest[-2:])
+        rest = rest[:-2] + {new: old for old, new in _RESIDUAL_LEAVES.items()}[leaf].split(".")
+    head = {"conv_in": ["conv1"], "norm_out": ["head", "0"], "conv_out": ["head", "2"]}
+    if rest[0] in head:
+        return ".".join([side] + head[rest[0]] + rest[1:])
+    if rest[0] == "mid_block":
+        index = {("resnets", "0"): "0", ("attentions", "0"): "1", ("resnets", "1"): "2"}[tuple(rest[1:3])]
+        return ".".join([side, "middle", index] + rest[3:])
+    nested = "downsamples" if side == "encoder" else "upsamples"
+    level, block = rest[1], rest[2]
+    if block == "resnets":
+        return ".".join([side, nested, level, nested, rest[3]] + rest[4:])
+    resampler_index = num_res_blocks if side == "encoder" else num_res_blocks + 1
+    return ".".join([side, nested, level, nested, str(resampler_index)] + rest[3:])
+
+
+def test_original_wan22_layout_loads_like_the_diffusers_folder(models, tmp_path):
+    """The original Wan2.2_VAE.pth layout, made by inverting diffusers' convert_vae_22 (checked to round-trip
+    through its transcription): the same parameters, bit for bit, as from the save_pretrained folder, and
+    diffusers' encode/decode."""
+    from safetensors.numpy import save_file
+
+    from jaxvc.convert.wan_vae_original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, load_original_state_dict
+
+    model, folder_config, folder_params, _ = models["wan22"]
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    num_res_blocks = folder_config.num_res_blocks
+    original = {wan22_original_key(key, num_res_blocks): value for key, value in state.items()}
+    assert len(original) == len(state)
+    assert all(convert_vae_22_key(wan22_original_key(key, num_res_blocks)) == key for key in state)
+    # vae2_2.py's names: a level's resampler after its residual blocks, the shortcut of a widening block
+    expected = ("encoder.downsamples.1.downsamples.1.time_conv.weight",
+                "encoder.downsamples.0.downsamples.1.resample.1.bias",
+                "decoder.upsamples.0.upsamples.2.resample.1.weight",
+                "decoder.upsamples.3.upsamples.0.shortcut.weight",
+                "encoder.middle.1.to_qkv.weight", "decoder.head.2.weight", "conv2.bias")
+    assert set(expected) <= set(original), set(expected) - set(original)
+    path = tmp_path / "Wan2.2_VAE.safetensors"
+    save_file(original, str(path))
+    config, params = load_wan_vae(path)
+    assert config.latents_mean is None  # 4 channels: no released statistics
+    assert config == dataclasses.replace(folder_config, latents_mean=None, latents_std=None)
+    flat, structure = jax.tree.flatten_with_path(params)
+    folder_flat, folder_structure = jax.tree.flatten_with_path(folder_params)
+    assert structure == folder_structure
+    assert all(np.array_equal(a, b) and a.dtype == b.dtype for (_, a), (_, b) in zip(flat, folder_flat))
+
+    vae = AutoencoderKLWan(config)
+    video = video_for("wan22", seed=6)
+    want_mean, want_logvar = torch_encode(model, video)
+    mean, logvar = jax.jit(lambda p, v: encode_wan(vae, p, v))(params, video)
+    latents = np.random.default_rng(7).standard_normal(want_mean.shape).astype(np.float32)
+    want_video = torch_decode(model, latents)
+    assert np.mean(np.abs(want_video) < 0.999) > 0.5  # mostly inside the clamp
+    got_video = np.asarray(jax.jit(lambda p, z: decode_wan(vae, p, z))(params, latents))
+    for what, got, want in (("mean", mean, want_mean), ("logvar", logvar, want_logvar),
+                            ("video", got_video, want_video)):
+        got = np.asarray(got)
+        print(f"wan22 original {what}: max abs {np.max(np.abs(got - want)):.2e} relative "
+              f"{relative_error(got, want):.2e}")
+        assert relative_error(got, want) < PARITY, what
+
+    # the released size (Wan2.2-TI2V-5B: 2 residual blocks per level, 48 channels) from shapes alone: a diffusers key
+    # for every weight, its config, and the latent statistics the original file lacks
+    with torch.device("meta"):
+        released = diffusers.AutoencoderKLWan(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                                              in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
+    shapes = {key: tuple(value.shape) for key, value in released.state_dict().items()}
+    zeros = {wan22_original_key(key, 2): np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
+    released_config, renamed = load_original_state_dict(zeros, source="Wan2.2_VAE.pth")
+    assert sorted(renamed) == sorted(shapes)
+    assert released_config == WanVAEConfig.variant("wan22", latents_mean=WAN22_LATENTS_MEAN,
+                                                   latents_std=WAN22_LATENTS_STD)
+    assert len(WAN22_LATENTS_MEAN) == len(WAN22_LATENTS_STD) == 48
+    # spot checks against diffusers' vae22_diffusers_config (the same values as Wan2.2's vae2_2.py)
+    assert (WAN22_LATENTS_MEAN[0], WAN22_LATENTS_MEAN[19], WAN22_LATENTS_MEAN[47]) == (-0.2289, 0.5109, -0.0667)
+    assert (WAN22_LATENTS_STD[0], WAN22_LATENTS_STD[39], WAN22_LATENTS_STD[47]) == (0.4765, 1.6887, 0.7744)
+
+    # a weight missing from an otherwise complete file is named
+    from jaxvc.convert.torch_to_flax import CheckpointMismatchError
+
+    broken = {k: v for k, v in original.items() if k != "encoder.downsamples.1.downsamples.0.residual.3.gamma"}
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="down_blocks_1/resnets_0/norm2/gamma"):
+        load_wan_vae(tmp_path / "broken.safetensors")
+
+
 def test_bad_inputs_and_configs_get_clear_errors(models, tmp_path):
     _, config, params, folder = models["tiny"]
     vae = AutoencoderKLWan(config)
@@ -190,7 +324,7 @@ def test_bad_inputs_and_configs_get_clear_errors(models, tmp_path):
         from jaxvc.convert.wan_vae import config_from_diffusers
         config_from_diffusers({"_class_name": "AutoencoderKLWan", "dim_mult": [1, 2, 2],
                                "temperal_downsample": [True, True], "scale_factor_spatial": 8})
-    with pytest.raises(WeightFileError, match="original Wan 2.2 VAE layout"):
+    with pytest.raises(WeightFileError, match=r"'encoder.conv_in.weight' .* missing; not a Wan 2.2 VAE checkpoint"):
         from safetensors.numpy import save_file
         save_file({"encoder.downsamples.0.downsamples.0.residual.0.gamma": np.ones((4, 1, 1, 1), np.float32)},
                   str(tmp_path / "wan22.safetensors"))

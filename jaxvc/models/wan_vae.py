@@ -20,7 +20,8 @@ once or as a ``lax.scan`` over equal chunks (memory bounded by one chunk). Both 
 
 Parameter paths mirror diffusers' keys (``decoder/up_blocks_1/resnets_0/conv1/kernel`` <->
 ``decoder.up_blocks.1.resnets.0.conv1.weight``); ``jaxvc.convert.wan_vae`` loads a ``vae/`` folder or the original
-``Wan2.1_VAE.pth``. Latents are normalized per channel with ``latents_mean``/``latents_std`` as Wan's pipelines do.
+``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``. Latents are normalized per channel with ``latents_mean``/``latents_std``
+as Wan's pipelines do.
 """
 from __future__ import annotations
 
