@@ -1,6 +1,6 @@
 """``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling), or
 a text-to-video sample of a model whose subject is in its weights (Still-Moving runs, ``--text-to-video`` with
-``--lora`` on a plain AnimateDiff folder). ``--prompts`` generates a whole evaluation set with one loaded model and
+``--lora`` on a plain AnimateDiff folder) or of a diffusers Wan pipeline folder (``jaxvc/wan_pipeline.py``). ``--prompts`` generates a whole evaluation set with one loaded model and
 one compiled sampler (``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are
 what ``jaxvc eval`` reads; videos whose record exists are kept, so a stopped run resumes."""
 from __future__ import annotations
@@ -16,8 +16,9 @@ from jaxvc.diffusion.samplers import SAMPLERS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
-                        help="diffusers AnimateDiff/SD pipeline folder, a jaxvc checkpoint from `jaxvc convert`, or "
-                             "a training run folder (`jaxvc train --workdir DIR`; the demo's is OUT/run)")
+                        help="diffusers AnimateDiff/SD pipeline folder, a jaxvc checkpoint from `jaxvc convert`, a "
+                             "training run folder (`jaxvc train --workdir DIR`; the demo's is OUT/run), or a diffusers "
+                             "Wan pipeline folder (Wan2.1-T2V-*-Diffusers: text-to-video, --frames 1 + 4k)")
     parser.add_argument("--step", type=int, default=None,
                         help="training run folders: the checkpoint step to load (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",
