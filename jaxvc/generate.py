@@ -1,8 +1,9 @@
 """``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling), or
 a text-to-video sample of a model whose subject is in its weights (Still-Moving runs, ``--text-to-video`` with
-``--lora`` on a plain AnimateDiff folder) or of a diffusers Wan pipeline folder (``jaxvc/wan_pipeline.py``). ``--prompts`` generates a whole evaluation set with one loaded model and
-one compiled sampler (``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are
-what ``jaxvc eval`` reads; videos whose record exists are kept, so a stopped run resumes."""
+``--lora`` on a plain AnimateDiff folder) or of a diffusers Wan pipeline folder (``jaxvc/wan_pipeline.py``).
+``--prompts`` generates a whole evaluation set with one loaded model and one compiled sampler
+(``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are what ``jaxvc eval``
+reads; videos whose record exists are kept, so a stopped run resumes."""
 from __future__ import annotations
 
 import argparse
