@@ -23,6 +23,18 @@ from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
 
 
+def merge_wan_lora(transformer_params, path, *, scale: float = 1.0, allow_pickle: bool = False):
+    """A Wan DiT's parameters with a LoRA file (diffusers/peft ``transformer.<module>`` keys) folded in at
+    ``scale``."""
+    from jaxvc.convert.lora import read_lora
+    from jaxvc.models import lora
+
+    loaded = read_lora(path, {"transformer": transformer_params}, allow_pickle=allow_pickle, scale=scale)
+    if "transformer" not in loaded.adapters:
+        raise ValueError(f"{path}: no LoRA for the Wan transformer in this file")
+    return lora.merge(transformer_params, loaded.adapters["transformer"])
+
+
 class SubjectDiTPipeline:
     """The trained ``DisentangledS2V`` method's DiT (with its LoRA), text encoder, tokenizer and VAE."""
     reference_frame = False  # no extra UNet frame: the reference enters as its own token stream
@@ -33,16 +45,15 @@ class SubjectDiTPipeline:
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer
 
+    @property
+    def default_video(self) -> tuple[int, int, int]:
+        """(frames, height, width) the method trained on: ``jaxvc generate``'s defaults."""
+        return self.method.num_frames, self.method.image_size, self.method.image_size
+
     def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "SubjectDiTPipeline":
         """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into the DiT's weights at ``scale``."""
-        from jaxvc.convert.lora import read_lora
-        from jaxvc.models import lora
-
         tree = self.params["params"]
-        loaded = read_lora(path, {"transformer": tree["transformer"]}, allow_pickle=allow_pickle, scale=scale)
-        if "transformer" not in loaded.adapters:
-            raise ValueError(f"{path}: no LoRA for the Wan transformer in this file")
-        merged = lora.merge(tree["transformer"], loaded.adapters["transformer"])
+        merged = merge_wan_lora(tree["transformer"], path, scale=scale, allow_pickle=allow_pickle)
         self.params = {"params": {**tree, "transformer": merged}}
         return self
 

@@ -65,10 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "steps; the -karras ones run DDPM-schedule (UNet) models only")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; --sampler ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
-    parser.add_argument("--frames", type=int, default=16,
-                        help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81)")
-    parser.add_argument("--height", type=int, default=512, help="video height in pixels")
-    parser.add_argument("--width", type=int, default=512, help="video width in pixels")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81; "
+                             "default: the model's, 16 for AnimateDiff, 81 for a Wan folder)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="video height in pixels (default: the model's, 512 for AnimateDiff, 480 for Wan)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="video width in pixels (default: the model's, 512 for AnimateDiff, 832 for Wan)")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="UNet compute dtype (default: the checkpoint's, float32)")
@@ -106,6 +109,13 @@ def run(args) -> int:
                   "for AnimateDiff models that take it as an extra frame", file=sys.stderr)
             return 2
         pipe.reference_frame = False
+    default_frames, default_height, default_width = getattr(pipe, "default_video", (16, 512, 512))
+    args.frames = default_frames if args.frames is None else args.frames
+    args.height = default_height if args.height is None else args.height
+    args.width = default_width if args.width is None else args.width
+    if args.lora and not hasattr(pipe, "merge_lora"):
+        print(f"jaxvc generate: {args.model} takes no --lora", file=sys.stderr)
+        return 2
     for spec in args.lora:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)

@@ -56,6 +56,7 @@ class WanTextToVideoPipeline:
     reference_frame = False
     takes_reference = False  # text-to-video: ``jaxvc generate`` refuses --reference
     conditioning = None
+    default_video = (81, 480, 832)  # (frames, height, width): Wan 2.1's 480p
     save = staticmethod(CustomVideoPipeline.save)
 
     def __init__(self, transformer, text_encoder, tokenizer, vae: VideoVAE, params: dict, scheduler_config: dict):
@@ -95,6 +96,14 @@ class WanTextToVideoPipeline:
         return cls(WanTransformer3D(wan_config), T5Encoder(text_config), tokenizer,
                    VideoVAE(vae_config, chunk_frames=vae_chunk_frames), params,
                    load_scheduler_config(root / "scheduler"))
+
+    def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "WanTextToVideoPipeline":
+        """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into the DiT at ``scale``."""
+        from jaxvc.dit_pipeline import merge_wan_lora
+
+        self.params = {**self.params, "transformer": merge_wan_lora(self.params["transformer"], path, scale=scale,
+                                                                     allow_pickle=allow_pickle)}
+        return self
 
     # ---------------------------------------------------------------- parts
     def sampler(self, num_inference_steps: int, name: str | None = None):

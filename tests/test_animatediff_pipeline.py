@@ -47,6 +47,10 @@ def test_text_to_video_matches_diffusers_animatediff_pipeline(pipes, sampler):
     print(f"AnimateDiff text-to-video, {sampler}: latents {error:.1e} relative to diffusers")
     assert error < 1e-5
     assert relative_error(expected, np.asarray(x_T)) > 0.1  # it did sample
+    with pytest.raises(ValueError, match="does not run a DDPM-schedule"):  # a flow-matching solver
+        ours.generate(None, PROMPT, sampler="euler", **SETTINGS)
+    with pytest.raises(ValueError, match="eta"):
+        ours.generate(None, PROMPT, sampler=sampler if sampler != "ddim" else "unipc", eta=1.0, **SETTINGS)
     if sampler == "ddim":
         video = np.asarray(ours.generate(None, PROMPT, negative_prompt=NEGATIVE, seed=5, **SETTINGS))
         with torch.no_grad():

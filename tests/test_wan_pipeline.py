@@ -78,3 +78,34 @@ def test_generate_command_writes_the_video_and_refuses_a_reference(folder, tmp_p
     reference = tmp_path / "ref.png"
     Image.new("RGB", (32, 32)).save(reference)
     assert jaxvc_main(args + ["--reference", str(reference)]) == 2
+
+
+def test_a_merged_lora_matches_diffusers_load_lora_weights(folder, tmp_path):
+    """A Wan LoRA file (diffusers' ``transformer.<module>.lora_A/B`` keys, written by ``save_lora``) merged by
+    ``--lora`` generates what diffusers' ``WanPipeline.load_lora_weights`` generates."""
+    pytest.importorskip("peft")
+    from jaxvc.convert.lora import save_lora
+    from jaxvc.models import lora
+    from jaxvc.models.wan import WanTransformer3D
+    from jaxvc.wan_pipeline import WanTextToVideoPipeline
+
+    pipe = WanTextToVideoPipeline.from_pretrained(folder)
+    spec = lora.AdapterSpec(include=(r"blocks_\d+/attn1/to_(q|v)", r"blocks_\d+/attn2/to_k", r"blocks_\d+/ffn/net_2"),
+                            rank=2, alpha=4.0)
+    example = (jnp.zeros((1, 2, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 512, 32)))
+    sites = lora.find_sites(lambda: WanTransformer3D(pipe.transformer.config).init(jax.random.key(0), *example), spec)
+    tree = jax.tree.map(lambda v: 0.3 * jax.random.normal(jax.random.key(v.size), v.shape),
+                        lora.init_adapter(jax.random.key(1), sites, spec))
+    path = save_lora(tmp_path / "wan_lora.safetensors", {"transformer": lora.AppliedAdapter(spec, tree)})
+    settings = dict(SETTINGS, num_inference_steps=3)
+    plain = np.asarray(pipe.generate(None, PROMPT, seed=1, decode=False, **settings))
+    latents = np.asarray(pipe.merge_lora(path, scale=0.7).generate(None, PROMPT, seed=1, decode=False, **settings))
+    reference = diffusers.WanPipeline.from_pretrained(folder)
+    reference.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="subject")
+    reference.set_adapters(["subject"], adapter_weights=[0.7])
+    x_T = jax.random.normal(jax.random.key(1), latents.shape, jnp.float32)
+    with torch.no_grad():
+        expected = reference(prompt=PROMPT, output_type="latent", **settings,
+                             latents=torch.from_numpy(np.moveaxis(np.asarray(x_T), -1, 1))).frames.numpy()
+    assert relative_error(plain, latents) > 1e-3  # the LoRA changes the video
+    assert relative_error(latents, np.moveaxis(expected, 1, -1)) < 1e-5
