@@ -12,7 +12,8 @@ import sys
 COMMANDS = {
     "demo": ("jaxvc.demo", "train a tiny reference-injected video model on the synthetic world, generate, evaluate"),
     "train": ("jaxvc.train.cli", "train a method from a config file (configs/<method>.py:<variant>)"),
-    "generate": ("jaxvc.generate", "generate a video of a reference subject following a text prompt"),
+    "generate": ("jaxvc.generate", "generate a video of a reference subject (or text-to-video) following a text "
+                 "prompt"),
     "eval": ("jaxvc.eval.cli", "score generated videos: CLIP-T/I, DINO-I, T.Cons, dynamic degree, motion smoothness, "
                                "face similarity, FVD/KVD, UCF-101 Inception Score"),
     "convert": ("jaxvc.convert.cli",

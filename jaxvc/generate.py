@@ -59,10 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the reference is guided with --guidance-scale")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps")
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                        help="the solver (default: the model's own: ddim for the UNet methods, euler for the Wan "
-                             "DiT); dpm++ (2M), dpm++-karras, dpm++-sde (2M SDE), dpm++-sde-karras, unipc (Wan's "
-                             "pipelines' solver), unipc-karras: diffusers' multistep schedulers, good in 20-25 "
-                             "steps; the -karras ones run DDPM-schedule (UNet) models only")
+                        help="the solver (default: the model's own: ddim for the UNet methods, euler for the S2V "
+                             "method, the folder's (UniPC) for a Wan folder); dpm++ (2M), dpm++-karras, dpm++-sde "
+                             "(2M SDE), dpm++-sde-karras, unipc (Wan's pipelines' solver), unipc-karras: diffusers' "
+                             "multistep schedulers, good in 20-25 steps; the -karras ones run DDPM-schedule (UNet) "
+                             "models only")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; --sampler ddim only)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     parser.add_argument("--frames", type=int, default=None,
