@@ -109,3 +109,36 @@ def test_a_merged_lora_matches_diffusers_load_lora_weights(folder, tmp_path):
                              latents=torch.from_numpy(np.moveaxis(np.asarray(x_T), -1, 1))).frames.numpy()
     assert relative_error(plain, latents) > 1e-3  # the LoRA changes the video
     assert relative_error(latents, np.moveaxis(expected, 1, -1)) < 1e-5
+
+
+def test_wan22_ti2v_style_folder_as_text_to_video(tmp_path):
+    """A Wan 2.2 TI2V-style folder (``expand_timesteps``: one timestep per token; the Wan 2.2 VAE with its 2x2
+    patchify and residual levels) generates the latents diffusers' ``WanPipeline`` does: for text-to-video every
+    token has the step's timestep, which is jaxvc's per-video path."""
+    from jaxvc.wan_pipeline import WanTextToVideoPipeline
+    from tests.tiny_models import build_tiny_t5_folder
+
+    parts = build_tiny_t5_folder(tmp_path / "parts")
+    torch.manual_seed(1)
+    transformer = diffusers.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=16,
+                                                  ffn_dim=40, num_layers=1).eval()
+    vae = diffusers.AutoencoderKLWan(base_dim=8, decoder_base_dim=12, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+                                     scale_factor_spatial=16, latents_mean=[0.1, 0.0, -0.1, 0.2],
+                                     latents_std=[1.0, 2.0, 0.5, 1.5]).eval()
+    pipe = diffusers.WanPipeline(tokenizer=transformers.AutoTokenizer.from_pretrained(parts / "tokenizer"),
+                                 text_encoder=transformers.UMT5EncoderModel.from_pretrained(parts / "text_encoder"),
+                                 transformer=transformer, vae=vae, expand_timesteps=True,
+                                 scheduler=diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction",
+                                                                             use_flow_sigmas=True, flow_shift=5.0))
+    pipe.save_pretrained(tmp_path / "ti2v")
+    ours = WanTextToVideoPipeline.from_pretrained(tmp_path / "ti2v")
+    settings = dict(num_frames=5, height=64, width=64, num_inference_steps=4, guidance_scale=5.0)
+    latents = np.asarray(ours.generate(None, PROMPT, seed=2, decode=False, **settings))
+    assert latents.shape == (1, 2, 4, 4, 4)
+    x_T = jax.random.normal(jax.random.key(2), latents.shape, jnp.float32)
+    with torch.no_grad():
+        expected = pipe(prompt=PROMPT, output_type="latent", **settings,
+                        latents=torch.from_numpy(np.moveaxis(np.array(x_T), -1, 1))).frames.numpy()
+    assert relative_error(latents, np.moveaxis(expected, 1, -1)) < 1e-5
