@@ -57,6 +57,7 @@ def toy_output(x, t, prediction_type, xp):
 def reference_loop(scheduler_cls, config, steps, x_T, noises=None):
     scheduler = scheduler_cls.from_config(config)
     scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(0)  # as Wan's pipelines do: with repeated timesteps the lookup would skip one
     prediction_type = scheduler.config.prediction_type
     x, samples = torch.from_numpy(x_T.copy()), []
     for i, t in enumerate(scheduler.timesteps):
@@ -80,8 +81,15 @@ CASES = {
                                {**SD15, "euler_at_final": True, "lower_order_final": False,
                                 "final_sigmas_type": "sigma_min"}),
     "dpm++2m-flow": (DPMSolverSampler, diffusers.DPMSolverMultistepScheduler, FLOW),
+    "dpm++2m-cosine-clipped-karras": (DPMSolverSampler, diffusers.DPMSolverMultistepScheduler,
+                                      {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1,
+                                       "use_karras_sigmas": True}),
+    "dpm++2m-cosine-clipped": (DPMSolverSampler, diffusers.DPMSolverMultistepScheduler,
+                               {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}),
     "unipc": (UniPCSampler, diffusers.UniPCMultistepScheduler, SD15),
     "unipc-karras": (UniPCSampler, diffusers.UniPCMultistepScheduler, {**SD15, "use_karras_sigmas": True}),
+    "unipc-karras-sigma-range": (UniPCSampler, diffusers.UniPCMultistepScheduler,
+                                 {**SD15, "use_karras_sigmas": True, "sigma_min": 0.05, "sigma_max": 10.0}),
     "unipc-v-order3": (UniPCSampler, diffusers.UniPCMultistepScheduler,
                        {**SD15, "prediction_type": "v_prediction", "solver_order": 3}),
     "unipc-bh1": (UniPCSampler, diffusers.UniPCMultistepScheduler,

@@ -54,6 +54,7 @@ class DPMSolverSampler(MultistepSampler):
     steps_offset: int = 0
     num_train_timesteps: int = 1000
     rescale_betas_zero_snr: bool = False
+    round_karras_timesteps: bool = True  # diffusers keeps them fractional (then truncates) for the cosine schedule
 
     def __post_init__(self):
         check_choice("algorithm_type", self.algorithm_type, ALGORITHMS)
@@ -93,7 +94,8 @@ class DPMSolverSampler(MultistepSampler):
                                          steps_offset=self.steps_offset, last_timestep=len(ac) - clipped)
             if self.use_karras_sigmas:
                 sigmas = karras_sigmas(float(table[0]), float(table[-1]), n)
-                timesteps = sigma_to_t(sigmas, np.log(table)).round()
+                timesteps = sigma_to_t(sigmas, np.log(table))
+                timesteps = timesteps.round() if self.round_karras_timesteps else timesteps
             else:
                 sigmas = np.interp(timesteps, np.arange(len(table)), table)
         if self.final_sigmas_type == "zero":
@@ -188,5 +190,6 @@ class DPMSolverSampler(MultistepSampler):
             fields["solver_type"] = "midpoint"  # diffusers maps UniPC's/DEIS's solver types so
         if fields.get("lambda_min_clipped") is None:
             fields.pop("lambda_min_clipped", None)
+        fields.setdefault("round_karras_timesteps", cfg.get("beta_schedule", "linear") != "squaredcos_cap_v2")
         return cls(schedule=schedule_from_diffusers_config(cfg, host=True), num_inference_steps=num_inference_steps,
                    **fields)
