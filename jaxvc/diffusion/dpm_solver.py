@@ -22,9 +22,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxvc.diffusion.multistep import (FINAL_SIGMAS_TYPES, MultistepSampler, StepTables, alpha_sigma_lambda,
-                                       check_choice, data_conversion, host_alphas_cumprod, karras_sigmas, shift_flow,
-                                       sigma_to_t, spaced_timesteps, vp_sigma_table)
+from jaxvc.diffusion.multistep import (MultistepSampler, StepTables, alpha_sigma_lambda, check_choice, data_conversion,
+                                       host_alphas_cumprod, karras_sigmas, shift_flow, sigma_to_t, spaced_timesteps,
+                                       vp_sigma_table)
 from jaxvc.diffusion.schedule import NoiseSchedule, load_scheduler_config, schedule_from_diffusers_config
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
@@ -59,14 +59,8 @@ class DPMSolverSampler(MultistepSampler):
     def __post_init__(self):
         check_choice("algorithm_type", self.algorithm_type, ALGORITHMS)
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
-        check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         check_choice("solver_order", self.solver_order, (1, 2, 3))
-        if self.use_karras_sigmas and self.use_flow_sigmas:
-            raise ValueError("DPMSolverSampler: use_karras_sigmas and use_flow_sigmas exclude each other")
-        if self.use_flow_sigmas != (self.prediction_type == "flow_prediction"):
-            raise ValueError("DPMSolverSampler: flow sigmas go with prediction_type='flow_prediction' and only with "
-                             f"it (got use_flow_sigmas={self.use_flow_sigmas}, prediction_type="
-                             f"{self.prediction_type!r})")
+        self._check_sigma_options()
         if self.schedule is None and (not self.use_flow_sigmas or self.final_sigmas_type == "sigma_min"):
             raise ValueError("DPMSolverSampler: pass the VP schedule (schedule=) for these sigmas")
         self.tables  # validates the step count and the coefficients early
@@ -98,11 +92,8 @@ class DPMSolverSampler(MultistepSampler):
                 timesteps = timesteps.round() if self.round_karras_timesteps else timesteps
             else:
                 sigmas = np.interp(timesteps, np.arange(len(table)), table)
-        if self.final_sigmas_type == "zero":
-            last = 0.0
-        else:
-            ac0 = self._vp_alphas_cumprod()[0]
-            last = float(np.sqrt((np.float32(1) - ac0) / ac0))
+        # sigma_min is the VP table's first sigma, with flow sigmas too (as diffusers has it)
+        last = 0.0 if self.final_sigmas_type == "zero" else float(vp_sigma_table(self._vp_alphas_cumprod())[0])
         return np.asarray(timesteps).astype(np.int64), np.concatenate([sigmas, [last]]).astype(np.float32)
 
     def _orders(self, n: int) -> np.ndarray:
@@ -177,15 +168,10 @@ class DPMSolverSampler(MultistepSampler):
         cfg = {**load_scheduler_config(config), **overrides}
         if cfg.get("algorithm_type") == "deis":
             cfg["algorithm_type"] = "dpmsolver++"  # diffusers maps DEIS's algorithm so
-        unsupported = {k: cfg[k] for k in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas",
-                                           "use_lu_lambdas", "variance_type", "use_dynamic_shifting")
-                       if cfg.get(k)}
-        if cfg.get("algorithm_type", "dpmsolver++") not in ALGORITHMS:
-            unsupported["algorithm_type"] = cfg["algorithm_type"]
-        if unsupported:
-            raise ValueError(f"DPMSolverSampler: scheduler config options {unsupported} are not supported")
-        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls)
-                  if f.name in cfg and f.name not in ("schedule", "num_inference_steps")}
+        algorithm = cfg.get("algorithm_type", "dpmsolver++")
+        fields = cls._config_fields(cfg, ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                                          "variance_type", "use_dynamic_shifting"),
+                                    {} if algorithm in ALGORITHMS else {"algorithm_type": algorithm})
         if fields.get("solver_type") in ("logrho", "bh1", "bh2"):
             fields["solver_type"] = "midpoint"  # diffusers maps UniPC's/DEIS's solver types so
         if fields.get("lambda_min_clipped") is None:

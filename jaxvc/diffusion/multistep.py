@@ -72,6 +72,26 @@ class MultistepSampler:
     def _build_tables(self) -> StepTables:
         raise NotImplementedError
 
+    def _check_sigma_options(self) -> None:
+        """The checks both samplers' sigma options share (their fields of the same names)."""
+        name = type(self).__name__
+        check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
+        if self.use_karras_sigmas and self.use_flow_sigmas:
+            raise ValueError(f"{name}: use_karras_sigmas and use_flow_sigmas exclude each other")
+        if self.use_flow_sigmas != (self.prediction_type == "flow_prediction"):
+            raise ValueError(f"{name}: flow sigmas go with prediction_type='flow_prediction' and only with it "
+                             f"(got use_flow_sigmas={self.use_flow_sigmas}, prediction_type={self.prediction_type!r})")
+
+    @classmethod
+    def _config_fields(cls, cfg: dict, unsupported_keys, unsupported: dict | None = None) -> dict:
+        """The fields of ``cls`` a diffusers scheduler config sets; options jaxvc does not implement (set in
+        ``unsupported_keys``, or passed in ``unsupported``) are refused by name."""
+        unsupported = {**{k: cfg[k] for k in unsupported_keys if cfg.get(k)}, **(unsupported or {})}
+        if unsupported:
+            raise ValueError(f"{cls.__name__}: scheduler config options {unsupported} are not supported")
+        return {f.name: cfg[f.name] for f in dataclasses.fields(cls)
+                if f.name in cfg and f.name not in ("schedule", "num_inference_steps")}
+
     @property
     def timesteps(self) -> np.ndarray:
         return self.tables.timesteps

@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from jaxvc.diffusion.multistep import (FINAL_SIGMAS_TYPES, MultistepSampler, StepTables, alpha_sigma_lambda,
-                                       check_choice, data_conversion, host_alphas_cumprod, karras_sigmas, shift_flow,
-                                       sigma_to_t, spaced_timesteps, vp_sigma_table)
+from jaxvc.diffusion.multistep import (MultistepSampler, StepTables, alpha_sigma_lambda, check_choice, data_conversion,
+                                       host_alphas_cumprod, karras_sigmas, shift_flow, sigma_to_t, spaced_timesteps,
+                                       vp_sigma_table)
 from jaxvc.diffusion.schedule import NoiseSchedule, load_scheduler_config, schedule_from_diffusers_config
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -72,17 +72,12 @@ class UniPCSampler(MultistepSampler):
 
     def __post_init__(self):
         check_choice("solver_type", self.solver_type, SOLVER_TYPES)
-        check_choice("final_sigmas_type", self.final_sigmas_type, FINAL_SIGMAS_TYPES)
         if not 1 <= self.solver_order <= 4:
             raise ValueError(f"UniPCSampler: solver_order must be 1..4, got {self.solver_order}")
-        if self.use_karras_sigmas and self.use_flow_sigmas:
-            raise ValueError("UniPCSampler: use_karras_sigmas and use_flow_sigmas exclude each other")
-        if self.use_flow_sigmas != (self.prediction_type == "flow_prediction"):
-            raise ValueError("UniPCSampler: flow sigmas go with prediction_type='flow_prediction' and only with it "
-                             f"(got use_flow_sigmas={self.use_flow_sigmas}, prediction_type={self.prediction_type!r})")
+        self._check_sigma_options()
         if self.schedule is None and not self.use_flow_sigmas:
             raise ValueError("UniPCSampler: pass the VP schedule (schedule=) for these sigmas")
-        object.__setattr__(self, "disable_corrector", tuple(int(i) for i in self.disable_corrector))
+        object.__setattr__(self, "disable_corrector", tuple(int(i) for i in self.disable_corrector or ()))
         self.tables  # validates the step count and the coefficients early
 
     @property
@@ -110,7 +105,7 @@ class UniPCSampler(MultistepSampler):
                 last = sigmas[-1]
             else:
                 sigmas = np.interp(timesteps, np.arange(len(table)), table)
-                last = float(np.sqrt((np.float32(1) - ac[0]) / ac[0]))
+                last = float(table[0])  # sigma_min
         last = 0.0 if self.final_sigmas_type == "zero" else last
         return np.asarray(timesteps).astype(np.int64), np.concatenate([sigmas, [last]]).astype(np.float32)
 
@@ -199,14 +194,9 @@ class UniPCSampler(MultistepSampler):
         any other's keys take UniPCMultistepScheduler's defaults, as ``from_config`` does). Options jaxvc does not
         implement are refused by name."""
         cfg = {**load_scheduler_config(config), **overrides}
-        unsupported = {k: cfg[k] for k in ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "solver_p",
-                                           "use_dynamic_shifting", "shift_terminal") if cfg.get(k)}
-        if unsupported:
-            raise ValueError(f"UniPCSampler: scheduler config options {unsupported} are not supported")
-        fields = {f.name: cfg[f.name] for f in dataclasses.fields(cls)
-                  if f.name in cfg and f.name not in ("schedule", "num_inference_steps")}
+        fields = cls._config_fields(cfg, ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "solver_p",
+                                          "use_dynamic_shifting", "shift_terminal"))
         if fields.get("solver_type") in ("midpoint", "heun", "logrho"):
             fields["solver_type"] = "bh2"  # diffusers maps DPM-Solver's solver types so
-        fields["disable_corrector"] = tuple(fields.get("disable_corrector") or ())
         return cls(schedule=schedule_from_diffusers_config(cfg, host=True), num_inference_steps=num_inference_steps,
                    **fields)
