@@ -86,7 +86,7 @@ class SubjectDiTPipeline:
     def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 6.0,
                  num_inference_steps: int = 50, seed: int = 0, num_frames: int = 8, height: int = 64,
                  width: int = 64, progress: bool = False, decode: bool = True, reference_guidance_scale=None,
-                 reference_guidance_start: float = 0.0, eta: float = 0.0, sampler: str = "euler"):
+                 reference_guidance_start: float = 0.0, eta: float = 0.0, sampler: str | None = None):
         """reference (1, height, width, 3) in [-1, 1] -> video (1, F, height, width, 3) in [-1, 1] (unclipped), or
         with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit)."""
         if reference is None:
@@ -110,7 +110,7 @@ class SubjectDiTPipeline:
         shape = (1, latent_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
         x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
         rng_steps = jax.random.fold_in(jax.random.key(seed), 1)  # the SDE samplers' noise; x_T as before
-        latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress, sampler)(
+        latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress, sampler or "euler")(
             self.params, text, negative_text, reference_latent, x_T, rng_steps)
         return self._jitted["decode"](self.params, latents) if decode else latents
 

@@ -110,13 +110,10 @@ def run(args) -> int:
                   "for AnimateDiff models that take it as an extra frame", file=sys.stderr)
             return 2
         pipe.reference_frame = False
-    default_frames, default_height, default_width = getattr(pipe, "default_video", (16, 512, 512))
+    default_frames, default_height, default_width = pipe.default_video
     args.frames = default_frames if args.frames is None else args.frames
     args.height = default_height if args.height is None else args.height
     args.width = default_width if args.width is None else args.width
-    if args.lora and not hasattr(pipe, "merge_lora"):
-        print(f"jaxvc generate: {args.model} takes no --lora", file=sys.stderr)
-        return 2
     for spec in args.lora:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
@@ -137,7 +134,7 @@ def run(args) -> int:
                   guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
-                  **sampler_option(args))
+                  sampler=args.sampler)
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     files["record"] = write_record(args, files["mp4"], args.prompt, args.reference, args.seed, args.negative_prompt,
                                    getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
@@ -194,16 +191,11 @@ def _generate_item(pipe, item, args, out: Path) -> tuple[bool, float]:
                   reference_guidance_scale=args.reference_guidance_scale,
                   reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
                   seed=item.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
-                  progress=False, **sampler_option(args))
+                  progress=False, sampler=args.sampler)
     files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
     write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
                  getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
     return True, time.perf_counter() - began
-
-
-def sampler_option(args) -> dict:
-    """``--sampler``, if given (each pipeline has its own default)."""
-    return {} if args.sampler is None else {"sampler": args.sampler}
 
 
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,

@@ -86,6 +86,7 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
 class CustomVideoPipeline:
     """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model, optionally on
     ``pixel_patch`` x ``pixel_patch`` blocks folded into channels)."""
+    default_video = (16, 512, 512)  # (frames, height, width): ``jaxvc generate``'s defaults, AnimateDiff's size
 
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
                  tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
@@ -266,7 +267,7 @@ class CustomVideoPipeline:
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
                  width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8",
-                 sampler: str = "ddim") -> np.ndarray:
+                 sampler: str | None = None) -> np.ndarray:
         """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
         float32 latents (num_frames, h, w, c) before decoding. ``reference_image=None`` generates without a subject
         (zero reference latent, text only). ``reference_guidance_scale``: None guides text and reference together
@@ -274,7 +275,7 @@ class CustomVideoPipeline:
         ``jaxvc.diffusion.sampling.reference_guidance``): ``guidance_scale`` for the text, this for the reference,
         from the fraction ``reference_guidance_start`` of the steps on (before it, the reference is guided with
         ``guidance_scale`` too: a strong reference guidance while the layout forms pulls the subject to where it
-        is in the reference image). ``sampler``: ``ddim`` (the methods' own), ``dpm++``, ``dpm++-karras``,
+        is in the reference image). ``sampler``: None or ``ddim`` (the methods' own), ``dpm++``, ``dpm++-karras``,
         ``dpm++-sde``, ``unipc``, ... (``jaxvc.diffusion.samplers``)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
@@ -294,7 +295,7 @@ class CustomVideoPipeline:
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
                  num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
                  width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True,
-                 sampler: str = "ddim"):
+                 sampler: str | None = None):
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
         with ``decode=False`` the latents (1, F, h, w, c)."""
@@ -334,7 +335,8 @@ class CustomVideoPipeline:
             x_T = self.conditioning.initial_latents(x_T, reference_latent)
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
-                                     round(reference_guidance_start * num_inference_steps), progress, sampler)
+                                     round(reference_guidance_start * num_inference_steps), progress,
+                                     sampler or "ddim")
         latents = generate(self.params["unet"], self.params["adapters"], self.params["conditioning"], text,
                            negative_text, reference_latent, x_T, rng_steps)
         if not decode:

@@ -30,12 +30,6 @@ from jaxvc.diffusion.schedule import load_scheduler_config
 from jaxvc.models.video_vae import VideoVAE
 from jaxvc.pipeline import CustomVideoPipeline
 
-# diffusers scheduler class -> jaxvc sampler module:class (each reads the folder's scheduler config as is)
-FOLDER_SCHEDULERS = {"UniPCMultistepScheduler": ("unipc", "UniPCSampler"),
-                     "DPMSolverMultistepScheduler": ("dpm_solver", "DPMSolverSampler"),
-                     "FlowMatchEulerDiscreteScheduler": ("flow", "FlowMatchEulerSampler")}
-
-
 def is_wan_pipeline_folder(path) -> bool:
     index = Path(path) / "model_index.json"
     if not index.is_file():
@@ -108,22 +102,14 @@ class WanTextToVideoPipeline:
     # ---------------------------------------------------------------- parts
     def sampler(self, num_inference_steps: int, name: str | None = None):
         """The folder's scheduler as a jaxvc sampler, or the named one (``jaxvc.diffusion.samplers``) on its shift."""
-        import importlib
+        from jaxvc.diffusion.samplers import from_scheduler_config, make_sampler
 
         cfg = self.scheduler_config
-        if name is not None:
-            from jaxvc.diffusion.samplers import make_sampler
-
-            shift = cfg.get("flow_shift", cfg.get("shift", 1.0))
-            return make_sampler(name, None, num_inference_steps, flow_shift=float(shift),
-                                num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
-        kind = cfg.get("_class_name", "UniPCMultistepScheduler")
-        if kind not in FOLDER_SCHEDULERS:
-            raise ValueError(f"the Wan folder's scheduler {kind!r} is not one of {sorted(FOLDER_SCHEDULERS)}; pass "
-                             "sampler= (e.g. 'unipc')")
-        module, class_name = FOLDER_SCHEDULERS[kind]
-        sampler_cls = getattr(importlib.import_module(f"jaxvc.diffusion.{module}"), class_name)
-        return sampler_cls.from_diffusers_config(cfg, num_inference_steps)
+        if name is None:
+            return from_scheduler_config({"_class_name": "UniPCMultistepScheduler", **cfg}, num_inference_steps)
+        shift = float(cfg.get("flow_shift", cfg.get("shift", 1.0)))
+        return make_sampler(name, None, num_inference_steps, flow_shift=shift,
+                            num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
 
     @functools.cached_property
     def _jitted(self) -> dict:

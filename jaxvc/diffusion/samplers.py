@@ -38,6 +38,27 @@ SAMPLERS: dict[str, tuple[str, dict, bool, bool]] = {
 }
 
 
+# a diffusers scheduler class a model folder may ship -> the jaxvc sampler that reads its config as is
+# (``from_scheduler_config``; the UNet pipelines sample with their methods' DDIM settings instead)
+DIFFUSERS_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": "flow:FlowMatchEulerSampler",
+                        "DPMSolverMultistepScheduler": "dpm_solver:DPMSolverSampler",
+                        "UniPCMultistepScheduler": "unipc:UniPCSampler"}
+
+
+def _sampler_class(where: str) -> type:
+    module, class_name = where.split(":")
+    return getattr(importlib.import_module(f"jaxvc.diffusion.{module}"), class_name)
+
+
+def from_scheduler_config(config: Mapping[str, Any], num_inference_steps: int):
+    """The sampler of a model folder's own scheduler config (its ``_class_name``), every setting as it is."""
+    kind = config.get("_class_name")
+    if kind not in DIFFUSERS_SCHEDULERS:
+        raise ValueError(f"scheduler {kind!r} is not one of {sorted(DIFFUSERS_SCHEDULERS)}; choose a sampler by "
+                         f"name (one of {sorted(SAMPLERS)})")
+    return _sampler_class(DIFFUSERS_SCHEDULERS[kind]).from_diffusers_config(config, num_inference_steps)
+
+
 def sampler_names(flow: bool) -> list[str]:
     return [name for name, (_, _, vp, fl) in SAMPLERS.items() if (fl if flow else vp)]
 
@@ -55,8 +76,7 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any] | None, num_infe
         raise ValueError(f"sampler {name!r} does not run a {kind} model; choose one of {sampler_names(flow)}")
     if eta and name != "ddim":
         raise ValueError(f"eta={eta} is DDIM's; the {name!r} sampler is deterministic or draws its own noise")
-    module, class_name = where.split(":")
-    cls = getattr(importlib.import_module(f"jaxvc.diffusion.{module}"), class_name)
+    cls = _sampler_class(where)
     if name == "ddim":
         return cls.from_diffusers_config(scheduler_config, num_inference_steps, eta=float(eta))
     if name == "euler":

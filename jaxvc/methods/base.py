@@ -72,18 +72,17 @@ class PipelineValidation:
     ``image_size`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
 
     def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
-                       seed: int = 0, sampler: str = "") -> None:
+                       seed: int = 0, sampler: str | None = None) -> None:
         """What ``sample`` generates every ``config.sample_every`` steps: each prompt (with its reference image when
         the method takes one; ``references`` may be empty otherwise). ``sampler``: a name of
-        ``jaxvc.diffusion.samplers`` ("" for the method's own)."""
+        ``jaxvc.diffusion.samplers`` ("" or None for the method's own)."""
         if self.uses_reference and len(prompts) != len(references):
             raise ValueError(f"{self.name} validation: {len(prompts)} prompts but {len(references)} reference images "
                              "(one each)")
         references = list(references) if references else [None] * len(prompts)
         self.validation = list(zip(prompts, references))
         self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
-                                        guidance_scale=float(guidance_scale), seed=int(seed),
-                                        **({"sampler": sampler} if sampler else {}))
+                                        guidance_scale=float(guidance_scale), seed=int(seed), sampler=sampler or None)
 
     def sample(self, params, rng):
         """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
@@ -99,7 +98,6 @@ class PipelineValidation:
         videos = [pipe.generate(None if reference is None else jnp.asarray(reference, jnp.float32)[None], prompt,
                                 num_frames=self.num_frames, height=self.image_size, width=self.image_size,
                                 seed=settings["seed"] + i, num_inference_steps=settings["num_inference_steps"],
-                                guidance_scale=settings["guidance_scale"],
-                                **({"sampler": settings["sampler"]} if "sampler" in settings else {}))[0]
+                                guidance_scale=settings["guidance_scale"], sampler=settings["sampler"])[0]
                   for i, (prompt, reference) in enumerate(self.validation)]
         return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}
