@@ -1,6 +1,7 @@
 """``jaxvc generate``: a video of the subject in ``--reference`` doing what ``--prompt`` says (VideoMaker sampling), or
 a text-to-video sample of a model whose subject is in its weights (Still-Moving runs, ``--text-to-video`` with
-``--lora`` on a plain AnimateDiff folder) or of a diffusers Wan pipeline folder (``jaxvc/wan_pipeline.py``).
+``--lora`` on a plain AnimateDiff folder), or a diffusers Wan pipeline folder's video: text-to-video
+(``jaxvc/wan_pipeline.py``) or from ``--reference`` as the first frame (``jaxvc/wan_i2v_pipeline.py``).
 ``--prompts`` generates a whole evaluation set with one loaded model and one compiled sampler
 (``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are what ``jaxvc eval``
 reads; videos whose record exists are kept, so a stopped run resumes."""
@@ -19,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="diffusers AnimateDiff/SD pipeline folder, a jaxvc checkpoint from `jaxvc convert`, a "
                              "training run folder (`jaxvc train --workdir DIR`; the demo's is OUT/run), or a diffusers "
-                             "Wan pipeline folder (Wan2.1-T2V-*-Diffusers: text-to-video, --frames 1 + 4k)")
+                             "Wan pipeline folder (--frames 1 + 4k): Wan2.1-T2V-*-Diffusers and Wan2.2-T2V-A14B-Diffusers "
+                             "(text-to-video), Wan2.1-I2V-*, Wan2.1-FLF2V-*, Wan2.2-I2V-A14B-* and Wan2.2-TI2V-5B "
+                             "image-to-video folders (--reference is the first frame)")
     parser.add_argument("--step", type=int, default=None,
                         help="training run folders: the checkpoint step to load (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",
@@ -29,12 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "plain SD1.5 folder")
     parser.add_argument("--reference", default=None,
                         help="reference image of the subject (any format PIL reads); required by reference-conditioned "
-                             "models (VideoMaker), refused by text-to-video ones (Still-Moving runs, --text-to-video)")
+                             "models (VideoMaker; a Wan image-to-video folder's first frame), refused by text-to-video "
+                             "ones (Still-Moving runs, --text-to-video, Wan text-to-video folders)")
+    parser.add_argument("--last-frame", default=None, metavar="IMAGE",
+                        help="Wan image-to-video folders (FLF2V; not TI2V): the video's last frame, --reference its "
+                             "first")
     parser.add_argument("--text-to-video", action="store_true",
                         help="sample --model as a plain text-to-video AnimateDiff model: no reference frame")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                         help="a LoRA file (diffusers, peft or kohya/A1111 format; e.g. a DreamBooth LoRA of SD1.5) "
-                             "merged into the UNet and text encoder at SCALE (default 1.0); repeatable")
+                             "merged into the UNet and text encoder at SCALE (default 1.0); repeatable; Wan folders: "
+                             "into the DiT (a two-expert Wan 2.2 folder's high-noise transformer)")
+    parser.add_argument("--lora-2", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="two-expert Wan 2.2 folders (A14B): a LoRA merged into the low-noise expert "
+                             "(transformer_2); repeatable")
     parser.add_argument("--prompt", default=None,
                         help="what the subject should do (or --prompts; with --prompts, the prompt of records "
                              "without their own)")
@@ -51,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "keep them, so that a stopped run resumes)")
     parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
     parser.add_argument("--guidance-scale", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-scale-2", type=float, default=None,
+                        help="two-expert Wan 2.2 folders (A14B): the low-noise expert's guidance scale (default: "
+                             "--guidance-scale)")
     parser.add_argument("--reference-guidance-scale", type=float, default=None,
                         help="guide the reference separately with this scale (a third branch: text only); default: "
                              "text and reference together with --guidance-scale, as the paper")
@@ -114,9 +128,17 @@ def run(args) -> int:
     args.frames = default_frames if args.frames is None else args.frames
     args.height = default_height if args.height is None else args.height
     args.width = default_width if args.width is None else args.width
+    try:
+        args.model_options = model_options(pipe, args)
+    except ValueError as error:
+        print(f"jaxvc generate: {error}", file=sys.stderr)
+        return 2
     for spec in args.lora:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
+    for spec in args.lora_2:
+        path, scale = parse_lora_argument(spec)
+        pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle, into="transformer_2")
     references = [args.reference] if items is None else [item.reference or args.reference for item in items]
     if pipe.takes_reference and None in references:
         where = "" if items is None else f" (item '{items[references.index(None)].name}' of {args.prompts} has none)"
@@ -130,11 +152,8 @@ def run(args) -> int:
     loaded = time.perf_counter()
     if items is not None:
         return generate_set(pipe, items, args, loaded - start)
-    frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
-                  guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
-                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
-                  seed=args.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
-                  sampler=args.sampler)
+    frames = pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                  **sampling_options(args))
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     files["record"] = write_record(args, files["mp4"], args.prompt, args.reference, args.seed, args.negative_prompt,
                                    getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
@@ -143,6 +162,32 @@ def run(args) -> int:
     for kind, path in files.items():
         print(f"  {kind}: {path}")
     return 0
+
+
+def model_options(pipe, args) -> dict:
+    """The options only some models take (a Wan folder's last frame, a two-expert folder's second guidance scale
+    and LoRAs), as pipeline keywords; ValueError when the model does not take one that was given."""
+    options = {}
+    if args.last_frame is not None:
+        if not (pipe.takes_reference and getattr(pipe, "takes_last_frame", False)):
+            raise ValueError(f"{args.model} takes no --last-frame (Wan image-to-video folders do)")
+        options["last_image"] = args.last_frame
+    two_experts = getattr(pipe, "has_two_experts", False)
+    if args.guidance_scale_2 is not None or args.lora_2:
+        if not two_experts:
+            raise ValueError(f"{args.model} has one denoiser: --guidance-scale-2 and --lora-2 are for two-expert "
+                             "Wan 2.2 folders (A14B)")
+    if args.guidance_scale_2 is not None:
+        options["guidance_scale_2"] = args.guidance_scale_2
+    return options
+
+
+def sampling_options(args) -> dict:
+    """The pipeline keywords every video of a run shares."""
+    return dict(guidance_scale=args.guidance_scale, reference_guidance_scale=args.reference_guidance_scale,
+                reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
+                num_frames=args.frames, height=args.height, width=args.width, eta=args.eta, sampler=args.sampler,
+                **args.model_options)
 
 
 def parse_lora_argument(spec: str) -> tuple[str, float]:
@@ -187,11 +232,8 @@ def _generate_item(pipe, item, args, out: Path) -> tuple[bool, float]:
     began = time.perf_counter()
     reference = item.reference or args.reference
     negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
-    frames = pipe(reference, item.prompt, negative_prompt=negative, guidance_scale=args.guidance_scale,
-                  reference_guidance_scale=args.reference_guidance_scale,
-                  reference_guidance_start=args.reference_guidance_start, num_inference_steps=args.steps,
-                  seed=item.seed, num_frames=args.frames, height=args.height, width=args.width, eta=args.eta,
-                  progress=False, sampler=args.sampler)
+    frames = pipe(reference, item.prompt, negative_prompt=negative, seed=item.seed, progress=False,
+                  **sampling_options(args))
     files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
     write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
                  getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
@@ -206,7 +248,9 @@ def write_record(args, video: Path, prompt: str, reference, seed: int, negative_
               "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps,
-              "sampler": args.sampler, "eta": args.eta,
+              "sampler": args.sampler, "eta": args.eta, "lora_2": list(args.lora_2),
+              "guidance_scale_2": args.guidance_scale_2,
+              "last_frame": None if args.last_frame is None else str(Path(args.last_frame).resolve()),
               "seed": seed, "frames": args.frames, "height": args.height, "width": args.width,
               "dtype": args.dtype, "attention_backend": args.attention_backend, "trained_step": trained_step,
               "ema": ema}

@@ -128,18 +128,19 @@ class CustomVideoPipeline:
         """A diffusers AnimateDiff/SD folder (+ motion adapter), a jaxvc checkpoint written by ``jaxvc convert``, or
         a training run folder (``jaxvc train --workdir``: checkpoint ``step``, default the latest, with its EMA
         weights when the run keeps them and ``use_ema``). A diffusers Wan pipeline folder gives a
-        ``WanTextToVideoPipeline`` (``jaxvc/wan_pipeline.py``)."""
+        ``WanTextToVideoPipeline`` (``jaxvc/wan_pipeline.py``) or a ``WanImageToVideoPipeline``
+        (``jaxvc/wan_i2v_pipeline.py``)."""
         from jaxvc.convert.pipeline import load_pipeline
         from jaxvc.train.trained_run import is_run_folder
-        from jaxvc.wan_pipeline import WanTextToVideoPipeline, is_wan_pipeline_folder
+        from jaxvc.wan_pipeline import is_wan_pipeline_folder, load_wan_pipeline
 
         if is_run_folder(path):
             return cls.from_run(path, step=step, use_ema=use_ema, dtype=dtype, attention_backend=attention_backend)
         if is_wan_pipeline_folder(path):
             if motion_adapter is not None or step is not None:
                 raise ValueError(f"{path}: a Wan pipeline folder takes no motion adapter or step")
-            return WanTextToVideoPipeline.from_pretrained(path, dtype=dtype, attention_backend=attention_backend,
-                                                          allow_pickle=allow_pickle)
+            return load_wan_pipeline(path, dtype=dtype, attention_backend=attention_backend,
+                                     allow_pickle=allow_pickle)
         if step is not None:
             raise ValueError(f"{path}: step={step} is for training run folders; this is a pipeline folder")
         overrides = {}
