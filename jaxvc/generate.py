@@ -20,9 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True,
                         help="diffusers AnimateDiff/SD pipeline folder, a jaxvc checkpoint from `jaxvc convert`, a "
                              "training run folder (`jaxvc train --workdir DIR`; the demo's is OUT/run), or a diffusers "
-                             "Wan pipeline folder (--frames 1 + 4k): Wan2.1-T2V-*-Diffusers and Wan2.2-T2V-A14B-Diffusers "
-                             "(text-to-video), Wan2.1-I2V-*, Wan2.1-FLF2V-*, Wan2.2-I2V-A14B-* and Wan2.2-TI2V-5B "
-                             "image-to-video folders (--reference is the first frame)")
+                             "Wan pipeline folder (--frames 1 + 4k): Wan2.1-T2V-* and Wan2.2-T2V-A14B (text-to-video), "
+                             "Wan2.1-I2V-*, Wan2.1-FLF2V-*, Wan2.2-I2V-A14B and Wan2.2-TI2V-5B (image-to-video: "
+                             "--reference is the first frame)")
     parser.add_argument("--step", type=int, default=None,
                         help="training run folders: the checkpoint step to load (default: the latest)")
     parser.add_argument("--no-ema", action="store_true",

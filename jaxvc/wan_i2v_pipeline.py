@@ -6,16 +6,19 @@
 
 Three kinds of folder, told apart by their parts (the denoising loop is ``WanTextToVideoPipeline``'s):
 
-| folder | the image enters as | DiT input channels |
-|---|---|---|
-| Wan 2.1 I2V / FLF2V (``image_encoder/``) | VAE latents of [image, black frames] and a 4-channel first-frame mask, concatenated to the noisy latents; CLIP ViT-H tokens (its penultimate layer) cross-attended | 16 + 4 + 16 |
-| Wan 2.2 I2V A14B (two experts, no ``image_encoder/``) | the concatenated latents and mask only | 16 + 4 + 16 |
-| Wan 2.2 TI2V-5B (``expand_timesteps``) | its latent replaces the first latent frame, whose tokens get timestep 0 | 48 |
+* Wan 2.1 I2V / FLF2V (``image_encoder/``): the VAE latents of [image, black frames] and a 4-channel first-frame
+  mask are concatenated to the noisy latents (DiT input 16 + 4 + 16 channels); the CLIP ViT-H tokens of the image
+  (its penultimate layer) are cross-attended beside the text.
+* Wan 2.2 I2V A14B (two experts, no ``image_encoder/``): the concatenated latents and mask only.
+* Wan 2.2 TI2V-5B (``expand_timesteps``): the image's latent replaces the first latent frame, whose tokens get
+  timestep 0 (DiT input 48 channels).
 
 With ``last_image`` (FLF2V) the condition video ends on that frame, its mask marks it, and the CLIP tokens of both
 images are concatenated (the DiT's ``pos_embed`` spans them). The image is fitted to (height, width) keeping its
 aspect ratio (``load_reference_image``: cover and centre-crop; diffusers stretches it), and the CLIP tokens are made
-from that same fitted image by the folder's ``image_processor`` (PIL, as transformers' ``CLIPImageProcessor``).
+from that same fitted image (diffusers gives CLIP the image as passed) by the folder's ``image_processor`` (PIL, as
+transformers' ``CLIPImageProcessor``). For an image already of the video's size both are diffusers' inputs exactly
+(``tests/test_wan_i2v_pipeline.py``).
 ``jaxvc generate --model FOLDER --reference IMAGE [--last-frame IMAGE]`` runs it.
 """
 from __future__ import annotations

@@ -74,7 +74,6 @@ class WanTextToVideoPipeline:
     reference_frame = False
     takes_reference = False  # text-to-video: ``jaxvc generate`` refuses --reference
     conditioning = None
-    default_video = (81, 480, 832)  # (frames, height, width): Wan 2.1's 480p
     save = staticmethod(CustomVideoPipeline.save)
 
     def __init__(self, transformer, text_encoder, tokenizer, vae: VideoVAE, params: dict, scheduler_config: dict, *,
@@ -85,6 +84,12 @@ class WanTextToVideoPipeline:
         if (boundary_ratio is None) != ("transformer_2" not in params):
             raise ValueError("a Wan pipeline has two experts (params['transformer_2']) exactly when it has a "
                              f"boundary_ratio; got boundary_ratio={boundary_ratio} and params {sorted(params)}")
+
+    @property
+    def default_video(self) -> tuple[int, int, int]:
+        """(frames, height, width) ``jaxvc generate`` uses unless told: Wan 2.2 TI2V-5B's 121 x 704 x 1280 (its
+        ``expand_timesteps`` folders), 81 x 480 x 832 (480p) for the others."""
+        return (121, 704, 1280) if self.expand_timesteps else (81, 480, 832)
 
     @property
     def has_two_experts(self) -> bool:

@@ -76,7 +76,9 @@ INFERENCE = [
         Google Drive (or set `JAXVC_SOURCE` to a git URL), fill in the parameters below and *Run all*.
         `MODEL_DIR` is a diffusers AnimateDiff pipeline folder (SD1.5 + motion modules saved whole), a plain SD1.5
         folder plus `MOTION_ADAPTER` (a diffusers `MotionAdapter` folder or an AnimateDiff `mm_sd_v15` file), or a
-        checkpoint written by `jaxvc convert` (loads fastest). Nothing is downloaded.
+        checkpoint written by `jaxvc convert` (loads fastest). A diffusers Wan folder works too: an image-to-video
+        one (Wan 2.1 I2V, Wan 2.2 I2V A14B or TI2V-5B) takes `REFERENCE_IMAGE` as the video's first frame, a
+        text-to-video one takes none. Nothing is downloaded.
 
         **Without weights** (`MODEL_DIR = ""`, e.g. on a CPU or in CI) the notebook builds a tiny *untrained*
         VideoMaker (`configs/videomaker.py:tiny`), saves it in the `jaxvc convert` checkpoint format and loads it
@@ -87,15 +89,16 @@ INFERENCE = [
     _code('''
         # Parameters (papermill: this cell is tagged "parameters")
         JAXVC_SOURCE = "/content/drive/MyDrive/jaxvc"  # Colab only: the jaxvc repository (a Drive folder or a git URL)
-        MODEL_DIR = ""        # diffusers AnimateDiff/SD1.5 folder or `jaxvc convert` checkpoint; "" = tiny untrained
+        MODEL_DIR = ""        # diffusers AnimateDiff/SD1.5/Wan folder or `jaxvc convert` checkpoint; "" = tiny
         MOTION_ADAPTER = ""   # MotionAdapter folder or AnimateDiff motion-module file, if MODEL_DIR is plain SD1.5
         REFERENCE_IMAGE = ""  # the subject (any image PIL reads; transparent pixels become white); "" = synthetic
         PROMPT = "a subject moves left on a sky background"
         NEGATIVE_PROMPT = ""
-        FRAMES, HEIGHT, WIDTH = 16, 512, 512  # SD1.5 + AnimateDiff: 16 frames at 512x512
+        FRAMES, HEIGHT, WIDTH = None, None, None  # None: the model's (16 x 512 x 512; Wan: 81 x 480 x 832)
         STEPS = 30            # sampling steps (20-25 are enough for "dpm++" or "unipc")
-        SAMPLER = "ddim"      # the authors' DDIM, or "dpm++", "dpm++-karras", "dpm++-sde", "unipc" (diffusers')
-        GUIDANCE = 8.0        # classifier-free guidance scale (the authors' 8)
+        SAMPLER = None        # None: the model's own (DDIM; a Wan folder's UniPC), or "dpm++", "dpm++-karras",
+                              # "dpm++-sde", "unipc" (diffusers' multistep solvers; -karras: AnimateDiff only)
+        GUIDANCE = 8.0        # classifier-free guidance scale (the VideoMaker authors' 8; Wan's pipelines use 5)
         SEED = 0
         DTYPE = "auto"        # UNet compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU
         FPS = 8
@@ -144,21 +147,25 @@ INFERENCE = [
 
         start = time.perf_counter()
         pipe = CustomVideoPipeline.from_pretrained(model_path, motion_adapter=MOTION_ADAPTER or None, dtype=DTYPE)
+        FRAMES, HEIGHT, WIDTH = (mine or default for mine, default in zip((FRAMES, HEIGHT, WIDTH), pipe.default_video))
         sizes = {name: sum(x.size for x in jax.tree.leaves(tree)) for name, tree in pipe.params.items()}
-        print(f"loaded {model_path} in {time.perf_counter() - start:.1f}s: "
+        print(f"loaded {type(pipe).__name__} from {model_path} in {time.perf_counter() - start:.1f}s: "
               + ", ".join(f"{name} {count / 1e6:.2f}M params" for name, count in sizes.items() if count)
-              + f"; UNet dtype {DTYPE}; {pipe.scheduler_config['prediction_type']} prediction, "
-              f"{pipe.scheduler_config['beta_schedule']} betas")
+              + f"; compute dtype {DTYPE}; {FRAMES} frames at {HEIGHT}x{WIDTH}; "
+              + ("takes a reference image" if pipe.takes_reference else "text-to-video: no reference image"))
     '''),
     _md('''
         ## Pick the reference image and the prompt
 
         `REFERENCE_IMAGE` can be any file on the mounted Drive (or upload one with `google.colab.files.upload()`).
         Left empty, the reference is a held-out subject of jaxvc's synthetic world (`jaxvc/data/synthetic.py`),
-        drawn on white like the papers' references.
+        drawn on white like the papers' references. A text-to-video model (a Wan T2V folder) takes none.
     '''),
     _code('''
-        if REFERENCE_IMAGE:
+        if not pipe.takes_reference:
+            reference = None
+            print("text-to-video model: no reference image")
+        elif REFERENCE_IMAGE:
             reference = REFERENCE_IMAGE
             print(f"reference: {REFERENCE_IMAGE}")
         else:
@@ -168,10 +175,11 @@ INFERENCE = [
             subject_id = world.held_out_subject_ids[0]
             reference = world.reference_image(subject_id, seed=SEED)
             print(f"reference: synthetic subject {subject_id}, {world.caption(subject_id)}")
-        # what the model sees: resized to cover (HEIGHT, WIDTH) and centre-cropped, in [-1, 1]
-        reference_pixels = media.to_uint8(load_reference_image(reference, HEIGHT, WIDTH))
         print(f"prompt: {PROMPT!r}")
-        display(media.contact_sheet([reference_pixels[None]], ["reference"], cell=128))
+        if reference is not None:
+            # what the model sees: resized to cover (HEIGHT, WIDTH) and centre-cropped, in [-1, 1]
+            reference_pixels = media.to_uint8(load_reference_image(reference, HEIGHT, WIDTH))
+            display(media.contact_sheet([reference_pixels[None]], ["reference"], cell=128))
     '''),
     _md('''
         ## Generate
@@ -189,7 +197,10 @@ INFERENCE = [
     ''', "generate"),
     _code('''
         show_videos([frames], [PROMPT], kind="mp4", fps=FPS)
-        display(media.contact_sheet([reference_pixels[None], frames], ["reference", "generated"]))
+        if reference is None:
+            display(media.contact_sheet([frames], ["generated"]))
+        else:
+            display(media.contact_sheet([reference_pixels[None], frames], ["reference", "generated"]))
     ''', "show-video"),
     _md("## Save the MP4, the GIF and the contact sheet"),
     _code('''

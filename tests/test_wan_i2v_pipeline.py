@@ -189,3 +189,40 @@ def test_generate_command_takes_the_first_and_last_frames(tmp_path):
         assert gif.n_frames == 5
     assert jaxvc_main(args) == 2  # no first frame
     assert jaxvc_main(args + ["--reference", str(first), "--guidance-scale-2", "3"]) == 2  # one expert
+
+
+def test_loras_into_each_expert_match_diffusers(tmp_path):
+    """A LoRA merged into the high-noise expert and another into the low-noise one (``--lora``, ``--lora-2``)
+    generate what diffusers' ``load_lora_weights`` (with ``load_into_transformer_2`` for the second) generates."""
+    pytest.importorskip("peft")
+    from jaxvc.convert.lora import save_lora
+    from jaxvc.models import lora
+    from jaxvc.models.wan import WanTransformer3D
+    from jaxvc.pipeline import CustomVideoPipeline
+
+    folder, _ = _folder(tmp_path, "t2v-a14b")
+    pipe = CustomVideoPipeline.from_pretrained(folder)
+    spec = lora.AdapterSpec(include=(r"blocks_\d+/attn1/to_(q|v)", r"blocks_\d+/ffn/net_2"), rank=2, alpha=4.0)
+    example = (jnp.zeros((1, 2, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 512, 32)))
+    sites = lora.find_sites(lambda: WanTransformer3D(pipe.transformer.config).init(jax.random.key(0), *example), spec)
+    files = []
+    for seed in (1, 2):
+        tree = jax.tree.map(lambda v: 0.3 * jax.random.normal(jax.random.key(v.size + seed), v.shape),
+                            lora.init_adapter(jax.random.key(seed), sites, spec))
+        adapters = {"transformer": lora.AppliedAdapter(spec, tree)}
+        files.append(save_lora(tmp_path / f"expert_{seed}.safetensors", adapters))
+    settings = dict(SMALL, num_inference_steps=4, guidance_scale_2=3.0)
+    plain = np.asarray(pipe.generate(None, PROMPT, seed=1, decode=False, **settings))
+    pipe.merge_lora(files[0]).merge_lora(files[1], into="transformer_2")
+    latents = np.asarray(pipe.generate(None, PROMPT, seed=1, decode=False, **settings))
+    reference = diffusers.WanPipeline.from_pretrained(folder)
+    reference.load_lora_weights(str(tmp_path), weight_name=files[0].name, adapter_name="high")
+    reference.load_lora_weights(str(tmp_path), weight_name=files[1].name, adapter_name="low",
+                                load_into_transformer_2=True)
+    x_T = jax.random.normal(jax.random.key(1), latents.shape, jnp.float32)
+    with torch.no_grad():
+        expected = reference(prompt=PROMPT, output_type="latent", **settings,
+                             latents=torch.from_numpy(np.moveaxis(np.array(x_T), -1, 1))).frames.numpy()
+    error = relative_error(latents, np.moveaxis(expected, 1, -1))
+    print(f"Wan 2.2 two experts with a LoRA each vs diffusers: {error:.1e}")
+    assert relative_error(plain, latents) > 1e-3 and error < 1e-5
