@@ -93,6 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default=None, choices=["xla", "jax", "cudnn", "splash"],
                         help="attention implementation (cudnn: flash attention on NVIDIA GPUs; splash: flash "
                              "attention on TPUs)")
+    parser.add_argument("--mesh", default=None, metavar="AXES",
+                        help="sample on a mesh of this machine's devices, e.g. fsdp=8 or fsdp=4,sequence=2 (Wan "
+                             "folders): parameters sharded by the rule table, the video's tokens over sequence x fsdp "
+                             "(jaxvc/parallel/inference.py); default: one device")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
@@ -139,6 +143,15 @@ def run(args) -> int:
     for spec in args.lora_2:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle, into="transformer_2")
+    if args.mesh is not None:
+        if not hasattr(pipe, "shard"):
+            print(f"jaxvc generate: --mesh is for Wan folders; {args.model} samples on one device", file=sys.stderr)
+            return 2
+        try:
+            pipe.shard(args.mesh)
+        except ValueError as error:
+            print(f"jaxvc generate: --mesh {args.mesh}: {error}", file=sys.stderr)
+            return 2
     references = [args.reference] if items is None else [item.reference or args.reference for item in items]
     if pipe.takes_reference and None in references:
         where = "" if items is None else f" (item '{items[references.index(None)].name}' of {args.prompts} has none)"
@@ -252,7 +265,8 @@ def write_record(args, video: Path, prompt: str, reference, seed: int, negative_
               "guidance_scale_2": args.guidance_scale_2,
               "last_frame": None if args.last_frame is None else str(Path(args.last_frame).resolve()),
               "seed": seed, "frames": args.frames, "height": args.height, "width": args.width,
-              "dtype": args.dtype, "attention_backend": args.attention_backend, "trained_step": trained_step,
+              "dtype": args.dtype, "attention_backend": args.attention_backend, "mesh": args.mesh,
+              "trained_step": trained_step,
               "ema": ema}
     path = video.with_suffix(".json")
     tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: a record on disk is never half a record

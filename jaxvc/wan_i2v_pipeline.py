@@ -92,6 +92,14 @@ class WanImageToVideoPipeline(WanTextToVideoPipeline):
         return dict(parts, image_encoder=VisionTransformer(config),
                     image_preprocessor=ImagePreprocessor.for_model(folder, "clip", config.image_size))
 
+    def abstract_params(self) -> dict:
+        from jaxvc.models.vision_transformer import abstract_vision_params
+
+        groups = super().abstract_params()
+        if self.image_encoder is not None:
+            groups["image_encoder"] = abstract_vision_params(self.image_encoder.config)["params"]
+        return groups
+
     @functools.cached_property
     def _encode(self) -> dict:
         jit = compile_options.jit

@@ -33,6 +33,7 @@ from jaxvc import compile_options, media
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.diffusion.schedule import load_scheduler_config
 from jaxvc.models.video_vae import VideoVAE
+from jaxvc.parallel.inference import MeshPlacement
 from jaxvc.pipeline import CustomVideoPipeline
 
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
@@ -68,9 +69,10 @@ def clean_prompt(text: str) -> str:
     return " ".join(html.unescape(html.unescape(text)).split()).strip()
 
 
-class WanTextToVideoPipeline:
+class WanTextToVideoPipeline(MeshPlacement):
     """Wan's DiT (one or two experts), UMT5 text encoder and tokenizer, video VAE and scheduler config, loaded from
-    local files. ``params`` holds ``transformer`` (and ``transformer_2``), ``text_encoder`` and ``vae``."""
+    local files. ``params`` holds ``transformer`` (and ``transformer_2``), ``text_encoder`` and ``vae``;
+    ``shard("fsdp=8")`` places them on a device mesh (``jaxvc/parallel/inference.py``)."""
     reference_frame = False
     takes_reference = False  # text-to-video: ``jaxvc generate`` refuses --reference
     conditioning = None
@@ -156,6 +158,16 @@ class WanTextToVideoPipeline:
         self.params = {**self.params, into: merge_wan_lora(self.params[into], path, scale=scale,
                                                              allow_pickle=allow_pickle)}
         return self
+
+    def abstract_params(self) -> dict:
+        """``params``' groups as boxed ShapeDtypeStruct trees (their logical axis names place them on a mesh)."""
+        from jaxvc.models.t5_encoder import abstract_t5_params
+        from jaxvc.models.wan import abstract_wan_params
+
+        dit = abstract_wan_params(self.transformer.config)["params"]
+        experts = {name: dit for name in self.params if name.startswith("transformer")}
+        return {**experts, "text_encoder": abstract_t5_params(self.text_encoder.config)["params"],
+                "vae": self.vae.abstract_params()}
 
     # ---------------------------------------------------------------- parts
     def sampler(self, num_inference_steps: int, name: str | None = None):
@@ -247,6 +259,13 @@ class WanTextToVideoPipeline:
         if guidance_scale_2 is not None and not self.has_two_experts:
             raise ValueError("guidance_scale_2 is the low-noise expert's scale; this Wan folder has one transformer")
         del reference_guidance_start
+        with self.on_mesh():
+            return self._generate(reference, prompt, negative_prompt, guidance_scale, guidance_scale_2,
+                                  num_inference_steps, seed, num_frames, height, width, progress, decode, sampler,
+                                  last_image)
+
+    def _generate(self, reference, prompt, negative_prompt, guidance_scale, guidance_scale_2, num_inference_steps,
+                  seed, num_frames, height, width, progress, decode, sampler, last_image):
         factor = self.vae.downsample_factor
         _, p_h, p_w = self.transformer.config.patch_size
         for name, size, patch in (("height", height, p_h), ("width", width, p_w)):

@@ -226,3 +226,42 @@ def test_loras_into_each_expert_match_diffusers(tmp_path):
     error = relative_error(latents, np.moveaxis(expected, 1, -1))
     print(f"Wan 2.2 two experts with a LoRA each vs diffusers: {error:.1e}")
     assert relative_error(plain, latents) > 1e-3 and error < 1e-5
+
+
+SHARDED_WAN = """
+import tempfile
+from pathlib import Path
+import jax, jax.numpy as jnp, numpy as np
+from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
+from tests.test_wan_i2v_pipeline import _folder, _image, PROMPT, NEGATIVE, SMALL
+from tests.conftest import relative_error
+
+root = Path(tempfile.mkdtemp())
+for kind in ("flf2v", "t2v-a14b"):
+    folder, _ = _folder(root, kind)
+    pipe = CustomVideoPipeline.from_pretrained(folder)
+    takes_image = pipe.takes_reference
+    first, last = (jnp.asarray(load_reference_image(_image(s, 32), 32, 32))[None] for s in (0, 1))
+    kwargs = dict(SMALL, negative_prompt=NEGATIVE, seed=3, num_inference_steps=3,
+                  last_image=last if takes_image else None)
+    single_latents = np.asarray(pipe.generate(first if takes_image else None, PROMPT, decode=False, **kwargs))
+    single_video = np.asarray(pipe.generate(first if takes_image else None, PROMPT, **kwargs))
+    pipe.shard("fsdp=4,sequence=2")
+    dit = jax.tree.leaves(pipe.params["transformer"])
+    assert any(not leaf.sharding.is_fully_replicated for leaf in dit), "no DiT parameter is sharded"
+    assert {len(leaf.sharding.device_set) for leaf in dit} == {8}
+    latents = pipe.generate(first if takes_image else None, PROMPT, decode=False, **kwargs)
+    video = np.asarray(pipe.generate(first if takes_image else None, PROMPT, **kwargs))
+    errors = relative_error(np.asarray(latents), single_latents), relative_error(video, single_video)
+    print(kind, "sharded vs one device: latents %.1e, video %.1e" % errors, len(latents.sharding.device_set))
+    assert errors[0] < 1e-5 and errors[1] < 1e-5
+print("SHARDED_OK")
+"""
+
+
+def test_sharded_sampling_equals_one_device():
+    """On 8 simulated devices (fsdp 4 x sequence 2, ``pipe.shard`` / ``jaxvc generate --mesh``), an FLF2V folder
+    (CLIP tokens, concatenated condition) and a two-expert T2V folder sample what they sample on one device."""
+    from tests.multidevice import run_with_devices
+
+    run_with_devices(SHARDED_WAN, devices=8)

@@ -241,7 +241,8 @@ def test_original_wan22_layout_loads_like_the_diffusers_folder(models, tmp_path)
     diffusers' encode/decode."""
     from safetensors.numpy import save_file
 
-    from jaxvc.convert.wan_vae_original import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD, load_original_state_dict
+    from jaxvc.convert.wan_vae_original import load_original_state_dict
+    from jaxvc.models.wan_vae import WAN22_LATENTS_MEAN, WAN22_LATENTS_STD
 
     model, folder_config, folder_params, _ = models["wan22"]
     state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -290,8 +291,7 @@ def test_original_wan22_layout_loads_like_the_diffusers_folder(models, tmp_path)
     zeros = {wan22_original_key(key, 2): np.broadcast_to(np.float32(0), shape) for key, shape in shapes.items()}
     released_config, renamed = load_original_state_dict(zeros, source="Wan2.2_VAE.pth")
     assert sorted(renamed) == sorted(shapes)
-    assert released_config == WanVAEConfig.variant("wan22", latents_mean=WAN22_LATENTS_MEAN,
-                                                   latents_std=WAN22_LATENTS_STD)
+    assert released_config == WanVAEConfig.variant("wan22")  # the size entry carries the statistics too
     assert len(WAN22_LATENTS_MEAN) == len(WAN22_LATENTS_STD) == 48
     # spot checks against diffusers' vae22_diffusers_config (the same values as Wan2.2's vae2_2.py)
     assert (WAN22_LATENTS_MEAN[0], WAN22_LATENTS_MEAN[19], WAN22_LATENTS_MEAN[47]) == (-0.2289, 0.5109, -0.0667)

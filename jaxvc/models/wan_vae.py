@@ -41,12 +41,25 @@ WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.151
 WAN21_LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
                      3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
+# the Wan 2.2 VAE's (48 channels): its original file does not hold them; these are the values of Wan2.2's
+# ``Wan2_2_VAE`` (wan/modules/vae2_2.py) and of the Wan2.2-TI2V-5B-Diffusers vae/config.json.
+WAN22_LATENTS_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
+    0.1570, -0.0098, 0.0375, -0.1825, -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230, -0.0313, -0.1649, 0.0117, 0.0723,
+    -0.2839, -0.2083, -0.0520, 0.3748, 0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_LATENTS_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013, 0.8158, 1.0344, 0.5894, 1.0901,
+    0.6885, 0.6165, 0.8454, 0.4978, 0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093, 0.5709, 0.6065, 0.6415, 0.4944,
+    0.5726, 1.2042, 0.5458, 1.6887, 0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
 
 @dataclasses.dataclass(frozen=True)
 class WanVAEConfig:
     """The fields of diffusers' ``AutoencoderKLWan`` config.json (same names; ``temperal_`` is diffusers' spelling).
 
-    latents_mean/latents_std: None where unknown (the ``wan22`` size entry: read them from the folder's config.json).
+    latents_mean/latents_std: None where unknown (a folder's config.json or a size entry supplies them).
     """
     base_dim: int = 96
     decoder_base_dim: int | None = None
@@ -120,7 +133,8 @@ WAN_VAE_VARIANTS = {
                          latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
     "wan21": WanVAEConfig(),  # Wan2.1-*-Diffusers/vae (also Wan 2.2 A14B)
     "wan22": WanVAEConfig(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
-                          out_channels=12, patch_size=2, latents_mean=None, latents_std=None),  # Wan2.2-TI2V-5B
+                          out_channels=12, patch_size=2, latents_mean=WAN22_LATENTS_MEAN,
+                          latents_std=WAN22_LATENTS_STD),  # Wan2.2-TI2V-5B
 }
 
 
