@@ -20,6 +20,7 @@ import numpy as np
 from jaxvc import compile_options, media
 from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
+from jaxvc.parallel.inference import MeshPlacement
 from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
 
 
@@ -35,8 +36,9 @@ def merge_wan_lora(transformer_params, path, *, scale: float = 1.0, allow_pickle
     return lora.merge(transformer_params, loaded.adapters["transformer"])
 
 
-class SubjectDiTPipeline:
-    """The trained ``DisentangledS2V`` method's DiT (with its LoRA), text encoder, tokenizer and VAE."""
+class SubjectDiTPipeline(MeshPlacement):
+    """The trained ``DisentangledS2V`` method's DiT (with its LoRA), text encoder, tokenizer and VAE;
+    ``shard("fsdp=8")`` places them on a device mesh (``jaxvc/parallel/inference.py``)."""
     reference_frame = False  # no extra UNet frame: the reference enters as its own token stream
     takes_reference = True
     conditioning = None
@@ -56,6 +58,9 @@ class SubjectDiTPipeline:
         merged = merge_wan_lora(tree["transformer"], path, scale=scale, allow_pickle=allow_pickle)
         self.params = {"params": {**tree, "transformer": merged}}
         return self
+
+    def abstract_params(self) -> dict:
+        return self.method.abstract_params()
 
     @functools.cached_property
     def _jitted(self) -> dict:
@@ -95,6 +100,12 @@ class SubjectDiTPipeline:
             raise ValueError("the disentangled S2V sampler guides the text only (reference_guidance_scale) and is "
                              "deterministic (eta = 0)")
         del reference_guidance_start
+        with self.on_mesh():
+            return self._generate(reference, prompt, negative_prompt, guidance_scale, num_inference_steps, seed,
+                                  num_frames, height, width, progress, decode, sampler)
+
+    def _generate(self, reference, prompt, negative_prompt, guidance_scale, num_inference_steps, seed, num_frames,
+                  height, width, progress, decode, sampler):
         factor = 1 if self.method.vae is None else self.method.vae.downsample_factor
         latent_frames = self.method.latent_frames(num_frames)  # Wan VAE: 1 + (num_frames - 1) / 4
         _, p_h, p_w = self.method.transformer.config.patch_size

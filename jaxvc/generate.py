@@ -95,8 +95,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "attention on TPUs)")
     parser.add_argument("--mesh", default=None, metavar="AXES",
                         help="sample on a mesh of this machine's devices, e.g. fsdp=8 or fsdp=4,sequence=2 (Wan "
-                             "folders): parameters sharded by the rule table, the video's tokens over sequence x fsdp "
-                             "(jaxvc/parallel/inference.py); default: one device")
+                             "folders, S2V runs): parameters sharded by the rule table, the video's tokens over "
+                             "sequence x fsdp (jaxvc/parallel/inference.py); default: one device")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
@@ -145,7 +145,8 @@ def run(args) -> int:
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle, into="transformer_2")
     if args.mesh is not None:
         if not hasattr(pipe, "shard"):
-            print(f"jaxvc generate: --mesh is for Wan folders; {args.model} samples on one device", file=sys.stderr)
+            print(f"jaxvc generate: --mesh is for the DiT pipelines (Wan folders, S2V runs); {args.model} samples "
+                  "on one device", file=sys.stderr)
             return 2
         try:
             pipe.shard(args.mesh)
