@@ -80,3 +80,25 @@ def has_cuda_plugin() -> bool:
         return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{version}") for version in (12, 13))
     except ModuleNotFoundError:  # no jax_plugins package at all
         return False
+
+
+# The suite runs as `pytest -n 2 --dist loadfile`: each file goes whole to whichever worker is free, in the order
+# given. Files in alphabetical order left one worker on a long file for minutes after the other had finished, so
+# the longest files (seconds of one worker on the 2-core CI machine, `--durations` of session 23) are handed out
+# first and the many short ones fill in behind them (longest-processing-time-first scheduling).
+LONGEST_FILES = ("test_microcinema.py", "test_customcrafter.py", "test_still_moving.py", "test_plan.py",
+                 "test_validation_samples.py", "test_notebooks.py", "test_c3d_inception_score.py",
+                 "test_context_parallel.py", "test_disentangled_s2v.py", "test_videomaker.py",
+                 "test_wan_i2v_pipeline.py", "test_trained_run.py", "test_sharded_sampling.py",
+                 "test_amt_motion_smoothness.py", "test_demo.py", "test_unet_parity.py", "test_i3d_fvd.py", "test_unet_options.py", "test_sweep.py",
+                 "test_generate.py", "test_bench.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist's default orders files by their number of tests
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
