@@ -106,6 +106,9 @@ WAN_VARIANTS = {
     "wan21_i2v_14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36, image_dim=1280,
                           added_kv_proj_dim=5120),
     "wan22_ti2v_5b": dict(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48, out_channels=48),
+    # each of Wan 2.2 A14B's two experts (T2V: the 14 B text-to-video shape; I2V: 36 input channels, no CLIP tokens)
+    "wan22_t2v_a14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40),
+    "wan22_i2v_a14b": dict(num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=36),
 }
 
 

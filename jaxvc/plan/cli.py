@@ -8,6 +8,12 @@ on a CPU.
 
 Each ``--mesh`` is one layout; all are compiled with the real TPU compiler (libtpu's abstract topology) and
 compared in one table: memory per device against the chip's HBM, FLOPs, collectives, roofline step time and MFU.
+
+    jaxvc plan --sample wan21_i2v_14b --topology v5e:2x4 --mesh fsdp=8 --frames 81 --height 480 --width 832 \
+        --dtype bfloat16 --steps 40
+
+plans sampling instead: one guided denoising step of a Wan DiT in the layout of ``jaxvc generate --mesh``
+(``jaxvc/plan/sampling.py``).
 """
 from __future__ import annotations
 
@@ -26,8 +32,21 @@ SHORT = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS", "all-to
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="FILE.py[:VARIANT]",
-                        help="config file and variant, e.g. configs/videomaker.py:sd15")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--config", metavar="FILE.py[:VARIANT]",
+                      help="plan this config's train step: config file and variant, e.g. configs/videomaker.py:sd15")
+    what.add_argument("--sample", metavar="WAN_VARIANT",
+                      help="plan sampling instead: one guided step (batch 2) of this Wan DiT size in `jaxvc generate "
+                           "--mesh`'s layout: wan21_t2v_1.3b, wan21_t2v_14b, wan21_i2v_14b, wan22_ti2v_5b, "
+                           "wan22_t2v_a14b, wan22_i2v_a14b (one expert; the two take turns)")
+    parser.add_argument("--frames", type=int, default=81, help="--sample: video frames (1 + 4k)")
+    parser.add_argument("--height", type=int, default=480, help="--sample: video height in pixels")
+    parser.add_argument("--width", type=int, default=832, help="--sample: video width in pixels")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="--sample: sampling steps, for the whole loop's roofline time")
+    parser.add_argument("--attention-backend", default="splash", choices=["splash", "xla"],
+                        help="--sample: the DiT's attention (splash: TPU flash attention, as a TPU run samples; "
+                             "xla: the einsum path, whose (heads, tokens, tokens) logits rarely fit at video sizes)")
     parser.add_argument("--topology", required=True,
                         help=f"TPU slice GENERATION:AxB[xC], e.g. v5p:4x4x4, v6e:4x4 ({', '.join(CHIPS)}); "
                              f"or NVIDIA GPU cluster GPU:HOSTSxN, e.g. h100:2x8 ({', '.join(sorted(GPU_TARGETS))}; "
@@ -39,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     batch.add_argument("--batch-per-chip", type=int, default=None, help="global batch = this x chips")
     batch.add_argument("--global-batch", type=int, default=None, help="default: the config's batch_size")
     parser.add_argument("--remat", default=None, help="config.remat_policy: none | full | ... (default: config's)")
-    parser.add_argument("--dtype", default=None, help="config.compute_dtype, e.g. bfloat16 (default: config's)")
+    parser.add_argument("--dtype", default=None,
+                        help="config.compute_dtype, e.g. bfloat16 (default: config's; --sample: bfloat16)")
     parser.add_argument("--hbm-gib", type=float, default=None,
                         help="pretend each device has this much HBM (GiB) in the fit check")
     parser.add_argument("--memory-only", action="store_true",
@@ -92,6 +112,9 @@ def format_table(reports: list[dict]) -> str:
 def run(args) -> int:
     from jaxvc.plan.hardware import slice_devices
     from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout, resolve_mesh
+
+    if args.sample is not None:
+        return run_sampling(args)
 
     try:
         config = load_config(args.config)
@@ -168,5 +191,59 @@ def run(args) -> int:
                   f"(splash attention), which XLA's cost analysis does not count")
     if args.json:
         write_json()
+        print(f"jaxvc plan: wrote {args.json}")
+    return 0
+
+
+def run_sampling(args) -> int:
+    """``jaxvc plan --sample``: each layout's guided denoising step, in the train-step table's columns."""
+    from jaxvc.models.wan import WAN_VARIANTS
+    from jaxvc.plan.gpus import is_gpu_topology
+    from jaxvc.plan.hardware import slice_devices
+    from jaxvc.plan.planner import PlanError, parse_mesh, resolve_mesh
+    from jaxvc.plan.sampling import latent_grid, plan_sampling
+
+    try:
+        if args.sample not in WAN_VARIANTS:
+            raise PlanError(f"--sample {args.sample}: not a Wan size; expected one of {sorted(WAN_VARIANTS)}")
+        latent_grid(args.sample, args.frames, args.height, args.width)
+        if is_gpu_topology(args.topology):
+            raise PlanError(f"--sample plans TPU slices; {args.topology} is a GPU cluster")
+        tpu_slice = slice_devices(args.topology, memory_only=args.memory_only)
+        layouts = [parse_mesh(m) for m in (args.mesh or [])] or [{"fsdp": -1}]
+        for sizes in layouts:
+            resolve_mesh(sizes, tpu_slice)
+    except (TopologyError, PlanError, ValueError) as err:
+        print(f"jaxvc plan: {err}", file=sys.stderr)
+        return 2
+    dtype = args.dtype or "bfloat16"
+    print(f"jaxvc plan: sampling {args.sample} at {args.frames} x {args.height} x {args.width} ({dtype}, "
+          f"{args.attention_backend} attention, guided batch 2, {args.steps} steps) on {tpu_slice.topology}: "
+          f"{tpu_slice.num_chips} {tpu_slice.chip.generation} chips, {tpu_slice.chip.hbm_bytes / GiB:g} GiB HBM each",
+          flush=True)
+    hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
+    reports = []
+    for sizes in layouts:
+        reports.append(plan_sampling(args.sample, tpu_slice, sizes, frames=args.frames, height=args.height,
+                                     width=args.width, dtype=dtype, steps=args.steps, hbm_bytes=hbm,
+                                     attention_backend=args.attention_backend))
+        print(f"  compiled mesh {reports[-1]['mesh_label']} in {reports[-1]['compile_s']:.0f} s", flush=True)
+    first = reports[0]
+    print(f"one denoising step: {first['params'] / 1e9:.2f} B parameters, {first['tokens']} video tokens "
+          f"(latents {' x '.join(map(str, first['latents']))}); memory in GiB per device")
+    print(format_table(reports))
+    for r in reports:
+        if r.get("sampling_s"):
+            print(f"  {r['mesh_label']}: {args.steps} steps ~ {r['sampling_s']:.1f} s by the roofline (the text "
+                  "encoder and the VAE not included)")
+        if (r.get("memory") or {}).get("estimate"):
+            print(f"  {r['mesh_label']}: --memory-only estimate (arguments from their shardings + the temporaries the "
+                  "TPU compiler planned)")
+        if r.get("error"):
+            print(f"  {r['mesh_label']}: the TPU compiler: {r['error']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"sample": args.sample, "topology": tpu_slice.topology, "layouts": reports}, f, indent=2,
+                      default=str)
         print(f"jaxvc plan: wrote {args.json}")
     return 0

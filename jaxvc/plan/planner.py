@@ -185,26 +185,42 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
         try:
             compiled = _compile(trainer, state, batch, report)
         except Exception as err:  # the TPU compiler rejects programs that overflow HBM
-            oom = out_of_memory(err)
-            if oom is None:
-                raise
             report["compile_s"] = time.perf_counter() - start
-            report["compiler_capacity"] = oom.get("capacity")
-            if oom.get("capacity") == MEMORY_ONLY_HBM_BYTES and oom.get("what") == "HLO temporaries":
-                # --memory-only: the compiler stopped at the 1 MiB cap, after planning its temporaries
-                arguments = _sharded_bytes((state, batch))
-                report["memory"] = {"arguments": arguments, "temporaries": oom["total"],
-                                    "total": arguments + oom["total"], "estimate": True}
-                report["fits"] = report["memory"]["total"] <= capacity
-                return report
-            # what the compiler counted (e.g. only the temporaries) is a lower bound of the program's total
-            report["memory"] = {"total": oom.get("total"), "counted": oom.get("what")}
-            report["fits"] = False
-            report["error"] = oom["message"]
+            if not refused_for_memory(report, err, (state, batch), capacity):
+                raise
             return report
         finally:
             trainer.checkpointer.close()
     report["compile_s"] = time.perf_counter() - start
+    report.update(compiled_figures(compiled, tpu_slice, capacity, keep_hlo))
+    step = report["roofline"]["step_s"] if report["roofline"] else 0
+    report["samples_per_s"] = batch_size / step if step > 0 else None
+    return report
+
+
+def refused_for_memory(report: dict, error: Exception, arguments, capacity: int) -> bool:
+    """When ``error`` is the TPU compiler's "out of HBM", record it in ``report`` (with ``--memory-only``'s cap: the
+    estimate, arguments from their shardings + the temporaries it planned) and return True."""
+    oom = out_of_memory(error)
+    if oom is None:
+        return False
+    report["compiler_capacity"] = oom.get("capacity")
+    if oom.get("capacity") == MEMORY_ONLY_HBM_BYTES and oom.get("what") == "HLO temporaries":
+        # --memory-only: the compiler stopped at the 1 MiB cap, after planning its temporaries
+        argument_bytes = _sharded_bytes(arguments)
+        report["memory"] = {"arguments": argument_bytes, "temporaries": oom["total"],
+                            "total": argument_bytes + oom["total"], "estimate": True}
+        report["fits"] = report["memory"]["total"] <= capacity
+        return True
+    # what the compiler counted (e.g. only the temporaries) is a lower bound of the program's total
+    report["memory"] = {"total": oom.get("total"), "counted": oom.get("what")}
+    report["fits"] = False
+    report["error"] = oom["message"]
+    return True
+
+
+def compiled_figures(compiled, tpu_slice: Slice, capacity: int, keep_hlo: bool = False) -> dict:
+    """A compiled program's memory per device and fit, FLOPs, collectives and roofline (the report's fields)."""
     memory = _memory(compiled)
     cost = _cost(compiled)
     text = compiled.as_text()
@@ -213,16 +229,14 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
     counted = cost["flops"] is not None
     # XLA's cost analysis does not see into custom kernels (the splash attention's Mosaic kernels): their FLOPs and
     # HBM traffic are missing from the FLOP columns and the roofline, which then under-estimate the step
-    report["uncounted_kernels"] = text.count("tpu_custom_call")
-    report.update(memory=memory, fits=memory["total"] <= capacity, cost=cost, collectives=comms,
-                  ici_bytes=ici_bytes, flops_per_device=cost["flops"],
-                  flops_total=cost["flops"] * len(tpu_slice.devices) if counted else None,
-                  roofline=roofline(cost["flops"], cost["bytes_accessed"], ici_bytes, tpu_slice) if counted else None)
-    step = report["roofline"]["step_s"] if counted else 0
-    report["samples_per_s"] = batch_size / step if step > 0 else None
+    figures = dict(uncounted_kernels=text.count("tpu_custom_call"), memory=memory, fits=memory["total"] <= capacity,
+                   cost=cost, collectives=comms, ici_bytes=ici_bytes, flops_per_device=cost["flops"],
+                   flops_total=cost["flops"] * len(tpu_slice.devices) if counted else None,
+                   roofline=roofline(cost["flops"], cost["bytes_accessed"], ici_bytes, tpu_slice) if counted
+                   else None)
     if keep_hlo:
-        report["hlo_text"] = text
-    return report
+        figures["hlo_text"] = text
+    return figures
 
 
 def _is_gpu(tpu_slice: Slice) -> bool:
