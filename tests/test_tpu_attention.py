@@ -1,9 +1,10 @@
 """The "splash" backend (jaxvc/models/tpu_attention.py): TPU flash attention through Pallas's splash kernel.
 
 What is proved on a CPU: the kernel (Pallas interpret mode, the same blocked algorithm) computes softmax attention and
-its gradients, causal masks aligned as the einsum path aligns them; lengths the kernel cannot take go through the
-einsum path; under an 8-device mesh it runs in a shard_map split over batch and heads and gives the unsharded
-result. That it compiles for a TPU (Mosaic, sharded, a v5p slice described by libtpu) and writes no score matrix
+its gradients, causal masks aligned as the einsum path aligns them; long odd lengths are padded with the padding
+masked by segment ids (forward and backward); short odd lengths go through the einsum path; under an 8-device mesh
+it runs in a shard_map split over batch and heads, or in the inference layout over the queries (keys gathered), and
+gives the unsharded result. That it compiles for a TPU (Mosaic, sharded, a v5p slice described by libtpu) and writes no score matrix
 out is checked by ``test_splash_compiles_for_a_tpu_slice_without_the_score_matrix`` where libtpu is installed
 (``setup_env.sh --test``), as in CI.
 """
@@ -54,6 +55,26 @@ def test_lengths_the_kernel_cannot_take_go_through_the_einsum_path(queries, keys
     assert splash_takes(256, 512) and splash_takes(8192, 8192)
 
 
+@pytest.mark.parametrize("queries, keys", [(1030, 1030), (1100, 512), (1024, 257)])
+def test_long_odd_lengths_are_padded_and_the_padding_is_masked(queries, keys):
+    """Wan's videos have odd token counts (81 x 480 x 832: 32,760): from PAD_FROM tokens the kernel pads them to its
+    multiple and keeps the padding out of the softmax with segment ids, forward and backward; causal attention of
+    odd length stays on the einsum path."""
+    query, key, value = _qkv(queries, keys, batch=1)
+    assert splash_takes(queries, keys) and not splash_takes(queries, keys, causal=True)
+    attention = lambda q, k, v: dot_product_attention(q, k, v, backend="splash")  # noqa: E731
+    assert "pallas_call" in str(jax.make_jaxpr(attention)(query, key, value))
+    np.testing.assert_allclose(jax.jit(attention)(query, key, value), softmax_attention(query, key, value),
+                               rtol=1e-5, atol=2e-6)
+    cotangent = jax.random.normal(jax.random.key(3), query.shape)
+    grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention(q, k, v) * cotangent), argnums=(0, 1, 2)))(
+        query, key, value)
+    exact = jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, backend="xla") * cotangent),
+                     argnums=(0, 1, 2))(query, key, value)
+    for name, got, want in zip("qkv", grads, exact):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d loss / d {name}")
+
+
 SHARDED = """
 import jax, jax.numpy as jnp, numpy as np
 from jaxvc.models.attention import dot_product_attention
@@ -73,6 +94,18 @@ with activate(make_mesh({"data": 2, "tensor": 4})):
 np.testing.assert_allclose(sharded[0], single[0], rtol=1e-5)
 for got, want in zip(sharded[1], single[1]):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+# the inference layout (jaxvc generate --mesh): batch whole, queries split over sequence x fsdp, keys gathered;
+# 2000 tokens padded to 2048, 256 queries per device
+from jaxvc.parallel.inference import INFERENCE_RULES
+query, key, value = (jax.random.normal(d, (2, 2000, 2, 40)) for d in draws[:3])
+attention = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, backend="splash"))
+single = attention(query, key, value)
+with activate(make_mesh({"fsdp": 4, "sequence": 2}), INFERENCE_RULES):
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: dot_product_attention(q, k, v, backend="splash"))(query, key, value))
+    assert "f32[2,2,256,40]" in jaxpr and "f32[2,2,2048,40]" in jaxpr, "queries not split per device"
+    sharded = attention(query, key, value)
+np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-6)
 print("SHARDED_OK")
 """
 

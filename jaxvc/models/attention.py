@@ -100,7 +100,7 @@ def dot_product_attention(query, key, value, *, backend: str = "xla", causal: bo
         return ring_attention(query, key, value, scale=scale, causal=causal, key_mask=key_mask)
     # Shapes a flash kernel refuses (its length or head-size rules) go through the einsum path instead, and so does
     # the ring backend without a sequence axis that divides both lengths.
-    if ((backend == "splash" and (key_mask is not None or not splash_takes(lq, lk)))
+    if ((backend == "splash" and (key_mask is not None or not splash_takes(lq, lk, causal)))
             or (backend == "cudnn" and not _cudnn_takes(lq, lk, head_dim)) or backend == "ring"):
         return dot_product_attention(query, key, value, backend="xla", causal=causal, scale=scale, key_mask=key_mask)
     if key_mask is not None:

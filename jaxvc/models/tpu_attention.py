@@ -8,14 +8,18 @@ TPU pod run"), too much for a 32 GiB v6e or a 16 GiB v5e. The kernel keeps the s
   The scale goes on the queries (the kernel does not scale).
 * Sharding: Mosaic kernels cannot be partitioned by XLA, so under a mesh (``jaxvc.parallel.mesh.activate``) the
   call runs in a ``shard_map``. Batch and heads are split the way the rule table splits the logical axes "batch" and
-  "heads"; an axis whose size the mesh does not divide stays whole. The sequence is not split, so under a
-  ``sequence`` mesh axis the keys are gathered first.
+  "heads"; an axis whose size the mesh does not divide stays whole. The queries are split as the rule table splits
+  "tokens" (axes batch and heads do not use), the keys and values are gathered whole: each device attends its
+  share of the queries to every key (sequence parallelism; the inference layout's ``sequence`` x ``fsdp``).
 * Platform: the kernel is compiled by Mosaic for a TPU, including an abstract one (``jaxvc plan`` on a CPU host
   compiles it for the slice's chips). Anywhere else it runs in Pallas's interpret mode, which computes the same
   blocked algorithm with ordinary ops: slow, and there only to check it (tests).
-* What it takes (``splash_takes``): query and key lengths that are multiples of 128, the kernel's lane width.
-  Others go through the einsum path: the cross-attention to CLIP's 77 tokens, the motion modules' 16-32 frames,
-  and the 4x4 deepest level of a 256 px UNet (16 tokens + 16 reference tokens).
+* What it takes (``splash_takes``): query and key lengths that are multiples of 128, the kernel's lane width, or
+  (without a causal mask) any lengths once one of them reaches ``PAD_FROM``: those are padded to the kernel's
+  multiple and the padding is kept out of the softmax by segment ids (Wan's 81 x 480 x 832 video is 32,760 tokens;
+  its score matrix on the einsum path is what keeps a 14 B DiT off 16 GiB chips). Short odd lengths go through the
+  einsum path, where padding would cost more than it saves: the cross-attention to CLIP's 77 tokens, the motion
+  modules' 16-32 frames, and the 4x4 deepest level of a 256 px UNet (16 tokens + 16 reference tokens).
 """
 from __future__ import annotations
 
@@ -30,11 +34,14 @@ from jax.sharding import PartitionSpec
 
 LANES = 128  # the kernel's block sizes are multiples of this
 MAX_BLOCK = 512
+PAD_FROM = 1024  # a length at least this long is padded to the kernel's multiple (at most 1/8 more work)
 
 
-def splash_takes(query_length: int, key_length: int) -> bool:
+def splash_takes(query_length: int, key_length: int, causal: bool = False) -> bool:
     """Whether the ``splash`` backend runs this attention on the kernel (else the einsum path)."""
-    return query_length % LANES == 0 and key_length % LANES == 0
+    if query_length % LANES == 0 and key_length % LANES == 0:
+        return True
+    return not causal and max(query_length, key_length) >= PAD_FROM
 
 
 def _block(length: int) -> int:
@@ -83,10 +90,15 @@ def _kernel(heads: int, query_length: int, key_length: int, causal: bool, interp
                                   q_seq_shards=1, interpret=interpret)
 
 
-def _local_attention(query, key, value, *, causal: bool, interpret: bool):
-    """One device's share: (b, Lq, h, D) x (b, Lk, h, D) -> (b, Lq, h, D), scale already on the queries."""
+def _local_attention(query, key, value, query_segments=None, key_segments=None, *, causal: bool, interpret: bool):
+    """One device's share: (b, Lq, h, D) x (b, Lk, h, D) -> (b, Lq, h, D), scale already on the queries; segment
+    ids (Lq,), (Lk,) keep padding out of the real tokens' softmax."""
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
     heads_first = lambda t: jnp.transpose(t, (0, 2, 1, 3))  # (b, L, h, D) <-> (b, h, L, D)
     kernel = _kernel(query.shape[2], query.shape[1], key.shape[1], causal, interpret)
+    if query_segments is not None:
+        kernel = functools.partial(kernel, segment_ids=SegmentIds(query_segments, key_segments))
     return heads_first(jax.vmap(kernel)(heads_first(query), heads_first(key), heads_first(value)))
 
 
@@ -103,18 +115,47 @@ def batch_heads_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
     return PartitionSpec(*parts)
 
 
+def query_token_axes(spec: PartitionSpec, mesh) -> tuple[str, ...]:
+    """The mesh axes the rule table gives the logical "tokens", less those ``spec`` (batch, heads) already uses."""
+    used = {name for part in spec if part for name in ((part,) if isinstance(part, str) else part)}
+    axes = nn.logical_to_mesh_axes(("tokens",))[0]
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(name for name in names if name in mesh.shape and mesh.shape[name] > 1 and name not in used)
+
+
 def splash_attention(query, key, value, *, scale: float, causal: bool = False):
     """Flash attention on the TPU kernel. query (B, Lq, H, D), key/value (B, Lk, H, D) -> (B, Lq, H, D); the lengths
     must satisfy ``splash_takes``."""
-    if not splash_takes(query.shape[1], key.shape[1]):
-        raise ValueError(f"splash attention: lengths {query.shape[1]} x {key.shape[1]} are not multiples of {LANES}")
+    lq, lk = query.shape[1], key.shape[1]
+    if not splash_takes(lq, lk, causal):
+        raise ValueError(f"splash attention: lengths {lq} x {lk} are not multiples of {LANES}"
+                         + (" (a causal mask is not padded)" if causal else f" and both are under {PAD_FROM}"))
     query = (query.astype(jnp.float32) * scale).astype(query.dtype)
     local = functools.partial(_local_attention, causal=causal, interpret=target_platform() != "tpu")
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
-        return local(query, key, value)
-    query_spec, key_spec = batch_heads_spec(query.shape, mesh), batch_heads_spec(key.shape, mesh)
-    # query and key/value must be split alike: keep an axis split only where both shapes allow it
-    spec = PartitionSpec(*(q if q == k else None for q, k in zip(query_spec, key_spec)))
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(
-        query, key, value)
+    sharded = not (mesh.empty or mesh.size == 1)
+    spec = PartitionSpec(None, None, None, None)
+    token_axes: tuple[str, ...] = ()
+    if sharded:
+        query_spec, key_spec = batch_heads_spec(query.shape, mesh), batch_heads_spec(key.shape, mesh)
+        # query and key/value must be split alike: keep an axis split only where both shapes allow it
+        spec = PartitionSpec(*(q if q == k else None for q, k in zip(query_spec, key_spec)))
+        token_axes = query_token_axes(spec, mesh)
+    # pad to the kernel's multiple: (B, L, H, D) -> (B, L + pad, H, D)
+    pad_q, pad_k = -lq % LANES, -lk % LANES
+    shards = int(np.prod([mesh.shape[name] for name in token_axes])) if token_axes else 1
+    if (lq + pad_q) % (LANES * shards):  # no share of whole kernel blocks for every device: keep the queries whole
+        token_axes = ()
+    padded = lambda t, pad: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else t  # noqa: E731
+    query, key, value = padded(query, pad_q), padded(key, pad_k), padded(value, pad_k)
+    segments = ()
+    if pad_q or pad_k:  # real tokens are segment 0; padded keys 1, padded queries 1 when there are padded keys
+        segments = (jnp.where(jnp.arange(lq + pad_q) < lq, 0, 1 if pad_k else 0).astype(jnp.int32),
+                    (jnp.arange(lk + pad_k) >= lk).astype(jnp.int32))
+    if not sharded:
+        return local(query, key, value, *segments)[:, :lq]
+    query_spec = PartitionSpec(spec[0], token_axes or None, spec[2], None)
+    segment_specs = (PartitionSpec(token_axes or None), PartitionSpec(None)) if segments else ()
+    out = jax.shard_map(local, mesh=mesh, in_specs=(query_spec, spec, spec, *segment_specs), out_specs=query_spec,
+                        check_vma=False)(query, key, value, *segments)
+    return out[:, :lq]
