@@ -90,16 +90,24 @@ def _kernel(heads: int, query_length: int, key_length: int, causal: bool, interp
                                   q_seq_shards=1, interpret=interpret)
 
 
-def _local_attention(query, key, value, query_segments=None, key_segments=None, *, causal: bool, interpret: bool):
-    """One device's share: (b, Lq, h, D) x (b, Lk, h, D) -> (b, Lq, h, D), scale already on the queries; segment
-    ids (Lq,), (Lk,) keep padding out of the real tokens' softmax."""
+def _local_attention(query, key, value, *, causal: bool, interpret: bool):
+    """One device's share: (b, Lq, h, D) x (b, Lk, h, D) -> (b, Lq, h, D), scale already on the queries. Lengths that
+    are not multiples of LANES are padded here, on the device (padding a sharded axis outside would gather it), and
+    segment ids keep the padding out of the real tokens' softmax: real tokens are segment 0, padded keys 1, padded
+    queries 1 when there are padded keys (a query row needs one key of its segment)."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
+    lq, lk = query.shape[1], key.shape[1]
+    pad_q, pad_k = -lq % LANES, -lk % LANES
+    padded = lambda t, pad: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else t  # noqa: E731
+    query, key, value = padded(query, pad_q), padded(key, pad_k), padded(value, pad_k)  # (b, L + pad, h, D)
     heads_first = lambda t: jnp.transpose(t, (0, 2, 1, 3))  # (b, L, h, D) <-> (b, h, L, D)
     kernel = _kernel(query.shape[2], query.shape[1], key.shape[1], causal, interpret)
-    if query_segments is not None:
-        kernel = functools.partial(kernel, segment_ids=SegmentIds(query_segments, key_segments))
-    return heads_first(jax.vmap(kernel)(heads_first(query), heads_first(key), heads_first(value)))
+    if pad_q or pad_k:
+        segments = SegmentIds(jnp.where(jnp.arange(lq + pad_q) < lq, 0, 1 if pad_k else 0).astype(jnp.int32),
+                              (jnp.arange(lk + pad_k) >= lk).astype(jnp.int32))
+        kernel = functools.partial(kernel, segment_ids=segments)
+    return heads_first(jax.vmap(kernel)(heads_first(query), heads_first(key), heads_first(value)))[:, :lq]
 
 
 def batch_heads_spec(shape: tuple[int, ...], mesh) -> PartitionSpec:
@@ -133,29 +141,17 @@ def splash_attention(query, key, value, *, scale: float, causal: bool = False):
     query = (query.astype(jnp.float32) * scale).astype(query.dtype)
     local = functools.partial(_local_attention, causal=causal, interpret=target_platform() != "tpu")
     mesh = jax.sharding.get_abstract_mesh()
-    sharded = not (mesh.empty or mesh.size == 1)
-    spec = PartitionSpec(None, None, None, None)
-    token_axes: tuple[str, ...] = ()
-    if sharded:
-        query_spec, key_spec = batch_heads_spec(query.shape, mesh), batch_heads_spec(key.shape, mesh)
-        # query and key/value must be split alike: keep an axis split only where both shapes allow it
-        spec = PartitionSpec(*(q if q == k else None for q, k in zip(query_spec, key_spec)))
-        token_axes = query_token_axes(spec, mesh)
-    # pad to the kernel's multiple: (B, L, H, D) -> (B, L + pad, H, D)
-    pad_q, pad_k = -lq % LANES, -lk % LANES
+    if mesh.empty or mesh.size == 1:
+        return local(query, key, value)
+    query_spec, key_spec = batch_heads_spec(query.shape, mesh), batch_heads_spec(key.shape, mesh)
+    # query and key/value must be split alike: keep an axis split only where both shapes allow it
+    spec = PartitionSpec(*(q if q == k else None for q, k in zip(query_spec, key_spec)))
+    # the queries also over the token axes (keys and values whole), where every device gets an equal share and no
+    # causal mask would need each share's offset
+    token_axes = () if causal else query_token_axes(spec, mesh)
     shards = int(np.prod([mesh.shape[name] for name in token_axes])) if token_axes else 1
-    if (lq + pad_q) % (LANES * shards):  # no share of whole kernel blocks for every device: keep the queries whole
+    if lq % shards or lq // shards < LANES:
         token_axes = ()
-    padded = lambda t, pad: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else t  # noqa: E731
-    query, key, value = padded(query, pad_q), padded(key, pad_k), padded(value, pad_k)
-    segments = ()
-    if pad_q or pad_k:  # real tokens are segment 0; padded keys 1, padded queries 1 when there are padded keys
-        segments = (jnp.where(jnp.arange(lq + pad_q) < lq, 0, 1 if pad_k else 0).astype(jnp.int32),
-                    (jnp.arange(lk + pad_k) >= lk).astype(jnp.int32))
-    if not sharded:
-        return local(query, key, value, *segments)[:, :lq]
     query_spec = PartitionSpec(spec[0], token_axes or None, spec[2], None)
-    segment_specs = (PartitionSpec(token_axes or None), PartitionSpec(None)) if segments else ()
-    out = jax.shard_map(local, mesh=mesh, in_specs=(query_spec, spec, spec, *segment_specs), out_specs=query_spec,
-                        check_vma=False)(query, key, value, *segments)
-    return out[:, :lq]
+    return jax.shard_map(local, mesh=mesh, in_specs=(query_spec, spec, spec), out_specs=query_spec,
+                         check_vma=False)(query, key, value)
