@@ -1,0 +1,36 @@
+import re, collections
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+from jaxvc.plan.hardware import slice_devices
+from jaxvc.plan import sampling
+from jaxvc.plan.planner import compiled_figures
+tpu = slice_devices("v5e:2x4")
+# reuse plan_sampling's pieces by monkeypatching compiled_figures to keep the HLO text
+texts = []
+orig = sampling.compiled_figures
+def keep(compiled, tpu_slice, capacity, keep_hlo=False):
+    texts.append(compiled.as_text())
+    return orig(compiled, tpu_slice, capacity)
+sampling.compiled_figures = keep
+r = sampling.plan_sampling("wan21_i2v_14b", tpu, {"fsdp": 8}, frames=81, height=480, width=832,
+                           attention_backend="splash")
+text = texts[0]
+sizes = collections.Counter(); counts = collections.Counter()
+for line in text.splitlines():
+    m = re.search(r"= (\w+)\[([\d,]*)\][^ ]* all-gather(-start)?\(", line)
+    if not m:
+        continue
+    dtype, dims = m.group(1), m.group(2)
+    n = 1
+    for d in dims.split(","):
+        if d: n *= int(d)
+    nbytes = n * {"bf16": 2, "f32": 4, "s32": 4}.get(dtype, 2)
+    op = re.search(r'op_name="([^"]+)"', line)
+    name = op.group(1) if op else "?"
+    name = re.sub(r"blocks_\d+", "blocks_N", name)
+    key = (dtype + "[" + dims + "]", name[-110:])
+    sizes[key] += nbytes; counts[key] += 1
+total = sum(sizes.values())
+print("all-gather GiB", total / 2**30)
+for key, b in sizes.most_common(25):
+    print(f"{b / 2**30:8.2f} GiB {counts[key]:4d}x {key[0]:>28} {key[1]}")
