@@ -1,9 +1,12 @@
-import re, collections
-import jax, jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
-from jaxvc.plan.hardware import slice_devices
+"""Which all-gathers the Wan 2.1 I2V 14B sampling step's TPU program holds (v5e:2x4, fsdp=8, 81 x 480 x 832, splash),
+summed by result shape and op name: `.venv/bin/python bench_results/tpu-plan-2026-12-06-sampling/allgather_breakdown.py`
+(about 2-3 minutes on a 2-core VM; output in allgather_breakdown.txt)."""
+import collections
+import re
+
 from jaxvc.plan import sampling
-from jaxvc.plan.planner import compiled_figures
+from jaxvc.plan.hardware import slice_devices
+
 tpu = slice_devices("v5e:2x4")
 # reuse plan_sampling's pieces by monkeypatching compiled_figures to keep the HLO text
 texts = []
