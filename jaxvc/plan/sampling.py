@@ -17,6 +17,7 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxvc.parallel.inference import INFERENCE_RULES
@@ -50,6 +51,8 @@ def plan_sampling(variant: str, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
     ``frames`` x ``height`` x ``width`` compiled for ``tpu_slice`` on this mesh; the report dict
     (``planner.plan_layout``'s fields, plus ``tokens`` and the roofline time of ``steps`` steps, ``sampling_s``)."""
     from jaxvc.models.wan import WanTransformer3D, abstract_wan_params, wan_config
+    from jaxvc.train.checkpoint import abstract_with_shardings
+    from jaxvc.train.state import count_params
 
     config = wan_config(variant, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
                         attention_backend=attention_backend, **config_overrides)
@@ -65,13 +68,9 @@ def plan_sampling(variant: str, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
               "video": [frames, height, width], "latents": list(grid), "tokens": tokens, "steps": steps,
               "compute_dtype": dtype, "hbm_capacity": capacity}
 
-    abstract = abstract_wan_params(config)["params"]
-    report["params"] = sum(leaf.value.size for leaf in jax.tree.leaves(
-        abstract, is_leaf=lambda x: hasattr(x, "names")))
-    shardings = param_shardings(abstract, mesh, INFERENCE_RULES)
-    params = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.value.shape, leaf.value.dtype,
-                                                                      sharding=sharding),
-                          abstract, shardings, is_leaf=lambda x: hasattr(x, "names"))
+    abstract = abstract_wan_params(config)["params"]  # boxed: the logical names place each parameter
+    report["params"] = count_params(nn.unbox(abstract))
+    params = abstract_with_shardings(nn.unbox(abstract), param_shardings(abstract, mesh, INFERENCE_RULES))
     whole = NamedSharding(mesh, PartitionSpec())
     inputs = [jax.ShapeDtypeStruct((GUIDED_BATCH, *grid, config.in_channels), jnp.float32, sharding=whole),
               jax.ShapeDtypeStruct((GUIDED_BATCH,), jnp.float32, sharding=whole),
