@@ -1,7 +1,6 @@
 """`jaxvc convert` round trip: a tiny diffusers AnimateDiff pipeline folder -> Orbax checkpoint -> identical outputs."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ calls the train step and sampling would run, and the H200 failure of 2026-12-04 
 import json
 import re
 
-import jax
 import jax.numpy as jnp
 import pytest
 from flax import traverse_util

@@ -132,15 +132,20 @@ def test_collective_parser_reads_each_spelling():
         "  %rs = f32[128]{0} reduce-scatter(%e), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, "
         "dimensions={0}, to_apply=%add",
         "  %cp = f32[64]{0} collective-permute(%f), source_target_pairs={{0,1},{1,0}}",
+        # one all-gather the TPU compiler split into a chain of fusions: copies of it share its channel
+        "  %chain_start = bf16[4,16]{1,0} all-gather(%param_0.1), channel_id=7, replica_groups=mesh['axis_0'=8] "
+        "{'axis_0'}, dimensions={0}",
+        "  %chain_done = bf16[4,16]{1,0} all-gather(%param_0.2), channel_id=7, replica_groups=mesh['axis_0'=8] "
+        "{'axis_0'}, dimensions={0}",
         "  ROOT %t = tuple(%ar)",
     ])
     stats = collectives(hlo, num_devices=8)
     ar, ag, rs, cp = (stats[k] for k in ("all-reduce", "all-gather", "reduce-scatter", "collective-permute"))
     assert (ar["count"], ar["bytes"]) == (1, 256 * 4 + 4)
     assert ar["ici_bytes"] == pytest.approx(2 * 3 / 4 * (256 * 4 + 4))  # groups of 4
-    assert ag["count"] == 2  # the sync one and the async start; the done is not counted again
-    assert ag["bytes"] == pytest.approx(8 * 1024 * 2 + 16 * 16 * 2)
-    assert ag["ici_bytes"] == pytest.approx(1 / 2 * 8 * 1024 * 2 + 7 / 8 * 16 * 16 * 2)
+    assert ag["count"] == 3  # the sync one, the async start and the chain; a done or a copy is not counted again
+    assert ag["bytes"] == pytest.approx(8 * 1024 * 2 + 16 * 16 * 2 + 4 * 16 * 2)
+    assert ag["ici_bytes"] == pytest.approx(1 / 2 * 8 * 1024 * 2 + 7 / 8 * 16 * 16 * 2 + 7 / 8 * 4 * 16 * 2)
     assert (rs["count"], rs["bytes"], rs["ici_bytes"]) == (1, 512, 3 * 512)  # over axis_1 (4 devices)
     assert (cp["count"], cp["bytes"], cp["ici_bytes"]) == (1, 256, 256)
     assert stats["all-to-all"]["count"] == 0

@@ -16,7 +16,6 @@ diffusers = pytest.importorskip("diffusers")
 import flax  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import linen as nn  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from jaxvc.convert.state_dict import WeightFileError  # noqa: E402

@@ -43,6 +43,7 @@ from jaxvc.models.layers import Conv, Dense, LayerNorm, RMSNorm, constrain, gelu
 from jaxvc.train.compute import remat, remat_policy
 
 TOKEN_AXES = ("batch", "tokens", "channels")
+HEAD_AXES = ("batch", "tokens", "heads", None)  # (B, L, H, Dh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +176,10 @@ class WanAttention(nn.Module):
         query, key, value = split(query), split(key), split(value)
         if rotary is not None:
             query, key = apply_interleaved_rotary(query, *rotary), apply_interleaved_rotary(key, *rotary)
+            # Pinned where the projections left them (video tokens sharded): otherwise GSPMD gathers the keys'
+            # tokens for attention before the rotation, once per use of each half of a channel pair (4 gathers of
+            # the keys per layer on a sequence-sharded mesh, where the rotated keys need one).
+            query, key, value = (constrain(t, HEAD_AXES) for t in (query, key, value))
         out = dot_product_attention(query, key, value, backend=self.backend, key_mask=key_mask)
         if image_context is not None:
             image_key = Dense(inner, axes=("embed", "heads"), name="add_k_proj", **kw)(image_context)

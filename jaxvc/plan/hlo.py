@@ -11,7 +11,10 @@ algorithms (n = devices in the replica group, B = result bytes):
     collective-permute  B
 
 Counts are static: a collective inside a loop body (e.g. the gradient-accumulation scan) is counted once.
-Async pairs count once, at their ``-start``; ``-done`` is skipped.
+Async pairs count once, at their ``-start``; ``-done`` is skipped. The TPU compiler runs a large collective as a
+chain of fusions (an async collective start, continuations that overlap other work, a done), each holding a copy of
+the collective instruction with the full result shape and the same ``channel_id``: a channel counts once (counting
+the copies read the all-gathers of Wan 14B's sampling step as 648 of 125 GiB; they are 203 of 50 GiB).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ _IOTA_GROUPS = re.compile(r"replica_groups=\[(\d+),(\d+)\]<=")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*(?:\{([^}]*)\})?")  # mesh['a'=2,'b'=4] {'b'}
 _PAIRS = re.compile(r"source_target_pairs=\{(.*?)\}\}")
+_CHANNEL = re.compile(r"\bchannel_id=(\d+)")
 
 
 def _arrays_bytes(shape_text: str) -> list[float]:
@@ -79,11 +83,17 @@ def _traffic(kind: str, result_bytes: float, n: int) -> float:
 def collectives(hlo_text: str, num_devices: int) -> dict[str, dict[str, float]]:
     """``{kind: {"count", "bytes", "ici_bytes"}}`` for every kind in ``KINDS`` (zeros when absent)."""
     stats = {kind: {"count": 0, "bytes": 0.0, "ici_bytes": 0.0} for kind in KINDS}
+    channels_seen = set()
     for line in hlo_text.splitlines():
         match = _INSTRUCTION.match(line)
         if not match:
             continue
         kind, is_start = match.group("op"), bool(match.group("start"))
+        channel = _CHANNEL.search(line)
+        if channel is not None:  # the pieces of one chain share it (module docstring)
+            if (kind, channel.group(1)) in channels_seen:
+                continue
+            channels_seen.add((kind, channel.group(1)))
         arrays = _arrays_bytes(match.group("shape"))
         if kind == "collective-permute":
             n = 2

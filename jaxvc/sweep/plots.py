@@ -9,7 +9,6 @@ Every file is always written; a panel the grid cannot fill says so in its middle
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
