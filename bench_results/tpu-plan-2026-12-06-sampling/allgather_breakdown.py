@@ -4,7 +4,7 @@ summed by result shape and op name: `.venv/bin/python bench_results/tpu-plan-202
 import collections
 import re
 
-from jaxvc.plan import sampling
+from jaxvc.plan import hlo, sampling
 from jaxvc.plan.hardware import slice_devices
 
 tpu = slice_devices("v5e:2x4")
@@ -18,20 +18,24 @@ sampling.compiled_figures = keep
 r = sampling.plan_sampling("wan21_i2v_14b", tpu, {"fsdp": 8}, frames=81, height=480, width=832,
                            attention_backend="splash")
 text = texts[0]
-sizes = collections.Counter(); counts = collections.Counter()
+# the planner's own reading of an instruction (jaxvc/plan/hlo.py): a channel counts once, as the TPU compiler copies
+# a large collective into each fusion of its chain (start, continuations, done)
+sizes = collections.Counter(); counts = collections.Counter(); channels = set()
 for line in text.splitlines():
-    m = re.search(r"= (\w+)\[([\d,]*)\][^ ]* all-gather(-start)?\(", line)
-    if not m:
+    match = hlo._INSTRUCTION.match(line)
+    if not match or match.group("op") != "all-gather":
         continue
-    dtype, dims = m.group(1), m.group(2)
-    n = 1
-    for d in dims.split(","):
-        if d: n *= int(d)
-    nbytes = n * {"bf16": 2, "f32": 4, "s32": 4}.get(dtype, 2)
+    channel = hlo._CHANNEL.search(line)
+    if channel is not None:
+        if channel.group(1) in channels:
+            continue
+        channels.add(channel.group(1))
+    arrays = hlo._arrays_bytes(match.group("shape"))
+    nbytes = arrays[-1]  # the gathered result (an async start's tuple ends with it)
     op = re.search(r'op_name="([^"]+)"', line)
-    name = op.group(1) if op else "?"
-    name = re.sub(r"blocks_\d+", "blocks_N", name)
-    key = (dtype + "[" + dims + "]", name[-110:])
+    name = re.sub(r"blocks_\d+", "blocks_N", op.group(1) if op else "?")
+    shape = re.search(r"\w+\[[\d,]*\]", match.group("shape")).group(0)
+    key = (shape, name[-110:])
     sizes[key] += nbytes; counts[key] += 1
 total = sum(sizes.values())
 print("all-gather GiB", total / 2**30)

@@ -176,9 +176,9 @@ class WanAttention(nn.Module):
         query, key, value = split(query), split(key), split(value)
         if rotary is not None:
             query, key = apply_interleaved_rotary(query, *rotary), apply_interleaved_rotary(key, *rotary)
-            # Pinned where the projections left them (video tokens sharded): otherwise GSPMD gathers the keys'
-            # tokens for attention before the rotation, once per use of each half of a channel pair (4 gathers of
-            # the keys per layer on a sequence-sharded mesh, where the rotated keys need one).
+            # Pinned where the projections left them (video tokens sharded): otherwise GSPMD gathers the keys
+            # before the rotation and every device rotates the whole key sequence in float32 (same gathers; the
+            # Wan 14B sampling plan's roofline 1.94 -> 1.67 s per step on v5e:2x4, fsdp=8).
             query, key, value = (constrain(t, HEAD_AXES) for t in (query, key, value))
         out = dot_product_attention(query, key, value, backend=self.backend, key_mask=key_mask)
         if image_context is not None:
