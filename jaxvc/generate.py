@@ -94,9 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention implementation (cudnn: flash attention on NVIDIA GPUs; splash: flash "
                              "attention on TPUs)")
     parser.add_argument("--mesh", default=None, metavar="AXES",
-                        help="sample on a mesh of this machine's devices, e.g. fsdp=8 or fsdp=4,sequence=2 (Wan "
-                             "folders, S2V runs): parameters sharded by the rule table, the video's tokens over "
-                             "sequence x fsdp (jaxvc/parallel/inference.py); default: one device")
+                        help="sample on a mesh of this machine's devices (jaxvc/parallel/inference.py); default: one "
+                             "device. Wan folders and S2V runs: e.g. fsdp=8 or fsdp=4,sequence=2, parameters sharded "
+                             "by the rule table, the video's tokens over sequence x fsdp. UNet models (AnimateDiff "
+                             "folders, VideoMaker/Still-Moving/MicroCinema/CustomCrafter runs): data=N, the weights "
+                             "on every device and each batch of --prompts videos split over them")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="with --prompts, UNet models: videos per sampling program (each from its own seed: the "
+                             "same videos as one at a time; the last batch is padded); default: the mesh's data "
+                             "size, 1 without --mesh")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
@@ -117,6 +123,11 @@ def run(args) -> int:
         except PromptSetError as error:
             print(f"jaxvc generate: {error}", file=sys.stderr)
             return 2
+    if args.batch_size is not None and (args.batch_size < 1 or (args.batch_size > 1 and items is None)):
+        # refused before the model loads
+        print(f"jaxvc generate: --batch-size {args.batch_size}: " + ("expected 1 or more" if args.batch_size < 1 else
+              "batches are for sets of videos (--prompts)"), file=sys.stderr)
+        return 2
     start = time.perf_counter()
     pipe = CustomVideoPipeline.from_pretrained(args.model, motion_adapter=args.motion_adapter,
                                                allow_pickle=args.allow_pickle, dtype=args.dtype,
@@ -144,15 +155,15 @@ def run(args) -> int:
         path, scale = parse_lora_argument(spec)
         pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle, into="transformer_2")
     if args.mesh is not None:
-        if not hasattr(pipe, "shard"):
-            print(f"jaxvc generate: --mesh is for the DiT pipelines (Wan folders, S2V runs); {args.model} samples "
-                  "on one device", file=sys.stderr)
-            return 2
         try:
             pipe.shard(args.mesh)
         except ValueError as error:
             print(f"jaxvc generate: --mesh {args.mesh}: {error}", file=sys.stderr)
             return 2
+    error = batch_size_error(pipe, args, items)
+    if error:
+        print(f"jaxvc generate: {error}", file=sys.stderr)
+        return 2
     references = [args.reference] if items is None else [item.reference or args.reference for item in items]
     if pipe.takes_reference and None in references:
         where = "" if items is None else f" (item '{items[references.index(None)].name}' of {args.prompts} has none)"
@@ -204,6 +215,22 @@ def sampling_options(args) -> dict:
                 **args.model_options)
 
 
+def batch_size_error(pipe, args, items) -> str | None:
+    """Set ``args.batch_size`` (default: the data-parallel mesh's size, else 1); what is wrong with it, if anything."""
+    batched = getattr(pipe, "samples_batches", False)  # the UNet pipeline; the DiT ones sample one video per loop
+    data = pipe.mesh.shape["data"] if batched and pipe.mesh is not None else 1
+    if args.batch_size is None:
+        args.batch_size = data
+    if args.batch_size > 1 and not batched:
+        return f"--batch-size is for the UNet models; {args.model} samples one video per program"
+    if args.batch_size > 1 and items is None:
+        return "--batch-size is for sets of videos (--prompts)" + (f"; --mesh {args.mesh} splits a batch of videos "
+                                                                  "over the devices" if data > 1 else "")
+    if args.batch_size % data:
+        return f"--batch-size {args.batch_size} is not a multiple of the mesh's data axis ({data})"
+    return None
+
+
 def parse_lora_argument(spec: str) -> tuple[str, float]:
     """``FILE`` or ``FILE:SCALE`` -> (FILE, SCALE)."""
     path, _, scale = spec.rpartition(":")
@@ -217,41 +244,57 @@ def parse_lora_argument(spec: str) -> tuple[str, float]:
 
 def generate_set(pipe, items, args, load_seconds: float) -> int:
     """Every item of a prompt set into ``args.out``: videos, records and ``manifest.jsonl`` (started anew by each
-    run and a line appended after each video, so that it lists what exists if the run stops). Items whose record
-    exists are kept unless ``--overwrite``. An unreadable reference image stops the run (the images are the user's
-    own inputs)."""
+    run; after each batch, the lines of the items done so far in the set's order, so that it lists what exists if
+    the run stops). Items whose record exists are kept unless ``--overwrite``; the others are sampled
+    ``args.batch_size`` at a time (the last batch padded with copies of its last item, so that one compiled program
+    serves the whole set). An unreadable reference image stops the run (the images are the user's own inputs)."""
     from tqdm.auto import tqdm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest, made, kept, seconds = out / "manifest.jsonl", 0, 0, 0.0
-    with open(manifest, "w") as lines:
-        for item in tqdm(items, desc="generating", unit="video"):
-            made_now, spent = _generate_item(pipe, item, args, out)
-            made, kept, seconds = made + made_now, kept + (not made_now), seconds + spent
-            # the record as one line (written whole by write_record, so a kept one is never half a record)
-            lines.write(json.dumps(json.loads((out / f"{item.name}.json").read_text())) + "\n")
+    todo = [item for item in items if args.overwrite or not (out / f"{item.name}.json").is_file()]
+    batches = [todo[start:start + args.batch_size] for start in range(0, len(todo), args.batch_size)]
+    manifest, seconds, listed = out / "manifest.jsonl", 0.0, 0
+    finished = {item.name for item in items} - {item.name for item in todo}  # kept: their records exist
+    with open(manifest, "w") as lines, tqdm(total=len(todo), desc="generating", unit="video") as bar:
+        for batch in [[]] + batches:  # the empty batch lists the kept items before the first new one
+            began = time.perf_counter()
+            if batch:
+                _generate_batch(pipe, batch, args, out)
+            seconds += time.perf_counter() - began
+            bar.update(len(batch))
+            finished.update(item.name for item in batch)
+            while listed < len(items) and items[listed].name in finished:
+                # the record as one line (written whole by write_record, so a kept one is never half a record)
+                lines.write(json.dumps(json.loads((out / f"{items[listed].name}.json").read_text())) + "\n")
+                listed += 1
             lines.flush()
+    made, kept = len(todo), len(items) - len(todo)
     rate = f", {seconds / made:.1f}s per video" if made else ""
-    print(f"loaded in {load_seconds:.1f}s; generated {made} videos{rate}, kept {kept} already in {out}")
+    print(f"loaded in {load_seconds:.1f}s; generated {made} videos{rate} ({args.batch_size} per batch), kept {kept} "
+          f"already in {out}")
     print(f"  manifest: {manifest}")
     return 0
 
 
-def _generate_item(pipe, item, args, out: Path) -> tuple[bool, float]:
-    """One item of a set: (whether it was generated, seconds); an item whose record exists is kept unless
-    ``--overwrite``."""
-    if (out / f"{item.name}.json").is_file() and not args.overwrite:
-        return False, 0.0
-    began = time.perf_counter()
-    reference = item.reference or args.reference
-    negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
-    frames = pipe(reference, item.prompt, negative_prompt=negative, seed=item.seed, progress=False,
-                  **sampling_options(args))
-    files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
-    write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
-                 getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
-    return True, time.perf_counter() - began
+def _generate_batch(pipe, batch, args, out: Path) -> None:
+    """Some items of a set, sampled together (one at a time on a pipeline without batches), saved with records."""
+    references = [item.reference or args.reference for item in batch]
+    negatives = [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch]
+    if args.batch_size == 1:
+        videos = [pipe(references[0], batch[0].prompt, negative_prompt=negatives[0], seed=batch[0].seed,
+                       progress=False, **sampling_options(args))]
+    else:
+        padding = args.batch_size - len(batch)  # copies of the last item, dropped after sampling
+        videos = pipe.generate_videos(
+            None if not pipe.takes_reference else references + references[-1:] * padding,
+            [item.prompt for item in batch] + [batch[-1].prompt] * padding,
+            negative_prompts=negatives + negatives[-1:] * padding,
+            seeds=[item.seed for item in batch] + [batch[-1].seed] * padding, **sampling_options(args))
+    for item, reference, negative, frames in zip(batch, references, negatives, videos):
+        files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
+        write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
+                     getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
 
 
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, UnidentifiedImageError
 
 from jaxvc import compile_options, media
@@ -36,6 +37,7 @@ from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.tokenizer import CLIPTokenizer, load_tokenizer
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_video
+from jaxvc.parallel.inference import DATA_PARALLEL_RULES, MeshPlacement, inference_mesh
 
 # VideoMaker's inference scheduler settings (authors' code), applied over the checkpoint's scheduler config.
 VIDEOMAKER_SCHEDULER = {"timestep_spacing": "linspace", "steps_offset": 1, "clip_sample": False}
@@ -83,10 +85,12 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
     return cropped / 127.5 - 1.0
 
 
-class CustomVideoPipeline:
+class CustomVideoPipeline(MeshPlacement):
     """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model, optionally on
-    ``pixel_patch`` x ``pixel_patch`` blocks folded into channels)."""
+    ``pixel_patch`` x ``pixel_patch`` blocks folded into channels). ``shard("data=8")`` samples batches of videos
+    data-parallel (``jaxvc/parallel/inference.py``)."""
     default_video = (16, 512, 512)  # (frames, height, width): ``jaxvc generate``'s defaults, AnimateDiff's size
+    samples_batches = True  # ``generate`` takes a list of prompts: B videos in one sampling loop
 
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
                  tokenizer: CLIPTokenizer, vae_config: VAEConfig | None = None, vae_params=None,
@@ -292,14 +296,26 @@ class CustomVideoPipeline:
             return np.asarray(out[0])
         return media.to_uint8(np.clip(np.asarray(out[0]), -1.0, 1.0))
 
-    def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
+    def generate(self, reference, prompt, *, negative_prompt="", guidance_scale: float = 8.0,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
-                 num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
+                 num_inference_steps: int = 30, seed=0, num_frames: int = 16, height: int = 512,
                  width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True,
                  sampler: str | None = None):
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
-        with ``decode=False`` the latents (1, F, h, w, c)."""
+        with ``decode=False`` the latents (1, F, h, w, c).
+
+        A batch of B videos in one sampling program: ``prompt`` a list of B prompts, ``reference`` (B, height,
+        width, 3) (or None), ``negative_prompt`` one or B, ``seed`` one (video i gets seed + i) or B. Each video
+        draws its noise from its own seed, so the batch equals the B videos made one by one. On a ``shard``-ed
+        pipeline the batch is split over the mesh's ``data`` axis (B a multiple of its size)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+        seeds = [seed + i for i in range(batch)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+        if not batch or len(negatives) != batch or len(seeds) != batch:
+            raise ValueError(f"generate: {batch} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds; "
+                             "expected one or more prompts and one negative prompt and seed each (or one for all)")
         if reference_guidance_scale is not None and (reference is None or not self.takes_reference):
             raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
         if reference is not None and not self.takes_reference:
@@ -317,34 +333,76 @@ class CustomVideoPipeline:
         if not 1 <= num_frames <= max_frames:
             raise ValueError(f"num_frames={num_frames}: this motion adapter allows 1..{max_frames} frames"
                              + (" (max_seq_length minus the reference frame)" if self.reference_frame else ""))
-        if not self.takes_reference:
-            reference_latent = None
-        elif reference is None:  # no subject: the zero reference latent of the unconditional branch
-            reference_latent = jnp.zeros((1, 1, height // self.downsample_factor, width // self.downsample_factor,
-                                          self.unet.config.in_channels), jnp.float32)
-        else:
-            if tuple(reference.shape) != (1, height, width, 3):
-                raise ValueError(f"reference must be (1, {height}, {width}, 3) in [-1, 1], got {reference.shape}")
-            reference_latent = self.encode_reference(reference)
-        text = self.encode_prompts([prompt])
-        negative_text = self.encode_prompts([negative_prompt])
-        latent_shape = (1, num_frames, height // self.downsample_factor, width // self.downsample_factor,
-                        self.unet.config.in_channels)
-        rng_init, rng_steps = jax.random.split(jax.random.key(seed))
-        x_T = jax.random.normal(rng_init, latent_shape, jnp.float32)
-        if self.conditioning is not None:  # e.g. MicroCinema's appearance noise prior
-            x_T = self.conditioning.initial_latents(x_T, reference_latent)
+        if reference is not None and tuple(reference.shape) != (batch, height, width, 3):
+            raise ValueError(f"reference must be ({batch}, {height}, {width}, 3) in [-1, 1], got {reference.shape}")
+        if self.mesh is not None and batch % self.mesh.shape["data"]:
+            raise ValueError(f"a batch of {batch} videos on a mesh of data={self.mesh.shape['data']}: the batch "
+                             "must be a multiple of the data axis")
         generate = self._generate_fn(num_inference_steps, float(eta), float(guidance_scale),
                                      None if reference_guidance_scale is None else float(reference_guidance_scale),
                                      round(reference_guidance_start * num_inference_steps), progress,
                                      sampler or "ddim")
+        with self.on_mesh():
+            return self._generate(generate, reference, prompts, negatives, seeds, num_frames, height, width, decode)
+
+    def _generate(self, generate, reference, prompts, negatives, seeds, num_frames, height, width, decode):
+        """generate's work once its arguments are checked (on the mesh, if any)."""
+        batch, latent_size = len(prompts), (height // self.downsample_factor, width // self.downsample_factor)
+        if not self.takes_reference:
+            reference_latent = None
+        elif reference is None:  # no subject: the zero reference latent of the unconditional branch
+            reference_latent = jnp.zeros((batch, 1, *latent_size, self.unet.config.in_channels), jnp.float32)
+        else:
+            reference_latent = self.encode_reference(self._split_batch(reference))    # (B, 1, h, w, c)
+        text = self.encode_prompts(prompts)
+        negative_text = self.encode_prompts(negatives)
+        # each video's noise from its own seed: x_T (B, F, h, w, c) row i as video i alone would draw it
+        keys = [jax.random.split(jax.random.key(seed)) for seed in seeds]
+        latent_shape = (1, num_frames, *latent_size, self.unet.config.in_channels)
+        x_T = jnp.concatenate([jax.random.normal(init, latent_shape, jnp.float32) for init, _ in keys])
+        rng_steps = keys[0][1] if batch == 1 else jnp.stack([steps for _, steps in keys])  # (B,): one per video
+        if self.conditioning is not None:  # e.g. MicroCinema's appearance noise prior
+            x_T = self.conditioning.initial_latents(x_T, reference_latent)
         latents = generate(self.params["unet"], self.params["adapters"], self.params["conditioning"], text,
-                           negative_text, reference_latent, x_T, rng_steps)
+                           negative_text, self._split_batch(reference_latent), self._split_batch(x_T), rng_steps)
         if not decode:
             return latents
         if self.vae is None:
             return from_patches(latents, self.pixel_patch)
         return self._jitted["decode"](self.params["vae"], latents)
+
+    def generate_videos(self, references, prompts, *, negative_prompts="", seeds=0, progress: bool = False,
+                        **settings) -> np.ndarray:
+        """A batch of videos from host inputs: reference images (paths, PIL images or arrays; None for a
+        text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s."""
+        height, width = settings.get("height", 512), settings.get("width", 512)
+        if references is not None and any(image is None for image in references):
+            raise ValueError("generate_videos: a reference image for every video, or references=None")
+        pixels = None if references is None else jnp.asarray(
+            np.stack([load_reference_image(image, height, width) for image in references]))
+        videos = self.generate(pixels, list(prompts), negative_prompt=negative_prompts, seed=seeds, progress=progress,
+                               **settings)
+        return media.to_uint8(np.clip(np.asarray(videos), -1.0, 1.0))
+
+    # ------------------------------------------------------------------------------------------------- mesh
+    def shard(self, mesh) -> "CustomVideoPipeline":
+        """Sample data-parallel on ``mesh`` (``"data=8"`` or a Mesh whose other axes have size 1): the weights
+        replicated on every device, a batch of videos split over ``data``; returns self."""
+        mesh = inference_mesh(mesh)
+        others = {axis: size for axis, size in mesh.shape.items() if axis != "data" and size > 1}
+        if others:
+            raise ValueError(f"the UNet pipeline samples data-parallel (its weights fit one device): a mesh of data=N "
+                             f"only, got {dict(mesh.shape)}")
+        self.params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
+        self.mesh, self.rules = mesh, DATA_PARALLEL_RULES
+        self.forget_compiled()
+        return self
+
+    def _split_batch(self, array):
+        """``array`` with its leading (batch) axis over the mesh's ``data`` axis (as is without a mesh)."""
+        if self.mesh is None or array is None:
+            return array
+        return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec("data")))
 
     @staticmethod
     def save(frames, out_dir, name: str = "video", reference=None, fps: int = 8) -> dict[str, Path]:

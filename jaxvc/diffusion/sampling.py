@@ -17,8 +17,8 @@ A sampler is any object with ``timesteps`` (host array, one per step), ``needs_n
 ``step(model_out, step_index, x, noise) -> (prev_sample, pred_original_sample)``: ``DDIMSampler`` and
 ``FlowMatchEulerSampler``. A multistep sampler (``DPMSolverSampler``, ``UniPCSampler``) also has ``init_state(x)``
 and its step takes and returns a state (its earlier model outputs), which the scan carries. Per-step noise is
-``step_noise(rng, step_index, ...)``: fold the step index into one key, so a run is reproducible and the noise of
-any step can be regenerated outside. ``jaxvc.diffusion.samplers.make_sampler`` makes any of them by name.
+``step_noise(rng, step_index, ...)``: fold the step index into one key (or into each sample's key), so a run is
+reproducible and the noise of any step can be regenerated outside. ``jaxvc.diffusion.samplers.make_sampler`` makes any of them by name.
 """
 from __future__ import annotations
 
@@ -32,8 +32,16 @@ DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def step_noise(rng, step_index, shape, dtype=jnp.float32):
-    """The standard-normal noise the loop draws at ``step_index`` (eta > 0 DDIM, stochastic flow)."""
-    return jax.random.normal(jax.random.fold_in(rng, step_index), shape, dtype)
+    """The standard-normal noise the loop draws at ``step_index`` (eta > 0 DDIM, stochastic flow). ``rng``: one key,
+    or one key per sample of the batch (a key array of shape (B,) for a sample of shape (B, ...)): then each sample
+    draws its own noise, the same it would draw alone, so a batch of videos equals the videos made one by one."""
+    if jnp.ndim(rng) == 0:
+        return jax.random.normal(jax.random.fold_in(rng, step_index), shape, dtype)
+    if jnp.shape(rng) != tuple(shape[:1]):
+        raise ValueError(f"step_noise: {jnp.shape(rng)[0]} keys for a batch of {shape[0]} samples (one key, or "
+                         "one per sample)")
+    # (B,) keys -> (B, ...): normal((1, ...)) and normal((...)) draw the same values from one key
+    return jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, step_index), tuple(shape[1:]), dtype))(rng)
 
 
 def piecewise_constant(step_index, boundaries: Sequence[int], values: Sequence[float]):

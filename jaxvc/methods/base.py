@@ -95,9 +95,14 @@ class PipelineValidation:
 
         pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
         settings = self.validation_settings
+        options = dict(num_frames=self.num_frames, height=self.image_size, width=self.image_size,
+                       num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
+                       sampler=settings["sampler"])
+        prompts, references = [prompt for prompt, _ in self.validation], [image for _, image in self.validation]
+        if getattr(pipe, "samples_batches", False):  # one sampling loop for all (video i: seed + i), not N loops
+            pixels = None if references[0] is None else jnp.stack([jnp.asarray(r, jnp.float32) for r in references])
+            return {"validation": jnp.clip(pipe.generate(pixels, prompts, seed=settings["seed"], **options), -1, 1)}
         videos = [pipe.generate(None if reference is None else jnp.asarray(reference, jnp.float32)[None], prompt,
-                                num_frames=self.num_frames, height=self.image_size, width=self.image_size,
-                                seed=settings["seed"] + i, num_inference_steps=settings["num_inference_steps"],
-                                guidance_scale=settings["guidance_scale"], sampler=settings["sampler"])[0]
+                                seed=settings["seed"] + i, **options)[0]
                   for i, (prompt, reference) in enumerate(self.validation)]
         return {"validation": jnp.clip(jnp.stack(videos), -1.0, 1.0)}

@@ -10,6 +10,11 @@ channels as in training. On ``fsdp=8`` a 14 B Wan DiT in bf16 (28 GB) takes 3.5 
     frames = pipe("first_frame.png", "a cat turns its head")      # every jitted call runs on the mesh
 
 ``jaxvc generate --mesh fsdp=8`` does the same.
+
+The UNet pipeline (``CustomVideoPipeline``: VideoMaker, Still-Moving, MicroCinema, CustomCrafter) is the other
+case: its weights fit any accelerator (SD1.5's UNet is 1.7 GB in bf16), so its mesh is ``data=N`` alone: the
+weights replicated, a batch of videos (``generate`` with a list of prompts; ``jaxvc generate --prompts`` with
+``--batch-size``) split over the devices, N videos at the cost of one (``DATA_PARALLEL_RULES``).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxvc.parallel.mesh import activate, make_mesh, parse_axis_sizes
-from jaxvc.parallel.rules import param_shardings, rules_from_config
+from jaxvc.parallel.rules import DEFAULT_RULES, param_shardings, rules_from_config
 
 # The training table with the batch kept whole and the video's tokens (and frames) over sequence x fsdp, and conv
 # kernels whole along their input channels. The last because XLA in jax 0.10.2 miscompiles a 3-D convolution whose
@@ -28,6 +33,9 @@ from jaxvc.parallel.rules import param_shardings, rules_from_config
 # the Wan VAE exactly such inputs when it decodes sampled latents; its kernels are small (0.13 B parameters).
 INFERENCE_RULES = rules_from_config([("batch", None), ("tokens", ("sequence", "fsdp")),
                                      ("frames", ("sequence", "fsdp")), ("conv_in", None)])
+
+# Data parallelism only: the batch over ``data``, every other logical axis (parameters included) whole.
+DATA_PARALLEL_RULES = tuple((name, "data" if name == "batch" else None) for name, _ in DEFAULT_RULES)
 
 
 def inference_mesh(spec: str | Mesh, devices=None) -> Mesh:
@@ -52,7 +60,16 @@ class MeshPlacement:
         self.params = {name: jax.device_put(self.params[name], param_shardings(abstract[name], mesh, rules))
                        for name in self.params}
         self.mesh, self.rules = mesh, rules
+        self.forget_compiled()
         return self
+
+    def forget_compiled(self):
+        """Drop the jitted calls traced so far: a trace made off the mesh has no sharding constraints, and the
+        rules' context is not part of jit's cache key."""
+        self.__dict__.pop("_jitted", None)
+        generate_fn = getattr(type(self), "_generate_fn", None)
+        if hasattr(generate_fn, "cache_clear"):
+            generate_fn.cache_clear()
 
     def on_mesh(self):
         """The context every traced call of this pipeline runs in: the mesh and its rules, or nothing."""
