@@ -21,7 +21,7 @@ from jaxvc import compile_options, media
 from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.parallel.inference import MeshPlacement
-from jaxvc.pipeline import CustomVideoPipeline, load_reference_image
+from jaxvc.pipeline import CustomVideoPipeline, batch_arguments, load_reference_image
 
 
 def merge_wan_lora(transformer_params, path, *, scale: float = 1.0, allow_pickle: bool = False):
@@ -40,9 +40,11 @@ class SubjectDiTPipeline(MeshPlacement):
     """The trained ``DisentangledS2V`` method's DiT (with its LoRA), text encoder, tokenizer and VAE;
     ``shard("fsdp=8")`` places them on a device mesh (``jaxvc/parallel/inference.py``)."""
     reference_frame = False  # no extra UNet frame: the reference enters as its own token stream
+    samples_batches = True  # ``generate`` takes a list of prompts: B videos in one sampling loop
     takes_reference = True
     conditioning = None
     save = staticmethod(CustomVideoPipeline.save)
+    generate_videos = CustomVideoPipeline.generate_videos  # host images and prompts -> uint8 videos, via generate
 
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer
@@ -88,23 +90,26 @@ class SubjectDiTPipeline(MeshPlacement):
 
         return compile_options.jit(generate)
 
-    def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 6.0,
-                 num_inference_steps: int = 50, seed: int = 0, num_frames: int = 8, height: int = 64,
+    def generate(self, reference, prompt, *, negative_prompt="", guidance_scale: float = 6.0,
+                 num_inference_steps: int = 50, seed=0, num_frames: int = 8, height: int = 64,
                  width: int = 64, progress: bool = False, decode: bool = True, reference_guidance_scale=None,
                  reference_guidance_start: float = 0.0, eta: float = 0.0, sampler: str | None = None):
         """reference (1, height, width, 3) in [-1, 1] -> video (1, F, height, width, 3) in [-1, 1] (unclipped), or
-        with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit)."""
+        with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit). A batch
+        as ``CustomVideoPipeline.generate``'s: B prompts, references (B, height, width, 3), one or B negative
+        prompts and seeds (one int: video i gets seed + i), each video as it would be alone."""
         if reference is None:
             raise ValueError("this model generates a given subject: pass a reference image")
         if reference_guidance_scale is not None or eta:
             raise ValueError("the disentangled S2V sampler guides the text only (reference_guidance_scale) and is "
                              "deterministic (eta = 0)")
         del reference_guidance_start
+        prompts, negatives, seeds = batch_arguments(prompt, negative_prompt, seed)
         with self.on_mesh():
-            return self._generate(reference, prompt, negative_prompt, guidance_scale, num_inference_steps, seed,
+            return self._generate(reference, prompts, negatives, guidance_scale, num_inference_steps, seeds,
                                   num_frames, height, width, progress, decode, sampler)
 
-    def _generate(self, reference, prompt, negative_prompt, guidance_scale, num_inference_steps, seed, num_frames,
+    def _generate(self, reference, prompts, negatives, guidance_scale, num_inference_steps, seeds, num_frames,
                   height, width, progress, decode, sampler):
         factor = 1 if self.method.vae is None else self.method.vae.downsample_factor
         latent_frames = self.method.latent_frames(num_frames)  # Wan VAE: 1 + (num_frames - 1) / 4
@@ -112,15 +117,19 @@ class SubjectDiTPipeline(MeshPlacement):
         for name, size, patch in (("height", height, p_h), ("width", width, p_w)):
             if size % (factor * patch):
                 raise ValueError(f"{name}={size} must be divisible by {factor * patch} for this model")
-        if tuple(reference.shape) != (1, height, width, 3):
-            raise ValueError(f"reference must be (1, {height}, {width}, 3) in [-1, 1], got {tuple(reference.shape)}")
-        reference_latent = self._jitted["encode"](self.params, reference[:, None])  # (1, 1, h, w, c)
-        ids = lambda text: jnp.asarray(self.tokenizer([text]))
-        text = self._jitted["text"](self.params, ids(self.method.prompt(prompt)))
-        negative_text = self._jitted["text"](self.params, ids(negative_prompt))
+        batch = len(prompts)
+        if tuple(reference.shape) != (batch, height, width, 3):
+            raise ValueError(f"reference must be ({batch}, {height}, {width}, 3) in [-1, 1], got "
+                             f"{tuple(reference.shape)}")
+        reference_latent = self._jitted["encode"](self.params, reference[:, None])  # (B, 1, h, w, c)
+        ids = lambda texts: jnp.asarray(self.tokenizer(list(texts)))
+        text = self._jitted["text"](self.params, ids(self.method.prompt(prompt) for prompt in prompts))
+        negative_text = self._jitted["text"](self.params, ids(negatives))
         shape = (1, latent_frames, height // factor, width // factor, self.method.transformer.config.in_channels)
-        x_T = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-        rng_steps = jax.random.fold_in(jax.random.key(seed), 1)  # the SDE samplers' noise; x_T as before
+        # video i's noise from its own seed, as alone; the SDE samplers' noise from fold_in(seed, 1)
+        x_T = jnp.concatenate([jax.random.normal(jax.random.key(seed), shape, jnp.float32) for seed in seeds])
+        step_keys = [jax.random.fold_in(jax.random.key(seed), 1) for seed in seeds]
+        rng_steps = step_keys[0] if batch == 1 else jnp.stack(step_keys)
         latents = self._generate_fn(num_inference_steps, float(guidance_scale), progress, sampler or "euler")(
             self.params, text, negative_text, reference_latent, x_T, rng_steps)
         return self._jitted["decode"](self.params, latents) if decode else latents

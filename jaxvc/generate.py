@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folders, VideoMaker/Still-Moving/MicroCinema/CustomCrafter runs): data=N, the weights "
                              "on every device and each batch of --prompts videos split over them")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="with --prompts, UNet models: videos per sampling program (each from its own seed: the "
+                        help="with --prompts, UNet models and S2V runs: videos per sampling loop (each from its own seed: the "
                              "same videos as one at a time; the last batch is padded); default: the mesh's data "
                              "size, 1 without --mesh")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
@@ -217,12 +217,14 @@ def sampling_options(args) -> dict:
 
 def batch_size_error(pipe, args, items) -> str | None:
     """Set ``args.batch_size`` (default: the data-parallel mesh's size, else 1); what is wrong with it, if anything."""
-    batched = getattr(pipe, "samples_batches", False)  # the UNet pipeline; the DiT ones sample one video per loop
-    data = pipe.mesh.shape["data"] if batched and pipe.mesh is not None else 1
+    batched = getattr(pipe, "samples_batches", False)  # not the Wan pipelines: one video per loop
+    # the UNet pipeline's rules split a batch over the data axis; the DiT ones keep the batch whole
+    splits = batched and pipe.mesh is not None and dict(pipe.rules).get("batch") == "data"
+    data = pipe.mesh.shape["data"] if splits else 1
     if args.batch_size is None:
         args.batch_size = data
     if args.batch_size > 1 and not batched:
-        return f"--batch-size is for the UNet models; {args.model} samples one video per program"
+        return f"--batch-size is for the UNet models and S2V runs; {args.model} samples one video per loop"
     if args.batch_size > 1 and items is None:
         return "--batch-size is for sets of videos (--prompts)" + (f"; --mesh {args.mesh} splits a batch of videos "
                                                                   "over the devices" if data > 1 else "")

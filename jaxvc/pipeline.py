@@ -85,6 +85,19 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
     return cropped / 127.5 - 1.0
 
 
+def batch_arguments(prompt, negative_prompt, seed) -> tuple[list[str], list[str], list[int]]:
+    """A pipeline's ``generate`` arguments as lists of one per video: ``prompt`` one or a list of B; ``negative_prompt``
+    and ``seed`` one for all or B (one int seed: video i gets seed + i)."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    batch = len(prompts)
+    negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+    seeds = [int(seed) + i for i in range(batch)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
+    if not batch or len(negatives) != batch or len(seeds) != batch:
+        raise ValueError(f"generate: {batch} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds; "
+                         "expected one or more prompts and one negative prompt and seed each (or one for all)")
+    return prompts, negatives, seeds
+
+
 class CustomVideoPipeline(MeshPlacement):
     """UNet (with motion modules) + text encoder + tokenizer + optional VAE (None: a pixel-space model, optionally on
     ``pixel_patch`` x ``pixel_patch`` blocks folded into channels). ``shard("data=8")`` samples batches of videos
@@ -309,13 +322,8 @@ class CustomVideoPipeline(MeshPlacement):
         width, 3) (or None), ``negative_prompt`` one or B, ``seed`` one (video i gets seed + i) or B. Each video
         draws its noise from its own seed, so the batch equals the B videos made one by one. On a ``shard``-ed
         pipeline the batch is split over the mesh's ``data`` axis (B a multiple of its size)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts, negatives, seeds = batch_arguments(prompt, negative_prompt, seed)
         batch = len(prompts)
-        negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-        seeds = [seed + i for i in range(batch)] if isinstance(seed, (int, np.integer)) else [int(s) for s in seed]
-        if not batch or len(negatives) != batch or len(seeds) != batch:
-            raise ValueError(f"generate: {batch} prompts, {len(negatives)} negative prompts and {len(seeds)} seeds; "
-                             "expected one or more prompts and one negative prompt and seed each (or one for all)")
         if reference_guidance_scale is not None and (reference is None or not self.takes_reference):
             raise ValueError("reference_guidance_scale needs a reference image (there is no reference to guide by)")
         if reference is not None and not self.takes_reference:
@@ -374,8 +382,10 @@ class CustomVideoPipeline(MeshPlacement):
     def generate_videos(self, references, prompts, *, negative_prompts="", seeds=0, progress: bool = False,
                         **settings) -> np.ndarray:
         """A batch of videos from host inputs: reference images (paths, PIL images or arrays; None for a
-        text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s."""
-        height, width = settings.get("height", 512), settings.get("width", 512)
+        text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s (the size
+        defaults to the model's ``default_video``)."""
+        settings = dict(zip(("num_frames", "height", "width"), self.default_video), **settings)
+        height, width = settings["height"], settings["width"]
         if references is not None and any(image is None for image in references):
             raise ValueError("generate_videos: a reference image for every video, or references=None")
         pixels = None if references is None else jnp.asarray(

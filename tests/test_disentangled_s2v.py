@@ -234,3 +234,18 @@ def test_vae_tiles_are_a_setting_of_the_method():
     latents = jax.jit(method.encode_pixels)({"params": {"vae": params["params"]}}, video)
     mean, _ = jax.jit(lambda p, v: encode_wan_tiled(method.vae.module, p, v, tile=24, stride=16))(params, video)
     np.testing.assert_allclose(np.asarray(latents), np.asarray(mean), rtol=1e-6, atol=1e-6)  # tiny: mean 0, std 1
+
+
+def test_a_batch_of_subjects_is_each_made_alone(method, fresh):
+    """``generate`` with a list of prompts (``jaxvc generate --prompts --batch-size``, the trainer's validation
+    samples): two subjects, prompts and seeds in one sampling loop, each the video made alone (to float32
+    summation order), with the SDE solver's per-step noise drawn from each video's own seed."""
+    pipe = method.pipeline(with_random_adapters(fresh))
+    rng = np.random.default_rng(3)
+    references = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    options = dict(num_frames=5, height=32, width=32, num_inference_steps=3, decode=False, sampler="dpm++-sde")
+    batch = pipe.generate(references, ["a dog runs", "a cat sits"], negative_prompt=["", "blurry"], seed=[4, 9],
+                          **options)
+    for i, (prompt, negative, seed) in enumerate((("a dog runs", "", 4), ("a cat sits", "blurry", 9))):
+        alone = pipe.generate(references[i:i + 1], prompt, negative_prompt=negative, seed=seed, **options)
+        assert relative_error(batch[i], alone[0]) < 1e-5, i
