@@ -91,23 +91,22 @@ def run(args) -> int:
     motions = [m.strip() for m in args.motions.split(",") if m.strip()]
     subjects = list(world.held_out_subject_ids[:args.subjects])
     size, frames = config.model.image_size, config.model.num_frames
-    videos = {"reference": [], "baseline": []}
-    subject_ids, motion_names, references, prompts = [], [], [], []
-    start = time.perf_counter()
+    subject_ids, motion_names, references, prompts, seeds = [], [], [], [], []
     for index, subject_id in enumerate(subjects):
-        reference = world.reference_image(subject_id, seed=args.seed)
         for motion in motions:
-            prompt = caption(world.subject(subject_id), motion, "sky", name=config.data.caption_name)
-            common = dict(num_frames=frames, height=size, width=size, num_inference_steps=args.sampling_steps,
-                          guidance_scale=args.guidance_scale, seed=args.seed + 1000 * index + motions.index(motion),
-                          progress=False)
-            videos["reference"].append(pipe(reference, prompt, reference_guidance_scale=args.reference_guidance_scale,
-                                            reference_guidance_start=args.reference_guidance_start, **common))
-            videos["baseline"].append(pipe(None, prompt, **common))
             subject_ids.append(subject_id)
             motion_names.append(motion)
-            references.append(reference)
-            prompts.append(prompt)
+            references.append(world.reference_image(subject_id, seed=args.seed))
+            prompts.append(caption(world.subject(subject_id), motion, "sky", name=config.data.caption_name))
+            seeds.append(args.seed + 1000 * index + motions.index(motion))
+    # every video of a branch in one sampling loop (each from its own seed, as made alone)
+    common = dict(num_frames=frames, height=size, width=size, num_inference_steps=args.sampling_steps,
+                  guidance_scale=args.guidance_scale, seeds=seeds)
+    start = time.perf_counter()
+    videos = {"reference": list(pipe.generate_videos(references, prompts, **common,
+                                                     reference_guidance_scale=args.reference_guidance_scale,
+                                                     reference_guidance_start=args.reference_guidance_start)),
+              "baseline": list(pipe.generate_videos(None, prompts, **common))}
     sample_seconds = time.perf_counter() - start
     print(f"generated {2 * len(subject_ids)} videos ({len(subjects)} held-out subjects x {len(motions)} motions, "
           f"with and without the reference) in {sample_seconds:.0f}s")
