@@ -100,9 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "folders, VideoMaker/Still-Moving/MicroCinema/CustomCrafter runs): data=N, the weights "
                              "on every device and each batch of --prompts videos split over them")
     parser.add_argument("--batch-size", type=int, default=None,
-                        help="with --prompts, UNet models and S2V runs: videos per sampling loop (each from its own seed: the "
-                             "same videos as one at a time; the last batch is padded); default: the mesh's data "
-                             "size, 1 without --mesh")
+                        help="with --prompts, UNet models and S2V runs: videos per sampling loop (each from its "
+                             "own seed: the same videos as one at a time; the last batch is padded); default: the "
+                             "mesh's data size, 1 without --mesh")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pickled .ckpt/.bin weight files")
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
