@@ -17,6 +17,7 @@ SCRIPT = textwrap.dedent('''
     from jaxvc.parallel.mesh import activate, make_mesh
 
     assert jax.device_count() == 8, jax.devices()
+    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}  # compile time
     rng = np.random.default_rng(0)
     normal = lambda *shape: np.asarray(rng.standard_normal(shape), np.float32)
 
@@ -47,7 +48,7 @@ SCRIPT = textwrap.dedent('''
                 assert ring_takes(lq, lk)
                 sharding = NamedSharding(mesh, PartitionSpec(None, "sequence"))
                 inputs = [jax.device_put(x, sharding) for x in (query, key, value)]
-                program = run("ring").lower(*inputs).compile()
+                program = run("ring").lower(*inputs).compile(fast)
                 (_, out), grads = program(*inputs)
             hlo = program.as_text()
             assert "collective-permute" in hlo, "the ring passes key/value blocks on"
@@ -85,7 +86,6 @@ SCRIPT = textwrap.dedent('''
     # the Wan DiT with the ring backend: 2 x 4 x 8 = 64 latent tokens over 4 sequence devices
     from jaxvc.models.wan import WanTransformer3D, abstract_wan_params, wan_config
     from jaxvc.parallel.rules import param_shardings
-    fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
     overrides = dict(num_attention_heads=4, attention_head_dim=6, ffn_dim=32)
     boxed = abstract_wan_params(wan_config("tiny", **overrides))["params"]
     params = jax.tree.map(lambda leaf: 0.1 * normal(*leaf.shape), nn.unbox(boxed))
@@ -122,12 +122,12 @@ SCRIPT = textwrap.dedent('''
     results = {}
     for backend in ("xla", "ring"):
         method = build_method(method_config("configs/videomaker.py:tiny", **{"model.attention_backend": backend}))
-        params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
-        batch = {key: np.tile(np.asarray(method.empty_prompt_tokens), (8, 1)) if key == "tokens"
-                 else rng.uniform(-1, 1, spec.shape).astype(np.float32)
-                 for key, spec in method.example_batch(8).items()} if backend == "xla" else batch
         loss_and_grad = lambda p, b: jax.value_and_grad(lambda q: method.loss(q, b, jax.random.key(1))[0])(p)
-        if backend == "xla":
+        if backend == "xla":  # the parameters and batch both backends take (the backend changes no parameter)
+            params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
+            batch = {key: np.tile(np.asarray(method.empty_prompt_tokens), (8, 1)) if key == "tokens"
+                     else rng.uniform(-1, 1, spec.shape).astype(np.float32)
+                     for key, spec in method.example_batch(8).items()}
             results[backend] = jax.jit(loss_and_grad).lower(params, batch).compile(fast)(params, batch)
             continue
         with activate(mesh):
