@@ -18,7 +18,8 @@ A sampler is any object with ``timesteps`` (host array, one per step), ``needs_n
 ``FlowMatchEulerSampler``. A multistep sampler (``DPMSolverSampler``, ``UniPCSampler``) also has ``init_state(x)``
 and its step takes and returns a state (its earlier model outputs), which the scan carries. Per-step noise is
 ``step_noise(rng, step_index, ...)``: fold the step index into one key (or into each sample's key), so a run is
-reproducible and the noise of any step can be regenerated outside. ``jaxvc.diffusion.samplers.make_sampler`` makes any of them by name.
+reproducible and the noise of any step can be regenerated outside. ``jaxvc.diffusion.samplers.make_sampler`` makes
+any of them by name.
 """
 from __future__ import annotations
 
