@@ -16,6 +16,8 @@ timing).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 from typing import Any, Mapping
@@ -64,6 +66,26 @@ def merged(user: Mapping[str, Any] | None = None, platform: str | None = None) -
         platform = jax.default_backend()
     options = {**platform_defaults(platform), **dict(user or {})}
     return options or None
+
+
+_SCOPED: contextvars.ContextVar = contextvars.ContextVar("jaxvc_compile_options", default=None)
+
+
+@contextlib.contextmanager
+def scope(options: Mapping[str, Any] | None):
+    """Within: ``current()`` is ``options`` (the trainer's, around code that compiles programs itself, such as a
+    method's component inits), so that they compile as the run's other programs do."""
+    token = _SCOPED.set(("scoped", dict(options or {}) or None))
+    try:
+        yield
+    finally:
+        _SCOPED.reset(token)
+
+
+def current() -> dict[str, Any] | None:
+    """The options of the enclosing ``scope``, else ``merged()`` (the default backend's defaults)."""
+    scoped = _SCOPED.get()
+    return scoped[1] if scoped is not None else merged()
 
 
 def jit(fn, **kwargs):

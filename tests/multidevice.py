@@ -9,7 +9,12 @@ from pathlib import Path
 def run_with_devices(script: str, devices: int = 8, marker: str = "SHARDED_OK", timeout: int = 600) -> str:
     """Runs ``script`` with ``devices`` forced host devices; asserts it exits 0 and prints ``marker``."""
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+    # the test process's XLA flags (conftest's cheap code generation) are kept: a program the scripts share (a
+    # component's init) then compiles as the others do, and the run's compilation cache serves it to the next
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+               JAX_PLATFORMS="cpu",
                PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
                             timeout=timeout)
@@ -31,7 +36,7 @@ from tests.tiny_models import method_config
 
 method = build_method(method_config(CONFIG))
 fast = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
+params = method.init_params(jax.random.key(0))  # eager: each component its own (cached) program
 for name in PERTURB:  # zero-initialised parts made non-zero, so that what lies behind them gets gradients too
     params["params"][name] = jax.tree.map(lambda v: 0.05 * jax.random.normal(jax.random.key(v.size), v.shape),
                                           params["params"][name])

@@ -124,7 +124,7 @@ SCRIPT = textwrap.dedent('''
         method = build_method(method_config("configs/videomaker.py:tiny", **{"model.attention_backend": backend}))
         loss_and_grad = lambda p, b: jax.value_and_grad(lambda q: method.loss(q, b, jax.random.key(1))[0])(p)
         if backend == "xla":  # the parameters and batch both backends take (the backend changes no parameter)
-            params = jax.jit(method.init_params).lower(jax.random.key(0)).compile(fast)(jax.random.key(0))
+            params = method.init_params(jax.random.key(0))
             batch = {key: np.tile(np.asarray(method.empty_prompt_tokens), (8, 1)) if key == "tokens"
                      else rng.uniform(-1, 1, spec.shape).astype(np.float32)
                      for key, spec in method.example_batch(8).items()}

@@ -53,7 +53,7 @@ def method():
 
 @pytest.fixture(scope="module")
 def fresh(method):
-    return jax.device_get(jax.jit(method.init_params)(jax.random.key(0)))
+    return jax.device_get(method.init_params(jax.random.key(0)))
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ def method():
 
 @pytest.fixture(scope="module")
 def fresh(method):
-    return jax.jit(method.init_params)(jax.random.key(0))
+    return method.init_params(jax.random.key(0))
 
 
 def random_inputs(method, params, frames=4, seed=0):

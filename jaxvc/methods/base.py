@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc import compile_options
+
 PyTree = Any
 
 
@@ -25,6 +27,9 @@ class Method(abc.ABC):
     # False when ``init_params`` reads weight files (not traceable): the trainer then calls it eagerly and places
     # the host arrays onto their shardings instead of jitting it with ``out_shardings``.
     init_params_jittable: bool = True
+    # True when ``init_params`` makes its parts with ``init_program``: on a one-device mesh the trainer then calls it
+    # eagerly (each part its own compiled program) instead of compiling the whole init as one program.
+    init_in_parts: bool = False
     # Optional hook, looked up by the trainer: ``sample(self, params, rng) -> {name: (N, F, H, W, 3) videos in
     # [-1, 1]}``; called every ``config.sample_every`` steps on the (EMA if any) full parameter tree under jit.
 
@@ -36,8 +41,10 @@ class Method(abc.ABC):
     def init_params(self, rng: jax.Array) -> PyTree:
         """Concrete (unboxed) parameters: random init, or weights loaded from the config's pretrained paths.
 
-        The trainer calls this under ``jax.jit`` with ``out_shardings`` so large models are created directly
-        in their shardings; implementations that load files return host arrays and the trainer places them.
+        On a mesh of several devices the trainer calls this under ``jax.jit`` with ``out_shardings`` so large
+        models are created directly in their shardings; on one device it calls it eagerly (a component's init
+        made by ``init_program`` is then its own compiled program); implementations that load files return host
+        arrays and the trainer places them.
         """
 
     @abc.abstractmethod
@@ -56,6 +63,24 @@ class Method(abc.ABC):
         """Tree of bools, same structure as ``params``."""
         return jax.tree_util.tree_map_with_path(
             lambda path, _: self.trainable(tuple(_key_name(k) for k in path)), nn.unbox(params))
+
+
+def init_program(owner, name: str, init):
+    """``init(*args) -> params`` as its own compiled program, made once per ``owner``, ``name`` and compiler options
+    (``compile_options.current()``: the trainer's inside its ``scope``): a model component's random init. Called
+    eagerly, the component compiles alone (the same tiny UNet in several methods is one program, which a persistent
+    compilation cache serves to every run after the first; calling ``init_params`` again reuses the compiled
+    program); traced inside a larger jit (the sharded trainer's init), it is inlined into that program."""
+    def run(*args):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
+            return init(*args)
+        options = compile_options.current()
+        key = (name, repr(sorted(options.items())) if options else None)
+        programs = owner.__dict__.setdefault("_init_programs", {})
+        if key not in programs:
+            programs[key] = jax.jit(init, compiler_options=options) if options else jax.jit(init)
+        return programs[key](*args)
+    return run
 
 
 def _key_name(key) -> str:

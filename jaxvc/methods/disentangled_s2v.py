@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.flow import flow_add_noise, flow_target, sample_flow_sigmas
-from jaxvc.methods.base import Method, PipelineValidation
+from jaxvc.methods.base import Method, PipelineValidation, init_program
 from jaxvc.methods.video_base import options_from_mapping
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
@@ -83,6 +83,7 @@ class DisentangledS2V(PipelineValidation, Method):
     """Parameters: ``{"params": {"transformer", "text_encoder", "vae", "adapters": {"lora"},
     "reference_time_lora": {"down", "up"}}}`` (``vae`` absent in pixel space)."""
     name = "disentangled_s2v"
+    init_in_parts = True  # init_params: the transformer, text encoder, VAE and adapters each their own program
     uses_reference = True
     flow_matching = True  # velocity outputs on flow sigmas: the flow samplers of jaxvc.diffusion.samplers
 
@@ -170,17 +171,25 @@ class DisentangledS2V(PipelineValidation, Method):
 
     def init_params(self, rng):
         rngs = jax.random.split(rng, 5)
-        fresh = {"transformer": lambda: self.transformer.init(rngs[0], *self._dit_example()),
-                 "text_encoder": lambda: self.text_encoder.init(rngs[1], self._text_example())}
-        # loaded weights replace a component's init, which is then not run (UMT5-XXL alone is 5.7B parameters)
-        tree = {name: self.pretrained[name] if name in self.pretrained else nn.unbox(make())["params"]
-                for name, make in fresh.items()}
+        fresh = {"transformer": (rngs[0], lambda r: self.transformer.init(r, *self._dit_example())),
+                 "text_encoder": (rngs[1], lambda r: self.text_encoder.init(r, self._text_example()))}
+        # loaded weights replace a component's init, which is then not run (UMT5-XXL alone is 5.7B parameters);
+        # a fresh one is its own program (init_program)
+        tree = {name: self.pretrained[name] if name in self.pretrained
+                else init_program(self, name, lambda r, make=make: nn.unbox(make(r))["params"])(component_rng)
+                for name, (component_rng, make) in fresh.items()}
         if self.vae is not None:
-            tree["vae"] = self.pretrained["vae"] if "vae" in self.pretrained else self.vae.init(rngs[2])
+            tree["vae"] = self.pretrained["vae"] if "vae" in self.pretrained else init_program(
+                self, "vae", self.vae.init)(rngs[2])
         tree["text_encoder"] = self._resized_token_table(tree["text_encoder"])
-        tree["adapters"] = {"lora": strip_boxes(lora.init_adapter(rngs[3], self.lora_sites(), self.spec, boxed=True))}
-        if self.options.reference_time_lora:
-            tree["reference_time_lora"] = strip_boxes(self._reference_time_lora(rngs[4]))
+
+        def extras(rngs):
+            added = {"adapters": {"lora": strip_boxes(lora.init_adapter(rngs[3], self.lora_sites(), self.spec,
+                                                                        boxed=True))}}
+            if self.options.reference_time_lora:
+                added["reference_time_lora"] = strip_boxes(self._reference_time_lora(rngs[4]))
+            return added
+        tree.update(extras(rngs) if self.pretrained else init_program(self, "extras", extras)(rngs))
         return {"params": tree}
 
     def _resized_token_table(self, text_params):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
-from jaxvc.methods.base import Method, PipelineValidation
+from jaxvc.methods.base import Method, PipelineValidation, init_program
 from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.patchify import from_patches, to_patches
@@ -56,6 +56,7 @@ class VideoDiffusionMethod(PipelineValidation, Method):
     """
     name = "video_diffusion"
     uses_reference = True  # validation samples come with a reference image each
+    init_in_parts = True  # init_params: the UNet, text encoder, VAE and extras each their own program
 
     def __init__(self, unet_config: UNetConfig, text_config: CLIPTextConfig, vae_config: VAEConfig | None,
                  options, empty_prompt_tokens, *, num_frames: int, image_size: int,
@@ -129,21 +130,26 @@ class VideoDiffusionMethod(PipelineValidation, Method):
         unet_rng, text_rng, vae_rng = jax.random.split(rng, 3)  # as before extra_params existed: same inits
         extra_rng = jax.random.fold_in(rng, 3)
         sample, text = self._unet_example()
-        fresh = {"unet": lambda: self.unet.init(unet_rng, jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
-                                                jnp.zeros(text.shape)),
-                 "text_encoder": lambda: self.text_encoder.init(
-                     text_rng, jnp.broadcast_to(self.empty_prompt_tokens, (1, self.empty_prompt_tokens.shape[1])))}
+        tokens = self.empty_prompt_tokens
+        # each component's init is its own program (init_program): one compile per component and method object
+        fresh = {"unet": (unet_rng, lambda r: self.unet.init(r, jnp.zeros(sample.shape), jnp.zeros((1,), jnp.int32),
+                                                              jnp.zeros(text.shape))),
+                 "text_encoder": (text_rng, lambda r: self.text_encoder.init(
+                     r, jnp.broadcast_to(tokens, (1, tokens.shape[1]))))}
         if self.vae is not None:
             size = self.vae.config.downsample_factor
-            fresh["vae"] = lambda: self.vae.init(vae_rng, jnp.zeros((1, size, size, self.vae.config.in_channels)))
+            fresh["vae"] = (vae_rng, lambda r: self.vae.init(r, jnp.zeros((1, size, size,
+                                                                          self.vae.config.in_channels))))
         unknown = sorted(set(self.pretrained) - set(fresh))
         if unknown:
             raise ValueError(f"{self.name}: pretrained weights given for unknown component(s) {unknown}")
         # a loaded component's random init is not run (at SD1.5 size it would cost seconds and gigabytes)
-        tree = {name: self.pretrained[name] if name in self.pretrained else nn.unbox(make())["params"]
-                for name, make in fresh.items()}
-        # boxes stripped without sharding constraints: this also runs eagerly (weights read from files)
-        tree.update(strip_boxes(self.extra_params(extra_rng, tree)))
+        tree = {name: self.pretrained[name] if name in self.pretrained
+                else init_program(self, name, lambda r, make=make: nn.unbox(make(r))["params"])(component_rng)
+                for name, (component_rng, make) in fresh.items()}
+        # boxes stripped without sharding constraints; with weights read from files this runs eagerly (host arrays)
+        extras = lambda r, components: strip_boxes(self.extra_params(r, components))
+        tree.update(extras(extra_rng, tree) if self.pretrained else init_program(self, "extras", extras)(extra_rng, tree))
         return {"params": tree}
 
     # ---------------------------------------------------------------- conditioning

@@ -204,7 +204,8 @@ class Trainer:
         init_rng, train_rng = self._rngs()
         use_ema = self.ema_decay is not None
         with self._context():
-            if getattr(self.method, "init_params_jittable", True):
+            jittable = getattr(self.method, "init_params_jittable", True)
+            if jittable and (self.mesh.size > 1 or not getattr(self.method, "init_in_parts", False)):
                 if self._init_compiled is None:  # compiled once: restore() without frozen weights calls it again
                     def init(init_rng, train_rng):
                         trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
@@ -212,15 +213,25 @@ class Trainer:
                     self._init_compiled = jax.jit(init, out_shardings=self.state_shardings).lower(
                         init_rng, train_rng).compile(self.compiler_options)
                 return self._init_compiled(init_rng, train_rng)
-            # Weights read from files arrive as host arrays: place each on its sharding, then build the state.
-            trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
-            place = lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx])
+            # Weights read from files arrive as host arrays, and on one device a method made of parts runs its init
+            # eagerly, each part its own program compiled with the run's options (which a persistent compilation
+            # cache shares between runs and methods): place each leaf on its sharding, then build the state.
+            with compile_options.scope(self.compiler_options):
+                params = self.method.init_params(init_rng)
+            trainable, frozen = split_params(params, self.method.trainable)
+
+            def place(x, sharding):  # a copy: the build below donates its inputs, and a leaf may be shared by two
+                #                      parameters (MicroCinema's AppearNet starts as the UNet's encoder)
+                if isinstance(x, jax.Array) and self.mesh.size == 1:
+                    return jax.device_put(x, sharding, may_alias=False)
+                return jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx])
             trainable = jax.tree.map(place, trainable, self.state_shardings.params)
             frozen = jax.tree.map(place, frozen, self.state_shardings.frozen)
-            build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
-                            out_shardings=self.state_shardings, donate_argnums=(0, 1))
-            compiled = build.lower(trainable, frozen, train_rng).compile(self.compiler_options)
-            return compiled(trainable, frozen, train_rng)
+            if self._init_compiled is None:  # compiled once, as above
+                build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
+                                out_shardings=self.state_shardings, donate_argnums=(0, 1))
+                self._init_compiled = build.lower(trainable, frozen, train_rng).compile(self.compiler_options)
+            return self._init_compiled(trainable, frozen, train_rng)
 
     def restore(self, step: int | None = None) -> tuple[TrainState, dict, dict] | None:
         """(state, data state, saved config) from the checkpoint at ``step`` (default: latest), or None."""
