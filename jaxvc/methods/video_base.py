@@ -149,7 +149,8 @@ class VideoDiffusionMethod(PipelineValidation, Method):
                 for name, (component_rng, make) in fresh.items()}
         # boxes stripped without sharding constraints; with weights read from files this runs eagerly (host arrays)
         extras = lambda r, components: strip_boxes(self.extra_params(r, components))
-        tree.update(extras(extra_rng, tree) if self.pretrained else init_program(self, "extras", extras)(extra_rng, tree))
+        made = extras if self.pretrained else init_program(self, "extras", extras)
+        tree.update(made(extra_rng, tree))
         return {"params": tree}
 
     # ---------------------------------------------------------------- conditioning
