@@ -1,6 +1,7 @@
 """UNet options for models trained from scratch (not in SD / AnimateDiff, so there is no diffusers reference):
 each option's defining mechanism is tested directly, and each is the plain model when its new weights are zero."""
 import dataclasses
+import functools
 
 import flax
 import jax
@@ -14,6 +15,21 @@ from jaxvc.models.embeddings import sinusoidal_positions_2d
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.unet import UNetMotion, unet_config
 from tests.conftest import random_unet_variables
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(config):
+    model = UNetMotion(config)
+    return jax.jit(model.apply, static_argnames="return_intermediates"), jax.jit(model.init)
+
+
+def unet_apply(config, variables, *args, **kwargs):
+    """UNetMotion(config).apply, jitted once per config (run eagerly, each call compiles 100-300 small programs)."""
+    return _jitted(config)[0](variables, *args, **kwargs)
+
+
+def unet_init(config, *args):
+    return _jitted(config)[1](*args)
 
 
 def _one_level(**overrides):
@@ -41,7 +57,7 @@ def test_spatial_position_embedding_adds_a_projected_position_table_after_conv_i
     timesteps, context = jnp.asarray([300]), jnp.ones((1, 3, 32))
 
     def conv_in(cfg, p):
-        _, inter = UNetMotion(cfg).apply({"params": p}, sample, timesteps, context, return_intermediates=True)
+        _, inter = unet_apply(cfg, {"params": p}, sample, timesteps, context, return_intermediates=True)
         return np.asarray(inter["conv_in"])[0, 0]  # (8, 8, 32)
 
     plain, positioned = conv_in(plain_config, plain_params), conv_in(config, params)
@@ -53,11 +69,11 @@ def test_spatial_position_embedding_adds_a_projected_position_table_after_conv_i
     np.testing.assert_allclose(positioned, expected, atol=1e-5)
     assert len({tuple(v) for v in positioned[1:-1, 1:-1].reshape(-1, 32).round(4)}) == 36
 
-    fresh = UNetMotion(config).init(jax.random.key(0), sample, timesteps, context)["params"]
+    fresh = unet_init(config, jax.random.key(0), sample, timesteps, context)["params"]
     assert not np.any(np.asarray(nn.unbox(fresh["position_embedding"]["kernel"])))
     fresh_plain = {k: v for k, v in fresh.items() if k != "position_embedding"}
-    np.testing.assert_allclose(UNetMotion(config).apply({"params": fresh}, sample, timesteps, context),
-                               UNetMotion(plain_config).apply({"params": fresh_plain}, sample, timesteps, context),
+    np.testing.assert_allclose(unet_apply(config, {"params": fresh}, sample, timesteps, context),
+                               unet_apply(plain_config, {"params": fresh_plain}, sample, timesteps, context),
                                atol=1e-6)
 
 
@@ -74,8 +90,8 @@ def test_position_free_reference_leaves_the_position_embedding_off_the_reference
     timesteps, context = jnp.asarray([300, 600]), jnp.ones((2, 3, 32))
 
     def conv_in(cfg):
-        _, inter = UNetMotion(cfg).apply({"params": params}, sample, timesteps, context, reference_latent=reference,
-                                         return_intermediates=True)
+        _, inter = unet_apply(cfg, {"params": params}, sample, timesteps, context, reference_latent=reference,
+                              return_intermediates=True)
         return np.asarray(inter["conv_in"])  # (B, F+1, 8, 8, 32)
 
     everywhere = conv_in(config)
@@ -99,9 +115,9 @@ def test_reference_time_embedding_adds_the_embedded_reference_to_the_timestep_em
 
     def run(cfg, p, ref="none"):
         extra = {} if isinstance(ref, str) else {"reference_latent": ref}
-        return np.asarray(UNetMotion(cfg).apply({"params": p}, sample, timesteps, context, **extra))
+        return np.asarray(unet_apply(cfg, {"params": p}, sample, timesteps, context, **extra))
 
-    fresh = nn.unbox(UNetMotion(config).init(jax.random.key(0), sample, timesteps, context)["params"])
+    fresh = nn.unbox(unet_init(config, jax.random.key(0), sample, timesteps, context)["params"])
     embedding = fresh["reference_embedding"]
     assert embedding["linear_1"]["kernel"].shape == (8 * 8 * 4, 4 * 32)  # tied to the latent size
     assert not np.any(np.asarray(embedding["linear_2"]["kernel"]))
@@ -164,11 +180,11 @@ def test_spatial_rope_adds_no_parameters_and_reaches_pisa():
     sample = jnp.asarray(rng.standard_normal((1, 2, 8, 8, 4)), jnp.float32)
     reference = jnp.asarray(rng.standard_normal((1, 1, 8, 8, 4)), jnp.float32)
     timesteps, context = jnp.asarray([300]), jnp.ones((1, 3, 32))
-    rope_params = UNetMotion(rope).init(jax.random.key(0), sample, timesteps, context)["params"]
+    rope_params = jax.eval_shape(UNetMotion(rope).init, jax.random.key(0), sample, timesteps, context)["params"]
     assert jax.tree_util.tree_structure(nn.unbox(rope_params)) == jax.tree_util.tree_structure(params)
     for kwargs in ({}, {"reference_latent": reference}):
-        plain_out = UNetMotion(config).apply({"params": params}, sample, timesteps, context, **kwargs)
-        rope_out = UNetMotion(rope).apply({"params": params}, sample, timesteps, context, **kwargs)
+        plain_out = unet_apply(config, {"params": params}, sample, timesteps, context, **kwargs)
+        rope_out = unet_apply(rope, {"params": params}, sample, timesteps, context, **kwargs)
         assert plain_out.shape == rope_out.shape
         assert float(jnp.max(jnp.abs(plain_out - rope_out))) > 1e-2 * float(jnp.max(jnp.abs(plain_out)))
 
@@ -221,15 +237,14 @@ def test_motion_text_cross_attention_through_the_unet():
     rng = np.random.default_rng(2)
     sample = jnp.asarray(rng.standard_normal((1, 3, 8, 8, 4)), jnp.float32)
     first, second = (jnp.asarray(rng.standard_normal((1, 5, 32)), jnp.float32) for _ in range(2))
-    model = UNetMotion(config)
-    a = model.apply({"params": params}, sample, jnp.asarray([500]), first)
-    b = model.apply({"params": params}, sample, jnp.asarray([500]), second)
+    a = unet_apply(config, {"params": params}, sample, jnp.asarray([500]), first)
+    b = unet_apply(config, {"params": params}, sample, jnp.asarray([500]), second)
     assert np.abs(np.asarray(a - b)).mean() > 1e-3 * np.abs(np.asarray(a)).mean()
     plain = _one_level()
     plain_flat = {k: v for k, v in flat.items() if not ("motion_modules" in "/".join(k) and "attn2" in k)}
     plain_params = random_unet_variables(plain)["params"]
     plain_params = flax.traverse_util.unflatten_dict({**flax.traverse_util.flatten_dict(plain_params),
                                                       **plain_flat})
-    a = UNetMotion(plain).apply({"params": plain_params}, sample, jnp.asarray([500]), first)
-    b = UNetMotion(plain).apply({"params": plain_params}, sample, jnp.asarray([500]), second)
+    a = unet_apply(plain, {"params": plain_params}, sample, jnp.asarray([500]), first)
+    b = unet_apply(plain, {"params": plain_params}, sample, jnp.asarray([500]), second)
     np.testing.assert_allclose(a, b, atol=1e-6)  # no text path left at all without the option
