@@ -24,7 +24,7 @@ from jaxvc.models import lora
 from tests.multidevice import run_with_devices, sharded_loss_script
 from tests.tiny_models import method_config
 
-MOTION_STEPS = 40
+MOTION_STEPS = 20
 
 
 def tiny_config(**overrides):
