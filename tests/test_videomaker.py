@@ -110,17 +110,17 @@ def test_every_frame_depends_on_the_reference(tiny_unet):
 
     _, config, variables = tiny_unet
     video, reference, text, t = _inputs(2)
-    model = UNetMotion(config)
-    base = model.apply(variables, video, t, text, reference_latent=reference)
+    apply = jax.jit(UNetMotion(config).apply)  # one program for the three calls (eagerly: ~350 small ones)
+    base = apply(variables, video, t, text, reference_latent=reference)
     other = _inputs(3)[1]  # another random reference (a constant shift would be normalized away per frame)
-    moved = model.apply(variables, video, t, text, reference_latent=other)
+    moved = apply(variables, video, t, text, reference_latent=other)
     scale = np.abs(np.asarray(base))[:, :GENERATED].mean()
     change = np.abs(np.asarray(moved - base))[:, :GENERATED].mean(axis=(2, 3, 4)) / scale  # (B, F) per frame
     # float32 evaluation noise is ~1e-7 relative; any real dependence is orders of magnitude above it (with random
     # weights attention is near-uniform, so the reference moves each frame by a few tenths of a percent)
     assert change.min() > 1e-4, change
     # and the conditioning is the reference's content, not a constant offset: zero reference != this reference
-    zero = model.apply(variables, video, t, text, reference_latent=jnp.zeros_like(reference))
+    zero = apply(variables, video, t, text, reference_latent=jnp.zeros_like(reference))
     assert np.abs(np.asarray(zero - base))[:, :GENERATED].mean() / scale > 1e-4
 
 
