@@ -6,6 +6,8 @@ Every field here is also the reference list of what the trainer reads (see jaxvc
 """
 from ml_collections import ConfigDict, config_dict
 
+from jaxvc.config_sections import profile
+
 
 def get_config(variant=None):
     variant = variant or "tiny"
@@ -73,6 +75,7 @@ def get_config(variant=None):
     config.preemption_check_every = 10  # steps between the hosts' SIGTERM agreement (multi-process runs only)
     config.peak_flops_per_device = config_dict.placeholder(float)  # None: from the device table (no MFU on CPU)
     config.progress_bar = True
+    config.profile = profile()  # profiler traces of chosen steps (jaxvc/train/profiling.py); off by default
 
     if variant == "tiny":
         pass

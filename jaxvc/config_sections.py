@@ -76,6 +76,18 @@ def optim(lr: float) -> ConfigDict:
     return section
 
 
+def profile() -> ConfigDict:
+    """The profiler's settings (jaxvc/train/profiling.py); off until ``steps`` > 0."""
+    section = ConfigDict()
+    section.steps = 0  # steps in the trace (0: no trace)
+    section.skip_steps = 5  # steps run first, from where the process starts or resumes (compiles, warm-up)
+    section.dir = ""  # "" = <workdir>/tensorboard: TensorBoard's Profile tab finds the trace there
+    section.all_hosts = False  # every process writes its trace (else process 0 only)
+    section.memory = False  # a device memory profile (pprof) after the last traced step
+    section.server_port = 0  # > 0: JAX's profiler server on that port, for on-demand capture
+    return section
+
+
 def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_steps: int = 25,
                      guidance_scale: float = 8.0) -> None:
     """Mesh, precision, launch flags, checkpoints, logging and validation samples, set on ``config``."""
@@ -118,3 +130,4 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.max_nonfinite_in_a_row = 3
     config.peak_flops_per_device = config_dict.placeholder(float)
     config.progress_bar = True
+    config.profile = profile()

@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
     with contextlib.redirect_stdout(printed):
         code = main(["--size", "tiny", "--frames", "2", "--image-size", "16", "--sampling-steps", "2",
                      "--warmup", "0", "--iters", "1", "--xla-fast-compile", "--torch-threads", "1",
-                     "--out", str(out)])
+                     "--profile", str(out.parent / "profile"), "--out", str(out)])
     assert code == 0
     return json.loads(out.with_suffix(".json").read_text()), printed.getvalue(), out
 
@@ -56,6 +56,26 @@ def test_table_has_every_row_with_finite_positive_numbers(tiny_run):
         assert measured[(workload, "jaxvc")]["xla_flops"] > 0
     assert result["header"]["peak_flops_per_s"] > 0
     assert out.with_suffix(".csv").read_text().count("\n") == 1 + 6  # header + 3 workloads x 2 implementations
+
+
+def test_profile_traces_each_row_outside_the_timings(tiny_run):
+    """--profile: per row, a JAX trace of the jaxvc program (2 calls after the timed one) and a torch Chrome trace."""
+    from jaxvc.train.profiling import trace_files
+
+    result, _, out = tiny_run
+    for workload, program in (("train_step", "train_step"), ("sampling", "generate"), ("vae_decode", "vae_decode")):
+        traces = trace_files(out.parent / "profile" / f"jaxvc_{workload}_16px")
+        assert len(traces) == 1, workload
+        spans = sorted((event.start_ns, event.start_ns + event.duration_ns)
+                       for plane in jax.profiler.ProfileData.from_file(str(traces[0])).planes
+                       for line in plane.lines if line.name == "python" for event in line.events
+                       if event.name.startswith("PjitFunction") and f"({program})" in event.name)
+        calls = [span for i, span in enumerate(spans) if not any(s <= span[0] and span[1] <= e
+                                                                 for s, e in spans[:i])]  # outermost: a call
+        assert len(calls) == 2, (workload, spans)
+        chrome = json.loads((out.parent / "profile" / f"torch_eager_{workload}_16px.json").read_text())
+        assert any(event.get("name", "").startswith("aten::") for event in chrome["traceEvents"]), workload
+    assert all(len(m["extra"]["times_s"]) == 1 for m in result["measurements"])  # --iters 1: one timed call
 
 
 def test_benchmark_flop_counts_bracket_xla_at_tiny_width(tiny_run):

@@ -23,6 +23,7 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the device in the same process
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -103,6 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--assume-compute-capability", default="9.0",
                         help="with --lower-for cuda: the GPU's compute capability (9.0: H100/H200; 8.0: A100); "
                              "--compile-for takes it from its GPU")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after each row's timed calls, profile 2 more: jaxvc rows with JAX's profiler into "
+                             "DIR/jaxvc_<workload>_<size>px (TensorBoard's Profile tab, XProf, Perfetto), torch rows "
+                             "with torch.profiler as Chrome traces DIR/torch_<eager|compile>_<workload>_<size>px.json "
+                             "(Perfetto); the timings do not include them")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None,
                         help="write <out>.json (header, every measurement, the table) and <out>.csv")
@@ -273,6 +279,12 @@ def versions() -> dict:
     return out
 
 
+def profile_path(args, implementation: str, workload: str, size: int, suffix: str = "") -> Path:
+    """Where ``--profile`` puts a row's trace: DIR/<implementation>_<workload>_<size>px[suffix]."""
+    name = f"{implementation.replace('.', '_').replace(' ', '_')}_{workload.replace(' ', '_')}_{size}px".lower()
+    return Path(args.profile) / (name + suffix)
+
+
 def run(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -282,7 +294,7 @@ def run(args) -> int:
     from jaxvc.bench import jax_workloads
     from jaxvc.bench.report import Measurement, finish, format_table, table_rows, write_outputs
     from jaxvc.bench.sizes import model_configs
-    from jaxvc.bench.timing import measure_peak_flops, xla_counts_loop_body_once
+    from jaxvc.bench.timing import jax_trace, measure_peak_flops, xla_counts_loop_body_once
 
     if args.lower_for or args.compile_for:
         return run_lowering(args)
@@ -308,7 +320,7 @@ def run(args) -> int:
                                                          "attention", "remat", "sampling_steps", "guidance",
                                                          "warmup", "iters", "vae_chunk", "torch_compile",
                                                          "torch_compile_mode", "torch_threads",
-                                                         "xla_fast_compile", "time_budget")}}
+                                                         "xla_fast_compile", "time_budget", "profile")}}
     print(f"jaxvc bench: {header['device']}; {header['host']}; " +
           ", ".join(f"{k} {v}" for k, v in header["versions"].items()) +
           (f"; XLA_FLAGS={header['xla_flags']}" if header["xla_flags"] else "") +
@@ -372,14 +384,17 @@ def run(args) -> int:
                 record(skipped(workload, "jaxvc", size))
                 continue
             print(f"  jaxvc {workload} @{size}px ...", flush=True)
+            trace = jax_trace(profile_path(args, "jaxvc", workload, size)) if args.profile else None
             try:
                 if workload == "VAE decode":
-                    m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, **common)
+                    m = jax_workloads.vae_decode(method, params, args.batch, chunk=args.vae_chunk, trace=trace,
+                                                 **common)
                 elif workload == "sampling":
                     m = jax_workloads.sampling(method, params, args.batch, steps=args.sampling_steps,
-                                               guidance=args.guidance, loop_counted_once=loop_once, **common)
+                                               guidance=args.guidance, loop_counted_once=loop_once, trace=trace,
+                                               **common)
                 else:
-                    m = jax_workloads.train_step(method, params, args.batch, **common)
+                    m = jax_workloads.train_step(method, params, args.batch, trace=trace, **common)
             except Exception as error:  # out of memory, an attention backend that rejects a shape, ...
                 message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:160]}"
                 m = Measurement(workload, "jaxvc", size, args.batch, error=message,
@@ -460,7 +475,9 @@ class TorchSide:
             print(f"  {implementation} {workload} @{size}px ...", flush=True)
             common = dict(batch=args.batch, frames=args.frames, latent=latent, image_size=size,
                           dtype=self.torch_dtype, compile=compile, compile_mode=args.torch_compile_mode,
-                          warmup=args.warmup, iters=args.iters, analytic_flops=self.analytic_counts[(size, workload)])
+                          warmup=args.warmup, iters=args.iters, analytic_flops=self.analytic_counts[(size, workload)],
+                          trace=tw.chrome_trace(profile_path(args, implementation, workload, size, ".json"),
+                                                torch.device(self.device)) if args.profile else None)
             if workload == "train step":
                 m = tw.train_step(self.models, gradient_checkpointing=args.remat != "none", **common)
             elif workload == "sampling":

@@ -150,7 +150,10 @@ def vae_decode_program(method, params, batch_size: int, *, chunk: int | None):
     shape = (batch_size, method.num_frames, method.latent_size, method.latent_size, method.latent_channels)
     abstract = _shape_only(variables)
     latents = jax.ShapeDtypeStruct(shape, jnp.float32) if abstract else _latents(jax.random.key(5), shape)
-    return jax.jit(lambda v, z: decode_video(vae, v, z, chunk=chunk)), (variables, latents)
+    def vae_decode(variables, latents):  # named: profiles (--profile) show the program by this name
+        return decode_video(vae, variables, latents, chunk=chunk)
+
+    return jax.jit(vae_decode), (variables, latents)
 
 
 def _compile(program, args, compiler_options):
@@ -161,7 +164,7 @@ def _compile(program, args, compiler_options):
 
 # ------------------------------------------------------------------------------------------------------ the timings
 def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
-               compiler_options: dict | None = None) -> Measurement:
+               compiler_options: dict | None = None, trace=None) -> Measurement:
     step, (state, batch) = train_step_program(method, params, batch_size)
     compiled, compile_s = _compile(step, (state, batch), compiler_options)
     holder = {"state": state}
@@ -170,7 +173,7 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics["loss"]
 
-    timing = time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters)
+    timing = time_calls(call, jax.block_until_ready, warmup=warmup, iters=iters, trace=trace)
     loss = float(call())
     memory, kind = jax_peak_memory()
     counts = analytic.train_step_flops(method.unet.config, method.text_encoder.config, batch_size, method.num_frames,
@@ -184,10 +187,11 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
 
 
 def sampling(method, params, batch_size: int, *, steps: int, guidance: float, warmup: int, iters: int,
-             loop_counted_once: bool, compiler_options: dict | None = None) -> Measurement:
+             loop_counted_once: bool, compiler_options: dict | None = None, trace=None) -> Measurement:
     generate, args = sampling_program(method, params, batch_size, steps=steps, guidance=guidance)
     compiled, compile_s = _compile(generate, args, compiler_options)
-    timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters)
+    timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters,
+                        trace=trace)
     memory, kind = jax_peak_memory()
     xla = compiled_flops(compiled)
     if xla is not None and loop_counted_once:
@@ -201,10 +205,11 @@ def sampling(method, params, batch_size: int, *, steps: int, guidance: float, wa
 
 
 def vae_decode(method, params, batch_size: int, *, chunk: int | None, warmup: int, iters: int,
-               compiler_options: dict | None = None) -> Measurement:
+               compiler_options: dict | None = None, trace=None) -> Measurement:
     decode, args = vae_decode_program(method, params, batch_size, chunk=chunk)
     compiled, compile_s = _compile(decode, args, compiler_options)
-    timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters)
+    timing = time_calls(lambda: compiled(*args), jax.block_until_ready, warmup=warmup, iters=iters,
+                        trace=trace)
     memory, kind = jax_peak_memory()
     xla = compiled_flops(compiled)
     chunked = chunk is not None and chunk < batch_size * method.num_frames

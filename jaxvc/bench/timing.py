@@ -13,7 +13,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +28,13 @@ class Timing:
     warmup_s: float  # the warm-up calls together (torch.compile's compilation happens here)
 
 
-def time_calls(call: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int, iters: int) -> Timing:
-    """Median wall time of ``call()`` + ``sync(result)`` over ``iters`` calls after ``warmup`` calls."""
+def time_calls(call: Callable[[], Any], sync: Callable[[Any], None], *, warmup: int, iters: int,
+               trace: Callable[[], ContextManager] | None = None, trace_calls: int = 2) -> Timing:
+    """Median wall time of ``call()`` + ``sync(result)`` over ``iters`` calls after ``warmup`` calls.
+
+    ``trace``: a profiler context (``--profile``), entered after the timed calls for ``trace_calls`` more calls, so
+    that the profiler's own cost never enters the timings.
+    """
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
     start = time.perf_counter()
@@ -41,7 +46,17 @@ def time_calls(call: Callable[[], Any], sync: Callable[[Any], None], *, warmup: 
         start = time.perf_counter()
         sync(call())
         times.append(time.perf_counter() - start)
+    if trace is not None:
+        with trace():
+            for _ in range(trace_calls):
+                sync(call())
     return Timing(statistics.median(times), min(times), times, warmup_s)
+
+
+def jax_trace(directory) -> Callable[[], ContextManager]:
+    """``time_calls``'s ``trace`` for jaxvc rows: JAX's profiler into ``directory`` (``plugins/profile/<time>/
+    <host>.xplane.pb``, for TensorBoard's Profile tab, XProf or Perfetto)."""
+    return lambda: jax.profiler.trace(str(directory))
 
 
 def process_peak_rss_bytes() -> int:

@@ -18,7 +18,9 @@ UNet (and the VAE) in ``torch.compile``; a failure to compile is reported, not r
 """
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +73,21 @@ def synchronize(device: torch.device):
     return sync
 
 
+def chrome_trace(path, device: torch.device):
+    """``time_calls``'s ``trace`` for torch rows: ``torch.profiler`` (CPU ops; CUDA kernels on a GPU) written as a
+    Chrome trace to ``path`` (Perfetto and chrome://tracing open it)."""
+    @contextlib.contextmanager
+    def context():
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            yield
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        profiler.export_chrome_trace(str(path))
+    return context
+
+
 def _reset_memory(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -97,10 +114,11 @@ def _failure(workload, implementation, image_size, batch, error: Exception) -> M
     return Measurement(workload, implementation, image_size, batch, error=message)
 
 
-def _run(workload, implementation, image_size, batch, device, call, *, warmup, iters, analytic_flops, extra=None):
+def _run(workload, implementation, image_size, batch, device, call, *, warmup, iters, analytic_flops, extra=None,
+         trace=None):
     _reset_memory(device)
     try:
-        timing = time_calls(call, synchronize(device), warmup=warmup, iters=iters)
+        timing = time_calls(call, synchronize(device), warmup=warmup, iters=iters, trace=trace)
     except Exception as error:  # torch.compile without a working inductor toolchain, OOM, ...
         return _failure(workload, implementation, image_size, batch, error)
     memory, kind = _peak_memory(device)
@@ -112,7 +130,7 @@ def _run(workload, implementation, image_size, batch, device, call, *, warmup, i
 
 def train_step(models: TorchModels, *, batch: int, frames: int, latent: int, image_size: int, dtype: str,
                compile: bool, compile_mode: str, warmup: int, iters: int, analytic_flops: float,
-               gradient_checkpointing: bool = False) -> Measurement:
+               gradient_checkpointing: bool = False, trace=None) -> Measurement:
     from diffusers import DDPMScheduler
 
     device, implementation = models.device, "torch.compile" if compile else "torch eager"
@@ -153,7 +171,7 @@ def train_step(models: TorchModels, *, batch: int, frames: int, latent: int, ima
         return loss.detach()
 
     result = _run("train step", implementation, image_size, batch, device, step, warmup=warmup, iters=iters,
-                  analytic_flops=analytic_flops)
+                  analytic_flops=analytic_flops, trace=trace)
     del optimizer
     for parameter in models.unet.parameters():
         parameter.grad = None
@@ -162,7 +180,7 @@ def train_step(models: TorchModels, *, batch: int, frames: int, latent: int, ima
 
 def sampling(models: TorchModels, *, batch: int, frames: int, latent: int, image_size: int, dtype: str,
              compile: bool, compile_mode: str, steps: int, guidance: float, warmup: int, iters: int,
-             analytic_flops: float) -> Measurement:
+             analytic_flops: float, trace=None) -> Measurement:
     from diffusers import DDIMScheduler
 
     device, implementation = models.device, "torch.compile" if compile else "torch eager"
@@ -194,11 +212,12 @@ def sampling(models: TorchModels, *, batch: int, frames: int, latent: int, image
         return latents
 
     return _run("sampling", implementation, image_size, batch, device, generate, warmup=warmup, iters=iters,
-                analytic_flops=analytic_flops, extra={"steps": steps, "guidance": guidance})
+                analytic_flops=analytic_flops, extra={"steps": steps, "guidance": guidance}, trace=trace)
 
 
 def vae_decode(models: TorchModels, *, batch: int, frames: int, latent: int, image_size: int, dtype: str,
-               compile: bool, compile_mode: str, warmup: int, iters: int, analytic_flops: float) -> Measurement:
+               compile: bool, compile_mode: str, warmup: int, iters: int, analytic_flops: float,
+               trace=None) -> Measurement:
     device, implementation = models.device, "torch.compile" if compile else "torch eager"
     torch_dtype = TORCH_DTYPES[dtype]
     vae = models.vae.to(torch_dtype).eval()
@@ -210,7 +229,7 @@ def vae_decode(models: TorchModels, *, batch: int, frames: int, latent: int, ima
         return decode(latents / models.scaling_factor).sample
 
     return _run("VAE decode", implementation, image_size, batch, device, call, warmup=warmup, iters=iters,
-                analytic_flops=analytic_flops)
+                analytic_flops=analytic_flops, trace=trace)
 
 
 def describe_compile_support(device: str) -> str | None:

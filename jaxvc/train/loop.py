@@ -11,7 +11,8 @@
   never stalls the device, except at log/checkpoint/sample points;
 * SIGTERM (preemption) finishes the current step, saves, waits for the write and returns (``preempted=True``);
   with several processes the hosts agree on stopping every ``config.preemption_check_every`` steps;
-  ``config.max_nonfinite_in_a_row`` consecutive non-finite steps raise ``NonFiniteError`` without saving.
+  ``config.max_nonfinite_in_a_row`` consecutive non-finite steps raise ``NonFiniteError`` without saving;
+* ``config.profile`` traces chosen steps for the profiler (jaxvc/train/profiling.py).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxvc.train.metrics import MetricWriter, compiled_flops, mfu, peak_flops_per_device
 from jaxvc.train.optim import build_optimizer
+from jaxvc.train.profiling import StepProfiler
 from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
 from jaxvc.train.step import make_train_step
 
@@ -148,6 +150,7 @@ class Trainer:
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
         _check_best_metric(config)
+        self.profiler = StepProfiler(setting(config, "profile", None), self.workdir)  # checks config.profile now
         # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level),
         # over jaxvc's defaults for the mesh's platform (jaxvc/compile_options.py)
         options = setting(config, "compiler_options", None)
@@ -379,7 +382,7 @@ class Trainer:
             pending = []
 
         try:
-            with _Preemption() as preemption:
+            with _Preemption() as preemption, self.profiler.start(start) as profiler:
                 for step_index in range(start, self.steps):
                     try:
                         local = next(data)
@@ -391,7 +394,12 @@ class Trainer:
                     if self._compiled is None:
                         self.compile(state, batch)
                         window_start = time.perf_counter()
-                    state, metrics = self.compile(state, batch)(state, batch)
+                    profiler.before_step(step_index)
+                    with profiler.annotation(step_index):
+                        state, metrics = self.compile(state, batch)(state, batch)
+                    traced = profiler.after_step(step_index, state)
+                    if traced:
+                        progress.write(traced)
                     consume()  # the previous step's metrics: the device is already busy with this one
                     pending.append((step_index + 1, metrics))
                     window_steps += 1
