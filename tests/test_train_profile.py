@@ -1,8 +1,9 @@
 """``config.profile``: the trainer traces exactly the steps it names (counted from where the process starts or
 resumes), saves a device memory profile after them, ends a trace the run does not finish, leaves training
-unchanged, and refuses bad settings by name."""
+unchanged, and refuses bad settings by name. And the input pipeline's share of the step time it logs."""
 import gzip
 import socket
+import time
 
 import jax
 import numpy as np
@@ -99,6 +100,29 @@ def test_profiler_server_runs_for_the_run_only(tmp_path):
     stream = ProbingStream(toy_data.from_config(config, (0, config.batch_size)), port)
     train(config, ToyDenoiser(config), stream, tmp_path)
     assert stream.answered == [True, True] and not _listening(port)
+
+
+class SlowStream(ProbingStream):
+    """The toy stream, 0.3 s per batch: an input-bound run."""
+
+    def __next__(self):
+        time.sleep(0.3)
+        return next(self.inner)
+
+
+def test_time_waiting_for_the_input_pipeline_is_logged(tmp_path):
+    from tests.test_train_step import read_scalars
+
+    config = get_config("configs/toy.py:tiny", FAST + ["steps=3", "log_every=1"])
+    stream = SlowStream(toy_data.from_config(config, (0, config.batch_size)), 0)
+    train(config, ToyDenoiser(config), stream, tmp_path)
+    scalars = read_scalars(tmp_path / "tensorboard")
+    wait = [v for _, v in scalars["perf/data_wait_s"]]
+    fraction = [v for _, v in scalars["perf/data_wait_fraction"]]
+    step_time = [v for _, v in scalars["perf/step_time_s"]]
+    assert len(wait) == 3 and all(w >= 0.3 for w in wait)  # each step waited out the stream's sleep
+    assert all(0 < f <= 1 for f in fraction)
+    np.testing.assert_allclose(np.array(fraction) * step_time, wait, rtol=1e-5)
 
 
 def test_no_trace_unless_asked(tmp_path):

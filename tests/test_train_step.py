@@ -206,7 +206,7 @@ def test_loop_writes_tensorboard_samples_and_config(tmp_path):
     assert [h["step"] for h in result.history] == [1, 2]
     scalars = read_scalars(tmp_path / "tensorboard")
     for tag in ("train/loss", "train/grad_norm", "train/learning_rate", "perf/samples_per_s", "perf/step_time_s",
-                "perf/mfu", "method/mse"):
+                "perf/mfu", "perf/data_wait_s", "perf/data_wait_fraction", "method/mse"):
         assert [s for s, _ in scalars[tag]] == [1, 2], tag
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [h["loss"] for h in result.history], rtol=1e-6)
     assert scalars["train/learning_rate"][0][1] == 0.0 and scalars["train/learning_rate"][1][1] > 0  # warmup

@@ -361,6 +361,7 @@ class Trainer:
         pending: list[tuple[int, Any]] = []
         since_checkpoint: list[float] = []
         window_start, window_steps = time.perf_counter(), 0
+        window_data_s = 0.0  # host time spent getting batches (reading, decoding, the copy to the devices)
         preempted = False
         step_index = start
 
@@ -384,6 +385,7 @@ class Trainer:
         try:
             with _Preemption() as preemption, self.profiler.start(start) as profiler:
                 for step_index in range(start, self.steps):
+                    fetch_start = time.perf_counter()
                     try:
                         local = next(data)
                     except StopIteration:
@@ -391,9 +393,10 @@ class Trainer:
                                            f"{self.steps}; make the stream repeat or lower steps") from None
                     data_state = json.loads(json.dumps(data.get_state())) if hasattr(data, "get_state") else None
                     batch = distributed.global_batch(local, self.mesh, self.batch_size, self.rules)
+                    window_data_s += time.perf_counter() - fetch_start
                     if self._compiled is None:
                         self.compile(state, batch)
-                        window_start = time.perf_counter()
+                        window_start = time.perf_counter() - window_data_s  # the compile out, the batch in
                     profiler.before_step(step_index)
                     with profiler.annotation(step_index):
                         state, metrics = self.compile(state, batch)(state, batch)
@@ -415,7 +418,7 @@ class Trainer:
                     consume()
                     if do_log:
                         elapsed = time.perf_counter() - window_start
-                        self._log(writer, progress, history[-1], elapsed / max(window_steps, 1), peak)
+                        self._log(writer, progress, history[-1], elapsed, window_steps, window_data_s, peak)
                     # Sample first, so a checkpoint of the same step carries the validation scores (keep_best can
                     # rank by them); on SIGTERM the checkpoint comes first, it is what the grace period is for.
                     scores = self._sample_and_score(writer, progress, state, done) if do_sample and not stop else {}
@@ -425,7 +428,7 @@ class Trainer:
                         since_checkpoint.clear()
                     if do_sample and stop:
                         self._sample_and_score(writer, progress, state, done)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, window_data_s = time.perf_counter(), 0, 0.0
                     if stop:
                         preempted = True
                         if jax.process_index() == 0:
@@ -439,12 +442,17 @@ class Trainer:
             progress.close()
         return TrainResult(state, history, start, int(state.step), preempted, self.workdir)
 
-    def _log(self, writer, progress, values: dict, step_seconds: float, peak):
+    def _log(self, writer, progress, values: dict, elapsed: float, steps: int, data_seconds: float, peak):
+        """Scalars of the step just fetched; the perf ones over the window of ``steps`` steps (``elapsed``
+        seconds, ``data_seconds`` of them waiting for the input pipeline: near 1 of it means input-bound)."""
         step = int(values["step"])
+        step_seconds = elapsed / max(steps, 1)
         scalars = {"train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
                    "train/learning_rate": values["learning_rate"], "train/nonfinite_total": values["nonfinite_total"],
                    "perf/step_time_s": step_seconds, "perf/samples_per_s": self.batch_size / step_seconds,
-                   "perf/mfu": mfu(self.flops_per_step, step_seconds, peak)}
+                   "perf/mfu": mfu(self.flops_per_step, step_seconds, peak),
+                   "perf/data_wait_s": data_seconds / max(steps, 1),
+                   "perf/data_wait_fraction": data_seconds / elapsed if elapsed > 0 else 0.0}
         scalars.update({k: v for k, v in values.items() if k.startswith("method/")})
         writer.scalars(step, scalars)
         progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['learning_rate']:.3g}", refresh=False)
