@@ -125,6 +125,9 @@ def test_time_waiting_for_the_input_pipeline_is_logged(tmp_path):
     np.testing.assert_allclose(np.array(fraction) * step_time, wait, rtol=1e-5)
 
 
-def test_no_trace_unless_asked(tmp_path):
+def test_no_trace_unless_asked_and_the_compiled_step_is_described(tmp_path, capsys):
     result = run(tmp_path, "steps=2")
     assert np.isfinite(result.history[-1]["loss"]) and trace_files(tmp_path / "tensorboard") == []
+    printed = capsys.readouterr().out
+    assert "jaxvc train: compiled the step for video (8, 2, 8, 8, 3) in " in printed
+    assert " GFLOP per device per step; XLA plans " in printed

@@ -25,8 +25,8 @@ from ml_collections import ConfigDict
 from jaxvc.bench import flops as analytic
 from jaxvc.bench.report import Measurement
 from jaxvc.bench.sizes import ModelConfigs
-from jaxvc.bench.timing import compiled_memory_bytes, jax_peak_memory, time_calls
-from jaxvc.train.metrics import compiled_flops
+from jaxvc.bench.timing import jax_peak_memory, time_calls
+from jaxvc.train.metrics import compiled_flops, compiled_memory_bytes
 
 EMPTY_PROMPT = [49406] + [49407] * 76  # CLIP <|startoftext|> then <|endoftext|> padding
 

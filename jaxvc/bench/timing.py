@@ -78,18 +78,6 @@ def jax_peak_memory(device=None) -> tuple[int | None, str]:
     return process_peak_rss_bytes(), "process peak RSS"
 
 
-def compiled_memory_bytes(compiled) -> int | None:
-    """What XLA planned for one call of a compiled function: arguments + outputs + temporaries - aliased buffers."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:
-        return None
-    if analysis is None:
-        return None
-    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-               - analysis.alias_size_in_bytes)
-
-
 def measure_peak_flops(device=None, *, size: int | None = None, dtype: str | None = None, iters: int = 10) -> dict:
     """The device's achievable matmul FLOP/s, measured once: an n x n x n matmul, the fastest of ``iters`` runs (a
     peak is a best case; on a shared CPU the median would measure the neighbours).

@@ -36,7 +36,7 @@ from jaxvc.parallel.mesh import activate, make_mesh
 from jaxvc.parallel.rules import param_shardings, rules_from_config
 from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
-from jaxvc.train.metrics import MetricWriter, compiled_flops, mfu, peak_flops_per_device
+from jaxvc.train.metrics import MetricWriter, compiled_flops, compiled_memory_bytes, mfu, peak_flops_per_device
 from jaxvc.train.optim import build_optimizer
 from jaxvc.train.profiling import StepProfiler
 from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
@@ -266,12 +266,18 @@ class Trainer:
             ema_decay=self.ema_decay,
             constrain_micro_batches=(self.batch_size // self.accumulation) % self.batch_size_divisor == 0)
         batch_shardings = {k: distributed.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()}
+        started = time.perf_counter()
         with self._context():
             jitted = jax.jit(step_fn, in_shardings=(self.state_shardings, batch_shardings),
                              out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
             self._compiled = jitted.lower(state, batch).compile(self.compiler_options)
         self.flops_per_step = compiled_flops(self._compiled)
         self._programs[signature] = (self._compiled, self.flops_per_step)
+        if jax.process_index() == 0:
+            from tqdm.auto import tqdm
+
+            tqdm.write(_compile_report(time.perf_counter() - started, batch, self.flops_per_step,
+                                       compiled_memory_bytes(self._compiled)))
         return self._compiled
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -465,6 +471,19 @@ class Trainer:
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed and jax.process_index() == 0:
             print(f"jaxvc train: resuming with config changes in {', '.join(changed)}")
+
+
+def _compile_report(seconds: float, batch: dict, flops: float | None, planned_bytes: int | None) -> str:
+    """One line per compiled step program: how long it took, and what XLA says one step costs per device (the
+    memory plan is what decides whether a layout fits before the first step runs)."""
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(batch.items()))
+    line = f"jaxvc train: compiled the step for {shapes} in {seconds:.1f} s"
+    if flops:
+        line += f"; {flops / 1e9:.4g} GFLOP per device per step"
+    if planned_bytes:
+        size = (f"{planned_bytes / 2**30:.2f} GiB" if planned_bytes >= 2**30 else f"{planned_bytes / 2**20:.1f} MiB")
+        line += f"; XLA plans {size} per device"
+    return line
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):

@@ -53,6 +53,19 @@ def compiled_flops(compiled) -> float | None:
     return flops if flops > 0 else None
 
 
+def compiled_memory_bytes(compiled) -> int | None:
+    """What XLA planned per device for one call of a compiled function: arguments + outputs + temporaries - aliased
+    (donated) buffers; None where the backend gives no memory analysis."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:
+        return None
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
+
+
 def mfu(flops_per_step: float | None, step_seconds: float, peak: float | None) -> float | None:
     if not flops_per_step or not peak or step_seconds <= 0:
         return None
