@@ -59,8 +59,10 @@ def make_tiny(config: ConfigDict) -> None:
 
 
 def optim(lr: float) -> ConfigDict:
-    """AdamW (weight decay 1e-2, not on norms and biases) after global-norm clipping, on an LR schedule."""
+    """AdamW (weight decay 1e-2, not on norms and biases) after global-norm clipping, on an LR schedule; the other
+    optimizers of jaxvc/train/optim.py by ``name``."""
     section = ConfigDict()
+    section.name = "adamw"  # adamw | adafactor | lion | sgd (jaxvc/train/optim.py)
     section.lr = lr
     section.schedule = "constant"
     section.warmup_steps = 0
@@ -70,6 +72,8 @@ def optim(lr: float) -> ConfigDict:
     section.b2 = 0.999
     section.eps = 1e-8
     section.weight_decay = 1e-2
+    section.mu_dtype = ""  # "bfloat16": the first moment (adamw, lion, sgd) in half the memory
+    section.factored_min_dim = 128  # adafactor: factor a moment when its two largest dimensions are at least this
     section.clip_norm = 1.0
     section.accumulation_steps = 1
     section.ema_decay = config_dict.placeholder(float)

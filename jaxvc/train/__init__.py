@@ -1,7 +1,7 @@
 """Training: the engine under every method.
 
   state.py        TrainState (trainable / frozen split, optimizer state over the trainable part only)
-  optim.py        Optax chains from config.optim (clipping, AdamW with a decay mask, LR schedules)
+  optim.py        Optax chains from config.optim (clipping; AdamW, Adafactor, Lion, SGD; decay mask; LR schedules)
   step.py         the pure train step (micro-batch accumulation, non-finite guard, EMA)
   loop.py         Trainer / train(config, method, data, workdir): mesh, shardings, jit, checkpoints, logging
   checkpoint.py   Orbax CheckpointManager (state, data-iterator state, config; keep latest + best)

@@ -104,7 +104,8 @@ class _Preemption:
 
 
 def _opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, replicated):
-    """Optimizer-state leaves that mirror a parameter (Adam moments) get its sharding; the rest is replicated.
+    """Optimizer-state leaves that mirror a parameter (AdamW's moments, Lion's and SGD's momentum) get its sharding;
+    the rest (counts, Adafactor's factored row and column statistics, small next to the parameter) is replicated.
 
     A leaf mirrors a parameter when the parameter's key path is a suffix of the leaf's and the shapes agree.
     """
