@@ -41,10 +41,13 @@ def get_config(variant=None):
     config.optim = ConfigDict()
     config.optim.name = "adamw"  # adamw | adafactor | lion | sgd (jaxvc/train/optim.py)
     config.optim.lr = 1e-3
-    config.optim.schedule = "warmup_cosine"  # constant | warmup_constant | warmup_cosine
+    # constant | warmup_constant | warmup_cosine | warmup_linear | wsd | rsqrt (jaxvc/train/schedules.py)
+    config.optim.schedule = "warmup_cosine"
     config.optim.warmup_steps = 2
     config.optim.decay_steps = config_dict.placeholder(int)  # None: config.steps
-    config.optim.end_lr_ratio = 0.0  # cosine ends at lr * end_lr_ratio
+    config.optim.end_lr_ratio = 0.0  # cosine, linear and wsd end at lr * end_lr_ratio
+    config.optim.cooldown_fraction = 0.2  # wsd: the decay is this last fraction of decay_steps
+    config.optim.cooldown_shape = "1-sqrt"  # wsd: 1-sqrt | linear | cosine
     config.optim.b1 = 0.9
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8

@@ -68,6 +68,8 @@ def optim(lr: float) -> ConfigDict:
     section.warmup_steps = 0
     section.decay_steps = config_dict.placeholder(int)
     section.end_lr_ratio = 0.0
+    section.cooldown_fraction = 0.2  # wsd: the decay is this last fraction of decay_steps
+    section.cooldown_shape = "1-sqrt"  # wsd: 1-sqrt | linear | cosine
     section.b1 = 0.9
     section.b2 = 0.999
     section.eps = 1e-8

@@ -1,6 +1,7 @@
 """``optim.name``: AdamW, Adafactor, Lion and SGD. Each one's first updates against its formula (decoupled weight
 decay x lr on matrices only), Adafactor's factored statistics (exact for a rank-1 gradient, a fraction of AdamW's
-memory), ``mu_dtype``, clear errors, and training + exact resume through the trainer with each state layout."""
+memory), ``mu_dtype``, clear errors, training + exact resume through the trainer with each state layout, and a WSD
+cooldown branched off a longer run's checkpoint."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,4 +133,32 @@ def test_training_and_exact_resume_with_each_state_layout(tmp_path, name):
     assert resumed.start_step == 2
     assert [h["loss"] for h in resumed.history] == losses[2:]
     for a, b in zip(jax.tree.leaves(resumed.state.opt_state), jax.tree.leaves(straight.state.opt_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_wsd_cooldown_branched_off_a_longer_run_equals_training_it_from_the_start(tmp_path):
+    """The WSD workflow of scaling studies: a long run at the stable LR is checkpointed; copying a checkpoint into a
+    new run folder and resuming with a shorter ``steps`` and the matching ``cooldown_fraction`` gives exactly the
+    run that had that schedule from step 0 (the stable phase does not depend on the run's length)."""
+    import shutil
+
+    def run(workdir, steps, fraction, every):
+        config = get_config("configs/toy.py:tiny", FAST + [
+            f"steps={steps}", "optim.schedule=wsd", "optim.warmup_steps=2", f"optim.cooldown_fraction={fraction}",
+            f"checkpoint.every={every}", "checkpoint.keep=4"])
+        return train(config, ToyDenoiser(config), lambda rows: toy_data.from_config(config, rows), workdir)
+
+    long = run(tmp_path / "long", 16, 0.25, every=6)  # stable until step 12; checkpoints at 6 and 12
+    (tmp_path / "branch" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "long" / "checkpoints" / "6", tmp_path / "branch" / "checkpoints" / "6")
+    branch = run(tmp_path / "branch", 9, 3 / 9, every=0)  # cooldown over steps 6-9
+    straight = run(tmp_path / "straight", 9, 3 / 9, every=0)
+    assert branch.start_step == 6
+    stable = [h["learning_rate"] for h in long.history[6:9]]
+    cooling = [h["learning_rate"] for h in branch.history]
+    np.testing.assert_allclose(stable, 1e-3, rtol=1e-6)  # the long run is still at the stable LR there
+    assert cooling[2] < cooling[1] < 0.999e-3  # the branch cools down (its first step is the last at full LR)
+    assert [h["learning_rate"] for h in branch.history] == [h["learning_rate"] for h in straight.history[6:]]
+    assert [h["loss"] for h in branch.history] == [h["loss"] for h in straight.history[6:]]
+    for a, b in zip(jax.tree.leaves(branch.state.params), jax.tree.leaves(straight.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

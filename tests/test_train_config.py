@@ -4,6 +4,7 @@ import argparse
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -129,6 +130,49 @@ def test_schedules():
     optim.schedule = "linear"
     with pytest.raises(ValueError, match="optim.schedule 'linear'"):
         build_schedule(optim, 14)
+
+
+def test_linear_wsd_and_rsqrt_schedules():
+    optim = get_config("configs/toy.py").optim
+    optim.lr, optim.warmup_steps, optim.end_lr_ratio = 1.0, 4, 0.1
+    optim.schedule = "warmup_linear"
+    linear = build_schedule(optim, total_steps=14)
+    np.testing.assert_allclose([float(linear(s)) for s in (0, 2, 4, 9, 14, 20)],
+                               [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6)
+    # wsd over 24 steps: warmup to step 4, lr held until step 19, the cooldown on the last 5 (0.2 x 24 -> 5)
+    optim.schedule, optim.cooldown_fraction = "wsd", 0.2
+    expected_x = {19: 0.0, 20: 0.2, 22: 0.6, 24: 1.0, 30: 1.0}
+    for shape, curve in (("1-sqrt", lambda x: 1 - np.sqrt(x)), ("linear", lambda x: 1 - x),
+                         ("cosine", lambda x: 0.5 * (1 + np.cos(np.pi * x)))):
+        optim.cooldown_shape = shape
+        wsd = build_schedule(optim, total_steps=24)
+        np.testing.assert_allclose([float(wsd(s)) for s in (0, 2, 4, 12)], [0.0, 0.5, 1.0, 1.0], atol=1e-6)
+        np.testing.assert_allclose([float(wsd(s)) for s in expected_x],
+                                   [0.1 + 0.9 * curve(x) for x in expected_x.values()], atol=1e-6, err_msg=shape)
+    # jitted, as the optimizer runs it
+    np.testing.assert_allclose(float(jax.jit(wsd)(jnp.int32(22))), 0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 0.6)),
+                               atol=1e-6)
+    optim.schedule = "rsqrt"
+    rsqrt = build_schedule(optim, total_steps=24)
+    np.testing.assert_allclose([float(rsqrt(s)) for s in (0, 2, 4, 16, 100)], [0.0, 0.5, 1.0, 0.5, 0.2], atol=1e-6)
+    optim.warmup_steps = 0
+    np.testing.assert_allclose([float(build_schedule(optim, 24)(s)) for s in (0, 1, 4)], [1.0, 1.0, 0.5], atol=1e-6)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"schedule": "wsd", "cooldown_fraction": 0.0}, "optim.cooldown_fraction 0.0 of 14 decay steps"),
+    ({"schedule": "wsd", "cooldown_fraction": 0.9}, "leave the 4 warmup steps"),
+    ({"schedule": "wsd", "cooldown_shape": "exp"}, "optim.cooldown_shape 'exp' is not one of 1-sqrt, linear, cosine"),
+    ({"schedule": "warmup_linear", "decay_steps": 3}, "optim.decay_steps .3. must exceed optim.warmup_steps .4."),
+    ({"schedule": "rsqrt", "warmup_steps": -1}, "optim.warmup_steps must be >= 0"),
+])
+def test_schedule_errors_name_the_field(fields, message):
+    optim = get_config("configs/toy.py").optim
+    optim.lr, optim.warmup_steps = 1.0, 4
+    for key, value in fields.items():
+        optim[key] = value
+    with pytest.raises(ValueError, match=message):
+        build_schedule(optim, total_steps=14)
 
 
 def test_decay_mask_skips_norms_and_biases():

@@ -1,4 +1,5 @@
-"""Optax chains from ``config.optim``: global-norm clipping, then the optimizer ``optim.name``, on an LR schedule.
+"""Optax chains from ``config.optim``: global-norm clipping, then the optimizer ``optim.name``, on the LR schedule of
+jaxvc/train/schedules.py.
 
 * ``adamw`` (default): AdamW, ``b1``/``b2``/``eps``;
 * ``adafactor``: Adafactor's factored second moments (Shazeer & Stern 2018): a matrix whose two largest dimensions are
@@ -25,30 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxvc.train.schedules import build_schedule
+
 PyTree = Any
 NO_DECAY_NAMES = frozenset({"bias", "scale"})
-
-
-def build_schedule(optim_config, total_steps: int) -> optax.Schedule:
-    """constant | warmup_constant | warmup_cosine (decay over ``decay_steps`` or the run's ``total_steps``)."""
-    name = optim_config.schedule
-    lr = float(optim_config.lr)
-    warmup = int(optim_config.get("warmup_steps", 0) or 0)
-    if name == "constant":
-        return optax.constant_schedule(lr)
-    if name == "warmup_constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
-                                    [warmup]) if warmup else optax.constant_schedule(lr)
-    if name == "warmup_cosine":
-        decay_steps = optim_config.get("decay_steps")
-        if decay_steps is not None and decay_steps <= warmup:
-            raise ValueError(f"optim.decay_steps ({decay_steps}) must exceed optim.warmup_steps ({warmup}) "
-                             f"for the warmup_cosine schedule")
-        # A run shorter than its warmup (tiny tests) never reaches the decay.
-        decay_steps = decay_steps or max(total_steps, warmup + 1)
-        end = lr * float(optim_config.get("end_lr_ratio", 0.0))
-        return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, int(decay_steps), end)
-    raise ValueError(f"optim.schedule '{name}' is not one of constant, warmup_constant, warmup_cosine")
 
 
 def decay_mask(params: PyTree) -> PyTree:
