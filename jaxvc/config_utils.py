@@ -230,9 +230,12 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def write_config(config: ml_collections.ConfigDict, folder: str | os.PathLike) -> Path:
-    """Write ``config.json`` into ``folder`` (the record of how a run was configured)."""
-    folder = Path(folder)
+def write_config(config: ml_collections.ConfigDict, folder: str | os.PathLike):
+    """Write ``config.json`` into ``folder`` (the record of how a run was configured; a local folder or a bucket
+    URL)."""
+    from jaxvc.storage import run_path
+
+    folder = run_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.json"
     path.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")

@@ -5,12 +5,15 @@ so a crash never leaves a half-written video under the final name.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from jaxvc.storage import is_remote, run_path
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -57,9 +60,16 @@ def write_mp4(path, frames, fps: int = 8, min_size: int = 128) -> Path:
 
 
 def write_gif(path, frames, fps: int = 8, min_size: int = 128) -> Path:
-    path = Path(path)
+    """A GIF at ``path``, written atomically; ``path`` may be a bucket URL (a run folder on ``gs://``)."""
     frames = _upscale(_check_video(frames, path), min_size)
     images = [Image.fromarray(f) for f in frames]
+    if is_remote(path):  # an object store writes whole objects: no partial file to hide
+        buffer = io.BytesIO()
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps),
+                       loop=0)
+        run_path(path).write_bytes(buffer.getvalue())
+        return run_path(path)
+    path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
     os.replace(tmp, path)

@@ -37,7 +37,7 @@ def test_trace_covers_the_chosen_steps_and_memory_is_saved(tmp_path):
     profiled = run(tmp_path / "profiled", "steps=5", "profile.steps=2", "profile.skip_steps=1",
                    "profile.memory=true")
     traces = trace_files(tmp_path / "profiled" / "tensorboard")  # where TensorBoard's Profile tab looks
-    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert len(traces) == 1 and traces[0].stat().length > 0
     assert traced_steps(traces[0]) == [2, 3]  # steps 1, 4 and 5 ran outside the trace
     memory = tmp_path / "profiled" / "tensorboard" / "memory_step_00000003.prof"
     with gzip.open(memory) as f:  # pprof: a gzipped profile proto

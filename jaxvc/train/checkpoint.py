@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
+
+from jaxvc.storage import run_path
 
 PyTree = Any
 # Replicated arrays are split across their replicas for writing only when each replica's part is at least this big:
@@ -56,7 +57,7 @@ class Checkpointer:
     """Save/restore a run's (state, data state, config) by step."""
 
     def __init__(self, directory: str | os.PathLike, checkpoint_config):
-        self.directory = Path(directory).absolute()
+        self.directory = run_path(directory)  # a local folder or a bucket URL (gs://...), kept whole
         cfg = checkpoint_config
         keep = int(cfg.get("keep", 2))
         keep_best = int(cfg.get("keep_best", 0) or 0)

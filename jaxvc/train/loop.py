@@ -28,12 +28,14 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxvc import compile_options
 from jaxvc.config_utils import config_to_dict, write_config
 from jaxvc.parallel.mesh import activate, make_mesh
 from jaxvc.parallel.rules import param_shardings, rules_from_config
+from jaxvc.storage import run_path
 from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxvc.train.metrics import MetricWriter, compiled_flops, compiled_memory_bytes, mfu, peak_flops_per_device
@@ -54,7 +56,7 @@ class TrainResult:
     start_step: int  # the step the run started (or resumed) from
     final_step: int
     preempted: bool
-    workdir: Path
+    workdir: epath.Path  # a local folder or a bucket URL (jaxvc/storage.py)
 
 
 def _check_best_metric(config) -> None:
@@ -134,7 +136,7 @@ class Trainer:
     def __init__(self, config, method, workdir: str | Path, mesh=None):
         self.config = config
         self.method = method
-        self.workdir = Path(workdir)
+        self.workdir = run_path(workdir)  # gs://... stays a URL (jaxvc/storage.py)
         self.mesh = mesh if mesh is not None else make_mesh(dict(setting(config, "mesh", {"data": -1})))
         self.rules = rules_from_config(setting(config, "rules", ()))
         self.batch_size = int(config.batch_size)

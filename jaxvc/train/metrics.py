@@ -13,6 +13,8 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jaxvc.storage import is_remote, run_path
+
 # device_kind substring (lower case) -> dense bf16 peak FLOP/s per device (one chip; for TPU v2/v3 one core).
 PEAK_FLOPS = (
     ("v6 lite", 918e12), ("v6e", 918e12),
@@ -81,8 +83,9 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            Path(logdir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(str(logdir))
+            if not is_remote(logdir):  # tensorboardX writes gs:// and s3:// itself (google-cloud-storage, boto3)
+                Path(logdir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(os.fspath(logdir))
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.writer:
@@ -98,7 +101,7 @@ class MetricWriter:
             return []
         from jaxvc.media import to_uint8, write_gif
 
-        folder = Path(folder)
+        folder = run_path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         written = []
         for name, batch in videos.items():

@@ -21,9 +21,14 @@ TensorBoard scalars), so the trace viewer groups the device work by step; it cos
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
+
+from jaxvc.storage import is_remote, run_path
 
 
 def _setting(section, name: str, default):
@@ -48,10 +53,11 @@ class StepProfiler:
         if self.memory and self.steps == 0:
             raise ValueError("config.profile.memory saves the device memory after the last traced step: set "
                              "config.profile.steps > 0")
-        self.directory = Path(_setting(section, "dir", "") or Path(workdir) / "tensorboard")
+        self.directory = run_path(_setting(section, "dir", "") or run_path(workdir) / "tensorboard")
         self.enabled = self.steps > 0 and (all_hosts or jax.process_index() == 0)
         self.first = self.last = -1  # 0-based indices of the first and last traced steps (set by ``start``)
         self.recording = False
+        self.staging = None  # the local folder a trace for a bucket is written to first
         self.server = False
         self.written: list[Path] = []  # what this run wrote (the memory profiles; traces are found by trace_files)
 
@@ -78,7 +84,9 @@ class StepProfiler:
     def before_step(self, step_index: int) -> None:
         if self.enabled and step_index == self.first:
             self.directory.mkdir(parents=True, exist_ok=True)
-            jax.profiler.start_trace(str(self.directory))
+            # a bucket (gs://...): the profiler writes a local folder, copied into the bucket when the trace stops
+            self.staging = tempfile.mkdtemp(prefix="jaxvc-profile-") if is_remote(self.directory) else None
+            jax.profiler.start_trace(self.staging or os.fspath(self.directory))
             self.recording = True
 
     def after_step(self, step_index: int, state) -> str | None:
@@ -91,7 +99,7 @@ class StepProfiler:
         if self.memory:
             suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
             path = self.directory / f"memory_step_{self.last + 1:08d}{suffix}.prof"
-            jax.profiler.save_device_memory_profile(str(path))
+            path.write_bytes(jax.profiler.device_memory_profile())  # pprof, gzipped; local or in a bucket
             self.written.append(path)
             message += f"; device memory in {path}"
         return message
@@ -99,6 +107,14 @@ class StepProfiler:
     def _stop(self) -> None:
         self.recording = False
         jax.profiler.stop_trace()
+        if self.staging:
+            for file in sorted(Path(self.staging).rglob("*")):
+                if file.is_file():
+                    target = self.directory / file.relative_to(self.staging).as_posix()
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(file.read_bytes())
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
     def close(self) -> None:
         """A run that ends inside the window still gets the trace of the steps it ran."""
@@ -111,4 +127,4 @@ class StepProfiler:
 
 def trace_files(directory: str | Path) -> list[Path]:
     """The ``.xplane.pb`` traces under a profile folder, oldest run first."""
-    return sorted(Path(directory).glob("plugins/profile/*/*.xplane.pb"))
+    return sorted(run_path(directory).glob("plugins/profile/*/*.xplane.pb"))

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping
+
+from jaxvc.storage import run_path
 
 
 class RunFolderError(FileNotFoundError):
@@ -28,8 +29,9 @@ class TrainedRun:
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+    """A folder (local, or a bucket URL such as gs://bucket/run) with config.json and checkpoints/."""
+    path = run_path(path)
+    return (path / "config.json").exists() and (path / "checkpoints").is_dir()
 
 
 def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use_ema: bool = True,
@@ -44,7 +46,7 @@ def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use
     from jaxvc.methods import build_method
     from jaxvc.train.loop import Trainer
 
-    workdir = Path(workdir)
+    workdir = run_path(workdir)
     if not is_run_folder(workdir):
         raise RunFolderError(f"{workdir}: not a training run folder (expected config.json and checkpoints/, as "
                              "`jaxvc train --workdir` writes)")
