@@ -1,18 +1,105 @@
-"""A run folder in a bucket (``--workdir gs://...``, what the TPU launch scripts ask for), against a local GCS
-emulator: training writes its checkpoints (Orbax: tensorstore's gcs driver), ``config.json``, TensorBoard events,
-sample GIFs and a profiler trace there; a second run resumes from that checkpoint exactly (its losses are those of
-an uninterrupted local run), and ``load_trained_run`` (``jaxvc generate --model gs://...``) reads it back.
+"""Run folders in a bucket (``--workdir gs://...``, what the TPU launch scripts ask for).
 
 Before jaxvc/storage.py, ``pathlib.Path("gs://bucket/run")`` turned the URL into the local folder ``gs:/bucket/run``,
-so a pod's checkpoints landed on each worker's own disk. The emulator runs in the check's own process, which sets
-the endpoints (``STORAGE_EMULATOR_HOST`` for gcsfs and google-cloud-storage, ``TENSORSTORE_GCS_HTTP_URL`` for
-tensorstore) before anything reads them."""
+so a pod's checkpoints landed on each worker's own disk.
+
+* In CI: every path a run writes outside Orbax's arrays (the checkpoint folder Orbax creates, ``config.json``, sample
+  GIFs, a profiler trace and memory profile, the run-folder check of ``jaxvc generate``) stays a ``gs://`` URL and
+  lands in the bucket, with ``gs://`` served by an fsspec filesystem over a local folder (what epath reaches GCS
+  through; the emulator below only answers Orbax's bucket-metadata request).
+* Opt-in (``JAXVC_GCS_EMULATOR_TEST=1``): a whole run against a local GCS emulator (``gcp-storage-emulator``),
+  checkpoints through tensorstore's gcs driver included: train into ``gs://bucket/run``, resume (losses bit-equal to
+  an uninterrupted local run), ``load_trained_run``. Not in CI: the emulator implements no generation
+  preconditions, and tensorstore's conditional OCDBT manifest writes then fail ("Malformed StorageGeneration") in
+  about 1 run in 3 at tensorstore's default request concurrency; with ``TENSORSTORE_GCS_REQUEST_CONCURRENCY=1`` it
+  passed 9 of 10 runs here (the failure in a full-suite run, under load).
+"""
+import os
+
 import pytest
 
 from tests.multidevice import run_with_devices
 
-pytest.importorskip("gcp_storage_emulator")
-pytest.importorskip("gcsfs")
+FAKE_GCS = """
+import os, sys, tempfile
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+class FakeGCS(LocalFileSystem):
+    \"\"\"gs://bucket/path -> <root>/bucket/path on this disk.\"\"\"
+    root = tempfile.mkdtemp()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = os.fspath(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                return os.path.join(cls.root, path[len(prefix):]).rstrip("/")
+        return super()._strip_protocol(path)
+
+fsspec.register_implementation("gs", FakeGCS, clobber=True)
+fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+bucket = os.path.join(FakeGCS.root, "bucket")
+# Orbax asks google-cloud-storage for the bucket's metadata (hierarchical namespace or not): the emulator answers
+import socket
+from gcp_storage_emulator.server import create_server
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+server.start()
+os.environ.update(STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{port}", GOOGLE_CLOUD_PROJECT="test")
+"""
+
+PATHS = FAKE_GCS + """
+try:
+    import jax, jax.numpy as jnp, numpy as np
+    from ml_collections import ConfigDict
+    from jaxvc.config_utils import get_config, write_config
+    from jaxvc.methods.toy_denoiser import ToyDenoiser
+    from jaxvc.train.loop import Trainer
+    from jaxvc.train.metrics import MetricWriter
+    from jaxvc.train.profiling import StepProfiler
+    from jaxvc.train.trained_run import is_run_folder
+
+    config = get_config("configs/toy.py:tiny", ["progress_bar=false"])
+    trainer = Trainer(config, ToyDenoiser(config), "gs://bucket/run")
+    assert str(trainer.workdir) == "gs://bucket/run", trainer.workdir
+    assert str(trainer.checkpointer.directory) == "gs://bucket/run/checkpoints", trainer.checkpointer.directory
+    assert os.path.isdir(os.path.join(bucket, "run", "checkpoints"))  # Orbax created it, through epath
+    write_config(config, trainer.workdir)
+    assert is_run_folder("gs://bucket/run")
+    local_tensorboard = tempfile.mkdtemp()
+    writer = MetricWriter(local_tensorboard)
+    videos = {"samples": np.zeros((2, 3, 8, 8, 3), np.uint8)}
+    written = writer.videos(1, videos, trainer.workdir / "samples" / "step_00000001")
+    writer.close()
+    assert [str(p) for p in written] == [f"gs://bucket/run/samples/step_00000001/samples_{i}.gif" for i in range(2)]
+    with open(os.path.join(bucket, "run", "samples", "step_00000001", "samples_0.gif"), "rb") as f:
+        assert f.read(6) == b"GIF89a"
+    profiler = StepProfiler(ConfigDict({"steps": 1, "skip_steps": 0, "memory": True}), trainer.workdir).start(0)
+    with profiler:
+        profiler.before_step(0)
+        with profiler.annotation(0):
+            x = jax.jit(lambda a: a @ a)(jnp.ones((8, 8)))
+        message = profiler.after_step(0, x)
+    assert "gs://bucket/run/tensorboard" in message, message
+    traces = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(bucket, "run", "tensorboard"))
+              for f in files if f.endswith(".xplane.pb")]
+    assert len(traces) == 1 and "/run/tensorboard/plugins/profile/" in traces[0], traces
+    assert os.path.getsize(os.path.join(bucket, "run", "tensorboard", "memory_step_00000001.prof")) > 0
+    assert sorted(os.listdir(os.path.join(bucket, "run"))) == ["checkpoints", "config.json", "samples", "tensorboard"]
+    assert not os.path.exists("gs:")  # nothing went to a local folder named after the URL
+    print("PATHS_OK", flush=True)
+finally:
+    server.stop()
+"""
+
+
+def test_run_folder_paths_stay_bucket_urls():
+    pytest.importorskip("gcp_storage_emulator")
+    run_with_devices(PATHS, devices=1, marker="PATHS_OK", timeout=300)
+
 
 SCRIPT = """
 import os, socket, sys, tempfile
@@ -73,5 +160,10 @@ finally:
 """
 
 
+@pytest.mark.skipif(os.environ.get("JAXVC_GCS_EMULATOR_TEST") != "1",
+                    reason="opt-in (JAXVC_GCS_EMULATOR_TEST=1): the GCS emulator fails tensorstore's conditional "
+                           "writes in about 1 run in 3 (see the module docstring)")
 def test_a_run_folder_in_a_bucket_trains_resumes_and_loads():
+    pytest.importorskip("gcp_storage_emulator")
+    pytest.importorskip("gcsfs")
     run_with_devices(SCRIPT, devices=1, marker="BUCKET_OK", timeout=300)
