@@ -10,6 +10,7 @@ import jax
 from jaxvc.config_utils import get_config
 from jaxvc.methods import build_method
 from jaxvc.train.loop import Trainer
+from jaxvc.train.metrics import format_bytes
 from jaxvc.train.state import count_params
 
 CHOICES = (["optim.name=adamw"], ["optim.name=adamw", "optim.mu_dtype=bfloat16"], ["optim.name=adafactor"],
@@ -20,10 +21,6 @@ def nbytes(tree) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
-def size(count: int) -> str:
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
-
-
 def main(spec: str) -> None:
     print(f"| {spec} | trainable parameters | their bytes | optimizer state | / parameters |")
     print("|---|---|---|---|---|")
@@ -31,8 +28,8 @@ def main(spec: str) -> None:
         config = get_config(spec, overrides)
         state = Trainer(config, build_method(config), "/tmp/jaxvc-optimizer-state").abstract_state
         params, opt = nbytes(state.params), nbytes(state.opt_state)
-        print(f"| `{' '.join(overrides)}` | {count_params(state.params):,} | {size(params)} | {size(opt)} | "
-              f"{opt / params:.3f}x |", flush=True)
+        print(f"| `{' '.join(overrides)}` | {count_params(state.params):,} | {format_bytes(params)} | "
+              f"{format_bytes(opt)} | {opt / params:.3f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Every field here is also the reference list of what the trainer reads (see jaxvc
 """
 from ml_collections import ConfigDict, config_dict
 
-from jaxvc.config_sections import profile
+from jaxvc.config_sections import optim, profile
 
 
 def get_config(variant=None):
@@ -38,25 +38,9 @@ def get_config(variant=None):
     config.data.seed = 0
     config.data.with_noise = False  # per-example noise/timesteps from the data (split-invariant loss)
 
-    config.optim = ConfigDict()
-    config.optim.name = "adamw"  # adamw | adafactor | lion | sgd (jaxvc/train/optim.py)
-    config.optim.lr = 1e-3
-    # constant | warmup_constant | warmup_cosine | warmup_linear | wsd | rsqrt (jaxvc/train/schedules.py)
+    config.optim = optim(lr=1e-3)  # every field: jaxvc/config_sections.py
     config.optim.schedule = "warmup_cosine"
     config.optim.warmup_steps = 2
-    config.optim.decay_steps = config_dict.placeholder(int)  # None: config.steps
-    config.optim.end_lr_ratio = 0.0  # cosine, linear and wsd end at lr * end_lr_ratio
-    config.optim.cooldown_fraction = 0.2  # wsd: the decay is this last fraction of decay_steps
-    config.optim.cooldown_shape = "1-sqrt"  # wsd: 1-sqrt | linear | cosine
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8
-    config.optim.weight_decay = 1e-2  # decoupled (x lr); never applied to norms, biases or other 1-d parameters
-    config.optim.mu_dtype = ""  # "bfloat16": the first moment (adamw, lion, sgd) in half the memory
-    config.optim.factored_min_dim = 128  # adafactor: factor a moment when its two largest dimensions are at least this
-    config.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
-    config.optim.accumulation_steps = 1  # micro-batches per step (batch_size must divide)
-    config.optim.ema_decay = config_dict.placeholder(float)  # None: no EMA of the trainable parameters
 
     config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
     config.rules = ()  # overrides of jaxvc/parallel/rules.py DEFAULT_RULES, e.g. (("embed", None),)

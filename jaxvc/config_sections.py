@@ -64,21 +64,22 @@ def optim(lr: float) -> ConfigDict:
     section = ConfigDict()
     section.name = "adamw"  # adamw | adafactor | lion | sgd (jaxvc/train/optim.py)
     section.lr = lr
+    # constant | warmup_constant | warmup_cosine | warmup_linear | wsd | rsqrt (jaxvc/train/schedules.py)
     section.schedule = "constant"
     section.warmup_steps = 0
-    section.decay_steps = config_dict.placeholder(int)
-    section.end_lr_ratio = 0.0
+    section.decay_steps = config_dict.placeholder(int)  # None: config.steps
+    section.end_lr_ratio = 0.0  # cosine, linear and wsd end at lr * end_lr_ratio
     section.cooldown_fraction = 0.2  # wsd: the decay is this last fraction of decay_steps
     section.cooldown_shape = "1-sqrt"  # wsd: 1-sqrt | linear | cosine
     section.b1 = 0.9
     section.b2 = 0.999
     section.eps = 1e-8
-    section.weight_decay = 1e-2
+    section.weight_decay = 1e-2  # decoupled (x lr); never applied to norms, biases or other 1-d parameters
     section.mu_dtype = ""  # "bfloat16": the first moment (adamw, lion, sgd) in half the memory
     section.factored_min_dim = 128  # adafactor: factor a moment when its two largest dimensions are at least this
-    section.clip_norm = 1.0
-    section.accumulation_steps = 1
-    section.ema_decay = config_dict.placeholder(float)
+    section.clip_norm = 1.0  # global-norm clipping; 0 disables
+    section.accumulation_steps = 1  # micro-batches per step (batch_size must divide)
+    section.ema_decay = config_dict.placeholder(float)  # None: no EMA of the trainable parameters
     return section
 
 

@@ -67,8 +67,9 @@ def write_gif(path, frames, fps: int = 8, min_size: int = 128) -> Path:
         buffer = io.BytesIO()
         images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps),
                        loop=0)
-        run_path(path).write_bytes(buffer.getvalue())
-        return run_path(path)
+        target = run_path(path)
+        target.write_bytes(buffer.getvalue())
+        return target
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

@@ -20,7 +20,4 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 def run_path(path: str | os.PathLike) -> epath.Path:
     """``path`` as an ``epath.Path``; a local one made absolute (a run's paths must not move with the cwd)."""
-    if isinstance(path, epath.Path) and is_remote(path):
-        return path
     return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(os.fspath(path)))
-

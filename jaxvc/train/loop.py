@@ -38,7 +38,8 @@ from jaxvc.parallel.rules import param_shardings, rules_from_config
 from jaxvc.storage import run_path
 from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
-from jaxvc.train.metrics import MetricWriter, compiled_flops, compiled_memory_bytes, mfu, peak_flops_per_device
+from jaxvc.train.metrics import (MetricWriter, compiled_flops, compiled_memory_bytes, format_bytes, mfu,
+                                 peak_flops_per_device)
 from jaxvc.train.optim import build_optimizer
 from jaxvc.train.profiling import StepProfiler
 from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
@@ -484,8 +485,7 @@ def _compile_report(seconds: float, batch: dict, flops: float | None, planned_by
     if flops:
         line += f"; {flops / 1e9:.4g} GFLOP per device per step"
     if planned_bytes:
-        size = (f"{planned_bytes / 2**30:.2f} GiB" if planned_bytes >= 2**30 else f"{planned_bytes / 2**20:.1f} MiB")
-        line += f"; XLA plans {size} per device"
+        line += f"; XLA plans {format_bytes(planned_bytes)} per device"
     return line
 
 

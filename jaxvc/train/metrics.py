@@ -68,6 +68,11 @@ def compiled_memory_bytes(compiled) -> int | None:
                - analysis.alias_size_in_bytes)
 
 
+def format_bytes(count: int) -> str:
+    """1.23 GiB, or 4.1 MiB below a GiB (an optimizer state, a tiny model's memory plan)."""
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def mfu(flops_per_step: float | None, step_seconds: float, peak: float | None) -> float | None:
     if not flops_per_step or not peak or step_seconds <= 0:
         return None

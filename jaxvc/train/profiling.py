@@ -59,7 +59,6 @@ class StepProfiler:
         self.recording = False
         self.staging = None  # the local folder a trace for a bucket is written to first
         self.server = False
-        self.written: list[Path] = []  # what this run wrote (the memory profiles; traces are found by trace_files)
 
     def start(self, start_step: int) -> "StepProfiler":
         """The window counts from ``start_step``, where this process starts or resumes; use as a context."""
@@ -100,7 +99,6 @@ class StepProfiler:
             suffix = f"_process{jax.process_index()}" if jax.process_count() > 1 else ""
             path = self.directory / f"memory_step_{self.last + 1:08d}{suffix}.prof"
             path.write_bytes(jax.profiler.device_memory_profile())  # pprof, gzipped; local or in a bucket
-            self.written.append(path)
             message += f"; device memory in {path}"
         return message
 
