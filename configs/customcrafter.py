@@ -62,6 +62,7 @@ def get_config(variant=None):
         config.model.image_size = 512
         config.remat_policy = "full"
         config.compute_dtype = "bfloat16"
+        config.frozen_dtype = "bfloat16"  # frozen matrices stored rounded: half their memory
         config.log_every = 50
         config.checkpoint.every = 1000
         config.data.streams = ConfigDict({"instance": "", "prior": ""})  # folder:/path each, required

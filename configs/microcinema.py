@@ -48,6 +48,7 @@ def get_config(variant=None):
         config.batch_size = 8
         config.remat_policy = "full"
         config.compute_dtype = "bfloat16"
+        config.frozen_dtype = "bfloat16"  # frozen matrices stored rounded: half their memory
         config.log_every = 50
         config.data.streams = ConfigDict({"video": ""})  # folder:/path or packed:/path, required
         config.data.frame_stride = 4

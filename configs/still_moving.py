@@ -58,6 +58,7 @@ def get_config(variant=None):
         config.batch_size = 4
         config.remat_policy = "full"
         config.compute_dtype = "bfloat16"
+        config.frozen_dtype = "bfloat16"  # frozen matrices stored rounded: half their memory
         config.log_every = 50
         config.data.streams = ConfigDict({"image": ""})  # folder:/path or packed:/path, required
         config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})

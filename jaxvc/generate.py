@@ -107,6 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs", help="output directory")
     parser.add_argument("--name", default="video", help="base name of the output files (one video; --prompts names "
                                                          "each video after its record, class or index)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after generating, sample the last video (with --prompts: the last batch) once more, "
+                             "compiled and warm, under JAX's profiler into DIR (plugins/profile/<time>/"
+                             "<host>.xplane.pb: TensorBoard's Profile tab, XProf or Perfetto); nothing is written "
+                             "again. Costs one more video (batch)")
 
 
 def run(args) -> int:
@@ -186,7 +191,21 @@ def run(args) -> int:
           f"in {time.perf_counter() - loaded:.1f}s")
     for kind, path in files.items():
         print(f"  {kind}: {path}")
+    if args.profile:
+        profile(args.profile, lambda: pipe(args.reference, args.prompt, negative_prompt=args.negative_prompt,
+                                           seed=args.seed, progress=False, **sampling_options(args)))
     return 0
+
+
+def profile(directory: str, generate) -> None:
+    """``generate()`` once more under JAX's profiler (its program is compiled: the trace shows sampling only)."""
+    import jax
+
+    began = time.perf_counter()
+    with jax.profiler.trace(str(directory)):
+        jax.block_until_ready(generate())
+    print(f"profiled one more generation ({time.perf_counter() - began:.1f}s under the profiler) into {directory} "
+          f"(tensorboard --logdir {directory}: Profile tab)")
 
 
 def model_options(pipe, args) -> dict:
@@ -276,23 +295,34 @@ def generate_set(pipe, items, args, load_seconds: float) -> int:
     print(f"loaded in {load_seconds:.1f}s; generated {made} videos{rate} ({args.batch_size} per batch), kept {kept} "
           f"already in {out}")
     print(f"  manifest: {manifest}")
+    if args.profile:  # the last batch sampled (the set's last item, compiled first, if all were kept)
+        last = batches[-1] if batches else items[-1:]
+        if not batches:
+            _sample_batch(pipe, last, args)
+        profile(args.profile, lambda: _sample_batch(pipe, last, args))
     return 0
 
 
-def _generate_batch(pipe, batch, args, out: Path) -> None:
-    """Some items of a set, sampled together (one at a time on a pipeline without batches), saved with records."""
+def _sample_batch(pipe, batch, args) -> list:
+    """Some items of a set, sampled together (one at a time on a pipeline without batches): their videos."""
     references = [item.reference or args.reference for item in batch]
     negatives = [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch]
     if args.batch_size == 1:
-        videos = [pipe(references[0], batch[0].prompt, negative_prompt=negatives[0], seed=batch[0].seed,
-                       progress=False, **sampling_options(args))]
-    else:
-        padding = args.batch_size - len(batch)  # copies of the last item, dropped after sampling
-        videos = pipe.generate_videos(
-            None if not pipe.takes_reference else references + references[-1:] * padding,
-            [item.prompt for item in batch] + [batch[-1].prompt] * padding,
-            negative_prompts=negatives + negatives[-1:] * padding,
-            seeds=[item.seed for item in batch] + [batch[-1].seed] * padding, **sampling_options(args))
+        return [pipe(references[0], batch[0].prompt, negative_prompt=negatives[0], seed=batch[0].seed,
+                     progress=False, **sampling_options(args))]
+    padding = args.batch_size - len(batch)  # copies of the last item, dropped after sampling
+    return pipe.generate_videos(
+        None if not pipe.takes_reference else references + references[-1:] * padding,
+        [item.prompt for item in batch] + [batch[-1].prompt] * padding,
+        negative_prompts=negatives + negatives[-1:] * padding,
+        seeds=[item.seed for item in batch] + [batch[-1].seed] * padding, **sampling_options(args))
+
+
+def _generate_batch(pipe, batch, args, out: Path) -> None:
+    """``_sample_batch``, its videos saved with records."""
+    references = [item.reference or args.reference for item in batch]
+    negatives = [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch]
+    videos = _sample_batch(pipe, batch, args)
     for item, reference, negative, frames in zip(batch, references, negatives, videos):
         files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
         write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,

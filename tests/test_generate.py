@@ -11,6 +11,7 @@ pytest.importorskip("diffusers")
 
 from jaxvc.cli import main as jaxvc_main  # noqa: E402
 from jaxvc.pipeline import CustomVideoPipeline, load_reference_image  # noqa: E402
+from jaxvc.train.profiling import trace_files  # noqa: E402
 from tests.tiny_models import build_tiny_animatediff_folder  # noqa: E402
 
 SETTINGS = dict(num_frames=3, height=16, width=16, num_inference_steps=3, progress=False)
@@ -98,8 +99,9 @@ def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
     out = tmp_path / "out"
     code = jaxvc_main(["generate", "--model", str(folder), "--reference", str(reference), "--prompt", "a cat jumps",
                        "--frames", "3", "--height", "16", "--width", "16", "--steps", "2", "--out", str(out),
-                       "--name", "cat", "--sampler", "dpm++-sde"])
+                       "--name", "cat", "--sampler", "dpm++-sde", "--profile", str(tmp_path / "profile")])
     assert code == 0
+    assert len(trace_files(tmp_path / "profile")) == 1  # one more generation, traced
     for name in ("cat.mp4", "cat.gif", "cat_sheet.png"):
         assert (out / name).stat().st_size > 0
     with Image.open(out / "cat.gif") as gif:
@@ -146,9 +148,10 @@ def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, p
         single = CustomVideoPipeline.save(frames, tmp_path / "single", name, reference=str(reference))
         assert single["gif"].read_bytes() == (out / f"{name}.gif").read_bytes()
     # a rerun keeps the existing videos (resume); --overwrite makes them again
-    stamp = (out / "c7_000.mp4").stat().st_mtime_ns
-    assert jaxvc_main(command) == 0
-    assert (out / "c7_000.mp4").stat().st_mtime_ns == stamp
+    stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.name != "manifest.jsonl"}
+    assert jaxvc_main(command + ["--profile", str(tmp_path / "profile")]) == 0  # all kept: the last item, traced
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # the profiled one is not saved
+    assert len(trace_files(tmp_path / "profile")) == 1
     assert len(read_records([out / "manifest.jsonl"])) == 4
     # a reference-conditioned model needs a reference for every item
     (tmp_path / "bare.txt").write_text("a bird flies\n")

@@ -168,9 +168,11 @@ class CustomCrafter(VideoDiffusionMethod):
         """The text encoder's parameters with the new rows appended to its (frozen) token table."""
         text = params["params"]["text_encoder"]
         table = text["embeddings"]["token_embedding"]["embedding"]
-        rows = params["params"]["new_tokens"].astype(table.dtype)
+        rows = params["params"]["new_tokens"]
+        wide = jnp.promote_types(table.dtype, rows.dtype)  # a table stored in bf16 (frozen_dtype) must not round
+        #                                                    the learnt rows: the table is widened instead
         embeddings = {**text["embeddings"], "token_embedding": {
-            "embedding": jnp.concatenate([jax.lax.stop_gradient(table), rows], axis=0)}}
+            "embedding": jnp.concatenate([jax.lax.stop_gradient(table).astype(wide), rows.astype(wide)], axis=0)}}
         return {**text, "embeddings": embeddings}
 
     def encode_text(self, params, tokens):

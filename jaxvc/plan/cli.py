@@ -154,7 +154,7 @@ def run(args) -> int:
           f"{chip.peak_bf16_flops / 1e12:g} TFLOP/s bf16, HBM {chip.hbm_bandwidth / 1e9:g} GB/s, "
           f"{'NVLink' if chip.generation in GPU_TARGETS else 'ICI'} {chip.ici_bandwidth / 1e9:g} GB/s; "
           f"remat {config.get('remat_policy')}, "
-          f"dtype {config.get('compute_dtype')}", flush=True)
+          f"dtype {config.get('compute_dtype')}, frozen weights {config.get('frozen_dtype') or 'float32'}", flush=True)
     reports = []
 
     def write_json():

@@ -166,7 +166,8 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
               "mesh_label": mesh_label(sizes), "global_batch": batch_size,
               "batch_per_chip": batch_size / tpu_slice.num_chips,
               "remat_policy": str(config.get("remat_policy", "none")),
-              "compute_dtype": str(config.get("compute_dtype", "float32")), "hbm_capacity": capacity}
+              "compute_dtype": str(config.get("compute_dtype", "float32")),
+              "frozen_dtype": str(config.get("frozen_dtype", "") or "float32"), "hbm_capacity": capacity}
     split = distributed.batch_axis_size(mesh, None if "rules" not in config else _rules(config))
     if batch_size % split:
         raise PlanError(f"global batch {batch_size} is not divisible by the {split}-way batch split of mesh "
@@ -178,6 +179,8 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
         report["trainable_params"] = count_params(trainer.abstract_trainable)
         report["frozen_params"] = count_params(trainer.abstract_frozen)
         report["trainable_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_trainable))
+        # as the state stores them (config.frozen_dtype)
+        report["frozen_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state.frozen))
         state = abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=distributed.batch_sharding(mesh, len(v.shape), trainer.rules))

@@ -38,6 +38,18 @@ def compute_dtype(name: str | Any) -> Any:
         raise ValueError(f"compute_dtype '{name}' is not one of {sorted(DTYPES)}") from None
 
 
+def frozen_dtype(name: str | None) -> Any | None:
+    """``config.frozen_dtype`` -> the dtype the train state stores frozen matrices in (``jaxvc/train/state.py``,
+    ``store_frozen``); ``""`` or ``None``: as loaded or initialized (float32)."""
+    if name in ("", None):
+        return None
+    try:
+        return compute_dtype(name)
+    except ValueError:
+        raise ValueError(f"config.frozen_dtype = {name!r}: expected '' (keep float32) or one of {sorted(DTYPES)}") \
+            from None
+
+
 def remat_policy(name: str | bool | None) -> tuple[bool, Callable | None]:
     """``(enabled, policy)`` for a config name: none | full | nothing_saveable | dots_saveable | ...
     (``True`` / ``False`` mean "full" / "none", as model configs that only say whether to remat do)."""

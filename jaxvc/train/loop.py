@@ -40,9 +40,11 @@ from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxvc.train.metrics import (MetricWriter, compiled_flops, compiled_memory_bytes, format_bytes, mfu,
                                  peak_flops_per_device)
+from jaxvc.train.compute import frozen_dtype
 from jaxvc.train.optim import build_optimizer
 from jaxvc.train.profiling import StepProfiler
-from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
+from jaxvc.train.state import (TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree,
+                               store_frozen, unbox)
 from jaxvc.train.step import make_train_step
 
 
@@ -153,6 +155,7 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
+        self.frozen_dtype = frozen_dtype(setting(config, "frozen_dtype", ""))  # None: frozen weights stay float32
         _check_best_metric(config)
         self.profiler = StepProfiler(setting(config, "profile", None), self.workdir)  # checks config.profile now
         # XLA options for every compile of the run (e.g. TPU scheduler flags; CPU tests use a low LLVM opt level),
@@ -172,7 +175,7 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         rng_abstract = jax.ShapeDtypeStruct((2,), np.uint32)
         self.abstract_state = jax.eval_shape(
-            lambda t, f, r: new_state(t, f, self.optimizer, r, self.ema_decay is not None),
+            lambda t, f, r: new_state(t, f, self.optimizer, r, self.ema_decay is not None, self.frozen_dtype),
             self.abstract_trainable, self.abstract_frozen, rng_abstract)
         rep = self.replicated
         self.state_shardings = TrainState(
@@ -216,7 +219,7 @@ class Trainer:
                 if self._init_compiled is None:  # compiled once: restore() without frozen weights calls it again
                     def init(init_rng, train_rng):
                         trainable, frozen = split_params(self.method.init_params(init_rng), self.method.trainable)
-                        return new_state(trainable, frozen, self.optimizer, train_rng, use_ema)
+                        return new_state(trainable, frozen, self.optimizer, train_rng, use_ema, self.frozen_dtype)
                     self._init_compiled = jax.jit(init, out_shardings=self.state_shardings).lower(
                         init_rng, train_rng).compile(self.compiler_options)
                 return self._init_compiled(init_rng, train_rng)
@@ -226,6 +229,8 @@ class Trainer:
             with compile_options.scope(self.compiler_options):
                 params = self.method.init_params(init_rng)
             trainable, frozen = split_params(params, self.method.trainable)
+            frozen = store_frozen(frozen, self.frozen_dtype)  # before placing: weights read from files (host arrays)
+            #                                                   reach the devices already in frozen_dtype
 
             def place(x, sharding):  # a copy: the build below donates its inputs, and a leaf may be shared by two
                 #                      parameters (MicroCinema's AppearNet starts as the UNet's encoder)
@@ -235,7 +240,7 @@ class Trainer:
             trainable = jax.tree.map(place, trainable, self.state_shardings.params)
             frozen = jax.tree.map(place, frozen, self.state_shardings.frozen)
             if self._init_compiled is None:  # compiled once, as above
-                build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema),
+                build = jax.jit(lambda t, f, r: new_state(t, f, self.optimizer, r, use_ema, self.frozen_dtype),
                                 out_shardings=self.state_shardings, donate_argnums=(0, 1))
                 self._init_compiled = build.lower(trainable, frozen, train_rng).compile(self.compiler_options)
             return self._init_compiled(trainable, frozen, train_rng)
@@ -364,7 +369,9 @@ class Trainer:
         progress = _progress_bar(bool(setting(config, "progress_bar", True)), self.steps, start)
         if jax.process_index() == 0:
             n_train, n_frozen = count_params(self.abstract_trainable), count_params(self.abstract_frozen)
-            progress.write(f"jaxvc train: {self.method.name}, {n_train:,} trainable / {n_frozen:,} frozen params, "
+            stored = "" if self.frozen_dtype is None else f" (matrices in {np.dtype(self.frozen_dtype).name})"
+            progress.write(f"jaxvc train: {self.method.name}, {n_train:,} trainable / {n_frozen:,} frozen params"
+                           f"{stored}, "
                            f"mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), steps {start}->"
                            f"{self.steps}, workdir {self.workdir}")
 
