@@ -99,7 +99,13 @@ def read_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
     neither TensorFlow nor TensorBoard."""
     from tensorboardX.proto import event_pb2
 
-    files = sorted(Path(logdir).glob("**/events.out.tfevents.*"))
+    from jaxvc.storage import is_remote, run_path
+
+    name = "events.out.tfevents.*"
+    if is_remote(logdir):  # epath's glob takes no "**" (a listing per folder): the folder and its subfolders
+        files = sorted(path for pattern in (name, f"*/{name}") for path in run_path(logdir).glob(pattern))
+    else:
+        files = sorted(Path(logdir).glob(f"**/{name}"))
     if not files:
         raise FileNotFoundError(f"{logdir}: no TensorBoard event files (events.out.tfevents.*)")
     scalars: dict[str, list[tuple[int, float]]] = {}

@@ -443,6 +443,7 @@ class Trainer:
                         loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
                         self.save(state, data_state, {"loss": loss, **scores})
                         since_checkpoint.clear()
+                        writer.flush()  # the scalars up to a checkpoint are where the checkpoint is (a bucket too)
                     if do_sample and stop:
                         self._sample_and_score(writer, progress, state, done)
                     window_start, window_steps, window_data_s = time.perf_counter(), 0, 0.0

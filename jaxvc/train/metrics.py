@@ -88,9 +88,13 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            if not is_remote(logdir):  # tensorboardX writes gs:// and s3:// itself (google-cloud-storage, boto3)
+            if is_remote(logdir):  # staged locally, uploaded in pieces (not tensorboardX's whole-file re-uploads)
+                from jaxvc.train.bucket_events import BucketEvents
+
+                self.writer = BucketEvents(logdir)
+            else:
                 Path(logdir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(os.fspath(logdir))
+                self.writer = SummaryWriter(os.fspath(logdir))
 
     def scalars(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.writer:
