@@ -35,10 +35,11 @@ def row(name: str, trainable: int, frozen, stored) -> str:
 
 def umt5_xxl_row() -> str:
     from jaxvc.models.t5_encoder import T5_VARIANTS, T5EncoderConfig, abstract_t5_params
-    from jaxvc.train.state import store_frozen, unbox
+    from jaxvc.models.weight_storage import store_weights
+    from jaxvc.train.state import unbox
 
     frozen = unbox(abstract_t5_params(T5EncoderConfig(**T5_VARIANTS["umt5_xxl"])))
-    stored = jax.eval_shape(lambda tree: store_frozen(tree, jnp.bfloat16), frozen)
+    stored = jax.eval_shape(lambda tree: store_weights(tree, jnp.bfloat16), frozen)
     return row("+ UMT5-XXL text encoder (Wan's, from files)", 0, frozen, stored)
 
 

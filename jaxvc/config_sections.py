@@ -103,7 +103,7 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.remat_policy = "none"
     config.compute_dtype = "float32"
     # "bfloat16": the train state keeps frozen matrices (kernels, embedding tables) rounded to bf16, half their
-    # memory; layers computing in bf16 cast them there anyway (jaxvc/train/state.py, store_frozen). "": float32
+    # memory; layers computing in bf16 cast them there anyway (jaxvc/models/weight_storage.py). "": float32
     config.frozen_dtype = ""
     config.matmul_precision = config_dict.placeholder(str)
     config.compiler_options = ConfigDict()  # XLA options for every compile of the run (jaxvc/compile_options.py)

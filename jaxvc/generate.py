@@ -89,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video width in pixels (default: the model's, 512 for AnimateDiff, 832 for Wan)")
     parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="UNet compute dtype (default: the checkpoint's, float32)")
+                        help="compute dtype of the UNet / the Wan DiT and text encoder, which also keep their "
+                             "weight matrices in it (the same videos at half their weight memory; the VAE stays "
+                             "float32); default: the checkpoint's, float32")
     parser.add_argument("--attention-backend", default=None, choices=["xla", "jax", "cudnn", "splash"],
                         help="attention implementation (cudnn: flash attention on NVIDIA GPUs; splash: flash "
                              "attention on TPUs)")

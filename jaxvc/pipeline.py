@@ -37,6 +37,7 @@ from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.tokenizer import CLIPTokenizer, load_tokenizer
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_video
+from jaxvc.models.weight_storage import store_weights
 from jaxvc.parallel.inference import DATA_PARALLEL_RULES, MeshPlacement, inference_mesh
 
 # VideoMaker's inference scheduler settings (authors' code), applied over the checkpoint's scheduler config.
@@ -167,8 +168,12 @@ class CustomVideoPipeline(MeshPlacement):
             overrides["attention_backend"] = attention_backend
         weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
         tokenizer = load_tokenizer(weights.tokenizer_folder)
+        # the UNet computes in dtype: its matrices are stored in it (the same videos at half the memory in bf16;
+        # jaxvc/models/weight_storage.py); the text encoder and the VAE compute in float32
+        unet = _variables(weights.unet_params)
+        unet = {**unet, "params": store_weights(unet["params"], None if dtype is None else jnp.dtype(dtype))}
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
-        return cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
+        return cls(weights.unet_config, unet, weights.text_config, weights.text_params, tokenizer,
                    weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})
 
     @classmethod

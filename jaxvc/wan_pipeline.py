@@ -101,7 +101,7 @@ class WanTextToVideoPipeline(MeshPlacement):
     def from_pretrained(cls, folder, *, dtype=None, attention_backend: str | None = None, allow_pickle: bool = False,
                         max_text_length: int = 512, vae_chunk_frames: int | None = 4):
         """A diffusers ``WanPipeline`` folder (``save_pretrained`` layout); ``dtype`` is the DiT's and the text
-        encoder's compute dtype (the VAE computes in float32)."""
+        encoder's compute dtype, and the dtype their matrices are stored in (the VAE computes in float32)."""
         return cls(**cls._load_parts(Path(folder), dtype=dtype, attention_backend=attention_backend,
                                      allow_pickle=allow_pickle, max_text_length=max_text_length,
                                      vae_chunk_frames=vae_chunk_frames))
@@ -116,6 +116,7 @@ class WanTextToVideoPipeline(MeshPlacement):
         from jaxvc.models.t5_encoder import T5Encoder
         from jaxvc.models.t5_tokenizer import T5Tokenizer
         from jaxvc.models.wan import WanTransformer3D
+        from jaxvc.models.weight_storage import store_weights
 
         index = json.loads((root / "model_index.json").read_text())
         has_part = lambda part: bool(index.get(part)) and index[part][0] is not None  # noqa: E731
@@ -131,16 +132,19 @@ class WanTextToVideoPipeline(MeshPlacement):
                                         f"{', '.join(experts)}, text_encoder/, tokenizer/, vae/ and scheduler/)")
         overrides = {} if dtype is None else {"dtype": jnp.dtype(dtype)}
         backend = {} if attention_backend is None else {"attention_backend": attention_backend}
+        # the DiT and UMT5 compute in dtype: their matrices are stored in it (the same outputs at half the memory
+        # in bf16; jaxvc/models/weight_storage.py); the VAE and the image encoder compute in float32
+        store = None if dtype is None else jnp.dtype(dtype)
         params, configs = {}, {}
         for part in experts:
             configs[part], loaded = load_wan(root / part, allow_pickle=allow_pickle, **overrides, **backend)
-            params[part] = loaded["params"]
+            params[part] = store_weights(loaded["params"], store)
         if len(set(configs.values())) != 1:
             raise ValueError(f"{root}: transformer/ and transformer_2/ differ in shape ({configs['transformer']} vs "
                              f"{configs['transformer_2']}); Wan 2.2's two experts share one architecture")
         text_config, text_params = load_t5_encoder(root / "text_encoder", allow_pickle=allow_pickle, **overrides)
         vae_config, vae_params = load_wan_vae(root / "vae", allow_pickle=allow_pickle)
-        params.update(text_encoder=text_params["params"], vae=vae_params["params"])
+        params.update(text_encoder=store_weights(text_params["params"], store), vae=vae_params["params"])
         return dict(transformer=WanTransformer3D(configs["transformer"]), text_encoder=T5Encoder(text_config),
                     tokenizer=T5Tokenizer.from_folder(root / "tokenizer", max_length=max_text_length),
                     vae=VideoVAE(vae_config, chunk_frames=vae_chunk_frames), params=params,

@@ -54,8 +54,9 @@ def plan_sampling(variant: str, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
     from jaxvc.train.checkpoint import abstract_with_shardings
     from jaxvc.train.state import count_params
 
-    config = wan_config(variant, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype),
-                        attention_backend=attention_backend, **config_overrides)
+    from jaxvc.models.weight_storage import store_weights
+
+    config = wan_config(variant, dtype=jnp.dtype(dtype), attention_backend=attention_backend, **config_overrides)
     grid = latent_grid(variant, frames, height, width)
     sizes = resolve_mesh(mesh_sizes, tpu_slice)
     mesh = make_mesh(sizes, devices=tpu_slice.devices)
@@ -70,7 +71,9 @@ def plan_sampling(variant: str, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
 
     abstract = abstract_wan_params(config)["params"]  # boxed: the logical names place each parameter
     report["params"] = count_params(nn.unbox(abstract))
-    params = abstract_with_shardings(nn.unbox(abstract), param_shardings(abstract, mesh, INFERENCE_RULES))
+    # the weights as `jaxvc generate --dtype` keeps them: matrices in dtype, the float32 parts and vectors float32
+    stored = jax.eval_shape(lambda tree: store_weights(tree, jnp.dtype(dtype)), nn.unbox(abstract))
+    params = abstract_with_shardings(stored, param_shardings(abstract, mesh, INFERENCE_RULES))
     whole = NamedSharding(mesh, PartitionSpec())
     inputs = [jax.ShapeDtypeStruct((GUIDED_BATCH, *grid, config.in_channels), jnp.float32, sharding=whole),
               jax.ShapeDtypeStruct((GUIDED_BATCH,), jnp.float32, sharding=whole),

@@ -40,7 +40,7 @@ def compute_dtype(name: str | Any) -> Any:
 
 def frozen_dtype(name: str | None) -> Any | None:
     """``config.frozen_dtype`` -> the dtype the train state stores frozen matrices in (``jaxvc/train/state.py``,
-    ``store_frozen``); ``""`` or ``None``: as loaded or initialized (float32)."""
+    ``jaxvc/models/weight_storage.py``); ``""`` or ``None``: as loaded or initialized (float32)."""
     if name in ("", None):
         return None
     try:

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxvc import compile_options
 from jaxvc.config_utils import config_to_dict, write_config
+from jaxvc.models.weight_storage import store_weights
 from jaxvc.parallel.mesh import activate, make_mesh
 from jaxvc.parallel.rules import param_shardings, rules_from_config
 from jaxvc.storage import run_path
@@ -44,7 +45,7 @@ from jaxvc.train.compute import frozen_dtype
 from jaxvc.train.optim import build_optimizer
 from jaxvc.train.profiling import StepProfiler
 from jaxvc.train.state import (TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree,
-                               store_frozen, unbox)
+                               unbox)
 from jaxvc.train.step import make_train_step
 
 
@@ -229,7 +230,7 @@ class Trainer:
             with compile_options.scope(self.compiler_options):
                 params = self.method.init_params(init_rng)
             trainable, frozen = split_params(params, self.method.trainable)
-            frozen = store_frozen(frozen, self.frozen_dtype)  # before placing: weights read from files (host arrays)
+            frozen = store_weights(frozen, self.frozen_dtype)  # before placing: weights read from files (host arrays)
             #                                                   reach the devices already in frozen_dtype
 
             def place(x, sharding):  # a copy: the build below donates its inputs, and a leaf may be shared by two

@@ -14,6 +14,8 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax import linen as nn
 
+from jaxvc.models.weight_storage import store_weights
+
 PyTree = Any
 
 
@@ -63,30 +65,12 @@ def count_params(tree: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
-def store_frozen(frozen: PyTree, dtype: Any | None) -> PyTree:
-    """The frozen weights as the train state keeps them: floating leaves of 2+ dimensions (kernels, embedding
-    tables: nearly all the bytes) in ``dtype``, the rest as they are (norm scales and biases: norms run in float32,
-    and they are a fraction of a percent of the bytes). ``None``: all as they are.
-
-    The stored value is the weight rounded to ``dtype``: a layer that computes in ``dtype`` casts its kernel there
-    anyway, so for it nothing changes; one that computes in float32 (the VAE, the CLIP text encoder) computes with
-    the rounded weight, as diffusers' training scripts do when they move frozen modules to ``weight_dtype``."""
-    if dtype is None:
-        return frozen
-
-    def store(x):
-        if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
-            return x.astype(dtype)
-        return x
-    return jax.tree.map(store, frozen)
-
-
 def new_state(trainable: PyTree, frozen: PyTree, optimizer, rng: jax.Array, use_ema: bool,
               frozen_dtype: Any | None = None) -> TrainState:
-    """A fresh state at step 0 (pure; jitted by the trainer with output shardings); ``frozen_dtype``: see
-    ``store_frozen``."""
+    """A fresh state at step 0 (pure; jitted by the trainer with output shardings). ``frozen_dtype``: the dtype
+    the frozen matrices are kept in (``jaxvc/models/weight_storage.py``; ``None``: as they come)."""
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, opt_steps=zero, params=trainable, frozen=store_frozen(frozen, frozen_dtype),
+    return TrainState(step=zero, opt_steps=zero, params=trainable, frozen=store_weights(frozen, frozen_dtype),
                       opt_state=optimizer.init(trainable), rng=rng,
                       ema=jax.tree.map(jnp.copy, trainable) if use_ema else None,
                       nonfinite_in_a_row=zero, nonfinite_total=zero)
