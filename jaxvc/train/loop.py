@@ -39,13 +39,12 @@ from jaxvc.parallel.rules import param_shardings, rules_from_config
 from jaxvc.storage import run_path
 from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
+from jaxvc.train.compute import frozen_dtype
 from jaxvc.train.metrics import (MetricWriter, compiled_flops, compiled_memory_bytes, format_bytes, mfu,
                                  peak_flops_per_device)
-from jaxvc.train.compute import frozen_dtype
 from jaxvc.train.optim import build_optimizer
 from jaxvc.train.profiling import StepProfiler
-from jaxvc.train.state import (TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree,
-                               unbox)
+from jaxvc.train.state import TrainState, count_params, new_state, split_params, state_from_tree, state_to_tree, unbox
 from jaxvc.train.step import make_train_step
 
 
@@ -372,9 +371,8 @@ class Trainer:
             n_train, n_frozen = count_params(self.abstract_trainable), count_params(self.abstract_frozen)
             stored = "" if self.frozen_dtype is None else f" (matrices in {np.dtype(self.frozen_dtype).name})"
             progress.write(f"jaxvc train: {self.method.name}, {n_train:,} trainable / {n_frozen:,} frozen params"
-                           f"{stored}, "
-                           f"mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), steps {start}->"
-                           f"{self.steps}, workdir {self.workdir}")
+                           f"{stored}, mesh {dict(self.mesh.shape)}, {jax.process_count()} process(es), steps "
+                           f"{start}->{self.steps}, workdir {self.workdir}")
 
         pending: list[tuple[int, Any]] = []
         since_checkpoint: list[float] = []
