@@ -10,8 +10,9 @@
 
 Weights are random, drawn with numpy on the host and put on the device (``init_params``): compiling
 every layer's initializer is slow everywhere (minutes on a CPU; on an H200 the jitted SD1.5 initializer had not
-finished after six minutes, while the host draws take seconds). Inference workloads use the weights cast to the
-compute dtype (as a bf16 diffusers pipeline holds them).
+finished after six minutes, while the host draws take seconds). Sampling keeps the UNet's weights as
+``jaxvc generate --dtype`` does (matrices in the compute dtype, ``jaxvc/models/weight_storage.py``; until session 29
+every float was cast, norms included, as a bf16 diffusers pipeline holds them); the VAE decode casts its floats.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from jaxvc.bench import flops as analytic
 from jaxvc.bench.report import Measurement
 from jaxvc.bench.sizes import ModelConfigs
 from jaxvc.bench.timing import jax_peak_memory, time_calls
+from jaxvc.models.weight_storage import store_weights
 from jaxvc.train.metrics import compiled_flops, compiled_memory_bytes
 
 EMPTY_PROMPT = [49406] + [49407] * 76  # CLIP <|startoftext|> then <|endoftext|> padding
@@ -121,9 +123,12 @@ def train_step_program(method, params, batch_size: int):
 
 def sampling_program(method, params, batch_size: int, *, steps: int, guidance: float):
     """(``CustomVideoPipeline``'s own jitted generation, its arguments): 30 guided DDIM steps in one ``lax.scan``,
-    the UNet's weights in the compute dtype."""
+    the UNet's weights as ``jaxvc generate --dtype`` keeps them."""
     pipe = method.pipeline(params, tokenizer=None)
-    unet_variables = _cast_floats(pipe.params["unet"], method.unet.config.dtype)
+    dtype, unet = method.unet.config.dtype, pipe.params["unet"]
+    store = lambda tree: store_weights(tree, dtype)  # noqa: E731
+    unet_variables = {**unet, "params": jax.eval_shape(store, unet["params"]) if _shape_only(unet["params"])
+                      else store(unet["params"])}
     frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
     text_shape = (batch_size, 77, method.text_encoder.config.hidden_size)
     reference_shape, video_shape = (batch_size, 1, latent, latent, channels), (batch_size, frames, latent, latent,
