@@ -191,6 +191,9 @@ class CustomVideoPipeline(MeshPlacement):
         if not callable(getattr(run.method, "pipeline", None)):
             raise ValueError(f"{workdir}: method '{run.config.method}' has no generation pipeline")
         pipe = run.method.pipeline(run.params, run.method.tokenizer)  # the tokenizer the run's captions went through
+        if dtype is not None and isinstance(pipe, CustomVideoPipeline):  # the UNet computes in dtype: as above
+            pipe.params["unet"] = {**pipe.params["unet"],
+                                   "params": store_weights(pipe.params["unet"]["params"], jnp.dtype(dtype))}
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 

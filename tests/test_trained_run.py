@@ -53,6 +53,23 @@ def test_the_run_generates_what_its_trained_parameters_generate(run, reference):
         str(reference), "a cat", **SETTINGS), raw)
 
 
+def test_bf16_generation_from_a_run_keeps_the_unet_matrices_in_bf16_and_the_same_videos(run, reference):
+    """``jaxvc generate --model RUN --dtype bfloat16``: the run's UNet computes in bf16 and keeps its matrices in
+    it (jaxvc/models/weight_storage.py); the videos equal those of its float32 weights in the same bf16 model."""
+    import jax.numpy as jnp
+
+    workdir = run[0]
+    stored = CustomVideoPipeline.from_pretrained(workdir, dtype="bfloat16")
+    kernels = {leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(stored.params["unet"]["params"])
+               if path[-1].key == "kernel"}
+    assert kernels == {jnp.dtype(jnp.bfloat16)}
+    bf16_run = load_trained_run(workdir, overrides={"compute_dtype": "bfloat16"})
+    float32_weights = bf16_run.method.pipeline(bf16_run.params, bf16_run.method.tokenizer)
+    assert {leaf.dtype for leaf in jax.tree.leaves(float32_weights.params["unet"])} == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(stored(str(reference), "a cat", **SETTINGS),
+                                  float32_weights(str(reference), "a cat", **SETTINGS))
+
+
 def test_an_earlier_step_loads_other_weights(run):
     workdir = run[0]
     latest, earlier = load_trained_run(workdir), load_trained_run(workdir, step=2)
