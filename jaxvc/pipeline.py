@@ -168,13 +168,16 @@ class CustomVideoPipeline(MeshPlacement):
             overrides["attention_backend"] = attention_backend
         weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
         tokenizer = load_tokenizer(weights.tokenizer_folder)
-        # the UNet computes in dtype: its matrices are stored in it (the same videos at half the memory in bf16;
-        # jaxvc/models/weight_storage.py); the text encoder and the VAE compute in float32
-        unet = _variables(weights.unet_params)
-        unet = {**unet, "params": store_weights(unet["params"], None if dtype is None else jnp.dtype(dtype))}
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
-        return cls(weights.unet_config, unet, weights.text_config, weights.text_params, tokenizer,
+        pipe = cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
                    weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})
+        return pipe if dtype is None else pipe.store_weights(jnp.dtype(dtype))
+
+    def store_weights(self, dtype) -> "CustomVideoPipeline":
+        """Keep the UNet's weight matrices in ``dtype``, the dtype it computes in: the same videos at half their
+        memory in bf16 (``jaxvc/models/weight_storage.py``). The text encoder and the VAE compute in float32."""
+        self.params["unet"] = {**self.params["unet"], "params": store_weights(self.params["unet"]["params"], dtype)}
+        return self
 
     @classmethod
     def from_run(cls, workdir, *, step: int | None = None, use_ema: bool = True, dtype=None,
@@ -191,9 +194,8 @@ class CustomVideoPipeline(MeshPlacement):
         if not callable(getattr(run.method, "pipeline", None)):
             raise ValueError(f"{workdir}: method '{run.config.method}' has no generation pipeline")
         pipe = run.method.pipeline(run.params, run.method.tokenizer)  # the tokenizer the run's captions went through
-        if dtype is not None and isinstance(pipe, CustomVideoPipeline):  # the UNet computes in dtype: as above
-            pipe.params["unet"] = {**pipe.params["unet"],
-                                   "params": store_weights(pipe.params["unet"]["params"], jnp.dtype(dtype))}
+        if dtype is not None:  # the parts that compute in dtype keep their matrices in it
+            pipe.store_weights(jnp.dtype(dtype))
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 

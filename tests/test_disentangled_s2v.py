@@ -140,6 +140,18 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     with pytest.raises(ValueError, match="does not run a flow-matching"):
         pipe.generate(references[0], "a subject", sampler="dpm++-karras", **kwargs)
 
+    # --dtype bfloat16: the DiT computes in bf16 and keeps its matrices in it (its float32 islands and the LoRA as
+    # they are); the latents equal those of the run's float32 weights in the same bf16 model
+    stored = CustomVideoPipeline.from_run(tmp_path / "run", dtype="bfloat16")
+    dit = traverse_util.flatten_dict(stored.params["params"]["transformer"])
+    assert dit[("blocks_0", "attn1", "to_q", "kernel")].dtype == jnp.bfloat16
+    assert dit[("blocks_0", "scale_shift_table")].dtype == jnp.float32
+    bf16_run = load_trained_run(tmp_path / "run", overrides={"compute_dtype": "bfloat16"})
+    float32_weights = bf16_run.method.pipeline(bf16_run.params)
+    np.testing.assert_array_equal(np.asarray(stored.generate(references[0], "a subject", decode=False, **kwargs)),
+                                  np.asarray(float32_weights.generate(references[0], "a subject", decode=False,
+                                                                      **kwargs)))
+
 
 def test_umt5_text_side_from_transformers_folders(tmp_path):
     """Wan's text side: a UMT5 encoder and T5 tokenizer from transformers folders. "<cls>" gets the next id and a
