@@ -9,26 +9,21 @@ UMT5-XXL's own figures are a row of their own (its abstract parameters, stored t
 """
 import sys
 
-import jax
 import jax.numpy as jnp
 
 from jaxvc.config_utils import get_config
 from jaxvc.methods import build_method
 from jaxvc.train.loop import Trainer
 from jaxvc.train.metrics import format_bytes
-from jaxvc.train.state import count_params
+from jaxvc.train.state import count_params, tree_bytes
 
 SPECS = ("configs/videomaker.py:sd15", "configs/still_moving.py:sd15", "configs/customcrafter.py:sd15",
          "configs/microcinema.py:sd15", "configs/disentangled_s2v.py:wan21_1.3b")
 STAND_IN = {"configs/disentangled_s2v.py:wan21_1.3b": ["model.text_variant=sd15"]}
 
 
-def nbytes(tree) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
-
-
 def row(name: str, trainable: int, frozen, stored) -> str:
-    full, half = nbytes(frozen), nbytes(stored)
+    full, half = tree_bytes(frozen), tree_bytes(stored)
     return (f"| {name} | {trainable:,} | {count_params(frozen):,} | {format_bytes(full)} | {format_bytes(half)} | "
             f"{format_bytes(full - half)} |")
 
@@ -39,8 +34,7 @@ def umt5_xxl_row() -> str:
     from jaxvc.train.state import unbox
 
     frozen = unbox(abstract_t5_params(T5EncoderConfig(**T5_VARIANTS["umt5_xxl"])))
-    stored = jax.eval_shape(lambda tree: store_weights(tree, jnp.bfloat16), frozen)
-    return row("+ UMT5-XXL text encoder (Wan's, from files)", 0, frozen, stored)
+    return row("+ UMT5-XXL text encoder (Wan's, from files)", 0, frozen, store_weights(frozen, jnp.bfloat16))
 
 
 def main(specs) -> None:

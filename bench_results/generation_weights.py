@@ -4,18 +4,18 @@ Per device with ``--mesh fsdp=N``: divide the DiT and text encoder rows by N.
 
     .venv/bin/python bench_results/generation_weights.py
 """
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxvc.models.weight_storage import store_weights, tree_bytes
+from jaxvc.models.weight_storage import store_weights
 from jaxvc.train.metrics import format_bytes
+from jaxvc.train.state import tree_bytes
 
 WAN = (("wan21_t2v_1.3b", 1), ("wan22_ti2v_5b", 1), ("wan21_t2v_14b", 1), ("wan22_t2v_a14b", 2))
 
 
 def row(name: str, abstract, copies: int = 1) -> tuple[int, int]:
-    stored = jax.eval_shape(lambda tree: store_weights(tree, jnp.bfloat16), abstract)
+    stored = store_weights(abstract, jnp.bfloat16)
     full, half = copies * tree_bytes(abstract), copies * tree_bytes(stored)
     print(f"| {name} | {format_bytes(full)} | {format_bytes(half)} | {half / full:.3f} |", flush=True)
     return full, half

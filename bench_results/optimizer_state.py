@@ -5,20 +5,14 @@
 """
 import sys
 
-import jax
-
 from jaxvc.config_utils import get_config
 from jaxvc.methods import build_method
 from jaxvc.train.loop import Trainer
 from jaxvc.train.metrics import format_bytes
-from jaxvc.train.state import count_params
+from jaxvc.train.state import count_params, tree_bytes
 
 CHOICES = (["optim.name=adamw"], ["optim.name=adamw", "optim.mu_dtype=bfloat16"], ["optim.name=adafactor"],
            ["optim.name=lion"], ["optim.name=lion", "optim.mu_dtype=bfloat16"], ["optim.name=sgd"])
-
-
-def nbytes(tree) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def main(spec: str) -> None:
@@ -27,7 +21,7 @@ def main(spec: str) -> None:
     for overrides in CHOICES:
         config = get_config(spec, overrides)
         state = Trainer(config, build_method(config), "/tmp/jaxvc-optimizer-state").abstract_state
-        params, opt = nbytes(state.params), nbytes(state.opt_state)
+        params, opt = tree_bytes(state.params), tree_bytes(state.opt_state)
         print(f"| `{' '.join(overrides)}` | {count_params(state.params):,} | {format_bytes(params)} | "
               f"{format_bytes(opt)} | {opt / params:.3f}x |", flush=True)
 

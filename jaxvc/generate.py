@@ -305,10 +305,15 @@ def generate_set(pipe, items, args, load_seconds: float) -> int:
     return 0
 
 
+def _item_inputs(batch, args) -> tuple[list, list]:
+    """(reference, negative prompt) of each item: its own, else the command's."""
+    return ([item.reference or args.reference for item in batch],
+            [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch])
+
+
 def _sample_batch(pipe, batch, args) -> list:
     """Some items of a set, sampled together (one at a time on a pipeline without batches): their videos."""
-    references = [item.reference or args.reference for item in batch]
-    negatives = [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch]
+    references, negatives = _item_inputs(batch, args)
     if args.batch_size == 1:
         return [pipe(references[0], batch[0].prompt, negative_prompt=negatives[0], seed=batch[0].seed,
                      progress=False, **sampling_options(args))]
@@ -322,10 +327,8 @@ def _sample_batch(pipe, batch, args) -> list:
 
 def _generate_batch(pipe, batch, args, out: Path) -> None:
     """``_sample_batch``, its videos saved with records."""
-    references = [item.reference or args.reference for item in batch]
-    negatives = [args.negative_prompt if item.negative_prompt is None else item.negative_prompt for item in batch]
     videos = _sample_batch(pipe, batch, args)
-    for item, reference, negative, frames in zip(batch, references, negatives, videos):
+    for item, reference, negative, frames in zip(batch, *_item_inputs(batch, args), videos):
         files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
         write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
                      getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))

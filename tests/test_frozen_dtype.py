@@ -12,14 +12,10 @@ from jaxvc.config_utils import get_config
 from jaxvc.methods import build_method
 from jaxvc.train.cli import build_data
 from jaxvc.train.loop import Trainer
-from jaxvc.train.state import merge_params
+from jaxvc.train.state import merge_params, tree_bytes
 
 FAST = ["compiler_options={'xla_backend_optimization_level': 0}", "progress_bar=false", "checkpoint.use_async=false",
         "batch_size=2", "model.num_frames=2", "log_every=1"]
-
-
-def nbytes(tree) -> int:
-    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree))
 
 
 def trainer(tmp_path, spec, *overrides):
@@ -40,7 +36,7 @@ def test_frozen_matrices_are_stored_in_bf16_and_nothing_else_changes(tmp_path):
             assert stored.dtype == jnp.float32  # norm scales and biases: norms run in float32
             vectors += full.size
     assert matrices > 50 * vectors  # the matrices are nearly all the bytes
-    assert nbytes(halved.frozen) == nbytes(kept.frozen) - 2 * matrices
+    assert tree_bytes(halved.frozen) == tree_bytes(kept.frozen) - 2 * matrices
     # the trainable weights, their optimizer moments and the EMA are untouched
     for part in ("params", "opt_state", "ema"):
         assert jax.tree.map(lambda x: (x.shape, x.dtype), getattr(halved, part)) == \

@@ -125,10 +125,8 @@ def sampling_program(method, params, batch_size: int, *, steps: int, guidance: f
     """(``CustomVideoPipeline``'s own jitted generation, its arguments): 30 guided DDIM steps in one ``lax.scan``,
     the UNet's weights as ``jaxvc generate --dtype`` keeps them."""
     pipe = method.pipeline(params, tokenizer=None)
-    dtype, unet = method.unet.config.dtype, pipe.params["unet"]
-    store = lambda tree: store_weights(tree, dtype)  # noqa: E731
-    unet_variables = {**unet, "params": jax.eval_shape(store, unet["params"]) if _shape_only(unet["params"])
-                      else store(unet["params"])}
+    unet = pipe.params["unet"]
+    unet_variables = {**unet, "params": store_weights(unet["params"], method.unet.config.dtype)}
     frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
     text_shape = (batch_size, 77, method.text_encoder.config.hidden_size)
     reference_shape, video_shape = (batch_size, 1, latent, latent, channels), (batch_size, frames, latent, latent,

@@ -36,21 +36,21 @@ def _kept(path: tuple, leaf, dtype, keep: frozenset) -> bool:
             or any(str(part) in keep for part in path))
 
 
-def store_weights(tree: Any, dtype: Any | None, keep: frozenset = KEEP_FLOAT32) -> Any:
-    """``tree`` with its floating matrices (2+ dims) outside ``keep`` in ``dtype``; ``None``: ``tree`` itself.
+def _stored(leaf, dtype):
+    if isinstance(leaf, jax.ShapeDtypeStruct):  # an abstract tree (plans, memory tables): its shardings kept
+        return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+    return leaf.astype(dtype)
+
+
+def store_weights(tree: dict, dtype: Any | None, keep: frozenset = KEEP_FLOAT32) -> dict:
+    """``tree`` (a nested dict) with its floating matrices (2+ dims) outside ``keep`` in ``dtype``; ``None``:
+    ``tree`` itself.
 
     Host (numpy) leaves are rounded on the host, so the devices never hold them in float32; device arrays and
-    tracers (inside ``jax.eval_shape`` / ``jit``) with ``astype``."""
+    tracers (inside ``jit``) with ``astype``; ShapeDtypeStructs become ones of ``dtype``."""
     if dtype is None:
         return tree
     dtype = jnp.dtype(dtype)
-    if not isinstance(tree, dict):
-        return tree if _kept((), tree, dtype, keep) else tree.astype(dtype)
     flat = traverse_util.flatten_dict(tree, keep_empty_nodes=True)
-    return traverse_util.unflatten_dict({path: leaf if _kept(path, leaf, dtype, keep) else leaf.astype(dtype)
+    return traverse_util.unflatten_dict({path: leaf if _kept(path, leaf, dtype, keep) else _stored(leaf, dtype)
                                          for path, leaf in flat.items()})
-
-
-def tree_bytes(tree: Any) -> int:
-    """Bytes of a tree's array leaves (ShapeDtypeStructs too)."""
-    return int(sum(np.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))

@@ -155,7 +155,7 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
     from jaxvc.train import distributed
     from jaxvc.train.checkpoint import abstract_with_shardings
     from jaxvc.train.loop import Trainer
-    from jaxvc.train.state import count_params
+    from jaxvc.train.state import count_params, tree_bytes
 
     sizes = resolve_mesh(mesh_sizes, tpu_slice)
     mesh = make_mesh(sizes, devices=tpu_slice.devices)
@@ -178,9 +178,8 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
         trainer = Trainer(config, method, workdir, mesh=mesh)  # the workdir only hosts an unused checkpointer
         report["trainable_params"] = count_params(trainer.abstract_trainable)
         report["frozen_params"] = count_params(trainer.abstract_frozen)
-        report["trainable_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_trainable))
-        # as the state stores them (config.frozen_dtype)
-        report["frozen_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(trainer.abstract_state.frozen))
+        report["trainable_bytes"] = tree_bytes(trainer.abstract_trainable)
+        report["frozen_bytes"] = tree_bytes(trainer.abstract_state.frozen)  # as stored (config.frozen_dtype)
         state = abstract_with_shardings(trainer.abstract_state, trainer.state_shardings)
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
                                          sharding=distributed.batch_sharding(mesh, len(v.shape), trainer.rules))

@@ -72,8 +72,8 @@ def plan_sampling(variant: str, tpu_slice: Slice, mesh_sizes: Mapping[str, int],
     abstract = abstract_wan_params(config)["params"]  # boxed: the logical names place each parameter
     report["params"] = count_params(nn.unbox(abstract))
     # the weights as `jaxvc generate --dtype` keeps them: matrices in dtype, the float32 parts and vectors float32
-    stored = jax.eval_shape(lambda tree: store_weights(tree, jnp.dtype(dtype)), nn.unbox(abstract))
-    params = abstract_with_shardings(stored, param_shardings(abstract, mesh, INFERENCE_RULES))
+    params = abstract_with_shardings(store_weights(nn.unbox(abstract), jnp.dtype(dtype)),
+                                     param_shardings(abstract, mesh, INFERENCE_RULES))
     whole = NamedSharding(mesh, PartitionSpec())
     inputs = [jax.ShapeDtypeStruct((GUIDED_BATCH, *grid, config.in_channels), jnp.float32, sharding=whole),
               jax.ShapeDtypeStruct((GUIDED_BATCH,), jnp.float32, sharding=whole),

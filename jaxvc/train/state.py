@@ -65,6 +65,11 @@ def count_params(tree: PyTree) -> int:
     return int(sum(x.size for x in jax.tree.leaves(tree)))
 
 
+def tree_bytes(tree: PyTree) -> int:
+    """Bytes of a tree's array leaves (ShapeDtypeStructs too)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
 def new_state(trainable: PyTree, frozen: PyTree, optimizer, rng: jax.Array, use_ema: bool,
               frozen_dtype: Any | None = None) -> TrainState:
     """A fresh state at step 0 (pure; jitted by the trainer with output shardings). ``frozen_dtype``: the dtype
