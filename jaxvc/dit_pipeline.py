@@ -45,6 +45,7 @@ class SubjectDiTPipeline(MeshPlacement):
     conditioning = None
     save = staticmethod(CustomVideoPipeline.save)
     generate_videos = CustomVideoPipeline.generate_videos  # host images and prompts -> uint8 videos, via generate
+    merge_loras = CustomVideoPipeline.merge_loras  # merge_lora each (file, scale), then store_weights
 
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer

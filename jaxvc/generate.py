@@ -136,10 +136,15 @@ def run(args) -> int:
               "batches are for sets of videos (--prompts)"), file=sys.stderr)
         return 2
     start = time.perf_counter()
-    pipe = CustomVideoPipeline.from_pretrained(args.model, motion_adapter=args.motion_adapter,
-                                               allow_pickle=args.allow_pickle, dtype=args.dtype,
-                                               attention_backend=args.attention_backend, step=args.step,
-                                               use_ema=not args.no_ema)
+    try:  # LoRA files are merged as the weights load, in float32, before --dtype stores matrices in bf16
+        pipe = CustomVideoPipeline.from_pretrained(
+            args.model, motion_adapter=args.motion_adapter, allow_pickle=args.allow_pickle, dtype=args.dtype,
+            attention_backend=args.attention_backend, step=args.step, use_ema=not args.no_ema,
+            lora=[parse_lora_argument(spec) for spec in args.lora],
+            lora_2=[parse_lora_argument(spec) for spec in args.lora_2])
+    except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the file and what was expected
+        print(f"jaxvc generate: {error}", file=sys.stderr)
+        return 2
     if args.text_to_video:
         if pipe.conditioning is not None:
             print(f"jaxvc generate: {args.model} takes its reference through its own network; --text-to-video is "
@@ -155,12 +160,6 @@ def run(args) -> int:
     except ValueError as error:
         print(f"jaxvc generate: {error}", file=sys.stderr)
         return 2
-    for spec in args.lora:
-        path, scale = parse_lora_argument(spec)
-        pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle)
-    for spec in args.lora_2:
-        path, scale = parse_lora_argument(spec)
-        pipe.merge_lora(path, scale=scale, allow_pickle=args.allow_pickle, into="transformer_2")
     if args.mesh is not None:
         try:
             pipe.shard(args.mesh)
@@ -219,11 +218,10 @@ def model_options(pipe, args) -> dict:
             raise ValueError(f"{args.model} takes no --last-frame (Wan image-to-video folders do)")
         options["last_image"] = args.last_frame
     two_experts = getattr(pipe, "has_two_experts", False)
-    if args.guidance_scale_2 is not None or args.lora_2:
+    if args.guidance_scale_2 is not None:  # (--lora-2 on one denoiser is refused as the model loads)
         if not two_experts:
-            raise ValueError(f"{args.model} has one denoiser: --guidance-scale-2 and --lora-2 are for two-expert "
-                             "Wan 2.2 folders (A14B)")
-    if args.guidance_scale_2 is not None:
+            raise ValueError(f"{args.model} has one denoiser: --guidance-scale-2 is for two-expert Wan 2.2 folders "
+                             "(A14B)")
         options["guidance_scale_2"] = args.guidance_scale_2
     return options
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -141,24 +141,33 @@ class CustomVideoPipeline(MeshPlacement):
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
-                        attention_backend: str | None = None, step: int | None = None,
-                        use_ema: bool = True) -> "CustomVideoPipeline":
+                        attention_backend: str | None = None, step: int | None = None, use_ema: bool = True,
+                        lora: Sequence[tuple[str, float]] = (),
+                        lora_2: Sequence[tuple[str, float]] = ()) -> "CustomVideoPipeline":
         """A diffusers AnimateDiff/SD folder (+ motion adapter), a jaxvc checkpoint written by ``jaxvc convert``, or
         a training run folder (``jaxvc train --workdir``: checkpoint ``step``, default the latest, with its EMA
         weights when the run keeps them and ``use_ema``). A diffusers Wan pipeline folder gives a
         ``WanTextToVideoPipeline`` (``jaxvc/wan_pipeline.py``) or a ``WanImageToVideoPipeline``
-        (``jaxvc/wan_i2v_pipeline.py``)."""
+        (``jaxvc/wan_i2v_pipeline.py``).
+
+        ``lora``: (file, scale) pairs merged (``merge_lora``) into the float32 weights as they load, before the
+        parts computing in ``dtype`` store their matrices in it: the merge is rounded once, as the float32 merge is
+        when the layers cast it. ``lora_2``: the same for a two-expert Wan 2.2 folder's low-noise expert."""
         from jaxvc.convert.pipeline import load_pipeline
         from jaxvc.train.trained_run import is_run_folder
         from jaxvc.wan_pipeline import is_wan_pipeline_folder, load_wan_pipeline
 
+        if lora_2 and not is_wan_pipeline_folder(path):
+            raise ValueError(f"{path} has one denoiser: a LoRA for a low-noise expert (lora_2, --lora-2) "
+                             "needs a two-expert Wan 2.2 folder (A14B)")
         if is_run_folder(path):
-            return cls.from_run(path, step=step, use_ema=use_ema, dtype=dtype, attention_backend=attention_backend)
+            return cls.from_run(path, step=step, use_ema=use_ema, dtype=dtype, attention_backend=attention_backend,
+                                lora=lora, allow_pickle=allow_pickle)
         if is_wan_pipeline_folder(path):
             if motion_adapter is not None or step is not None:
                 raise ValueError(f"{path}: a Wan pipeline folder takes no motion adapter or step")
             return load_wan_pipeline(path, dtype=dtype, attention_backend=attention_backend,
-                                     allow_pickle=allow_pickle)
+                                     allow_pickle=allow_pickle, lora=lora, lora_2=lora_2)
         if step is not None:
             raise ValueError(f"{path}: step={step} is for training run folders; this is a pipeline folder")
         overrides = {}
@@ -171,18 +180,29 @@ class CustomVideoPipeline(MeshPlacement):
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
         pipe = cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,
                    weights.vae_config, weights.vae_params, {**weights.scheduler_config, **VIDEOMAKER_SCHEDULER})
-        return pipe if dtype is None else pipe.store_weights(jnp.dtype(dtype))
+        return pipe.merge_loras(lora, allow_pickle=allow_pickle, store=dtype)
 
     def store_weights(self, dtype) -> "CustomVideoPipeline":
         """Keep the UNet's weight matrices in ``dtype``, the dtype it computes in: the same videos at half their
         memory in bf16 (``jaxvc/models/weight_storage.py``). The text encoder and the VAE compute in float32."""
         self.params["unet"] = {**self.params["unet"], "params": store_weights(self.params["unet"]["params"], dtype)}
+        if self.conditioning is not None:
+            self.params["conditioning"] = self.conditioning.store_weights(dtype).params
         return self
+
+    def merge_loras(self, loras: Sequence[tuple[str, float]], *, allow_pickle: bool = False, store=None):
+        """``merge_lora`` for each (file, scale) of ``loras``, then ``store_weights(store)`` unless ``store`` is
+        None: how the loaders merge a user's LoRAs before storing (one rounding of the merged matrices)."""
+        for path, scale in loras:
+            self.merge_lora(path, scale=scale, allow_pickle=allow_pickle)
+        return self if store is None else self.store_weights(jnp.dtype(store))
 
     @classmethod
     def from_run(cls, workdir, *, step: int | None = None, use_ema: bool = True, dtype=None,
-                 attention_backend: str | None = None) -> "CustomVideoPipeline":
-        """The model of a training run at one of its checkpoints (``jaxvc/train/trained_run.py``)."""
+                 attention_backend: str | None = None, lora: Sequence[tuple[str, float]] = (),
+                 allow_pickle: bool = False) -> "CustomVideoPipeline":
+        """The model of a training run at one of its checkpoints (``jaxvc/train/trained_run.py``), with ``lora``
+        merged as in ``from_pretrained``."""
         from jaxvc.train.trained_run import load_trained_run
 
         overrides = {}
@@ -194,14 +214,16 @@ class CustomVideoPipeline(MeshPlacement):
         if not callable(getattr(run.method, "pipeline", None)):
             raise ValueError(f"{workdir}: method '{run.config.method}' has no generation pipeline")
         pipe = run.method.pipeline(run.params, run.method.tokenizer)  # the tokenizer the run's captions went through
-        if dtype is not None:  # the parts that compute in dtype keep their matrices in it
-            pipe.store_weights(jnp.dtype(dtype))
+        # the parts that compute in dtype keep their matrices in it, after the merges
+        pipe.merge_loras(lora, allow_pickle=allow_pickle, store=dtype)
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 
     def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "CustomVideoPipeline":
         """Fold a LoRA file (diffusers, peft or kohya format, ``jaxvc/convert/lora.py``) into the UNet's and text
-        encoder's weights at ``scale``: a user's customized SD1.5 (DreamBooth LoRA) in this video model."""
+        encoder's weights at ``scale``: a user's customized SD1.5 (DreamBooth LoRA) in this video model. Into weights
+        already stored in bf16 (``store_weights``), the merge is rounded to bf16 once more; ``from_pretrained(lora=
+        ...)`` merges in float32 before storing."""
         from jaxvc.convert.lora import read_lora
 
         loaded = read_lora(path, {"unet": self.params["unet"]["params"], "text_encoder": self.params["text_encoder"]},
@@ -455,6 +477,11 @@ class ReferenceConditioning:
 
     def initial_latents(self, noise, reference_latent):
         return noise
+
+    def store_weights(self, dtype) -> "ReferenceConditioning":
+        """Keep the matrices of the parts that compute in the UNet's dtype ``dtype`` in it
+        (``CustomVideoPipeline.store_weights``); by default none are known to."""
+        return self
 
 
 def _variables(variables: Any) -> dict:

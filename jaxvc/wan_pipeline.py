@@ -24,6 +24,7 @@ import functools
 import html
 import json
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,20 +100,24 @@ class WanTextToVideoPipeline(MeshPlacement):
 
     @classmethod
     def from_pretrained(cls, folder, *, dtype=None, attention_backend: str | None = None, allow_pickle: bool = False,
-                        max_text_length: int = 512, vae_chunk_frames: int | None = 4):
+                        max_text_length: int = 512, vae_chunk_frames: int | None = 4,
+                        lora: Sequence[tuple[str, float]] = (), lora_2: Sequence[tuple[str, float]] = ()):
         """A diffusers ``WanPipeline`` folder (``save_pretrained`` layout); ``dtype`` is the DiT's and the text
-        encoder's compute dtype, and the dtype their matrices are stored in (the VAE computes in float32)."""
+        encoder's compute dtype, and the dtype their matrices are stored in (the VAE computes in float32).
+        ``lora`` / ``lora_2``: (file, scale) pairs merged into ``transformer`` / ``transformer_2`` (a two-expert
+        folder's low-noise expert) in float32 as each loads, before its matrices are stored in ``dtype``."""
         return cls(**cls._load_parts(Path(folder), dtype=dtype, attention_backend=attention_backend,
                                      allow_pickle=allow_pickle, max_text_length=max_text_length,
-                                     vae_chunk_frames=vae_chunk_frames))
+                                     vae_chunk_frames=vae_chunk_frames, lora=lora, lora_2=lora_2))
 
     @classmethod
     def _load_parts(cls, root: Path, *, dtype, attention_backend, allow_pickle, max_text_length,
-                    vae_chunk_frames) -> dict:
+                    vae_chunk_frames, lora=(), lora_2=()) -> dict:
         """The constructor's arguments from a folder: the parts every Wan pipeline folder has."""
         from jaxvc.convert.t5 import load_t5_encoder
         from jaxvc.convert.wan import load_wan
         from jaxvc.convert.wan_vae import load_wan_vae
+        from jaxvc.dit_pipeline import merge_wan_lora
         from jaxvc.models.t5_encoder import T5Encoder
         from jaxvc.models.t5_tokenizer import T5Tokenizer
         from jaxvc.models.wan import WanTransformer3D
@@ -126,6 +131,9 @@ class WanTextToVideoPipeline(MeshPlacement):
                              f"{index.get('transformer_2')}, boundary_ratio={boundary_ratio}; jaxvc runs one "
                              "transformer, or two (transformer, transformer_2) split at a boundary_ratio")
         experts = ("transformer", "transformer_2") if boundary_ratio is not None else ("transformer",)
+        if lora_2 and len(experts) == 1:
+            raise ValueError(f"{root} has one denoiser: a LoRA for a low-noise expert (lora_2, --lora-2) "
+                             "needs a two-expert Wan 2.2 folder (A14B)")
         for part in (*experts, "text_encoder", "tokenizer", "vae", "scheduler"):
             if not (root / part).is_dir():
                 raise FileNotFoundError(f"{root}: no {part}/ folder (a diffusers Wan pipeline folder has "
@@ -133,12 +141,16 @@ class WanTextToVideoPipeline(MeshPlacement):
         overrides = {} if dtype is None else {"dtype": jnp.dtype(dtype)}
         backend = {} if attention_backend is None else {"attention_backend": attention_backend}
         # the DiT and UMT5 compute in dtype: their matrices are stored in it (the same outputs at half the memory
-        # in bf16; jaxvc/models/weight_storage.py); the VAE and the image encoder compute in float32
+        # in bf16; jaxvc/models/weight_storage.py), an expert's after its LoRAs are merged (on the host, in
+        # float32: one expert at a time in float32); the VAE and the image encoder compute in float32
         store = None if dtype is None else jnp.dtype(dtype)
         params, configs = {}, {}
-        for part in experts:
+        for part, loras in zip(experts, (lora, lora_2)):
             configs[part], loaded = load_wan(root / part, allow_pickle=allow_pickle, **overrides, **backend)
-            params[part] = store_weights(loaded["params"], store)
+            merged = loaded["params"]
+            for path, scale in loras:
+                merged = merge_wan_lora(merged, path, scale=scale, allow_pickle=allow_pickle)
+            params[part] = store_weights(merged, store)
         if len(set(configs.values())) != 1:
             raise ValueError(f"{root}: transformer/ and transformer_2/ differ in shape ({configs['transformer']} vs "
                              f"{configs['transformer_2']}); Wan 2.2's two experts share one architecture")
@@ -153,7 +165,9 @@ class WanTextToVideoPipeline(MeshPlacement):
 
     def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False, into: str = "transformer"):
         """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into an expert at ``scale``:
-        ``into="transformer_2"`` is a two-expert folder's low-noise one (diffusers' ``load_into_transformer_2``)."""
+        ``into="transformer_2"`` is a two-expert folder's low-noise one (diffusers' ``load_into_transformer_2``).
+        Into weights already stored in bf16, the merge is rounded to bf16 once more; ``from_pretrained(lora=...)``
+        merges in float32 before storing."""
         from jaxvc.dit_pipeline import merge_wan_lora
 
         if into not in self.params or into not in ("transformer", "transformer_2"):

@@ -6,7 +6,8 @@
 * the injection is h * (1 + gamma) + beta at a ResNet's norm2 and out + e at a transformer's output;
 * the appearance noise prior: training noise = eps_n + lambda z^c, sampling z_T = eps_n + gamma z^c;
 * training (with remat) updates AppearNet, the zero convs and the motion modules only, after which the center frame
-  changes the prediction, and the run generates from its center frame; remat changes no loss or gradient;
+  changes the prediction, and the run generates from its center frame (in bf16 with the UNet's and AppearNet's
+  matrices stored in bf16: the same videos); remat changes no loss or gradient;
 * the loss and its gradients on 8 simulated devices (data x fsdp) equal one device's.
 """
 import jax
@@ -165,6 +166,19 @@ def test_training_updates_the_appearance_path_and_generates(tmp_path):
     video = np.asarray(pipe.generate(reference, "a subject", **kwargs))
     assert video.shape == (1, method.num_frames, 32, 32, 3) and np.isfinite(video).all()
     assert not np.allclose(video, np.asarray(pipe.generate(None, "a subject", **kwargs)))
+
+    # generation in bf16 (`jaxvc generate --dtype bfloat16`) keeps the UNet's and AppearNet's matrices in bf16 and
+    # gives the videos of their float32 weights in the same bf16 model
+    stored = CustomVideoPipeline.from_run(tmp_path / "run", dtype="bfloat16")
+    kernels = lambda tree: {leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
+                            if path[-1].key == "kernel"}
+    assert kernels(stored.params["conditioning"]["appearnet"]) == {jnp.dtype(jnp.bfloat16)}
+    assert kernels(stored.params["unet"]["params"]) == {jnp.dtype(jnp.bfloat16)}
+    bf16_run = load_trained_run(tmp_path / "run", overrides={"compute_dtype": "bfloat16"})
+    float32_weights = bf16_run.method.pipeline(bf16_run.params, bf16_run.method.tokenizer)
+    assert kernels(float32_weights.params["conditioning"]["appearnet"]) == {jnp.dtype(jnp.float32)}
+    np.testing.assert_array_equal(np.asarray(stored.generate(reference, "a subject", **kwargs)),
+                                  np.asarray(float32_weights.generate(reference, "a subject", **kwargs)))
 
 
 def test_remat_changes_nothing(method, fresh):

@@ -189,6 +189,7 @@ def test_generate_command_takes_the_first_and_last_frames(tmp_path):
         assert gif.n_frames == 5
     assert jaxvc_main(args) == 2  # no first frame
     assert jaxvc_main(args + ["--reference", str(first), "--guidance-scale-2", "3"]) == 2  # one expert
+    assert jaxvc_main(args + ["--reference", str(first), "--lora-2", str(tmp_path / "any.safetensors")]) == 2
 
 
 def test_loras_into_each_expert_match_diffusers(tmp_path):
@@ -224,6 +225,10 @@ def test_loras_into_each_expert_match_diffusers(tmp_path):
         expected = reference(prompt=PROMPT, output_type="latent", **settings,
                              latents=torch.from_numpy(np.moveaxis(np.array(x_T), -1, 1))).frames.numpy()
     error = relative_error(latents, np.moveaxis(expected, 1, -1))
-    print(f"Wan 2.2 two experts with a LoRA each vs diffusers: {error:.1e}")
-    assert relative_error(plain, latents) > 1e-3 and error < 1e-5
+    # merged as the experts load (from_pretrained(lora=, lora_2=), what `jaxvc generate --lora --lora-2` does)
+    at_load = CustomVideoPipeline.from_pretrained(folder, lora=[(str(files[0]), 1.0)], lora_2=[(str(files[1]), 1.0)])
+    load_error = relative_error(np.asarray(at_load.generate(None, PROMPT, seed=1, decode=False, **settings)),
+                                np.moveaxis(expected, 1, -1))
+    print(f"Wan 2.2 two experts with a LoRA each vs diffusers: {error:.1e} (merged as they load: {load_error:.1e})")
+    assert relative_error(plain, latents) > 1e-3 and error < 1e-5 and load_error < 1e-5
 

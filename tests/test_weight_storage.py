@@ -117,3 +117,44 @@ def test_animatediff_generates_the_same_video_with_bf16_unet_weights(tmp_path):
                  progress=False)
     float32_weights = {**pipe.params, "unet": full.params["unet"]}
     _same_videos_with_float32_weights(pipe, generate, float32_weights)
+
+
+def test_a_lora_is_merged_in_float32_before_the_unet_is_stored(tmp_path):
+    """``jaxvc generate --lora FILE --dtype bfloat16``: the LoRA is merged into the float32 weights as they load and
+    the merged matrices rounded once, so the videos are those of the float32 merge in the same bf16 model. Merged
+    into weights already in bf16, some matrices come out one bf16 step away."""
+    from PIL import Image
+
+    from jaxvc.convert.lora import save_lora
+    from jaxvc.models import lora
+    from jaxvc.pipeline import CustomVideoPipeline
+    from tests.tiny_models import build_tiny_animatediff_folder
+
+    folder = build_tiny_animatediff_folder(tmp_path / "animatediff")
+    full = CustomVideoPipeline.from_pretrained(folder)
+    spec = lora.AdapterSpec(include=(r".*attn1/to_[qv]", r".*resnets_0/conv1"), rank=2, alpha=4.0)
+    example = (jnp.zeros((1, 2, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 77, 32)))
+    sites = lora.find_sites(lambda: full.unet.init(jax.random.key(0), *example), spec)
+    tree = jax.tree.map(lambda v: 0.3 * jax.random.normal(jax.random.key(v.size), v.shape),
+                        lora.init_adapter(jax.random.key(1), sites, spec))
+    path = save_lora(tmp_path / "subject.safetensors", {"unet": lora.AppliedAdapter(spec, tree)})
+
+    pipe = CustomVideoPipeline.from_pretrained(folder, dtype="bfloat16", lora=[(str(path), 0.8)])
+    full.merge_lora(path, scale=0.8)
+    merged = traverse_util.flatten_dict(store_weights(full.params["unet"]["params"], jnp.bfloat16))
+    stored = traverse_util.flatten_dict(pipe.params["unet"]["params"])
+    assert set(stored) == set(merged)
+    for key, leaf in stored.items():  # the float32 merge, rounded once
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(merged[key]), err_msg="/".join(key))
+    late = CustomVideoPipeline.from_pretrained(folder, dtype="bfloat16").merge_lora(path, scale=0.8)
+    twice = traverse_util.flatten_dict(late.params["unet"]["params"])
+    changed = [key for key in stored if not np.array_equal(np.asarray(stored[key]), np.asarray(twice[key]))]
+    assert changed and all(key[-2] in ("to_q", "to_v", "conv1") for key in changed), changed
+
+    reference = tmp_path / "subject.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(reference)
+
+    def generate(p):
+        return p(str(reference), "a cat jumps", num_frames=2, height=32, width=32, num_inference_steps=2, seed=3,
+                 progress=False)
+    _same_videos_with_float32_weights(pipe, generate, {**pipe.params, "unet": full.params["unet"]})

@@ -46,6 +46,7 @@ from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, condition_dropout,
                                       finish_from_config, options_from_mapping)
 from jaxvc.models.unet import UNetConfig, is_motion_param
+from jaxvc.models.weight_storage import store_weights
 from jaxvc.pipeline import ReferenceConditioning
 
 Path = tuple[str, ...]
@@ -284,6 +285,12 @@ class AppearanceConditioning(ReferenceConditioning):
     def initial_latents(self, noise, reference_latent):
         """z_T = eps_n + gamma * [z^c, ..., z^c]."""
         return noise + self.method.options.noise_prior_inference * reference_latent.astype(noise.dtype)
+
+    def store_weights(self, dtype) -> "AppearanceConditioning":
+        """AppearNet (the UNet's encoder, computing in its dtype) keeps its matrices in ``dtype``: the same videos.
+        The injection's 1x1 convs stay as trained (the zero conv computes in the latents' float32)."""
+        self.params = {**self.params, "appearnet": store_weights(self.params["appearnet"], dtype)}
+        return self
 
 
 def from_config(config) -> MicroCinema:

@@ -223,8 +223,9 @@ def applied(adapters: Iterable[AppliedAdapter]):
 
 def merge(params: Mapping, adapter: AppliedAdapter) -> dict:
     """``params`` (a model's parameter tree, sites relative to it) with an input adapter folded into the weights:
-    ``kernel + s * down @ up`` (conv: contracted over the rank). A fixed customization (a user's DreamBooth LoRA)
-    then costs nothing at run time."""
+    ``kernel + s * down @ up`` (conv: contracted over the rank), in float32, back in the kernel's dtype. A fixed
+    customization (a user's DreamBooth LoRA) then costs nothing at run time. Host (numpy) kernels, as loaded from
+    files, are merged on the host: a model's kernels never sit on the device in float32 on the way."""
     if adapter.spec.placement != "input":
         raise ValueError("only input (LoRA) adapters can be merged into weights; output adapters follow non-linear "
                          "blocks")
@@ -235,10 +236,11 @@ def merge(params: Mapping, adapter: AppliedAdapter) -> dict:
         if key not in flat:
             raise ValueError(f"adapter site {'/'.join(path)}: the model has no kernel there")
         kernel = flat[key]
-        delta = jnp.tensordot(jnp.asarray(pair["down"], jnp.float32), jnp.asarray(pair["up"], jnp.float32), 1)
+        xp = np if isinstance(kernel, np.ndarray) else jnp
+        delta = xp.tensordot(np.asarray(pair["down"], np.float32), np.asarray(pair["up"], np.float32), 1)
         if delta.shape != kernel.shape:
             raise ValueError(f"adapter site {'/'.join(path)}: down @ up is {delta.shape}, the kernel {kernel.shape}")
-        flat[key] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+        flat[key] = (kernel.astype(np.float32) + np.float32(scale) * delta).astype(kernel.dtype)
     return traverse_util.unflatten_dict(flat)
 
 
