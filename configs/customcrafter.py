@@ -47,7 +47,8 @@ def get_config(variant=None):
     config.data.synthetic.update(dict(num_subjects=12, held_out=2, records=64))
 
     config.optim = config_sections.optim(lr=3e-5)  # [P][C]
-    config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=12.0)
+    config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=12.0,
+                                     eta=1.0)
 
     if variant == "tiny":
         config.steps = 20

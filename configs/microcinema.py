@@ -35,7 +35,7 @@ def get_config(variant=None):
     config.data.frame_stride = 1
 
     config.optim = config_sections.optim(lr=1e-4)  # [G] AdamW 1e-4 (METHODS.md (d))
-    config_sections.add_run_sections(config, checkpoint_every=5000, guidance_scale=7.5)
+    config_sections.add_run_sections(config, checkpoint_every=5000, validation_steps=50, guidance_scale=7.5)
 
     if variant == "tiny":
         config_sections.make_tiny(config)

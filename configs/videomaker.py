@@ -52,7 +52,7 @@ def get_config(variant=None):
     config.data.center_reference = False  # move the highlighted subject to the centre of the reference image
 
     config.optim = config_sections.optim(lr=1e-5)
-    config_sections.add_run_sections(config, checkpoint_every=200)
+    config_sections.add_run_sections(config, checkpoint_every=200, validation_steps=30)  # DDIM 30, CFG 8
 
     if variant == "demo":
         # 32x32 pixels as 8x8 positions of 4x4 blocks (48 channels); PISA and cross-attention run at 8x8 and 4x4, the

@@ -96,8 +96,10 @@ def profile() -> ConfigDict:
 
 
 def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_steps: int = 25,
-                     guidance_scale: float = 8.0) -> None:
-    """Mesh, precision, launch flags, checkpoints, logging and validation samples, set on ``config``."""
+                     guidance_scale: float = 8.0, eta: float = 0.0) -> None:
+    """Mesh, precision, launch flags, checkpoints, logging and validation samples, set on ``config``. The
+    validation sampling settings (``validation_steps``, ``guidance_scale``, DDIM ``eta``: the method's published
+    inference settings) are also how ``jaxvc generate`` samples the run unless told otherwise."""
     config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
     config.rules = ()
     config.remat_policy = "none"
@@ -134,6 +136,7 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.validation.steps = validation_steps  # sampling steps
     config.validation.sampler = ""  # "" = the method's own (ddim; euler for the Wan DiT), or "dpm++", "unipc", ...
     config.validation.guidance_scale = guidance_scale
+    config.validation.eta = eta  # DDIM's eta (the ddim sampler only)
     config.validation.seed = 0  # video i uses seed + i at every sample point
     config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)
     config.validation.dino_model = ""  # local ViTModel (DINO) folder: DINO-I

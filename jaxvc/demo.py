@@ -66,7 +66,10 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = load_config(f"{CONFIG}:demo")
-    overrides = [tuple(o.split("=", 1)) for o in args.override]
+    # the run samples as the demo does: `jaxvc generate --model OUT/run` then takes these settings by default
+    overrides = [("validation.steps", str(args.sampling_steps)),
+                 ("validation.guidance_scale", str(args.guidance_scale))]
+    overrides += [tuple(o.split("=", 1)) for o in args.override]
     if args.steps is not None:
         overrides.append(("steps", str(args.steps)))
     if args.batch_size is not None:

@@ -46,6 +46,8 @@ class SubjectDiTPipeline(MeshPlacement):
     save = staticmethod(CustomVideoPipeline.save)
     generate_videos = CustomVideoPipeline.generate_videos  # host images and prompts -> uint8 videos, via generate
     merge_loras = CustomVideoPipeline.merge_loras  # merge_lora each (file, scale), then store_weights
+    # the method's inference (50 steps, CFG 6); a run's pipeline takes its run's (``TrainedRun.sampling``)
+    default_sampling = {"num_inference_steps": 50, "guidance_scale": 6.0, "eta": 0.0, "sampler": None}
 
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer

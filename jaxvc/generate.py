@@ -61,7 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --prompts: generate again the videos whose record is already in --out (default: "
                              "keep them, so that a stopped run resumes)")
     parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
-    parser.add_argument("--guidance-scale", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's: a training run's validation "
+                             "setting, the method's published one unless the run changed it, e.g. 8 VideoMaker, 12 "
+                             "CustomCrafter, 7.5 MicroCinema, 6 S2V; 8 for AnimateDiff folders, 5 for Wan folders)")
     parser.add_argument("--guidance-scale-2", type=float, default=None,
                         help="two-expert Wan 2.2 folders (A14B): the low-noise expert's guidance scale (default: "
                              "--guidance-scale)")
@@ -71,14 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-guidance-start", type=float, default=0.0,
                         help="with --reference-guidance-scale: the fraction of the steps (the layout) before which "
                              "the reference is guided with --guidance-scale")
-    parser.add_argument("--steps", type=int, default=30, help="sampling steps")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's, as --guidance-scale: e.g. 30 VideoMaker, 50 "
+                             "CustomCrafter, MicroCinema and S2V; 30 for AnimateDiff folders, 50 for Wan folders)")
     parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                        help="the solver (default: the model's own: ddim for the UNet methods, euler for the S2V "
+                        help="the solver (default: the model's own (a training run's config.validation.sampler if "
+                             "set): ddim for the UNet methods, euler for the S2V "
                              "method, the folder's (UniPC) for a Wan folder); dpm++ (2M), dpm++-karras, dpm++-sde "
                              "(2M SDE), dpm++-sde-karras, unipc (Wan's pipelines' solver), unipc-karras: diffusers' "
                              "multistep schedulers, good in 20-25 steps; the -karras ones run DDPM-schedule (UNet) "
                              "models only")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic; --sampler ddim only)")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="DDIM eta (0: deterministic; --sampler ddim only); default: the model's with DDIM (1 for "
+                             "CustomCrafter runs, as its paper; 0 otherwise), 0 with the other samplers")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     parser.add_argument("--frames", type=int, default=None,
                         help="number of video frames (models with the Wan video VAE: 1 + 4k, e.g. 17, 49, 81; "
@@ -118,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxvc.data.prompt_sets import PromptSetError, read_prompt_set
-    from jaxvc.pipeline import CustomVideoPipeline
+    from jaxvc.pipeline import CustomVideoPipeline, sampling_settings
 
     if args.prompt is None and args.prompts is None:
         print("jaxvc generate: give --prompt TEXT (one video) or --prompts SET (many)", file=sys.stderr)
@@ -152,6 +160,11 @@ def run(args) -> int:
             return 2
         pipe.reference_frame = False
     default_frames, default_height, default_width = pipe.default_video
+    defaults = sampling_settings(pipe.default_sampling, args.sampler)
+    for name, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"), ("eta", "eta"),
+                      ("sampler", "sampler")):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[key])
     args.frames = default_frames if args.frames is None else args.frames
     args.height = default_height if args.height is None else args.height
     args.width = default_width if args.width is None else args.width

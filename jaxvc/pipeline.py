@@ -104,6 +104,9 @@ class CustomVideoPipeline(MeshPlacement):
     ``pixel_patch`` x ``pixel_patch`` blocks folded into channels). ``shard("data=8")`` samples batches of videos
     data-parallel (``jaxvc/parallel/inference.py``)."""
     default_video = (16, 512, 512)  # (frames, height, width): ``jaxvc generate``'s defaults, AnimateDiff's size
+    # ``jaxvc generate``'s and ``generate_videos``' sampling defaults: VideoMaker's inference (DDIM 30, CFG 8); a
+    # training run's pipeline takes its run's (``TrainedRun.sampling``)
+    default_sampling = {"num_inference_steps": 30, "guidance_scale": 8.0, "eta": 0.0, "sampler": None}
     samples_batches = True  # ``generate`` takes a list of prompts: B videos in one sampling loop
 
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
@@ -216,6 +219,7 @@ class CustomVideoPipeline(MeshPlacement):
         pipe = run.method.pipeline(run.params, run.method.tokenizer)  # the tokenizer the run's captions went through
         # the parts that compute in dtype keep their matrices in it, after the merges
         pipe.merge_loras(lora, allow_pickle=allow_pickle, store=dtype)
+        pipe.default_sampling = run.sampling
         pipe.trained_step, pipe.trained_with_ema = run.step, run.used_ema
         return pipe
 
@@ -415,8 +419,9 @@ class CustomVideoPipeline(MeshPlacement):
                         **settings) -> np.ndarray:
         """A batch of videos from host inputs: reference images (paths, PIL images or arrays; None for a
         text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s (the size
-        defaults to the model's ``default_video``)."""
-        settings = dict(zip(("num_frames", "height", "width"), self.default_video), **settings)
+        defaults to the model's ``default_video``, the sampling to its ``default_sampling``)."""
+        settings = {**dict(zip(("num_frames", "height", "width"), self.default_video)),
+                    **sampling_settings(self.default_sampling, settings.get("sampler")), **settings}
         height, width = settings["height"], settings["width"]
         if references is not None and any(image is None for image in references):
             raise ValueError("generate_videos: a reference image for every video, or references=None")
@@ -482,6 +487,15 @@ class ReferenceConditioning:
         """Keep the matrices of the parts that compute in the UNet's dtype ``dtype`` in it
         (``CustomVideoPipeline.store_weights``); by default none are known to."""
         return self
+
+
+def sampling_settings(defaults: dict, sampler: str | None) -> dict:
+    """A pipeline's ``default_sampling`` as ``generate`` keywords for ``sampler`` (None: the default's): its DDIM
+    eta only when the sampler is DDIM (the others draw no such noise)."""
+    sampler = sampler or defaults.get("sampler")
+    ddim = sampler in (None, "ddim")
+    return {"num_inference_steps": defaults["num_inference_steps"], "guidance_scale": defaults["guidance_scale"],
+            "eta": defaults.get("eta", 0.0) if ddim else 0.0, "sampler": sampler}
 
 
 def _variables(variables: Any) -> dict:

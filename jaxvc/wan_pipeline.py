@@ -78,6 +78,8 @@ class WanTextToVideoPipeline(MeshPlacement):
     takes_reference = False  # text-to-video: ``jaxvc generate`` refuses --reference
     conditioning = None
     save = staticmethod(CustomVideoPipeline.save)
+    # diffusers' WanPipeline / WanImageToVideoPipeline defaults, with the folder's scheduler (UniPC)
+    default_sampling = {"num_inference_steps": 50, "guidance_scale": 5.0, "eta": 0.0, "sampler": None}
 
     def __init__(self, transformer, text_encoder, tokenizer, vae: VideoVAE, params: dict, scheduler_config: dict, *,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False):

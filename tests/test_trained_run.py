@@ -17,7 +17,8 @@ from jaxvc.train.trained_run import RunFolderError, load_trained_run
 SETTINGS = dict(num_frames=2, height=32, width=32, num_inference_steps=2, seed=3, progress=False)
 OVERRIDES = ["steps=4", "batch_size=2", "model.num_frames=2", "checkpoint.every=2", "checkpoint.keep=3",
              "checkpoint.use_async=False", "optim.ema_decay=0.5", "log_every=2", "progress_bar=False",
-             "data.num_subjects=6", "data.held_out=2"]
+             "data.num_subjects=6", "data.held_out=2", "validation.steps=2", "validation.guidance_scale=3.5",
+             "validation.eta=0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +82,29 @@ def test_an_earlier_step_loads_other_weights(run):
 
 
 def test_generate_command_on_a_run_folder_writes_the_step_in_its_record(run, reference, tmp_path):
+    """... and samples as the run validates (config.validation: steps, guidance, DDIM eta) at the video size it
+    trained on, unless told otherwise."""
     out = tmp_path / "out"
-    code = jaxvc_main(["generate", "--model", str(run[0]), "--step", "2", "--reference", str(reference),
-                       "--prompt", "a cat", "--frames", "2", "--height", "32", "--width", "32", "--steps", "2",
-                       "--out", str(out), "--name", "cat"])
-    assert code == 0
+    command = ["generate", "--model", str(run[0]), "--step", "2", "--reference", str(reference), "--prompt", "a cat",
+               "--out", str(out)]
+    assert jaxvc_main(command + ["--name", "cat"]) == 0
     record = json.loads((out / "cat.json").read_text())
     assert (record["trained_step"], record["ema"]) == (2, True)
     assert (out / "cat.mp4").stat().st_size > 0
+    method = run[2]
+    assert (record["frames"], record["height"], record["width"]) == (2, method.image_size, method.image_size)
+    assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (2, 3.5, 0.5, None)
+    # the Python API samples with the same defaults (generate_videos), DDIM's eta included
+    pipe = CustomVideoPipeline.from_pretrained(run[0], step=2)
+    size = dict(num_frames=2, height=method.image_size, width=method.image_size)
+    default = pipe.generate_videos([str(reference)], ["a cat"])
+    np.testing.assert_array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], num_inference_steps=2,
+                                                                guidance_scale=3.5, eta=0.5, **size))
+    assert not np.array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], eta=0.0))
+    # told otherwise: the flags win; DDIM's eta is not carried to a sampler without one
+    assert jaxvc_main(command + ["--name", "dog", "--steps", "3", "--guidance-scale", "2", "--sampler", "dpm++"]) == 0
+    record = json.loads((out / "dog.json").read_text())
+    assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (3, 2.0, 0.0, "dpm++")
 
 
 def test_folders_that_are_not_runs_say_so(tmp_path):

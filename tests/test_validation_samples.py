@@ -87,6 +87,9 @@ def test_validation_settings_are_checked_when_the_method_is_built(references, tm
         build_method(get_config("configs/videomaker.py:tiny", ["sample_every=10"]))
     with pytest.raises(ConfigError, match=r"validation.sampler = 'euler': method 'videomaker' samples with one of"):
         build_method(validation_config(references, "validation.sampler=euler"))
+    with pytest.raises(ConfigError, match=r"validation.eta = 1.0: DDIM's eta; method 'videomaker' samples with "
+                                          r"dpm\+\+, which takes none"):
+        build_method(validation_config(references, "validation.sampler=dpm++", "validation.eta=1.0"))
     with pytest.raises(ConfigError, match="2 prompts but 1 references"):
         build_method(validation_config(references[:1]))
     with pytest.raises(ConfigError, match=r"validation.clip_model = '.*nowhere': no config.json there"):

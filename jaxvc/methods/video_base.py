@@ -195,11 +195,13 @@ class VideoDiffusionMethod(PipelineValidation, Method):
         from jaxvc.pipeline import CustomVideoPipeline
 
         tree = params["params"]
-        return CustomVideoPipeline(
+        pipe = CustomVideoPipeline(
             self.unet.config, {"params": tree["unet"]}, text_config or self.text_encoder.config,
             {"params": tree["text_encoder"] if text_params is None else text_params}, tokenizer,
             None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
             scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
+        pipe.default_video = (self.num_frames, self.image_size, self.image_size)  # what it trained on
+        return pipe
 
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
     def example_batch(self, batch_size: int):
@@ -291,6 +293,9 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         if sampler not in names:
             raise ConfigError(f"config.validation.sampler = {sampler!r}: method '{method.name}' samples with one of "
                               f"{names} ('' for its own)")
+    if validation.get("eta", 0.0) and (sampler not in ("", "ddim") or getattr(method, "flow_matching", False)):
+        raise ConfigError(f"config.validation.eta = {validation.get('eta')}: DDIM's eta; method '{method.name}' "
+                          f"samples with {sampler or 'its own sampler'}, which takes none (set it to 0)")
     if prompts:
         if method.uses_reference and len(references) != len(prompts):
             raise ConfigError(f"config.validation: {len(prompts)} prompts but {len(references)} references")
@@ -299,4 +304,4 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         images = [load_reference_image(path, method.image_size, method.image_size) for path in references]
         method.set_validation(prompts, images, num_inference_steps=validation.get("steps", 25),
                               guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0),
-                              sampler=sampler)
+                              sampler=sampler, eta=validation.get("eta", 0.0))

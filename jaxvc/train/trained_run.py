@@ -27,6 +27,16 @@ class TrainedRun:
     step: int
     used_ema: bool
 
+    @property
+    def sampling(self) -> dict:
+        """How the run samples unless told otherwise (``jaxvc generate``'s defaults): its validation settings
+        (``config.validation``: steps, guidance scale, DDIM eta, sampler), the method's published inference
+        settings unless the run changed them."""
+        validation = self.config.get("validation") or {}
+        return {"num_inference_steps": int(validation.get("steps", 25)),
+                "guidance_scale": float(validation.get("guidance_scale", 8.0)),
+                "eta": float(validation.get("eta", 0.0)), "sampler": validation.get("sampler") or None}
+
 
 def is_run_folder(path: str | os.PathLike) -> bool:
     """A folder (local, or a bucket URL such as gs://bucket/run) with config.json and checkpoints/."""
