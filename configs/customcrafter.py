@@ -3,14 +3,15 @@ with Dynamic Weighted Video Sampling.
 
 Variants (``--config configs/customcrafter.py:<variant>``):
   tiny   the tiny UNet / VAE / CLIP (CPU tests); give the subject images with
-         --config.data.streams.instance=folder:/path (each image with a .txt caption such as "a <new1> toy")
+         --config.data.streams.instance=folder:/path (images without a .txt caption get one of CustomCrafter's
+         templates with "<new1> toy": "video of a <new1> toy", "<new1> toy", "a static video of a ...", "a ...")
   sd15   SD1.5 + AnimateDiff from local files, 512x512; the subject's images and ~200 class images for prior
          preservation:
            --config.model.pretrained=/sd15 --config.model.motion_adapter=/animatediff-v3
            --config.model.options.initializer_token=dog
-           --config.data.streams.instance=folder:/my-dog   (captions "a <new1> dog", "video of a <new1> dog", ...)
-           --config.data.streams.prior=folder:/dog-class   (captions "a dog", ...)
-Generate: ``jaxvc generate --model RUN --prompt "a <new1> dog surfing" --steps 50 --guidance-scale 12 --eta 1``
+           --config.data.streams.instance=folder:/my-dog   (uncaptioned: "a <new1> dog", "video of a <new1> dog", ...)
+           --config.data.streams.prior=folder:/dog-class   (their own captions; uncaptioned: "a dog", ...)
+Generate: ``jaxvc generate --model RUN --prompt "a <new1> dog surfing"`` (the run's DDIM 50 steps, CFG 12, eta 1)
 (the LoRA scale follows DWV: 0.4 for the first 5 steps, then 0.8).
 """
 from ml_collections import ConfigDict, config_dict
@@ -45,6 +46,11 @@ def get_config(variant=None):
     config.data.rescale = ("instance",)
     config.data.rescale_mask_inset = 8  # one latent cell of the SD VAE
     config.data.synthetic.update(dict(num_subjects=12, held_out=2, records=64))
+    # [C] the instance images' captions: a template with "<new1> <class>" (images with a caption keep theirs); the
+    # phrases follow model.options (placeholder_token, initializer_token) unless set
+    options = config.model.options
+    config.data.caption_phrases = ConfigDict({"instance": options.get_ref("placeholder_token") + " "
+                                              + options.get_ref("initializer_token")})
 
     config.optim = config_sections.optim(lr=3e-5)  # [P][C]
     config_sections.add_run_sections(config, checkpoint_every=500, validation_steps=50, guidance_scale=12.0,
@@ -67,6 +73,7 @@ def get_config(variant=None):
         config.log_every = 50
         config.checkpoint.every = 1000
         config.data.streams = ConfigDict({"instance": "", "prior": ""})  # folder:/path each, required
+        config.data.caption_phrases.prior = options.get_ref("initializer_token")  # uncaptioned class images
         config.mesh = ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "sequence": 1})
     else:
         raise ValueError(f"configs/customcrafter.py: unknown variant '{variant}' (tiny, sd15)")

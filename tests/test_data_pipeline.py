@@ -356,6 +356,41 @@ def test_customcrafter_rescale_zooms_the_subject_and_says_so_in_the_caption():
         BatchDataset(source, DataConfig(batch_size=2, rescale=("instances",)), 0, 1)
 
 
+def test_uncaptioned_images_of_a_templated_stream_get_customcrafters_captions():
+    """CustomCrafter's instance images usually come without captions: each gets one of its templates with the
+    subject phrase ("<new1> dog"), after which the rescale prefix goes in front; a record's own caption is kept,
+    and streams without a phrase keep "" (configs/customcrafter.py sets the phrases from model.options)."""
+    from jaxvc.config_utils import get_config
+    from jaxvc.data import transforms
+    from jaxvc.data.build import data_config
+
+    def uncaptioned(i):
+        return {**pair_example(i), "kind": "image", "frames": pair_example(i)["frames"][:1], "captions": []}
+    source = {"instance": ListSource([uncaptioned(i) for i in range(6)] + [pair_example(6)]),
+              "prior": ListSource([uncaptioned(i) for i in range(4)])}
+    config = DataConfig(batch_size=64, **{**PLAIN, "image_size": 32}, rescale=("instance",), rescale_mask_inset=2,
+                        caption_phrases={"instance": "<new1> dog"})
+    batch = BatchDataset(source, config, 0, 1)[0]
+    instance = batch["stream"] == "instance"
+    prefixes = transforms.ZOOM_OUT_PREFIXES + transforms.ZOOM_IN_PREFIXES + ("",)
+    templated = {template.format("<new1> dog") for template in transforms.CAPTION_TEMPLATES}
+    own = {"pair 6 view 0", "pair 6 view 1"}
+    made = set()
+    for caption in batch["caption"][instance]:
+        body = [caption[len(p):] for p in prefixes if caption.startswith(p) and caption[len(p):] in templated | own]
+        assert body, caption
+        made.add(body[0])
+    assert templated <= made  # all four templates occur (64 draws)
+    assert set(batch["caption"][~instance]) == {""}  # no phrase for the prior stream here
+    with pytest.raises(ValueError, match=r"caption_phrases names streams \['instances'\]"):
+        BatchDataset(source, DataConfig(batch_size=2, caption_phrases={"instances": "x"}), 0, 1)
+    # the config's phrases follow the placeholder and the class word
+    config = get_config("configs/customcrafter.py:sd15", [("model.options.initializer_token", "dog"),
+                                                          ("data.streams.instance", "folder:/x"),
+                                                          ("data.streams.prior", "folder:/y")])
+    assert data_config(config).caption_phrases == {"instance": "<new1> dog", "prior": "dog"}
+
+
 def test_an_optional_stream_set_to_none_is_off_with_its_weight():
     """config.data.streams.<name> = "none" (Still-Moving's optional prior-preservation stream) drops the stream, its
     weight and its rescale entry; naming a folder turns it on."""

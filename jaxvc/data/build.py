@@ -101,6 +101,8 @@ def data_config(config) -> DataConfig:
         fields["weights"] = {name: weight for name, weight in fields["weights"].items() if name in on}
     if "rescale" in fields:
         fields["rescale"] = tuple(name for name in fields["rescale"] if name in on)
+    if "caption_phrases" in fields:
+        fields["caption_phrases"] = {name: phrase for name, phrase in fields["caption_phrases"].items() if name in on}
     return DataConfig(batch_size=int(config.batch_size), **fields)
 
 

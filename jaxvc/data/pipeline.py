@@ -72,6 +72,10 @@ class DataConfig:
     rescale: tuple[str, ...] = ()  # streams whose image targets get CustomCrafter's zoom (transforms.rescale_subject)
     rescale_fill: int = 0  # the zoomed-out image's surround (black)
     rescale_mask_inset: int = 8  # pixels the zoomed-out loss box keeps off its edges (one SD latent cell)
+    # stream -> subject phrase: that stream's records without a caption get one of caption_templates with it
+    # (CustomCrafter: {"instance": "<new1> dog", "prior": "dog"}); records with captions keep theirs
+    caption_phrases: Mapping[str, str] | None = None
+    caption_templates: tuple[str, ...] = transforms.CAPTION_TEMPLATES
     seed: int = 0
     max_retries: int = 8  # substitutes tried for an unreadable record before giving up
     num_batches: int | None = None  # None: endless
@@ -215,6 +219,12 @@ class BatchDataset(grain.MapDataset):
         unknown_rescale = sorted(set(config.rescale) - set(self.names))
         if unknown_rescale:
             raise ValueError(f"rescale names streams {unknown_rescale}; the streams are {self.names}")
+        unknown_phrases = sorted(set(config.caption_phrases or {}) - set(self.names))
+        if unknown_phrases:
+            raise ValueError(f"caption_phrases names streams {unknown_phrases}; the streams are {self.names}")
+        if config.caption_phrases and not all("{}" in t for t in config.caption_templates):
+            raise ValueError(f"caption_templates {tuple(config.caption_templates)}: each needs a {{}} for the "
+                             "subject phrase")
         if config.reference not in transforms.REFERENCE_MODES:
             raise ValueError(f"reference={config.reference!r}: expected one of {transforms.REFERENCE_MODES}")
         self.config = config
@@ -312,6 +322,9 @@ class BatchDataset(grain.MapDataset):
         kind = example["kind"]
         n = records.num_frames(example)
         captions = list(example.get("captions") or [])
+        phrase = (cfg.caption_phrases or {}).get(stream)
+        if not captions and phrase:  # an uncaptioned image of a templated stream (CustomCrafter's instances)
+            captions = [transforms.templated_caption(phrase, rng, tuple(cfg.caption_templates))]
         has_mask = example.get("mask") is not None
         if kind == "video":
             clip = transforms.sample_clip(n, cfg.num_frames, cfg.frame_stride, rng, cfg.clip_position)

@@ -147,6 +147,13 @@ def augment_reference(image: np.ndarray, rng: np.random.Generator, hflip: float 
 
 ZOOM_OUT_PREFIXES = ("a far away ", "very small ")
 ZOOM_IN_PREFIXES = ("zoomed in ", "close up ")
+# CustomCrafter's caption templates (its customdata_new.py), "{}" standing for the subject, e.g. "<new1> dog"
+CAPTION_TEMPLATES = ("video of a {}", "{}", "a static video of a {}", "a {}")
+
+
+def templated_caption(phrase: str, rng: np.random.Generator, templates=CAPTION_TEMPLATES) -> str:
+    """One of ``templates`` (uniformly) with ``phrase`` in its "{}": the caption of an image that has none."""
+    return templates[int(rng.integers(len(templates)))].format(phrase)
 
 
 def rescale_subject(image: np.ndarray, mask: np.ndarray | None, rng: np.random.Generator, *, fill: int = 0,

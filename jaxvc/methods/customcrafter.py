@@ -9,7 +9,8 @@ Read top to bottom.
       whole UNet are frozen. Custom Diffusion's trick is kept: in cross-attention the key and value of token 0 (the
       start token) carry no gradient.
   Data: each subject image becomes a static video (the image repeated over ``num_frames``, 4 in the paper's config)
-      with a caption such as "a <new1> toy"; prior preservation mixes in class images ("a toy") at equal rate (the
+      with a caption such as "a <new1> toy" (its own, or one of the authors' templates with "<new1> <class>":
+      ``config.data.caption_phrases``); prior preservation mixes in class images ("a toy") at equal rate (the
       authors' alpha = 1: with Adam a constant loss factor changes nothing, so the mixture *is* L + 1 * L_prior).
   Loss: masked mean of the per-element error on the noise (L2 by default; the authors' config says L1,
       ``loss_type``); the mask (``batch["mask"]``, a subject box or segmentation) pooled to the latent grid.
