@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--last-frame", default=None, metavar="IMAGE",
                         help="Wan image-to-video folders (FLF2V; not TI2V): the video's last frame, --reference its "
                              "first")
+    parser.add_argument("--eval-references", nargs="+", default=[], metavar="IMAGE_OR_FOLDER",
+                        help="images of the subject (files, or folders of them) written into each record as "
+                             "\"references\" for `jaxvc eval` (CLIP-I and DINO-I against all of them, as "
+                             "CustomCrafter's protocol), not given to the model: what the videos of text-to-video "
+                             "models whose subject is in the weights (CustomCrafter, Still-Moving runs) are scored "
+                             "against; a --prompts record's own \"references\" win")
     parser.add_argument("--text-to-video", action="store_true",
                         help="sample --model as a plain text-to-video AnimateDiff model: no reference frame")
     parser.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
@@ -143,6 +149,11 @@ def run(args) -> int:
         print(f"jaxvc generate: --batch-size {args.batch_size}: " + ("expected 1 or more" if args.batch_size < 1 else
               "batches are for sets of videos (--prompts)"), file=sys.stderr)
         return 2
+    try:
+        args.eval_references = evaluation_images(args.eval_references)
+    except FileNotFoundError as error:
+        print(f"jaxvc generate: --eval-references: {error}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:  # LoRA files are merged as the weights load, in float32, before --dtype stores matrices in bf16
         pipe = CustomVideoPipeline.from_pretrained(
@@ -200,7 +211,8 @@ def run(args) -> int:
                   **sampling_options(args))
     files = pipe.save(frames, args.out, args.name, reference=args.reference, fps=args.fps)
     files["record"] = write_record(args, files["mp4"], args.prompt, args.reference, args.seed, args.negative_prompt,
-                                   getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
+                                   getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None),
+                                   args.eval_references)
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
           f"in {time.perf_counter() - loaded:.1f}s")
     for kind, path in files.items():
@@ -342,12 +354,32 @@ def _generate_batch(pipe, batch, args, out: Path) -> None:
     for item, reference, negative, frames in zip(batch, *_item_inputs(batch, args), videos):
         files = pipe.save(frames, out, item.name, reference=reference, fps=args.fps)
         write_record(args, files["mp4"], item.prompt, reference, item.seed, negative,
-                     getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None))
+                     getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None),
+                     item.references or args.eval_references)
+
+
+def evaluation_images(paths) -> list[str]:
+    """``--eval-references``: image files and folders -> the image files (a folder's sorted by name), absolute."""
+    from jaxvc.data.media import is_image
+
+    images = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and is_image(p.name))
+            if not found:
+                raise FileNotFoundError(f"{path}: a folder without images")
+            images += [str(p.resolve()) for p in found]
+        elif path.is_file() and is_image(path.name):
+            images.append(str(path.resolve()))
+        else:
+            raise FileNotFoundError(f"{path}: no such image file or folder")
+    return images
 
 
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,
-                 trained_step: int | None = None, ema: bool | None = None) -> Path:
-    """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference)."""
+                 trained_step: int | None = None, ema: bool | None = None, references=()) -> Path:
+    """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference;
+    ``references``, images of the subject to score against, when given)."""
     reference = None if reference is None else str(Path(reference).resolve())
     record = {"video": video.name, "prompt": prompt, "reference": reference, "lora": list(args.lora),
               "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
@@ -360,6 +392,8 @@ def write_record(args, video: Path, prompt: str, reference, seed: int, negative_
               "dtype": args.dtype, "attention_backend": args.attention_backend, "mesh": args.mesh,
               "trained_step": trained_step,
               "ema": ema}
+    if references:  # jaxvc eval scores CLIP-I / DINO-I against these instead of "reference"
+        record["references"] = [str(Path(image).resolve()) for image in references]
     path = video.with_suffix(".json")
     tmp = path.with_suffix(".json.tmp")  # written whole, then renamed: a record on disk is never half a record
     tmp.write_text(json.dumps(record, indent=2))

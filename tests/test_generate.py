@@ -116,6 +116,34 @@ def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
     assert (read["video"], read["references"]) == (str(out / "cat.mp4"), [str(reference.resolve())])
 
 
+def test_text_to_video_records_carry_the_evaluation_references(folder, tmp_path):
+    """``--eval-references``: a text-to-video model takes no reference, but its records name the subject's images
+    (a folder's, or a prompt-set record's own) for ``jaxvc eval``'s CLIP-I / DINO-I."""
+    from jaxvc.eval.cli import read_records
+
+    subject = tmp_path / "my-dog"
+    subject.mkdir()
+    for i in range(2):
+        _image(i).save(subject / f"{i}.png")
+    (subject / "notes.txt").write_text("not an image")
+    other = tmp_path / "other.png"
+    _image(7).save(other)
+    (tmp_path / "set.jsonl").write_text(json.dumps({"prompt": "a dog runs", "name": "own",
+                                                    "references": ["other.png"]}) + "\n"
+                                        + json.dumps({"prompt": "a dog sits", "name": "shared"}) + "\n")
+    out = tmp_path / "out"
+    command = ["generate", "--model", str(folder), "--text-to-video", "--frames", "2", "--height", "16", "--width",
+               "16", "--steps", "1", "--out", str(out)]
+    assert jaxvc_main(command + ["--prompts", str(tmp_path / "set.jsonl"), "--eval-references", str(subject)]) == 0
+    expected = {"own": [str(other.resolve())], "shared": [str((subject / f"{i}.png").resolve()) for i in range(2)]}
+    for name, references in expected.items():
+        record = json.loads((out / f"{name}.json").read_text())
+        assert record["reference"] is None and record["references"] == references
+        [read] = read_records([out / f"{name}.json"])
+        assert read["references"] == references
+    assert jaxvc_main(command + ["--prompt", "a dog", "--eval-references", str(tmp_path / "nowhere")]) == 2
+
+
 def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, pipe, tmp_path):
     """--prompts: each item as the one-video path would make it (same seed, prompt and reference: equal GIF
     bytes), records and a manifest `jaxvc eval` reads, and a rerun that keeps what exists."""

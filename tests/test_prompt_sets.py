@@ -26,12 +26,13 @@ def test_text_and_jsonl_sets(tmp_path):
     assert [(i.name, i.prompt, i.seed) for i in items] == [("00000", "a dog runs", 7), ("00001", "a cat sits", 7)]
     lines = [{"prompt": "p0", "reference": "refs/a.png", "seed": 3, "negative_prompt": "blurry"},
              {"prompt": "p1", "video": "/data/clips/clip_12.mp4"},  # jaxvc motion-bins' records: named by the clip
-             {"prompt": "p2", "name": "mine"}]
+             {"prompt": "p2", "name": "mine", "references": ["dog/1.png", "/abs/2.png"]}]
     (tmp_path / "set.jsonl").write_text("\n".join(map(json.dumps, lines)) + "\n\n")
     items = read_prompt_set(str(tmp_path / "set.jsonl"), seed=100)
     assert [(i.name, i.seed, i.negative_prompt) for i in items] == [("00000", 3, "blurry"), ("clip_12", 100, None),
                                                                     ("mine", 100, None)]
     assert items[0].reference == str(tmp_path / "refs" / "a.png")
+    assert items[2].references == (str(tmp_path / "dog" / "1.png"), "/abs/2.png") and items[0].references == ()
     # a default prompt for records without one (motion-bins' records of uncaptioned clips)
     (tmp_path / "bins.jsonl").write_text(json.dumps({"video": "a/c1.mp4", "reference": "ff/c1.png"}))
     [item] = read_prompt_set(str(tmp_path / "bins.jsonl"), default_prompt="a dog")
@@ -44,6 +45,7 @@ def test_text_and_jsonl_sets(tmp_path):
     ('{"prompt": "a"}\n{"prompt": "b", "name": "00000"}', "items 0 and 1 would both be written as '00000'"),
     ('{"text": "a"}', r"set.jsonl:1: a record needs a \"prompt\" string"),
     ('{"prompt": "a", "seed": "3"}', r"\"seed\" must be an integer"),
+    ('{"prompt": "a", "references": "x.png"}', r"\"references\" must be a list of image paths"),
     ('{"prompt": "a"', "set.jsonl:1: not valid JSON"),
     ('{"prompt": "a", "name": "../x"}', "not a plain file name"),
     ('', "no prompts"),

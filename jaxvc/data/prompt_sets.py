@@ -9,7 +9,9 @@ A set is one of:
 - a ``.txt`` file: one prompt per line (blank lines and lines starting with ``#`` are skipped);
 - a ``.jsonl`` file (or a ``.json`` list): one object per item, ``{"prompt": TEXT}`` (or the default prompt) and
   optionally
-  ``"reference"`` (an image, relative to the file's folder), ``"name"``, ``"seed"``, ``"negative_prompt"``. A record
+  ``"reference"`` (an image, relative to the file's folder), ``"references"`` (images of the subject for
+  evaluation only: ``jaxvc eval`` scores CLIP-I/DINO-I against them; what a text-to-video model's videos, whose
+  subject is in the weights, are scored against), ``"name"``, ``"seed"``, ``"negative_prompt"``. A record
   with a ``"video"`` and no ``"name"`` is named after the video's stem: ``jaxvc motion-bins`` writes such records,
   each real clip's first frame as its reference, so that the generated video has the real clip's name.
 
@@ -36,6 +38,7 @@ class PromptItem:
     seed: int
     reference: str | None = None
     negative_prompt: str | None = None
+    references: tuple[str, ...] = ()  # evaluation images of the subject (jaxvc eval's CLIP-I/DINO-I), not inputs
 
 
 def ucf101_class_names() -> list[str]:
@@ -104,6 +107,12 @@ def _item_fields(record, source: str, folder: Path, default_prompt: str | None) 
         fields["name"] = Path(record["video"]).stem
     if record.get("reference") is not None:
         fields["reference"] = str(folder / record["reference"])
+    if record.get("references") is not None:
+        references = record["references"]
+        if isinstance(references, str) or not isinstance(references, list) or \
+                not all(isinstance(r, str) for r in references):
+            raise PromptSetError(f"{source}: \"references\" must be a list of image paths, got {references!r}")
+        fields["references"] = tuple(str(folder / r) for r in references)
     if record.get("seed") is not None:
         if not isinstance(record["seed"], int) or isinstance(record["seed"], bool):
             raise PromptSetError(f"{source}: \"seed\" must be an integer, got {record['seed']!r}")
@@ -131,7 +140,8 @@ def read_prompt_set(spec: str, repeats: int = 1, seed: int = 0, default_prompt: 
         for repeat in range(repeats):
             items.append(PromptItem(prompt=fields["prompt"], name=name if repeats == 1 else f"{name}_{repeat:03d}",
                                     seed=fields.get("seed", seed) + repeat, reference=fields.get("reference"),
-                                    negative_prompt=fields.get("negative_prompt")))
+                                    negative_prompt=fields.get("negative_prompt"),
+                                    references=fields.get("references", ())))
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         if item.name in seen:
