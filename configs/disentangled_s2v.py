@@ -10,7 +10,7 @@ Variants (``--config configs/disentangled_s2v.py:<variant>``):
                packed:/videos``, see ``jaxvc pack``). 49 frames (1 + 4 x 12, the paper's clip length) at 480 x 480.
 Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..." --steps 50 --guidance-scale 6``.
 """
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from jaxvc import config_sections
 
@@ -40,7 +40,8 @@ def get_config(variant=None):
     config.model.vae_tile = 0  # > 0: the Wan VAE codes frames in spatial tiles of this many px (diffusers: 256)
     config.model.vae_tile_stride = 192  # ... every this many px
     config.model.num_frames = 49
-    config.model.image_size = 32
+    config.model.image_size = 32  # the frames' height, and their width unless image_width is set
+    config.model.image_width = config_dict.placeholder(int)  # None: square; the paper trains 480 x 720
     config.model.options = ConfigDict(dict(
         rank=128, alpha=64.0, reference_time_lora=True, cls_token="<cls>", drop_mode="full", drop_prob=0.5,
         drop_text_prob=0.0, flow_shift=5.0, num_train_timesteps=1000))

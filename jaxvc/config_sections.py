@@ -26,7 +26,8 @@ def unet_model(*, vae_variant: str, num_frames: int, image_size: int) -> ConfigD
     model.allow_pickle = False
     model.tokenizer = ""  # tokenizer folder; "" = the pretrained folder's, else jaxvc's default CLIP BPE
     model.num_frames = num_frames
-    model.image_size = image_size
+    model.image_size = image_size  # the frames' height, and their width unless image_width is set
+    model.image_width = config_dict.placeholder(int)  # None: square frames
     return model
 
 
@@ -37,6 +38,7 @@ def stream_data(config: ConfigDict, streams: dict, *, with_mask: bool = False) -
     data.source = "grain"
     data.streams = ConfigDict(streams)
     data.image_size = config.model.get_ref("image_size")
+    data.image_width = config.model.get_ref("image_width")
     data.num_frames = config.model.get_ref("num_frames")
     data.with_mask = with_mask  # a record's mask (e.g. subject.mask.png) weights the loss; none: every pixel
     data.seed = 0

@@ -55,7 +55,7 @@ class SubjectDiTPipeline(MeshPlacement):
     @property
     def default_video(self) -> tuple[int, int, int]:
         """(frames, height, width) the method trained on: ``jaxvc generate``'s defaults."""
-        return self.method.num_frames, self.method.image_size, self.method.image_size
+        return self.method.num_frames, self.method.height, self.method.width
 
     def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "SubjectDiTPipeline":
         """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into the DiT's weights at ``scale``."""

@@ -37,9 +37,9 @@ def fresh(method):
 
 def random_inputs(method, params, frames=4, seed=0):
     rng = np.random.default_rng(seed)
-    size, channels = method.latent_size, method.transformer.config.in_channels
-    x = jnp.asarray(rng.standard_normal((2, frames, size, size, channels)), jnp.float32)
-    reference = jnp.asarray(rng.standard_normal((2, 1, size, size, channels)), jnp.float32)
+    size, channels = method.latent_frame_size, method.transformer.config.in_channels
+    x = jnp.asarray(rng.standard_normal((2, frames, *size, channels)), jnp.float32)
+    reference = jnp.asarray(rng.standard_normal((2, 1, *size, channels)), jnp.float32)
     text = method.encode_text(params, jnp.asarray(method.tokenizer([method.prompt("a red star"), "a cat"])))
     return x, jnp.array([900.0, 250.0]), text, reference
 
@@ -84,7 +84,7 @@ def test_reference_dropping(method, fresh):
     x, t, text, reference = random_inputs(method, fresh)
     with lora.applied([lora.AppliedAdapter(method.spec, params["params"]["adapters"]["lora"])]):
         plain = method.transformer.apply({"params": fresh["params"]["transformer"]}, x, t, text)
-    patches = (method.latent_size // 2) ** 2  # 2 x 2 patches of the reference latent
+    patches = np.prod(method.latent_frame_size) // 4  # 2 x 2 patches of the reference latent
     dropped = method.velocity(params, x, t, text, reference, jnp.zeros((2, patches), bool))
     assert relative_error(dropped, plain) < 1e-5  # the reference's time LoRA reaches nothing without its tokens
     kept = method.velocity(params, x, t, text, reference)

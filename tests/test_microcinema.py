@@ -42,9 +42,9 @@ def fresh(method):
 
 def random_inputs(method, params, seed=0):
     rng = np.random.default_rng(seed)
-    size, channels = method.latent_size, method.latent_channels
-    x = jnp.asarray(rng.standard_normal((2, method.num_frames, size, size, channels)), jnp.float32)
-    center = jnp.asarray(rng.standard_normal((2, 1, size, size, channels)), jnp.float32)
+    size, channels = method.latent_frame_size, method.latent_channels
+    x = jnp.asarray(rng.standard_normal((2, method.num_frames, *size, channels)), jnp.float32)
+    center = jnp.asarray(rng.standard_normal((2, 1, *size, channels)), jnp.float32)
     text = method.encode_text(params, jnp.broadcast_to(method.empty_prompt_tokens, (2, 77)))
     return x, jnp.array([10, 700]), text, center
 
@@ -117,7 +117,7 @@ def test_injection_formula(method, fresh, site):
 
 
 def test_appearance_noise_prior(method, fresh):
-    shape = (2, method.num_frames, method.latent_size, method.latent_size, method.latent_channels)
+    shape = (2, method.num_frames, *method.latent_frame_size, method.latent_channels)
     center = jax.random.normal(jax.random.key(3), (2, 1, *shape[2:]))
     noise = method.training_noise(jax.random.key(4), shape, center)
     eps_n = jax.random.normal(jax.random.key(4), shape)

@@ -92,11 +92,11 @@ def test_generate_command_on_a_run_folder_writes_the_step_in_its_record(run, ref
     assert (record["trained_step"], record["ema"]) == (2, True)
     assert (out / "cat.mp4").stat().st_size > 0
     method = run[2]
-    assert (record["frames"], record["height"], record["width"]) == (2, method.image_size, method.image_size)
+    assert (record["frames"], record["height"], record["width"]) == (2, method.height, method.width)
     assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (2, 3.5, 0.5, None)
     # the Python API samples with the same defaults (generate_videos), DDIM's eta included
     pipe = CustomVideoPipeline.from_pretrained(run[0], step=2)
-    size = dict(num_frames=2, height=method.image_size, width=method.image_size)
+    size = dict(num_frames=2, height=method.height, width=method.width)
     default = pipe.generate_videos([str(reference)], ["a cat"])
     np.testing.assert_array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], num_inference_steps=2,
                                                                 guidance_scale=3.5, eta=0.5, **size))

@@ -12,7 +12,8 @@ It reads `config.batch_size` (global) and `config.data`:
   weights        {name: weight} (default equal); switch: True for one stream per batch (method (e): p = weight)
   image_size, num_frames, frame_stride, image_frames, reference, reference_candidates, highlight, hflip,
   affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
-                 `DataConfig` fields (only the ones present are read)
+                 `DataConfig` fields (only the ones present are read); image_width (tied to model.image_width):
+                 frames of image_size x image_width (height x width), square if None
   workers, read_threads, prefetch  Grain worker processes / threads / prefetch depth
   synthetic      {image_size, num_frames, num_subjects, held_out, seed, records, split ("train" | "held_out")}
 """
@@ -96,6 +97,9 @@ def data_config(config) -> DataConfig:
         value = _get(data_cfg, f.name, None)
         if value is not None:
             fields[f.name] = _plain(value)
+    width = _get(data_cfg, "image_width", None)
+    if width is not None:  # frames of image_size x image_width (height x width)
+        fields["image_size"] = (int(fields.get("image_size", 32)), int(width))
     on = stream_specs(data_cfg)  # the weights and rescale entries of streams switched off go with them
     if "weights" in fields:
         fields["weights"] = {name: weight for name, weight in fields["weights"].items() if name in on}

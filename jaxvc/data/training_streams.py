@@ -40,10 +40,11 @@ def streams_from_config(config) -> dict:
 def from_config(config, rows: tuple[int, int], tokenizer=None):
     """This host's share (rows [start, stop) of the global batch) of the training stream, with tokens (from
     ``tokenizer``, the method's; by default the one ``config.model.tokenizer`` names)."""
+    from jaxvc.methods.base import model_frame_size
     from jaxvc.models.tokenizer import load_tokenizer
 
     tokenizer = tokenizer or load_tokenizer(config.model.get("tokenizer"))
-    data_config = DataConfig(batch_size=config.batch_size, image_size=config.model.image_size,
+    data_config = DataConfig(batch_size=config.batch_size, image_size=model_frame_size(config.model),
                              num_frames=config.model.num_frames, frame_stride=config.data.frame_stride,
                              reference=config.data.reference, seed=config.data.seed, with_mask=False,
                              center_reference=bool(config.data.get("center_reference", False)))

@@ -65,6 +65,24 @@ class Method(abc.ABC):
             lambda path, _: self.trainable(tuple(_key_name(k) for k in path)), nn.unbox(params))
 
 
+def frame_size(image_size, image_width: int | None = None) -> tuple[int, int]:
+    """(height, width) of the training frames: ``image_size`` an int (the height; the width too unless
+    ``image_width``, as ``config.model.image_size`` / ``image_width``) or a (height, width) pair."""
+    if isinstance(image_size, (int, float)):
+        size = (image_size, image_width or image_size)
+    else:
+        size = tuple(image_size)
+    if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
+        raise ValueError(f"image_size={image_size!r}, image_width={image_width!r}: expected positive ints (height, "
+                         "width)")
+    return int(size[0]), int(size[1])
+
+
+def model_frame_size(model) -> tuple[int, int]:
+    """(height, width) of a config's ``model`` section: ``image_size`` (and ``image_width``, default square)."""
+    return frame_size(model.image_size, model.get("image_width"))
+
+
 def init_program(owner, name: str, init):
     """``init(*args) -> params`` as its own compiled program, made once per ``owner``, ``name`` and compiler options
     (``compile_options.current()``: the trainer's inside its ``scope``): a model component's random init. Called
@@ -94,7 +112,7 @@ class PipelineValidation:
     """``set_validation`` and the trainer's ``sample`` hook for methods that generate with
     ``self.pipeline(params, tokenizer)`` (a ``CustomVideoPipeline``-like ``generate``), from prompts and, where
     ``uses_reference``, one reference image each. Needs ``name``, ``uses_reference``, ``tokenizer``, ``num_frames``,
-    ``image_size`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
+    ``height``, ``width`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
 
     def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
                        seed: int = 0, sampler: str | None = None, eta: float = 0.0) -> None:
@@ -121,7 +139,7 @@ class PipelineValidation:
 
         pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
         settings = self.validation_settings
-        options = dict(num_frames=self.num_frames, height=self.image_size, width=self.image_size,
+        options = dict(num_frames=self.num_frames, height=self.height, width=self.width,
                        num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                        sampler=settings["sampler"], eta=settings.get("eta", 0.0))
         prompts, references = [prompt for prompt, _ in self.validation], [image for _, image in self.validation]

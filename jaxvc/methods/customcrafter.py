@@ -37,6 +37,7 @@ from flax import linen as nn
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise, get_target
+from jaxvc.methods.base import model_frame_size
 from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, finish_from_config,
                                       options_from_mapping)
 from jaxvc.models import lora
@@ -247,6 +248,6 @@ def from_config(config) -> CustomCrafter:
     model = config.model
     method = CustomCrafter(parts.unet, parts.text, parts.vae,
                            CustomCrafterOptions.from_mapping(model.options.to_dict()), parts.tokenizer(""),
-                           num_frames=model.num_frames, image_size=model.image_size, pretrained=parts.pretrained,
-                           pixel_patch=parts.pixel_patch, tokenizer=parts.tokenizer)
+                           num_frames=model.num_frames, image_size=model_frame_size(model),
+                           pretrained=parts.pretrained, pixel_patch=parts.pixel_patch, tokenizer=parts.tokenizer)
     return finish_from_config(method, config, parts)  # keeps method.tokenizer, the one with the placeholder

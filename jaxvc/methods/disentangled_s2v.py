@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.flow import flow_add_noise, flow_target, sample_flow_sigmas
-from jaxvc.methods.base import Method, PipelineValidation, init_program
+from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program, model_frame_size
 from jaxvc.methods.video_base import options_from_mapping
 from jaxvc.models import lora
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
@@ -104,7 +104,12 @@ class DisentangledS2V(PipelineValidation, Method):
         self.vae = None if vae_config is None else VideoVAE(vae_config, vae_chunk_frames, vae_tile, vae_tile_stride)
         self.latent_frames(num_frames)  # a Wan VAE codes 1 + 4k frames: refuse other lengths here
         self.options = options
-        self.num_frames, self.image_size = num_frames, image_size
+        # the training frames: (height, width), square from an int
+        self.num_frames, (self.height, self.width) = num_frames, frame_size(image_size)
+        multiple = (1 if self.vae is None else self.vae.downsample_factor) * wan_config.patch_size[1]
+        if self.height % multiple or self.width % multiple:
+            raise ValueError(f"disentangled_s2v: frames of {self.height}x{self.width} pixels; this model needs both "
+                             f"sides divisible by {multiple} (model.image_size, model.image_width)")
         self.pretrained = dict(pretrained or {})
         self.spec = lora.AdapterSpec(include=options.lora_targets, rank=options.rank, alpha=options.alpha)
         self.base_vocab_size = text_config.vocab_size
@@ -125,8 +130,15 @@ class DisentangledS2V(PipelineValidation, Method):
 
     # ---------------------------------------------------------------- shapes and parameters
     @property
-    def latent_size(self) -> int:
-        return self.image_size // (1 if self.vae is None else self.vae.downsample_factor)
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the training frames in pixels."""
+        return self.height, self.width
+
+    @property
+    def latent_frame_size(self) -> tuple[int, int]:
+        """(h, w) of the latent grid the DiT patchifies."""
+        factor = 1 if self.vae is None else self.vae.downsample_factor
+        return self.height // factor, self.width // factor
 
     def latent_frames(self, frames: int) -> int:
         """Latent frames of a ``frames``-frame video: the same per-frame (pixels, SD VAE), 1 + (frames - 1) / 4
@@ -134,8 +146,8 @@ class DisentangledS2V(PipelineValidation, Method):
         return frames if self.vae is None else self.vae.latent_frames(frames)
 
     def _dit_example(self):
-        size, cfg = self.latent_size, self.transformer.config
-        latents = jnp.zeros((1, 1, size, size, cfg.in_channels))
+        cfg = self.transformer.config
+        latents = jnp.zeros((1, 1, *self.latent_frame_size, cfg.in_channels))
         return latents, jnp.zeros((1,)), jnp.zeros((1, 1, cfg.text_dim))
 
     def lora_sites(self):
@@ -315,9 +327,9 @@ class DisentangledS2V(PipelineValidation, Method):
         return SubjectDiTPipeline(self, params, tokenizer or self.tokenizer)
 
     def example_batch(self, batch_size: int):
-        size = self.image_size
-        return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
-                "reference": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+        size = self.frame_size
+        return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, *size, 3), jnp.float32),
+                "reference": jax.ShapeDtypeStruct((batch_size, *size, 3), jnp.float32),
                 "tokens": jax.ShapeDtypeStruct((batch_size, self.empty_prompt_tokens.shape[1]), jnp.int32)}
 
 
@@ -378,7 +390,7 @@ def from_config(config) -> DisentangledS2V:
         wan = wan_config(model.transformer_variant, in_channels=channels, out_channels=channels,
                          text_dim=width, **overrides)
     method = DisentangledS2V(wan, text, vae, DisentangledS2VOptions.from_mapping(model.options.to_dict()),
-                             tokenizer, num_frames=model.num_frames, image_size=model.image_size,
+                             tokenizer, num_frames=model.num_frames, image_size=model_frame_size(model),
                              pretrained=pretrained, vae_chunk_frames=model.get("vae_chunk_frames") or None,
                              vae_tile=model.get("vae_tile") or None, vae_tile_stride=model.get("vae_tile_stride", 192))
     method.init_params_jittable = not pretrained

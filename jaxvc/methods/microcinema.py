@@ -43,6 +43,7 @@ from flax import traverse_util
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise
+from jaxvc.methods.base import model_frame_size
 from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, condition_dropout,
                                       finish_from_config, options_from_mapping)
 from jaxvc.models.unet import UNetConfig, is_motion_param
@@ -298,6 +299,6 @@ def from_config(config) -> MicroCinema:
     parts = build_components(config)
     model = config.model
     method = MicroCinema(parts.unet, parts.text, parts.vae, MicroCinemaOptions.from_mapping(model.options.to_dict()),
-                         parts.tokenizer(""), num_frames=model.num_frames, image_size=model.image_size,
+                         parts.tokenizer(""), num_frames=model.num_frames, image_size=model_frame_size(model),
                          pretrained=parts.pretrained, pixel_patch=parts.pixel_patch)
     return finish_from_config(method, config, parts)

@@ -37,6 +37,7 @@ from flax import linen as nn
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise
+from jaxvc.methods.base import model_frame_size
 from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, finish_from_config,
                                       options_from_mapping)
 from jaxvc.models import lora
@@ -227,8 +228,8 @@ def from_config(config) -> StillMoving:
             parts.text)["params"]}, scale=opts.customization_scale)
         customization = loaded.adapters
     method = StillMoving(parts.unet, parts.text, parts.vae, opts, parts.tokenizer(""), motion_adapter=motion,
-                         customization=customization, num_frames=model.num_frames, image_size=model.image_size,
-                         pretrained=parts.pretrained, pixel_patch=parts.pixel_patch)
+                         customization=customization, num_frames=model.num_frames,
+                         image_size=model_frame_size(model), pretrained=parts.pretrained, pixel_patch=parts.pixel_patch)
     # the adapters read from files are small: they enter the jitted init as constants (only pretrained weights,
     # big host arrays, make the trainer initialise eagerly)
     return finish_from_config(method, config, parts)

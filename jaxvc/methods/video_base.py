@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
-from jaxvc.methods.base import Method, PipelineValidation, init_program
+from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program
 from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.patchify import from_patches, to_patches
@@ -59,7 +59,7 @@ class VideoDiffusionMethod(PipelineValidation, Method):
     init_in_parts = True  # init_params: the UNet, text encoder, VAE and extras each their own program
 
     def __init__(self, unet_config: UNetConfig, text_config: CLIPTextConfig, vae_config: VAEConfig | None,
-                 options, empty_prompt_tokens, *, num_frames: int, image_size: int,
+                 options, empty_prompt_tokens, *, num_frames: int, image_size: int | tuple[int, int],
                  pretrained: Mapping[str, Any] | None = None, pixel_patch: int = 1):
         if unet_config.motion is None:
             raise ValueError(f"{self.name}: the UNet needs motion modules (unet_config.motion is None)")
@@ -78,7 +78,13 @@ class VideoDiffusionMethod(PipelineValidation, Method):
         self.vae = None if vae_config is None else AutoencoderKL(vae_config)
         self.options = options
         self.empty_prompt_tokens = jnp.asarray(empty_prompt_tokens, jnp.int32).reshape(1, -1)  # (1, 77)
-        self.num_frames, self.image_size = num_frames, image_size
+        # the training frames: (height, width), square from an int
+        self.num_frames, (self.height, self.width) = num_frames, frame_size(image_size)
+        multiple = (self.pixel_patch if vae_config is None else vae_config.downsample_factor) * 2 ** (
+            len(unet_config.block_out_channels) - 1)  # the UNet halves the latent (levels - 1) times
+        if self.height % multiple or self.width % multiple:
+            raise ValueError(f"{self.name}: frames of {self.height}x{self.width} pixels; this model needs both sides "
+                             f"divisible by {multiple} (model.image_size, model.image_width)")
         self.pretrained = dict(pretrained or {})
         self.tokenizer = None  # set by build_method_from_config: the tokenizer its captions are encoded with
         self.validation: list = []  # (prompt, reference (H, W, 3) in [-1, 1] or None) pairs: see set_validation
@@ -89,16 +95,22 @@ class VideoDiffusionMethod(PipelineValidation, Method):
 
     # ---------------------------------------------------------------- shapes and parameters
     @property
-    def latent_size(self) -> int:
-        return self.image_size // (self.pixel_patch if self.vae is None else self.vae.config.downsample_factor)
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the training frames in pixels."""
+        return self.height, self.width
+
+    @property
+    def latent_frame_size(self) -> tuple[int, int]:
+        """(h, w) of the latent grid the UNet sees."""
+        factor = self.pixel_patch if self.vae is None else self.vae.config.downsample_factor
+        return self.height // factor, self.width // factor
 
     @property
     def latent_channels(self) -> int:
         return self.unet.config.in_channels
 
     def _unet_example(self):
-        size, c = self.latent_size, self.latent_channels
-        sample = jax.ShapeDtypeStruct((1, self.num_frames, size, size, c), jnp.float32)
+        sample = jax.ShapeDtypeStruct((1, self.num_frames, *self.latent_frame_size, self.latent_channels), jnp.float32)
         text = jax.ShapeDtypeStruct((1, self.empty_prompt_tokens.shape[1], self.unet.config.cross_attention_dim),
                                     jnp.float32)
         return sample, text
@@ -200,13 +212,12 @@ class VideoDiffusionMethod(PipelineValidation, Method):
             {"params": tree["text_encoder"] if text_params is None else text_params}, tokenizer,
             None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
             scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
-        pipe.default_video = (self.num_frames, self.image_size, self.image_size)  # what it trained on
+        pipe.default_video = (self.num_frames, self.height, self.width)  # what it trained on
         return pipe
 
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
     def example_batch(self, batch_size: int):
-        size = self.image_size
-        return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, size, size, 3), jnp.float32),
+        return {"video": jax.ShapeDtypeStruct((batch_size, self.num_frames, self.height, self.width, 3), jnp.float32),
                 "tokens": jax.ShapeDtypeStruct((batch_size, self.empty_prompt_tokens.shape[1]), jnp.int32)}
 
 
@@ -301,7 +312,7 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
             raise ConfigError(f"config.validation: {len(prompts)} prompts but {len(references)} references")
         if not method.uses_reference and references:
             raise ConfigError(f"config.validation.references: method '{method.name}' takes no reference image")
-        images = [load_reference_image(path, method.image_size, method.image_size) for path in references]
+        images = [load_reference_image(path, method.height, method.width) for path in references]
         method.set_validation(prompts, images, num_inference_steps=validation.get("steps", 25),
                               guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0),
                               sampler=sampler, eta=validation.get("eta", 0.0))

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise, get_target
+from jaxvc.methods.base import model_frame_size
 from jaxvc.methods.video_base import (VideoDiffusionMethod, build_components, condition_dropout,
                                       finish_from_config, options_from_mapping)
 
@@ -175,9 +176,8 @@ class VideoMaker(VideoDiffusionMethod):
                                     reference_cross_attention=self.options.reference_cross_attention)
 
     def example_batch(self, batch_size: int):
-        size = self.image_size
         return {**super().example_batch(batch_size),
-                "reference": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
+                "reference": jax.ShapeDtypeStruct((batch_size, self.height, self.width, 3), jnp.float32)}
 
 
 def from_config(config) -> VideoMaker:
@@ -186,6 +186,6 @@ def from_config(config) -> VideoMaker:
     parts = build_components(config)
     model = config.model
     method = VideoMaker(parts.unet, parts.text, parts.vae, VideoMakerOptions.from_mapping(model.options.to_dict()),
-                        parts.tokenizer(""), num_frames=model.num_frames, image_size=model.image_size,
+                        parts.tokenizer(""), num_frames=model.num_frames, image_size=model_frame_size(model),
                         pretrained=parts.pretrained, pixel_patch=parts.pixel_patch)
     return finish_from_config(method, config, parts)
