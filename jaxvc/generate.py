@@ -30,6 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--motion-adapter", default=None,
                         help="diffusers MotionAdapter folder or AnimateDiff motion-module file, if --model is a "
                              "plain SD1.5 folder")
+    parser.add_argument("--unet-weights", default=None, metavar="FILE",
+                        help="AnimateDiff/SD folders: a UNet state dict, whole or partial, put over the folder's UNet "
+                             "weights, e.g. VideoMaker's released human_pytorch_model.bin (its authors load it with "
+                             "strict=False; here a key the model lacks, or a wrong shape, is an error); AnimateDiff "
+                             "UNet3D or diffusers UNetMotionModel keys; .bin/.ckpt need --allow-pickle")
     parser.add_argument("--reference", default=None,
                         help="reference image of the subject (any format PIL reads); required by reference-conditioned "
                              "models (VideoMaker; a Wan image-to-video folder's first frame), refused by text-to-video "
@@ -159,6 +164,7 @@ def run(args) -> int:
         pipe = CustomVideoPipeline.from_pretrained(
             args.model, motion_adapter=args.motion_adapter, allow_pickle=args.allow_pickle, dtype=args.dtype,
             attention_backend=args.attention_backend, step=args.step, use_ema=not args.no_ema,
+            unet_weights=args.unet_weights,
             lora=[parse_lora_argument(spec) for spec in args.lora],
             lora_2=[parse_lora_argument(spec) for spec in args.lora_2])
     except (ValueError, FileNotFoundError) as error:  # the loaders' errors name the file and what was expected
@@ -383,6 +389,7 @@ def write_record(args, video: Path, prompt: str, reference, seed: int, negative_
     reference = None if reference is None else str(Path(reference).resolve())
     record = {"video": video.name, "prompt": prompt, "reference": reference, "lora": list(args.lora),
               "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
+              "unet_weights": args.unet_weights,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps,
               "sampler": args.sampler, "eta": args.eta, "lora_2": list(args.lora_2),

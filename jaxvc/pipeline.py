@@ -145,8 +145,8 @@ class CustomVideoPipeline(MeshPlacement):
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
                         attention_backend: str | None = None, step: int | None = None, use_ema: bool = True,
-                        lora: Sequence[tuple[str, float]] = (),
-                        lora_2: Sequence[tuple[str, float]] = ()) -> "CustomVideoPipeline":
+                        lora: Sequence[tuple[str, float]] = (), lora_2: Sequence[tuple[str, float]] = (),
+                        unet_weights: str | None = None) -> "CustomVideoPipeline":
         """A diffusers AnimateDiff/SD folder (+ motion adapter), a jaxvc checkpoint written by ``jaxvc convert``, or
         a training run folder (``jaxvc train --workdir``: checkpoint ``step``, default the latest, with its EMA
         weights when the run keeps them and ``use_ema``). A diffusers Wan pipeline folder gives a
@@ -155,11 +155,18 @@ class CustomVideoPipeline(MeshPlacement):
 
         ``lora``: (file, scale) pairs merged (``merge_lora``) into the float32 weights as they load, before the
         parts computing in ``dtype`` store their matrices in it: the merge is rounded once, as the float32 merge is
-        when the layers cast it. ``lora_2``: the same for a two-expert Wan 2.2 folder's low-noise expert."""
+        when the layers cast it. ``lora_2``: the same for a two-expert Wan 2.2 folder's low-noise expert.
+
+        ``unet_weights``: a UNet state dict, whole or partial, put over the AnimateDiff folder's UNet weights
+        (VideoMaker's released ``human_pytorch_model.bin``, loaded by its authors with ``strict=False``;
+        ``jaxvc/convert/unet_overlay.py``)."""
         from jaxvc.convert.pipeline import load_pipeline
         from jaxvc.train.trained_run import is_run_folder
         from jaxvc.wan_pipeline import is_wan_pipeline_folder, load_wan_pipeline
 
+        if unet_weights is not None and (is_run_folder(path) or is_wan_pipeline_folder(path)):
+            raise ValueError(f"{path}: unet_weights (--unet-weights) go over an AnimateDiff/SD folder's UNet, not a "
+                             "training run's or a Wan folder's")
         if lora_2 and not is_wan_pipeline_folder(path):
             raise ValueError(f"{path} has one denoiser: a LoRA for a low-noise expert (lora_2, --lora-2) "
                              "needs a two-expert Wan 2.2 folder (A14B)")
@@ -179,6 +186,11 @@ class CustomVideoPipeline(MeshPlacement):
         if attention_backend is not None:
             overrides["attention_backend"] = attention_backend
         weights = load_pipeline(path, motion_adapter=motion_adapter, allow_pickle=allow_pickle, **overrides)
+        if unet_weights is not None:
+            from jaxvc.convert.unet_overlay import overlay_unet_weights
+
+            weights.unet_params, _ = overlay_unet_weights(weights.unet_config, weights.unet_params, unet_weights,
+                                                          allow_pickle=allow_pickle)
         tokenizer = load_tokenizer(weights.tokenizer_folder)
         # the checkpoint's training schedule, sampled with VideoMaker's inference settings (authors' code)
         pipe = cls(weights.unet_config, weights.unet_params, weights.text_config, weights.text_params, tokenizer,

@@ -48,12 +48,14 @@ def _to_flax_layout(name: str, value: np.ndarray, target_shape: tuple[int, ...])
 
 
 def fill_params(target, state_dict: Mapping[str, np.ndarray], *, source: str = "checkpoint",
-                ignore: Iterable[str] = (), dtype=np.float32) -> dict:
+                ignore: Iterable[str] = (), dtype=np.float32, partial: bool = False) -> dict:
     """Build the params tree of ``target`` (abstract, possibly boxed) from ``state_dict``.
 
     ``ignore``: regexes of checkpoint keys that are known and deliberately not loaded (buffers such as
     positional tables). Raises ``CheckpointMismatchError`` listing every missing key, unexpected key and shape
-    mismatch, with the model path and the checkpoint key side by side.
+    mismatch, with the model path and the checkpoint key side by side. ``partial``: a state dict of some of the
+    parameters (torch's ``load_state_dict(strict=False)`` minus its silence): missing keys are allowed and the tree
+    holds the given ones only; unexpected keys and shapes are still errors.
     """
     flat_target = traverse_util.flatten_dict(nn.unbox(target))
     ignore_patterns = [re.compile(p) for p in ignore]
@@ -79,7 +81,8 @@ def fill_params(target, state_dict: Mapping[str, np.ndarray], *, source: str = "
             continue
         filled[path] = array.astype(dtype) if np.issubdtype(array.dtype, np.floating) or array.dtype.kind == "V" \
             else array
-    missing = sorted("/".join(p) + f" {tuple(flat_target[p].shape)}" for p in flat_target if p not in filled)
+    missing = [] if partial else sorted("/".join(p) + f" {tuple(flat_target[p].shape)}" for p in flat_target
+                                        if p not in filled)
     if missing or unexpected or shape_errors:
         raise CheckpointMismatchError(_mismatch_message(source, missing, sorted(unexpected), shape_errors,
                                                         len(flat_target)))
