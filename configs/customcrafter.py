@@ -36,8 +36,10 @@ def get_config(variant=None):
         late_lora_scale=0.8, switch_step=5, prediction_type="epsilon", beta_schedule="scaled_linear",
         beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000))
 
-    # instance images and (sd15) class images for prior preservation, drawn at equal rates
+    # instance images and (sd15) class images for prior preservation: [P] each batch concatenates the two, half
+    # and half (alpha = 1: L = L_video + 1 * L_prior)
     config.data = config_sections.stream_data(config, {"instance": "synthetic:pairs"}, with_mask=True)
+    config.data.fixed_split = True
     config.data.target_hflip = 0.5  # [C] the instance images
     config.data.hflip = 0.0  # (the reference's flip: CustomCrafter has no reference)
     config.data.affine_degrees = 0.0

@@ -100,6 +100,23 @@ def test_switching_gives_whole_batches_at_rate_p(streams):
     assert all(set(other[b]["kind"].tolist()) == kinds[b] for b in range(10))
 
 
+def test_fixed_split_gives_every_batch_each_streams_share(streams):
+    """``fixed_split``: CustomCrafter's batch of instance and class images, the same share of every batch (weights
+    x batch size, largest remainders), each stream still read record by record through its passes."""
+    cfg = DataConfig(batch_size=4, weights={"image": 1.0, "video": 2.0}, fixed_split=True, **PLAIN)
+    ds = BatchDataset(streams, cfg, 0, 1)
+    assert ds._schedule.streams(0, 50).tolist() == [[0, 1, 1, 1]] * 50  # 4/3 and 8/3 slots: 1 and 3
+    positions = [ds._schedule.slots(b) for b in range(60)]
+    assert [p for slots in positions for s, p in slots if s == 0] == list(range(60))
+    assert [p for slots in positions for s, p in slots if s == 1] == list(range(180))
+    assert ds[7]["kind"].tolist() == ["image_pair", "video", "video", "video"]
+    half = BatchDataset(streams, DataConfig(batch_size=4, weights={"image": 1.0, "video": 1.0}, fixed_split=True,
+                                            **PLAIN), 0, 1)
+    assert half[0]["stream"].tolist() == ["image", "image", "video", "video"]
+    with pytest.raises(ValueError, match="fixed_split .* and switch .* exclude each other"):
+        BatchDataset(streams, DataConfig(batch_size=4, fixed_split=True, switch=True, **PLAIN), 0, 1)
+
+
 def test_every_record_once_per_pass_and_seeded_shuffle(streams):
     ds = BatchDataset(streams, DataConfig(batch_size=4, seed=3, **PLAIN), 0, 1)
     n = len(streams["video"])

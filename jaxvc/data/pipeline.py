@@ -4,7 +4,9 @@ stochastic switching, per-host sharding of the global batch, workers, and exactl
 How a batch is made. Batch b of the global batch (size G) is a pure function of (config, b):
   - each global slot j draws its stream with probability proportional to `weights` from a counter-based hash of
     (seed, b, j), or, with `switch=True`, the whole batch draws one stream from a hash of (seed, b) (method (e)'s
-    stochastic task switching: a video batch with probability p);
+    stochastic task switching: a video batch with probability p), or, with `fixed_split=True`, every batch gives
+    each stream its share of the slots (weights x G, largest remainders), in stream order (CustomCrafter's batch
+    of instance and class images);
   - a stream is read in passes (epochs); pass e visits its records in a permutation seeded by (seed, stream, e), and
     consecutive slots given to a stream take consecutive positions of that order (the counts are prefix sums over
     earlier batches), so every record is visited once per pass and the mixture weights hold exactly in expectation;
@@ -54,6 +56,7 @@ class DataConfig:
     image_frames: int | None = None  # target frames for image / image_pair examples (None: num_frames, frozen)
     weights: Mapping[str, float] | None = None  # stream name -> weight (default: equal)
     switch: bool = False  # True: one stream per batch (whole batch of one kind); False: one draw per example
+    fixed_split: bool = False  # True: every batch holds each stream's share of the slots (weights x batch_size)
     shuffle: bool = True
     clip_position: str = "random"  # "random" | "center" | "start"
     reference: str = "random"  # see transforms.REFERENCE_MODES
@@ -126,10 +129,23 @@ class _Schedule:
     def _draw(self, u: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.cumulative, u, side="right").clip(0, self.num_streams - 1)
 
+    def fixed_slots(self) -> np.ndarray:
+        """(G,) the stream of each slot under ``fixed_split``: weights x G slots each (largest remainders; ties to
+        the earlier stream), in stream order."""
+        g = self.config.batch_size
+        shares = np.diff(np.concatenate([[0.0], self.cumulative])) * g
+        counts = np.floor(shares).astype(np.int64)
+        order = sorted(range(self.num_streams), key=lambda s: (-(shares[s] - counts[s]), s))
+        for s in order[:g - int(counts.sum())]:
+            counts[s] += 1
+        return np.repeat(np.arange(self.num_streams), counts)
+
     def streams(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, G) stream index of every global slot of batches [start, stop)."""
         g = self.config.batch_size
         b = np.arange(start, stop, dtype=np.int64)[:, None]
+        if self.config.fixed_split:
+            return np.broadcast_to(self.fixed_slots(), (stop - start, g))
         if self.config.switch:
             return np.repeat(self._draw(hash_uniform(self.config.seed, 1, b)), g, axis=1)
         return self._draw(hash_uniform(self.config.seed, 2, b, np.arange(g, dtype=np.int64)[None, :]))
@@ -137,6 +153,8 @@ class _Schedule:
     def _counts(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
             return np.zeros(self.num_streams, np.int64)
+        if self.config.fixed_split:  # the same slots every batch
+            return np.bincount(self.fixed_slots(), minlength=self.num_streams).astype(np.int64) * (stop - start)
         if self.config.switch:  # one draw per batch, G slots each
             draws = self._draw(hash_uniform(self.config.seed, 1, np.arange(start, stop, dtype=np.int64)))
             return np.bincount(draws, minlength=self.num_streams).astype(np.int64) * self.config.batch_size
@@ -212,6 +230,9 @@ class BatchDataset(grain.MapDataset):
         w = np.array([float(weights[n]) for n in self.names])
         if np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"weights must be >= 0 with a positive sum, got {weights}")
+        if config.fixed_split and config.switch:
+            raise ValueError("fixed_split (each stream's share in every batch) and switch (one stream per batch) "
+                             "exclude each other")
         image_frames = config.image_frames or config.num_frames
         if not config.switch and image_frames != config.num_frames and len(self.names) > 1:
             raise ValueError(f"image_frames={config.image_frames} differs from num_frames={config.num_frames}: "

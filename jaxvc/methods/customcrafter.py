@@ -10,8 +10,9 @@ Read top to bottom.
       start token) carry no gradient.
   Data: each subject image becomes a static video (the image repeated over ``num_frames``, 4 in the paper's config)
       with a caption such as "a <new1> toy" (its own, or one of the authors' templates with "<new1> <class>":
-      ``config.data.caption_phrases``); prior preservation mixes in class images ("a toy") at equal rate (the
-      authors' alpha = 1: with Adam a constant loss factor changes nothing, so the mixture *is* L + 1 * L_prior).
+      ``config.data.caption_phrases``); prior preservation: every batch is half instance, half class images ("a
+      toy"; ``config.data.fixed_split``), as the authors concatenate them, and the batch mean is the authors'
+      L + 1 * L_prior up to a constant factor (alpha = 1; with Adam a constant loss factor changes nothing).
   Loss: masked mean of the per-element error on the noise (L2 by default; the authors' config says L1,
       ``loss_type``); the mask (``batch["mask"]``, a subject box or segmentation) pooled to the latent grid.
   Dynamic Weighted Video Sampling (DWV): the LoRA scale is 0.4 for the first K = 5 of 50 DDIM steps (the layout and
