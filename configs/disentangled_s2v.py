@@ -44,7 +44,8 @@ def get_config(variant=None):
     config.model.image_width = config_dict.placeholder(int)  # None: square; the paper trains 480 x 720
     config.model.options = ConfigDict(dict(
         rank=128, alpha=64.0, reference_time_lora=True, cls_token="<cls>", drop_mode="full", drop_prob=0.5,
-        drop_text_prob=0.0, flow_shift=5.0, num_train_timesteps=1000))
+        drop_text_prob=0.0, flow_shift=5.0, num_train_timesteps=1000,
+        lora_dropout=0.0))  # [C] LoraConfig has no dropout; the v3 text says 0.2
 
     # stochastic task switching: each batch is image pairs (identity, 1-frame targets) or videos (p = 0.2)
     config.data = config_sections.stream_data(config, {"image": "synthetic:pairs", "video": "synthetic:videos"})

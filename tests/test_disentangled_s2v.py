@@ -90,6 +90,13 @@ def test_reference_dropping(method, fresh):
     kept = method.velocity(params, x, t, text, reference)
     no_time_lora = {"params": {**params["params"], "reference_time_lora": fresh["params"]["reference_time_lora"]}}
     assert relative_error(kept, method.velocity(no_time_lora, x, t, text, reference)) > 1e-4
+    # options.lora_dropout drops the LoRA's inputs in training (a dropout_rng) only; 0 (the authors' code): none
+    assert method.spec.dropout == 0.0
+    dropping = build_method(tiny_config(**{"model.options.lora_dropout": 0.2}))
+    assert dropping.spec.dropout == 0.2
+    np.testing.assert_array_equal(np.asarray(dropping.velocity(params, x, t, text, reference)), np.asarray(kept))
+    assert relative_error(dropping.velocity(params, x, t, text, reference, dropout_rng=jax.random.key(3)),
+                          kept) > 1e-4
 
 
 def test_task_switching_trains_both_tasks_and_generates(tmp_path):

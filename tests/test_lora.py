@@ -65,6 +65,47 @@ def test_input_adapter_equals_its_merge_and_scale_zero_is_the_base(variables):
                                                             adapter.tree))
 
 
+def test_dropout_drops_the_adapter_input_in_training_only(variables):
+    """``AdapterSpec.dropout`` (peft's lora_dropout): with a dropout_rng, y = W x + s * B A (dropout(x)), each
+    element of the adapter's input zeroed at the rate with its own site mask (``dropout_keep``) and the rest scaled by
+    1 / (1 - rate), the layer's own input untouched; without a rng (inference) the plain adapter."""
+    from flax import linen as nn
+
+    from jaxvc.models.layers import Dense
+
+    class Projection(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Dense(6, name="proj")(x)
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 8))
+    weights = Projection().init(jax.random.key(1), x)
+    spec = lora.AdapterSpec(include=("proj",), rank=2, alpha=3.0, dropout=0.25)
+    tree = {"proj": {"down": jax.random.normal(jax.random.key(2), (8, 2)),
+                     "up": jax.random.normal(jax.random.key(3), (2, 6))}}
+    rng = jax.random.key(7)
+
+    def run(adapter):
+        with lora.applied([adapter]):
+            return Projection().apply(weights, x)
+    base = Projection().apply(weights, x)
+    keep = lora.dropout_keep(rng, ("proj",), x.shape, 0.25)
+    assert abs(float(jnp.mean(keep)) - 0.75) < 0.1
+    expected = base + 1.5 * (jnp.where(keep, x / 0.75, 0.0) @ tree["proj"]["down"]) @ tree["proj"]["up"]
+    np.testing.assert_allclose(np.asarray(run(lora.AppliedAdapter(spec, tree, dropout_rng=rng))),
+                               np.asarray(expected), rtol=1e-5, atol=1e-5)
+    plain = base + 1.5 * (x @ tree["proj"]["down"]) @ tree["proj"]["up"]
+    np.testing.assert_allclose(np.asarray(run(lora.AppliedAdapter(spec, tree))), np.asarray(plain), rtol=1e-5,
+                               atol=1e-5)
+    assert float(jnp.max(jnp.abs(expected - plain))) > 1e-2
+    # other sites draw other masks
+    assert not np.array_equal(np.asarray(keep), np.asarray(lora.dropout_keep(rng, ("other",), x.shape, 0.25)))
+    with pytest.raises(ValueError, match="adapter dropout 1.0"):
+        lora.AdapterSpec(include=(".*",), dropout=1.0)
+    with pytest.raises(ValueError, match="on an input"):
+        lora.AdapterSpec(include=(".*",), dropout=0.1, placement="output")
+
+
 def test_fresh_adapter_is_the_identity_and_inits_follow_peft(variables):
     spec = lora.AdapterSpec(include=(r".*to_k",), rank=4, down_init="gaussian")
     found = sites(spec)

@@ -62,6 +62,7 @@ class DisentangledS2VOptions:
     drop_prob: float = 0.5             # video batches only: the reference stream (or each token) dropped
     drop_text_prob: float = 0.0
     flow_shift: float = 5.0            # Wan 2.1's sampling shift; training sigmas use the same
+    lora_dropout: float = 0.0          # the LoRA's input dropout in training (v3 text: 0.2; the code's LoraConfig: 0)
     num_train_timesteps: int = 1000
 
     def __post_init__(self):
@@ -111,7 +112,8 @@ class DisentangledS2V(PipelineValidation, Method):
             raise ValueError(f"disentangled_s2v: frames of {self.height}x{self.width} pixels; this model needs both "
                              f"sides divisible by {multiple} (model.image_size, model.image_width)")
         self.pretrained = dict(pretrained or {})
-        self.spec = lora.AdapterSpec(include=options.lora_targets, rank=options.rank, alpha=options.alpha)
+        self.spec = lora.AdapterSpec(include=options.lora_targets, rank=options.rank, alpha=options.alpha,
+                                     dropout=options.lora_dropout)
         self.base_vocab_size = text_config.vocab_size
         self.tokenizer = tokenizer
         if options.cls_token:  # <cls>'s row in the (frozen) token table: transformers' resize_token_embeddings
@@ -272,9 +274,11 @@ class DisentangledS2V(PipelineValidation, Method):
         scaling = self.options.alpha / self.options.rank
         return lambda h: scaling * (h @ pair["down"].astype(h.dtype)) @ pair["up"].astype(h.dtype)
 
-    def velocity(self, params, noisy, timesteps, text, reference_latent, reference_mask=None):
-        """The DiT with its LoRA: (B, F, h, w, c) + reference (B, 1, h, w, c) -> the velocity (B, F, h, w, c)."""
-        with lora.applied([lora.AppliedAdapter(self.spec, params["params"]["adapters"]["lora"])]):
+    def velocity(self, params, noisy, timesteps, text, reference_latent, reference_mask=None, dropout_rng=None):
+        """The DiT with its LoRA: (B, F, h, w, c) + reference (B, 1, h, w, c) -> the velocity (B, F, h, w, c);
+        ``dropout_rng`` (training) applies ``options.lora_dropout``."""
+        adapter = lora.AppliedAdapter(self.spec, params["params"]["adapters"]["lora"], dropout_rng=dropout_rng)
+        with lora.applied([adapter]):
             return self.transformer.apply({"params": params["params"]["transformer"]}, noisy, timesteps, text,
                                           reference_latent=reference_latent, reference_mask=reference_mask,
                                           reference_time_delta=self.reference_time_delta(params))
@@ -312,7 +316,8 @@ class DisentangledS2V(PipelineValidation, Method):
                                               num_train_timesteps=opts.num_train_timesteps)
         noise = jax.random.normal(rng_noise, latents.shape, latents.dtype)
         noisy = flow_add_noise(latents, noise, sigma)
-        prediction = self.velocity(params, noisy, timesteps, text, reference, mask)
+        dropout_rng = jax.random.fold_in(rng, 5) if opts.lora_dropout else None  # (the other keys as without it)
+        prediction = self.velocity(params, noisy, timesteps, text, reference, mask, dropout_rng=dropout_rng)
         loss = jnp.mean(jnp.square(prediction.astype(jnp.float32) - flow_target(latents, noise)))
         kept = jnp.mean(mask.astype(jnp.float32)) if mask is not None else jnp.asarray(1.0)
         return loss, {"flow_loss": loss, "video_task": jnp.asarray(float(is_video)), "reference_kept": kept}

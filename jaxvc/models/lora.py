@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import zlib
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -55,6 +56,9 @@ class AdapterSpec:
     alpha: float | None = None
     placement: str = "input"
     down_init: str = "kaiming"  # peft's default (kaiming-uniform, a = sqrt 5); "gaussian": std 1/rank (CustomCrafter)
+    # peft's lora_dropout: the adapter's input (not the layer's) dropped at this rate in training, i.e. when the
+    # AppliedAdapter carries a dropout_rng; none at inference
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.placement not in PLACEMENTS:
@@ -63,6 +67,8 @@ class AdapterSpec:
             raise ValueError(f"adapter down_init {self.down_init!r}: expected one of {DOWN_INITS}")
         if int(self.rank) < 1:
             raise ValueError(f"adapter rank must be >= 1, got {self.rank}")
+        if not 0.0 <= float(self.dropout) < 1.0 or (self.dropout and self.placement != "input"):
+            raise ValueError(f"adapter dropout {self.dropout}: expected a rate in [0, 1), on an input (LoRA) adapter")
         if not self.include:
             raise ValueError("adapter include patterns are empty: the adapter would have no sites")
         for pattern in (*self.include, *self.exclude):
@@ -161,10 +167,19 @@ def adapter_sites(tree: Mapping) -> dict[Path, dict]:
 
 @dataclasses.dataclass(frozen=True)
 class AppliedAdapter:
-    """An adapter to apply while the model runs: its spec, its tree, and a scale (a float or a traced scalar)."""
+    """An adapter to apply while the model runs: its spec, its tree, and a scale (a float or a traced scalar);
+    ``dropout_rng`` (a PRNG key, training only) turns on the spec's dropout."""
     spec: AdapterSpec
     tree: Mapping
     scale: Any = 1.0
+    dropout_rng: Any = None
+
+
+def dropout_keep(rng, path: Path, shape, rate: float):
+    """The keep mask (bool, ``shape``) of a site's adapter input: its own key, ``rng`` folded with a hash of the
+    site's path, so every site drops independently and the same way on every host."""
+    site = zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF
+    return jax.random.bernoulli(jax.random.fold_in(rng, site), 1.0 - rate, shape)
 
 
 def _input_branch(module, x, pair, dtype):
@@ -204,7 +219,12 @@ def applied(adapters: Iterable[AppliedAdapter]):
         for adapter, pair in entries:
             scale = adapter.scale * adapter.spec.scaling
             if adapter.spec.placement == "input":
-                delta = _input_branch(context.module, args[0], pair, dtype)
+                x = args[0]
+                if adapter.spec.dropout and adapter.dropout_rng is not None:  # inverted dropout, as torch's
+                    rate = adapter.spec.dropout
+                    keep = dropout_keep(adapter.dropout_rng, context.module.path, x.shape, rate)
+                    x = jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+                delta = _input_branch(context.module, x, pair, dtype)
             else:
                 delta = jnp.dot(jnp.dot(base.astype(dtype), pair["down"].astype(dtype)), pair["up"].astype(dtype))
             out = out + (jnp.asarray(scale, dtype) * delta).astype(out.dtype)
