@@ -106,7 +106,7 @@ def train_step_program(method, params, batch_size: int):
     make_state = lambda t, f: new_state(t, f, optimizer, jax.random.PRNGKey(1), use_ema=False)
     abstract = _shape_only(params)
     state = jax.eval_shape(make_state, trainable, frozen) if abstract else jax.jit(make_state)(trainable, frozen)
-    frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
+    frames, latent, channels = method.num_frames, method.latent_frame_size[0], method.latent_channels
     shapes = {"latents": ((batch_size, frames, latent, latent, channels), jnp.float32),
               "reference_latent": ((batch_size, 1, latent, latent, channels), jnp.float32),
               "tokens": ((batch_size, 77), jnp.int32)}
@@ -127,7 +127,7 @@ def sampling_program(method, params, batch_size: int, *, steps: int, guidance: f
     pipe = method.pipeline(params, tokenizer=None)
     unet = pipe.params["unet"]
     unet_variables = {**unet, "params": store_weights(unet["params"], method.unet.config.dtype)}
-    frames, latent, channels = method.num_frames, method.latent_size, method.latent_channels
+    frames, latent, channels = method.num_frames, method.latent_frame_size[0], method.latent_channels
     text_shape = (batch_size, 77, method.text_encoder.config.hidden_size)
     reference_shape, video_shape = (batch_size, 1, latent, latent, channels), (batch_size, frames, latent, latent,
                                                                                channels)
@@ -150,7 +150,7 @@ def vae_decode_program(method, params, batch_size: int, *, chunk: int | None):
 
     vae = method.vae
     variables = {"params": _cast_floats(params["params"]["vae"], vae.config.dtype)}
-    shape = (batch_size, method.num_frames, method.latent_size, method.latent_size, method.latent_channels)
+    shape = (batch_size, method.num_frames, *method.latent_frame_size, method.latent_channels)
     abstract = _shape_only(variables)
     latents = jax.ShapeDtypeStruct(shape, jnp.float32) if abstract else _latents(jax.random.key(5), shape)
     def vae_decode(variables, latents):  # named: profiles (--profile) show the program by this name
@@ -180,8 +180,8 @@ def train_step(method, params, batch_size: int, *, warmup: int, iters: int,
     loss = float(call())
     memory, kind = jax_peak_memory()
     counts = analytic.train_step_flops(method.unet.config, method.text_encoder.config, batch_size, method.num_frames,
-                                       method.latent_size, _trainable_path(method))
-    return Measurement("train step", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
+                                       method.latent_frame_size[0], _trainable_path(method))
+    return Measurement("train step", "jaxvc", method.height, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind, xla_flops=compiled_flops(compiled),
                        analytic_flops=counts["total"], compile_s=compile_s,
                        xla_planned_bytes=compiled_memory_bytes(compiled),
@@ -199,10 +199,10 @@ def sampling(method, params, batch_size: int, *, steps: int, guidance: float, wa
     xla = compiled_flops(compiled)
     if xla is not None and loop_counted_once:
         xla *= steps  # XLA counted the scan body (one guided step) once
-    return Measurement("sampling", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
+    return Measurement("sampling", "jaxvc", method.height, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind, xla_flops=xla,
                        analytic_flops=analytic.sampling_flops(method.unet.config, batch_size, method.num_frames,
-                                                              method.latent_size, steps),
+                                                              method.latent_frame_size[0], steps),
                        compile_s=compile_s, xla_planned_bytes=compiled_memory_bytes(compiled),
                        extra={"times_s": timing.times_s, "steps": steps, "guidance": guidance})
 
@@ -216,11 +216,11 @@ def vae_decode(method, params, batch_size: int, *, chunk: int | None, warmup: in
     memory, kind = jax_peak_memory()
     xla = compiled_flops(compiled)
     chunked = chunk is not None and chunk < batch_size * method.num_frames
-    return Measurement("VAE decode", "jaxvc", method.image_size, batch_size, timing.median_s, timing.min_s,
+    return Measurement("VAE decode", "jaxvc", method.height, batch_size, timing.median_s, timing.min_s,
                        peak_memory_bytes=memory, memory_kind=kind,
                        # a chunked decode is a lax.map loop, whose body XLA counts once: leave the count out
                        xla_flops=None if chunked else xla,
                        analytic_flops=analytic.vae_decode_flops(method.vae.config, batch_size * method.num_frames,
-                                                                method.latent_size),
+                                                                method.latent_frame_size[0]),
                        compile_s=compile_s, xla_planned_bytes=compiled_memory_bytes(compiled),
                        extra={"times_s": timing.times_s, "chunk": chunk})
