@@ -8,7 +8,7 @@ Variants (``--config configs/disentangled_s2v.py:<variant>``):
                own: ``model.transformer``, ``model.text_encoder`` + ``model.tokenizer``, ``model.vae``); data from
                packed or folder streams (``--config.data.streams.image=packed:/pairs --config.data.streams.video=
                packed:/videos``, see ``jaxvc pack``). 49 frames (1 + 4 x 12, the paper's clip length) at 480 x 480.
-Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..." --steps 50 --guidance-scale 6``.
+Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..."`` (the run's 50 Euler steps, CFG 6).
 """
 from ml_collections import ConfigDict, config_dict
 

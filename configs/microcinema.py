@@ -6,7 +6,7 @@ Variants (``--config configs/microcinema.py:<variant>``):
   sd15   SD1.5 + AnimateDiff from local files, captioned videos at 512x512, 16 frames:
            --config.model.pretrained=/sd15 --config.model.motion_adapter=/animatediff-v3
            --config.data.streams.video=folder:/webvid-like-clips   (or packed:/shards from `jaxvc pack`)
-Generate: ``jaxvc generate --model RUN --reference center.png --prompt "..." --steps 50 --guidance-scale 7.5``
+Generate: ``jaxvc generate --model RUN --reference center.png --prompt "..."`` (the run's DDIM 50 steps, CFG 7.5)
 (the reference image is the center frame: a subject-personalised T2I sample, or a photo of the subject).
 """
 from ml_collections import ConfigDict
