@@ -149,6 +149,9 @@ def test_loss_is_the_masked_mean(method, params):
     masked, metrics = loss(params, {**batch, "mask": jnp.asarray(mask), "has_mask": jnp.array([True, True])}, key)
     unmasked_flag, _ = loss(params, {**batch, "mask": jnp.asarray(mask), "has_mask": jnp.array([False, False])}, key)
     assert float(metrics["mask_fraction"]) == pytest.approx(0.25)
+    assert float(metrics["placeholder_in_caption"]) == 1.0  # both captions train the token's row
+    _, mixed = loss(params, {**batch, "tokens": jnp.asarray(method.tokenizer(["a <new1> toy", "a toy"]))}, key)
+    assert float(mixed["placeholder_in_caption"]) == 0.5  # e.g. an instance and a class image
     np.testing.assert_allclose(float(unmasked_flag), float(full), rtol=1e-6)
     assert abs(float(masked) - float(full)) > 1e-4
     object.__setattr__(method, "options", dataclasses.replace(method.options, loss_type="l1"))

@@ -216,7 +216,10 @@ class CustomCrafter(VideoDiffusionMethod):
         error = jnp.abs(error) if opts.loss_type == "l1" else jnp.square(error)  # (B, F, h, w, c)
         weight = self.latent_mask(batch, latents.shape)  # (B, F, h, w, 1)
         loss = jnp.sum(error * weight) / jnp.maximum(jnp.sum(weight) * error.shape[-1], 1.0)
-        return loss, {"masked_loss": loss, "mask_fraction": jnp.mean(weight)}
+        # the examples whose caption holds the placeholder: the only ones that train its row (0 in every step: the
+        # captions lack it, and the token learns nothing; half the batch with prior preservation)
+        with_token = jnp.mean(jnp.any(batch["tokens"] == self.base_vocab_size, axis=1).astype(jnp.float32))
+        return loss, {"masked_loss": loss, "mask_fraction": jnp.mean(weight), "placeholder_in_caption": with_token}
 
     def latent_mask(self, batch, latent_shape):
         """``batch["mask"]`` (B, F, H, W) in {0, 1} average-pooled to the latent grid (B, F, h, w, 1); ones when the
