@@ -140,7 +140,7 @@ def test_center_frames_takes_the_middle():
     assert center_frames(frames, None).tolist() == center_frames(frames, 30).tolist() == list(range(20))
 
 
-def test_eval_command_scores_records_and_skips_a_broken_video(models, tmp_path):
+def test_eval_command_scores_records_and_skips_a_broken_video(models, tmp_path, capsys):
     clip_folder, dino_folder = models
     reference = tmp_path / "ref.png"
     from PIL import Image
@@ -164,6 +164,12 @@ def test_eval_command_scores_records_and_skips_a_broken_video(models, tmp_path):
     for name in ("clip_t", "clip_i", "dino_i", "temporal_consistency"):
         values = [video[name] for video in summary["videos"]]
         assert summary["means"][name] == pytest.approx(np.mean(values)) and summary["counts"][name] == 2
+    # --x100: the cosines as method (e) reports them; the file keeps the raw values
+    capsys.readouterr()
+    jaxvc_main(["eval", str(tmp_path / "a.json"), "--clip-model", str(clip_folder), "--x100"])
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("clip_t (x100)"))
+    single = json.loads(out.read_text())["videos"][0]["clip_t"]
+    assert float(row.split()[2]) == pytest.approx(100 * single, abs=1e-4)
 
 
 def test_bad_records_name_the_file_and_line(tmp_path):

@@ -90,6 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the "
                              "face models are ONNX files and the C3D an .npz: no pickle)")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
+    parser.add_argument("--x100", action="store_true",
+                        help="print the cosine scores (CLIP-T, CLIP-I, DINO-I, T.Cons, face similarity) x 100, as "
+                             "method (e)'s and OpenS2V's tables report them (the --out file keeps the raw values)")
 
 
 def read_records(paths) -> list[dict]:
@@ -260,7 +263,7 @@ def run(args) -> int:
             means["inception_score"] = (score, len(probabilities))
             if args.is_splits > 1:
                 means["inception_score_std"] = (spread, len(probabilities))
-    print(format_table(means, len(results)))
+    print(format_table(means, len(results), x100=args.x100))
     for line in skipped:
         print(f"skipped {line}", file=sys.stderr)
     if args.out:
@@ -289,9 +292,15 @@ def _add_clip(stream, frames, count: int, source: str, skipped: list, metric: st
     stream.add(frames[:count])
 
 
-def format_table(means: dict, scored: int) -> str:
+# cosines, reported x 100 by method (e)
+COSINE_SCORES = ("clip_t", "clip_i", "dino_i", "temporal_consistency", "face_similarity")
+
+
+def format_table(means: dict, scored: int, x100: bool = False) -> str:
     lines = [f"{'metric':<22} {'mean':>8} {'videos':>7}", "-" * 39]
     for name, (value, count) in means.items():
+        if x100 and name in COSINE_SCORES:
+            name, value = f"{name} (x100)", 100.0 * value
         lines.append(f"{name:<22} {value:>8.4f} {count:>7}")
     lines.append(f"{scored} videos scored")
     return "\n".join(lines)
