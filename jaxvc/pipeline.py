@@ -164,16 +164,18 @@ class CustomVideoPipeline(MeshPlacement):
         from jaxvc.train.trained_run import is_run_folder
         from jaxvc.wan_pipeline import is_wan_pipeline_folder, load_wan_pipeline
 
-        if unet_weights is not None and (is_run_folder(path) or is_wan_pipeline_folder(path)):
+        run_folder = is_run_folder(path)  # (a bucket run folder costs requests: each kind is looked up once)
+        wan_folder = not run_folder and is_wan_pipeline_folder(path)
+        if unet_weights is not None and (run_folder or wan_folder):
             raise ValueError(f"{path}: unet_weights (--unet-weights) go over an AnimateDiff/SD folder's UNet, not a "
                              "training run's or a Wan folder's")
-        if lora_2 and not is_wan_pipeline_folder(path):
+        if lora_2 and not wan_folder:
             raise ValueError(f"{path} has one denoiser: a LoRA for a low-noise expert (lora_2, --lora-2) "
                              "needs a two-expert Wan 2.2 folder (A14B)")
-        if is_run_folder(path):
+        if run_folder:
             return cls.from_run(path, step=step, use_ema=use_ema, dtype=dtype, attention_backend=attention_backend,
                                 lora=lora, allow_pickle=allow_pickle)
-        if is_wan_pipeline_folder(path):
+        if wan_folder:
             if motion_adapter is not None or step is not None:
                 raise ValueError(f"{path}: a Wan pipeline folder takes no motion adapter or step")
             return load_wan_pipeline(path, dtype=dtype, attention_backend=attention_backend,

@@ -22,23 +22,13 @@ from flax import traverse_util
 
 from jaxvc.convert.animatediff import original_to_diffusers
 from jaxvc.convert.state_dict import WeightFileError, read_weight_file
-from jaxvc.convert.torch_to_flax import fill_params
+from jaxvc.convert.torch_to_flax import fill_params, rename_keys
 from jaxvc.convert.unet import abstract_variables, split_position_tables
 from jaxvc.models.motion import BUFFERS
 from jaxvc.models.unet import UNetConfig
 
-PREFIXES = ("module.", "unet.", "model.")
-
-
-def _without_prefix(state: dict) -> dict:
-    """The keys without a prefix every one of them has (``module.unet.`` -> none), as saved by wrapped models."""
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in PREFIXES:
-            if all(key.startswith(prefix) for key in state):
-                state, changed = {key[len(prefix):]: value for key, value in state.items()}, True
-    return state
+# the prefixes of wrapped models' saves (DataParallel's module., a pipeline's unet.); no UNet key starts with one
+PREFIXES = r"^(?:module\.|unet\.|model\.)+"
 
 
 def overlay_unet_weights(config: UNetConfig, variables: dict, path: str | Path, *,
@@ -46,7 +36,7 @@ def overlay_unet_weights(config: UNetConfig, variables: dict, path: str | Path, 
     """``variables`` (``{"params": ...}`` and maybe ``"buffers"``, as ``load_unet`` returns them) with the
     parameters ``path`` holds put in their place; returns the new variables and how many tensors were replaced."""
     state = read_weight_file(path, allow_pickle=allow_pickle)  # ({"state_dict": ...} wrappers unwrapped)
-    state = original_to_diffusers(_without_prefix(dict(state)), source=str(path))
+    state = original_to_diffusers(rename_keys(state, ((PREFIXES, ""),)), source=str(path))
     if not state:
         raise WeightFileError(f"{path}: no tensors")
     abstract = abstract_variables(config)["params"]

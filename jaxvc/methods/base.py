@@ -65,9 +65,11 @@ class Method(abc.ABC):
             lambda path, _: self.trainable(tuple(_key_name(k) for k in path)), nn.unbox(params))
 
 
-def frame_size(image_size, image_width: int | None = None) -> tuple[int, int]:
+def frame_size(image_size, image_width: int | None = None, *, multiple: int = 1,
+               owner: str = "") -> tuple[int, int]:
     """(height, width) of the training frames: ``image_size`` an int (the height; the width too unless
-    ``image_width``, as ``config.model.image_size`` / ``image_width``) or a (height, width) pair."""
+    ``image_width``, as ``config.model.image_size`` / ``image_width``) or a (height, width) pair; both sides must
+    be divisible by ``multiple`` (what the model halves or patches them by), else ``owner``'s error."""
     if isinstance(image_size, (int, float)):
         size = (image_size, image_width or image_size)
     else:
@@ -75,7 +77,11 @@ def frame_size(image_size, image_width: int | None = None) -> tuple[int, int]:
     if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
         raise ValueError(f"image_size={image_size!r}, image_width={image_width!r}: expected positive ints (height, "
                          "width)")
-    return int(size[0]), int(size[1])
+    height, width = int(size[0]), int(size[1])
+    if height % multiple or width % multiple:
+        raise ValueError(f"{owner}: frames of {height}x{width} pixels; this model needs both sides divisible by "
+                         f"{multiple} (model.image_size, model.image_width)")
+    return height, width
 
 
 def model_frame_size(model) -> tuple[int, int]:
@@ -113,6 +119,11 @@ class PipelineValidation:
     ``self.pipeline(params, tokenizer)`` (a ``CustomVideoPipeline``-like ``generate``), from prompts and, where
     ``uses_reference``, one reference image each. Needs ``name``, ``uses_reference``, ``tokenizer``, ``num_frames``,
     ``height``, ``width`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """(height, width) of the training frames in pixels."""
+        return self.height, self.width
 
     def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
                        seed: int = 0, sampler: str | None = None, eta: float = 0.0) -> None:

@@ -106,11 +106,9 @@ class DisentangledS2V(PipelineValidation, Method):
         self.latent_frames(num_frames)  # a Wan VAE codes 1 + 4k frames: refuse other lengths here
         self.options = options
         # the training frames: (height, width), square from an int
-        self.num_frames, (self.height, self.width) = num_frames, frame_size(image_size)
         multiple = (1 if self.vae is None else self.vae.downsample_factor) * wan_config.patch_size[1]
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"disentangled_s2v: frames of {self.height}x{self.width} pixels; this model needs both "
-                             f"sides divisible by {multiple} (model.image_size, model.image_width)")
+        self.num_frames = num_frames
+        self.height, self.width = frame_size(image_size, multiple=multiple, owner=self.name)
         self.pretrained = dict(pretrained or {})
         self.spec = lora.AdapterSpec(include=options.lora_targets, rank=options.rank, alpha=options.alpha,
                                      dropout=options.lora_dropout)
@@ -131,11 +129,6 @@ class DisentangledS2V(PipelineValidation, Method):
         return f"{self.options.cls_token} {text}".strip() if self.options.cls_token else text
 
     # ---------------------------------------------------------------- shapes and parameters
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        """(height, width) of the training frames in pixels."""
-        return self.height, self.width
-
     @property
     def latent_frame_size(self) -> tuple[int, int]:
         """(h, w) of the latent grid the DiT patchifies."""

@@ -79,12 +79,10 @@ class VideoDiffusionMethod(PipelineValidation, Method):
         self.options = options
         self.empty_prompt_tokens = jnp.asarray(empty_prompt_tokens, jnp.int32).reshape(1, -1)  # (1, 77)
         # the training frames: (height, width), square from an int
-        self.num_frames, (self.height, self.width) = num_frames, frame_size(image_size)
         multiple = (self.pixel_patch if vae_config is None else vae_config.downsample_factor) * 2 ** (
             len(unet_config.block_out_channels) - 1)  # the UNet halves the latent (levels - 1) times
-        if self.height % multiple or self.width % multiple:
-            raise ValueError(f"{self.name}: frames of {self.height}x{self.width} pixels; this model needs both sides "
-                             f"divisible by {multiple} (model.image_size, model.image_width)")
+        self.num_frames = num_frames
+        self.height, self.width = frame_size(image_size, multiple=multiple, owner=self.name)
         self.pretrained = dict(pretrained or {})
         self.tokenizer = None  # set by build_method_from_config: the tokenizer its captions are encoded with
         self.validation: list = []  # (prompt, reference (H, W, 3) in [-1, 1] or None) pairs: see set_validation
@@ -94,11 +92,6 @@ class VideoDiffusionMethod(PipelineValidation, Method):
             num_train_timesteps=options.num_train_timesteps)
 
     # ---------------------------------------------------------------- shapes and parameters
-    @property
-    def frame_size(self) -> tuple[int, int]:
-        """(height, width) of the training frames in pixels."""
-        return self.height, self.width
-
     @property
     def latent_frame_size(self) -> tuple[int, int]:
         """(h, w) of the latent grid the UNet sees."""
