@@ -51,6 +51,10 @@ def get_config(variant=None):
     config.data = config_sections.stream_data(config, {"image": "synthetic:pairs", "video": "synthetic:videos"})
     config.data.weights = ConfigDict({"image": 0.8, "video": 0.2})
     config.data.switch = True
+    # [C] 8 image pairs but 6 videos per GPU: global sizes here, a video batch 3/4 of batch_size's
+    # (--config.batch_size=256 is the authors' 32 GPUs x 8 pairs / x 6 videos); each can be set on its own
+    batch_size = config.get_ref("batch_size")
+    config.data.batch_sizes = ConfigDict({"image": batch_size, "video": batch_size * 3 // 4})
     config.data.image_frames = 1
     config.data.reference = "candidates"  # [C] a random one of the frames 0, 9, 18, 27, 36, 45 of the clip
     config.data.reference_candidates = (0, 9, 18, 27, 36, 45)

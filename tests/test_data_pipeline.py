@@ -117,6 +117,55 @@ def test_fixed_split_gives_every_batch_each_streams_share(streams):
         BatchDataset(streams, DataConfig(batch_size=4, fixed_split=True, switch=True, **PLAIN), 0, 1)
 
 
+def test_switched_streams_with_their_own_batch_sizes(streams):
+    """``batch_sizes`` under ``switch``: method (e)'s 8 image pairs / 6 videos per GPU. A batch has the drawn
+    stream's size, each stream is still read position by position, hosts split every batch size into the same
+    shares, and a restored iterator continues exactly."""
+    p = 0.3
+    cfg = DataConfig(batch_size=8, weights={"image": 1 - p, "video": p}, switch=True,
+                     batch_sizes={"image": 8, "video": 6}, **PLAIN)
+    ds = BatchDataset(streams, cfg, 0, 1)
+    draws = ds._schedule.switch_draws(0, 40)
+    batches = [ds[b] for b in range(40)]
+    assert set(draws.tolist()) == {0, 1}
+    for b, draw in zip(batches, draws):
+        size = 8 if draw == 0 else 6
+        assert b["video"].shape[0] == len(b["caption"]) == size and int(b["global_batch_size"]) == size
+        assert set(b["stream"].tolist()) == {"image" if draw == 0 else "video"}
+    positions = [ds._schedule.slots(b) for b in range(40)]
+    for stream in (0, 1):  # consecutive positions: every record once per pass
+        seen = [q for slots in positions for s, q in slots if s == stream]
+        assert seen == list(range(int((draws == stream).sum()) * (8 if stream == 0 else 6)))
+    # Two hosts: halves of every batch (4 of 8 image pairs, 3 of 6 videos), together the one-host batch.
+    hosts = [BatchDataset(streams, cfg, h, 2) for h in range(2)]
+    for b in (0, 1, 2, 3, 4, 5):
+        parts = [h[b] for h in hosts]
+        assert [len(q["caption"]) for q in parts] == [len(batches[b]["caption"]) // 2] * 2
+        assert all(int(q["global_batch_size"]) == int(batches[b]["global_batch_size"]) for q in parts)
+        for key in ("video", "reference", "caption"):
+            np.testing.assert_array_equal(np.concatenate([q[key] for q in parts]), batches[b][key])
+    # Restore: the saved counts are whole batches of each stream's size; the batches after it are the same.
+    it = make_pipeline(streams, cfg, process_index=0, process_count=1)
+    for _ in range(7):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    counts = ds._schedule.counts_before(7)
+    assert state["stream_counts"] == counts.tolist() and counts[0] % 8 == 0 and counts[1] % 6 == 0
+    resumed = make_pipeline(streams, cfg, process_index=0, process_count=1)
+    resumed.set_state(state)
+    for b in range(7, 12):
+        np.testing.assert_array_equal(next(resumed)["video"], batches[b]["video"])
+    with pytest.raises(ValueError, match="do not fit batch 7"):
+        resumed.set_state({**state, "stream_counts": [counts[0] + 1, counts[1] - 1]})
+    # Refused: sizes without switch, an unknown stream, a size the hosts cannot share.
+    with pytest.raises(ValueError, match="batch_sizes .* needs switch=True"):
+        BatchDataset(streams, DataConfig(batch_size=8, batch_sizes={"video": 6}, **PLAIN), 0, 1)
+    with pytest.raises(ValueError, match=r"batch_sizes names streams \['clips'\]"):
+        BatchDataset(streams, DataConfig(batch_size=8, switch=True, batch_sizes={"clips": 6}, **PLAIN), 0, 1)
+    with pytest.raises(ValueError, match="a global batch of 6 does not split over the hosts"):
+        BatchDataset(streams, DataConfig(batch_size=8, switch=True, batch_sizes={"video": 6}, **PLAIN), 1, 4)
+
+
 def test_every_record_once_per_pass_and_seeded_shuffle(streams):
     ds = BatchDataset(streams, DataConfig(batch_size=4, seed=3, **PLAIN), 0, 1)
     n = len(streams["video"])

@@ -110,8 +110,12 @@ def test_task_switching_trains_both_tasks_and_generates(tmp_path):
     trainer = Trainer(config, method, tmp_path / "run")
     initial = jax.device_get(trainer.init_state().full_params())
     trainer.fit(lambda rows: build_data(config, rows, method.tokenizer))
-    frames = {dict((k, shape) for k, shape, _ in signature)["video"][1] for signature in trainer._programs}
-    assert frames == {1, 5}, frames  # image-pair batches (1-frame targets) and video batches, one program each
+    shapes = {dict((k, shape) for k, shape, _ in signature)["video"][:2] for signature in trainer._programs}
+    # image-pair batches (1-frame targets) and video batches, one program each; the videos' batch is 3/4 of the
+    # pairs' (config.data.batch_sizes: the authors' 8 / 6 per GPU), here 2 pairs and 1 video
+    assert shapes == {(2, 1), (1, 5)}, shapes
+    with pytest.raises(ValueError, match="data.batch_sizes.video 1 is not divisible by optim.accumulation_steps 2"):
+        Trainer(tiny_config(**{"optim.accumulation_steps": 2}), method, tmp_path / "refused")
     state, _, _ = trainer.restore()
     trained = jax.device_get(state.full_params())
     changed = {"/".join(k) for k, v in traverse_util.flatten_dict(trained).items()

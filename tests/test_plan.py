@@ -199,3 +199,21 @@ def test_memory_only_cannot_share_a_process_with_a_full_plan(v5p_plan):
         slice_devices("v5p:2x2x1", memory_only=True)
     with pytest.raises(TopologyError, match="for TPU slices"):
         slice_devices("h100:1x8", memory_only=True)
+
+
+def test_the_plan_compiles_the_video_batch_where_streams_have_their_own_sizes():
+    """Method (e)'s video batches are 3/4 of its image-pair batches (``data.batch_sizes``): a plan compiles the
+    video step at the videos' size, and ``--global-batch`` / ``--batch-per-chip`` make every batch the size asked."""
+    from jaxvc.config_utils import load_config
+    from jaxvc.plan.cli import set_batch_size
+    from jaxvc.plan.planner import _video_batch_size
+
+    config = load_config("configs/disentangled_s2v.py:tiny")
+    config.batch_size = 8
+    assert config.data.batch_sizes.to_dict() == {"image": 8, "video": 6} and _video_batch_size(config) == 6
+    set_batch_size(config, 4)
+    assert config.batch_size == 4 and config.data.batch_sizes.to_dict() == {"image": 4, "video": 4}
+    assert _video_batch_size(config) == 4
+    plain = load_config("configs/videomaker.py:tiny")
+    set_batch_size(plain, 4)
+    assert _video_batch_size(plain) == 4

@@ -10,6 +10,8 @@ It reads `config.batch_size` (global) and `config.data`:
                    "none"                                           an optional stream switched off (its weight
                                                                     is dropped too)
   weights        {name: weight} (default equal); switch: True for one stream per batch (method (e): p = weight)
+  batch_sizes    {name: global batch size} of a switched stream's batches (method (e): 8 image pairs, 6 videos
+                 per device); streams not named take config.batch_size
   image_size, num_frames, frame_stride, image_frames, reference, reference_candidates, highlight, hflip,
   affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
                  `DataConfig` fields (only the ones present are read); image_width (tied to model.image_width):
@@ -105,6 +107,8 @@ def data_config(config) -> DataConfig:
         fields["weights"] = {name: weight for name, weight in fields["weights"].items() if name in on}
     if "rescale" in fields:
         fields["rescale"] = tuple(name for name in fields["rescale"] if name in on)
+    if "batch_sizes" in fields:
+        fields["batch_sizes"] = {name: int(size) for name, size in fields["batch_sizes"].items() if name in on}
     if "caption_phrases" in fields:
         fields["caption_phrases"] = {name: phrase for name, phrase in fields["caption_phrases"].items() if name in on}
     return DataConfig(batch_size=int(config.batch_size), **fields)

@@ -7,6 +7,9 @@ How a batch is made. Batch b of the global batch (size G) is a pure function of 
     stochastic task switching: a video batch with probability p), or, with `fixed_split=True`, every batch gives
     each stream its share of the slots (weights x G, largest remainders), in stream order (CustomCrafter's batch
     of instance and class images);
+  - with `switch=True`, `batch_sizes` may give a stream its own global batch size G_s (method (e): 8 image pairs
+    but 6 videos per GPU): a batch that draws stream s has G_s slots, and host h of P builds rows
+    [h*G_s/P, (h+1)*G_s/P) of it (the batch says its size in `global_batch_size`);
   - a stream is read in passes (epochs); pass e visits its records in a permutation seeded by (seed, stream, e), and
     consecutive slots given to a stream take consecutive positions of that order (the counts are prefix sums over
     earlier batches), so every record is visited once per pass and the mixture weights hold exactly in expectation;
@@ -25,7 +28,7 @@ Batches are dicts of numpy arrays:
   reference (B, H, W, 3) float32 in [-1, 1]
   mask (B, T, H, W) float32 {0, 1} and has_mask (B,) bool   (with_mask=True; zeros where a record has no mask)
   caption (B,) str, tokens (B, L) int32 if a tokenizer is given, kind (B,) str, stream (B,) str, fps (B,) float32,
-  batch_index () int64, num_skipped () int64.
+  batch_index () int64, num_skipped () int64, global_batch_size () int64 (B summed over the hosts).
 """
 from __future__ import annotations
 
@@ -57,6 +60,8 @@ class DataConfig:
     weights: Mapping[str, float] | None = None  # stream name -> weight (default: equal)
     switch: bool = False  # True: one stream per batch (whole batch of one kind); False: one draw per example
     fixed_split: bool = False  # True: every batch holds each stream's share of the slots (weights x batch_size)
+    # stream -> global batch size of the batches that draw it (switch=True only; streams not named: batch_size)
+    batch_sizes: Mapping[str, int] | None = None
     shuffle: bool = True
     clip_position: str = "random"  # "random" | "center" | "start"
     reference: str = "random"  # see transforms.REFERENCE_MODES
@@ -118,11 +123,14 @@ class _Schedule:
 
     CHECKPOINT = 1024
 
-    def __init__(self, config: DataConfig, weights: np.ndarray):
+    def __init__(self, config: DataConfig, weights: np.ndarray, sizes: np.ndarray):
+        """sizes: (num_streams,) the global batch size of a batch of each stream (all config.batch_size unless
+        switch=True with batch_sizes)."""
         self.config = config
         self.cumulative = np.cumsum(weights / weights.sum())
         self.cumulative[-1] = 1.0
         self.num_streams = len(weights)
+        self.sizes = np.asarray(sizes, np.int64)
         self._anchors = {0: np.zeros(self.num_streams, np.int64)}  # batch -> counts before it
         self._lock = threading.Lock()
 
@@ -140,32 +148,50 @@ class _Schedule:
             counts[s] += 1
         return np.repeat(np.arange(self.num_streams), counts)
 
+    def switch_draws(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) the stream of each whole batch of [start, stop) under ``switch``."""
+        return self._draw(hash_uniform(self.config.seed, 1, np.arange(start, stop, dtype=np.int64)))
+
     def streams(self, start: int, stop: int) -> np.ndarray:
-        """(stop - start, G) stream index of every global slot of batches [start, stop)."""
+        """(stop - start, G) stream index of every global slot of batches [start, stop) (all of one size G)."""
         g = self.config.batch_size
         b = np.arange(start, stop, dtype=np.int64)[:, None]
         if self.config.fixed_split:
             return np.broadcast_to(self.fixed_slots(), (stop - start, g))
         if self.config.switch:
-            return np.repeat(self._draw(hash_uniform(self.config.seed, 1, b)), g, axis=1)
+            if np.any(self.sizes != g):
+                raise ValueError("streams(): the batches have per-stream sizes; use batch_streams(b)")
+            return np.repeat(self.switch_draws(start, stop)[:, None], g, axis=1)
         return self._draw(hash_uniform(self.config.seed, 2, b, np.arange(g, dtype=np.int64)[None, :]))
+
+    def batch_streams(self, batch: int) -> np.ndarray:
+        """(G_b,) the stream of every global slot of ``batch`` (G_b: the drawn stream's size under switch)."""
+        if self.config.switch:
+            stream = int(self.switch_draws(batch, batch + 1)[0])
+            return np.full(int(self.sizes[stream]), stream, np.int64)
+        return self.streams(batch, batch + 1)[0]
 
     def _counts(self, start: int, stop: int) -> np.ndarray:
         if stop <= start:
             return np.zeros(self.num_streams, np.int64)
         if self.config.fixed_split:  # the same slots every batch
             return np.bincount(self.fixed_slots(), minlength=self.num_streams).astype(np.int64) * (stop - start)
-        if self.config.switch:  # one draw per batch, G slots each
-            draws = self._draw(hash_uniform(self.config.seed, 1, np.arange(start, stop, dtype=np.int64)))
-            return np.bincount(draws, minlength=self.num_streams).astype(np.int64) * self.config.batch_size
+        if self.config.switch:  # one draw per batch, G_s slots each
+            draws = self.switch_draws(start, stop)
+            return np.bincount(draws, minlength=self.num_streams).astype(np.int64) * self.sizes
         return np.bincount(self.streams(start, stop).ravel(), minlength=self.num_streams).astype(np.int64)
 
     def anchor(self, batch: int, counts) -> None:
         """Record known prefix counts (from a saved state) so positions after `batch` need no recount."""
         counts = np.asarray(counts, np.int64)
-        if counts.shape != (self.num_streams,) or counts.sum() != batch * self.config.batch_size:
-            raise ValueError(f"stream counts {counts.tolist()} do not fit batch {batch} of size "
-                             f"{self.config.batch_size} over {self.num_streams} streams")
+        if self.config.switch:  # whole batches: each count is a number of its stream's batches
+            fits = counts.shape == (self.num_streams,) and np.all(counts % self.sizes == 0) and (
+                (counts // self.sizes).sum() == batch)
+        else:
+            fits = counts.shape == (self.num_streams,) and counts.sum() == batch * self.config.batch_size
+        if not fits:
+            raise ValueError(f"stream counts {counts.tolist()} do not fit batch {batch} of size(s) "
+                             f"{self.sizes.tolist()} over {self.num_streams} streams")
         with self._lock:
             self._anchors[int(batch)] = counts
 
@@ -183,7 +209,7 @@ class _Schedule:
 
     def slots(self, batch: int) -> list[tuple[int, int]]:
         """(stream, position) for every global slot of `batch`."""
-        streams = self.streams(batch, batch + 1)[0]
+        streams = self.batch_streams(batch)
         next_pos = self.counts_before(batch)
         out = []
         for s in streams:
@@ -252,8 +278,37 @@ class BatchDataset(grain.MapDataset):
         self.weights = w / w.sum()
         self.rows = (int(rows[0]), int(rows[1]))
         self.local_batch_size = self.rows[1] - self.rows[0]
+        self.sizes = self._stream_batch_sizes(config)
+        # this host's rows of a batch of each stream: the same share of G_s as `rows` is of batch_size
+        self.stream_rows = [self._scaled_rows(int(g)) for g in self.sizes]
         self.tokenizer = tokenizer
-        self._schedule = _Schedule(config, self.weights)
+        self._schedule = _Schedule(config, self.weights, self.sizes)
+
+    def _stream_batch_sizes(self, config: DataConfig) -> np.ndarray:
+        """(num_streams,) the global size of a batch of each stream (config.batch_sizes, else batch_size)."""
+        sizes = dict(config.batch_sizes or {})
+        if not sizes:
+            return np.full(len(self.names), config.batch_size, np.int64)
+        unknown = sorted(set(sizes) - set(self.names))
+        if unknown:
+            raise ValueError(f"batch_sizes names streams {unknown}; the streams are {self.names}")
+        if not config.switch:
+            raise ValueError(f"batch_sizes {sizes} needs switch=True (one stream per batch): with per-example draws "
+                             "or fixed_split the streams share each batch")
+        bad = {n: g for n, g in sizes.items() if int(g) != g or int(g) < 1}
+        if bad:
+            raise ValueError(f"batch_sizes {bad}: each stream's global batch size must be a positive integer")
+        return np.array([int(sizes.get(n, config.batch_size)) for n in self.names], np.int64)
+
+    def _scaled_rows(self, size: int) -> tuple[int, int]:
+        """This host's rows of a global batch of ``size``: rows x size / batch_size, which must be whole."""
+        g = self.config.batch_size
+        start, stop = self.rows[0] * size, self.rows[1] * size
+        if start % g or stop % g:
+            raise ValueError(f"a global batch of {size} does not split over the hosts as batch_size {g} does (this "
+                             f"host has rows {list(self.rows)} of {g}); make every stream's batch size a multiple "
+                             f"of the number of hosts")
+        return start // g, stop // g
 
     # ------------------------------------------------------------------------------------------------ grain API
     def __len__(self) -> int:
@@ -273,7 +328,7 @@ class BatchDataset(grain.MapDataset):
     def __setstate__(self, state):
         anchors = state.pop("_anchors")
         self.__dict__.update(state)
-        self._schedule = _Schedule(self.config, self.weights)
+        self._schedule = _Schedule(self.config, self.weights, self.sizes)
         self._schedule._anchors.update(anchors)
 
     def stream_counts(self, batch: int) -> list[int]:
@@ -282,8 +337,10 @@ class BatchDataset(grain.MapDataset):
 
     def fingerprint(self) -> str:
         """Identifies the data order: config and streams (not the host or worker layout)."""
-        desc = {"config": dataclasses.asdict(self.config), "streams": [[n, len(s)] for n, s in
-                                                                       zip(self.names, self.sources)]}
+        config = dataclasses.asdict(self.config)
+        if config["batch_sizes"] is None:  # unset: the fingerprint of runs saved before the field existed
+            del config["batch_sizes"]
+        desc = {"config": config, "streams": [[n, len(s)] for n, s in zip(self.names, self.sources)]}
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     # --------------------------------------------------------------------------------------------------- batches
@@ -301,8 +358,9 @@ class BatchDataset(grain.MapDataset):
 
     def batch(self, index: int) -> dict:
         slots = self._schedule.slots(index)
+        start, stop = self.stream_rows[slots[0][0]]  # self.rows unless a switched stream has its own size
         examples, skipped = [], 0
-        for stream, position in slots[self.rows[0]:self.rows[1]]:
+        for stream, position in slots[start:stop]:
             example, failures = self._example(stream, position)
             examples.append(example)
             skipped += failures
@@ -314,6 +372,7 @@ class BatchDataset(grain.MapDataset):
             out["tokens"] = np.asarray(self.tokenizer(list(out["caption"])))
         out["batch_index"] = np.int64(index)
         out["num_skipped"] = np.int64(skipped)
+        out["global_batch_size"] = np.int64(len(slots))
         return out
 
     def _example(self, stream: int, position: int) -> tuple[dict, int]:

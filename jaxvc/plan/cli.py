@@ -55,8 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mesh layout (data, fsdp, tensor, sequence; one may be -1); repeat to compare "
                              "layouts; default: the config's mesh")
     batch = parser.add_mutually_exclusive_group()
-    batch.add_argument("--batch-per-chip", type=int, default=None, help="global batch = this x chips")
-    batch.add_argument("--global-batch", type=int, default=None, help="default: the config's batch_size")
+    batch.add_argument("--batch-per-chip", type=int, default=None,
+                       help="the planned step's global batch = this x chips (see --global-batch)")
+    batch.add_argument("--global-batch", type=int, default=None,
+                       help="the planned step's global batch, a batch of the method's videos (it sets batch_size "
+                            "and every stream's data.batch_sizes); default: the config's video batch "
+                            "(data.batch_sizes.video where streams have their own sizes, else batch_size)")
     parser.add_argument("--remat", default=None, help="config.remat_policy: none | full | ... (default: config's)")
     parser.add_argument("--dtype", default=None,
                         help="config.compute_dtype, e.g. bfloat16 (default: config's; --sample: bfloat16)")
@@ -109,6 +113,14 @@ def format_table(reports: list[dict]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
+def set_batch_size(config, size: int) -> None:
+    """Every batch of the run ``size`` (``batch_size`` and each switched stream's own): the one planned."""
+    config.batch_size = size
+    stream_sizes = config.data.get("batch_sizes") if "data" in config else None
+    for name in stream_sizes or {}:
+        stream_sizes[name] = size
+
+
 def run(args) -> int:
     from jaxvc.plan.hardware import slice_devices
     from jaxvc.plan.planner import PlanError, parse_mesh, plan_layout, resolve_mesh
@@ -126,11 +138,11 @@ def run(args) -> int:
         if args.batch_per_chip is not None:
             if args.batch_per_chip < 1:
                 raise PlanError(f"--batch-per-chip must be >= 1, got {args.batch_per_chip}")
-            config.batch_size = args.batch_per_chip * tpu_slice.num_chips
+            set_batch_size(config, args.batch_per_chip * tpu_slice.num_chips)
         elif args.global_batch is not None:
             if args.global_batch < 1:
                 raise PlanError(f"--global-batch must be >= 1, got {args.global_batch}")
-            config.batch_size = args.global_batch
+            set_batch_size(config, args.global_batch)
         if args.remat is not None:
             from jaxvc.train.compute import remat_policy
             remat_policy(args.remat)  # unknown names fail here, before any compile

@@ -160,7 +160,7 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
     sizes = resolve_mesh(mesh_sizes, tpu_slice)
     mesh = make_mesh(sizes, devices=tpu_slice.devices)
     capacity = int(hbm_bytes) if hbm_bytes else tpu_slice.device_hbm_bytes
-    batch_size = int(config.batch_size)
+    batch_size = _video_batch_size(config)
     report = {"topology": tpu_slice.topology, "generation": tpu_slice.chip.generation,
               "chips": tpu_slice.num_chips, "devices": len(tpu_slice.devices), "mesh": sizes,
               "mesh_label": mesh_label(sizes), "global_batch": batch_size,
@@ -198,6 +198,13 @@ def _plan_layout(config, method, tpu_slice: Slice, mesh_sizes: Mapping[str, int]
     step = report["roofline"]["step_s"] if report["roofline"] else 0
     report["samples_per_s"] = batch_size / step if step > 0 else None
     return report
+
+
+def _video_batch_size(config) -> int:
+    """The global batch the plan compiles: the method's example batch is a video batch, whose size is the video
+    stream's own where switched streams have their own (method (e): ``data.batch_sizes.video``)."""
+    sizes = (config.data.get("batch_sizes") if "data" in config else None) or {}
+    return int(sizes.get("video", config.batch_size))
 
 
 def refused_for_memory(report: dict, error: Exception, arguments, capacity: int) -> bool:

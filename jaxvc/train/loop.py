@@ -145,13 +145,17 @@ class Trainer:
         self.batch_size = int(config.batch_size)
         self.steps = int(config.steps)
         split = self.batch_size_divisor = distributed.batch_axis_size(self.mesh, self.rules)  # ways the batch is cut
-        if self.batch_size % split:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by the {split}-way batch split of the "
-                             f"mesh {dict(self.mesh.shape)}")
         self.accumulation = int(setting(config, "optim.accumulation_steps", 1))
-        if self.batch_size % self.accumulation:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by optim.accumulation_steps "
-                             f"{self.accumulation}")
+        # the global batch sizes steps can have: batch_size, and each switched stream's own (method (e): 8 / 6)
+        stream_sizes = setting(config, "data.batch_sizes", None) or {}
+        sizes = {"batch_size": self.batch_size, **{f"data.batch_sizes.{name}": int(size) for name, size in (
+            stream_sizes.items())}}
+        for key, size in sizes.items():
+            if size % split:
+                raise ValueError(f"{key} {size} is not divisible by the {split}-way batch split of the mesh "
+                                 f"{dict(self.mesh.shape)}")
+            if size % self.accumulation:
+                raise ValueError(f"{key} {size} is not divisible by optim.accumulation_steps {self.accumulation}")
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
@@ -273,7 +277,7 @@ class Trainer:
         step_fn = make_train_step(
             self.method, self.optimizer, self.schedule, accumulation_steps=self.accumulation,
             ema_decay=self.ema_decay,
-            constrain_micro_batches=(self.batch_size // self.accumulation) % self.batch_size_divisor == 0)
+            constrain_micro_batches=(_rows(batch) // self.accumulation) % self.batch_size_divisor == 0)
         batch_shardings = {k: distributed.batch_sharding(self.mesh, v.ndim, self.rules) for k, v in batch.items()}
         started = time.perf_counter()
         with self._context():
@@ -376,7 +380,7 @@ class Trainer:
 
         pending: list[tuple[int, Any]] = []
         since_checkpoint: list[float] = []
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_samples = time.perf_counter(), 0, 0
         window_data_s = 0.0  # host time spent getting batches (reading, decoding, the copy to the devices)
         preempted = False
         step_index = start
@@ -408,7 +412,10 @@ class Trainer:
                         raise RuntimeError(f"the data iterator ended after {step_index} batches, before config.steps="
                                            f"{self.steps}; make the stream repeat or lower steps") from None
                     data_state = json.loads(json.dumps(data.get_state())) if hasattr(data, "get_state") else None
-                    batch = distributed.global_batch(local, self.mesh, self.batch_size, self.rules)
+                    # the pipeline says a batch's global size where streams have their own (data.batch_sizes)
+                    size = int(local.get("global_batch_size", self.batch_size))
+                    batch = distributed.global_batch(local, self.mesh, size, self.rules)
+                    window_samples += size
                     window_data_s += time.perf_counter() - fetch_start
                     if self._compiled is None:
                         self.compile(state, batch)
@@ -434,7 +441,8 @@ class Trainer:
                     consume()
                     if do_log:
                         elapsed = time.perf_counter() - window_start
-                        self._log(writer, progress, history[-1], elapsed, window_steps, window_data_s, peak)
+                        self._log(writer, progress, history[-1], elapsed, window_steps, window_samples,
+                                  window_data_s, peak)
                     # Sample first, so a checkpoint of the same step carries the validation scores (keep_best can
                     # rank by them); on SIGTERM the checkpoint comes first, it is what the grace period is for.
                     scores = self._sample_and_score(writer, progress, state, done) if do_sample and not stop else {}
@@ -445,7 +453,7 @@ class Trainer:
                         writer.flush()  # the scalars up to a checkpoint are where the checkpoint is (a bucket too)
                     if do_sample and stop:
                         self._sample_and_score(writer, progress, state, done)
-                    window_start, window_steps, window_data_s = time.perf_counter(), 0, 0.0
+                    window_start, window_steps, window_samples, window_data_s = time.perf_counter(), 0, 0, 0.0
                     if stop:
                         preempted = True
                         if jax.process_index() == 0:
@@ -459,14 +467,16 @@ class Trainer:
             progress.close()
         return TrainResult(state, history, start, int(state.step), preempted, self.workdir)
 
-    def _log(self, writer, progress, values: dict, elapsed: float, steps: int, data_seconds: float, peak):
-        """Scalars of the step just fetched; the perf ones over the window of ``steps`` steps (``elapsed``
-        seconds, ``data_seconds`` of them waiting for the input pipeline: near 1 of it means input-bound)."""
+    def _log(self, writer, progress, values: dict, elapsed: float, steps: int, samples: int, data_seconds: float,
+             peak):
+        """Scalars of the step just fetched; the perf ones over the window of ``steps`` steps of ``samples``
+        examples in all (``elapsed`` seconds, ``data_seconds`` of them waiting for the input pipeline: near 1 of it
+        means input-bound)."""
         step = int(values["step"])
         step_seconds = elapsed / max(steps, 1)
         scalars = {"train/loss": values["loss"], "train/grad_norm": values["grad_norm"],
                    "train/learning_rate": values["learning_rate"], "train/nonfinite_total": values["nonfinite_total"],
-                   "perf/step_time_s": step_seconds, "perf/samples_per_s": self.batch_size / step_seconds,
+                   "perf/step_time_s": step_seconds, "perf/samples_per_s": samples / max(elapsed, 1e-9),
                    "perf/mfu": mfu(self.flops_per_step, step_seconds, peak),
                    "perf/data_wait_s": data_seconds / max(steps, 1),
                    "perf/data_wait_fraction": data_seconds / elapsed if elapsed > 0 else 0.0}
@@ -482,6 +492,11 @@ class Trainer:
         changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if changed and jax.process_index() == 0:
             print(f"jaxvc train: resuming with config changes in {', '.join(changed)}")
+
+
+def _rows(batch: dict) -> int:
+    """The global batch size of a batch of arrays (their common first axis)."""
+    return int(next(iter(batch.values())).shape[0])
 
 
 def _compile_report(seconds: float, batch: dict, flops: float | None, planned_bytes: int | None) -> str:
