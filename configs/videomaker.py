@@ -44,7 +44,9 @@ def get_config(variant=None):
     config.data.held_out = 8
     config.data.seed = 0
     config.data.workers = 0
-    config.data.reference = "random"  # a random frame of the clip, highlighted by its mask
+    # a random frame of the clip, highlighted by its mask; "provided": the record's own reference images
+    # (VideoBooth's segmented subjects, `<stem>.ref.png` beside each video for `jaxvc pack`)
+    config.data.reference = "random"
     config.data.frame_stride = 1
     config.data.placement = "random"  # synthetic: "centered" centres every clip's motion path on the image
     config.data.angle_range = (0.0, 360.0)  # synthetic: orientations sprites are drawn in; (0, 0) = upright

@@ -189,3 +189,60 @@ def test_jpeg_frames_decoded_at_reduced_scale_keep_masks_aligned(tmp_path, capsy
         inside = far[mask[b]].mean()
         outside = far[~mask[b]].mean()
         assert inside > 0.8 and outside < 0.1, (inside, outside)
+
+
+def test_provided_reference_images_travel_with_their_records(media_folder, tmp_path, capsys):
+    """VideoMaker's VideoBooth data: each video comes with its own segmented subject images. `jaxvc pack` takes them
+    from `<stem>.ref*.<ext>` files (or a manifest's "references"), on white where transparent, into the record;
+    `data.reference="provided"` trains on one of them instead of a frame; a record without any is skipped."""
+    from jaxvc.data import transforms
+    from jaxvc.data.sources import ListSource
+
+    root, frames, _ = media_folder
+    folder = tmp_path / "booth"
+    folder.mkdir()
+    write_video(folder / "dog.mp4", frames)
+    disc = np.zeros((20, 20, 4), np.uint8)  # a red disc cut out on transparency
+    yy, xx = np.mgrid[:20, :20]
+    disc[(yy - 10) ** 2 + (xx - 10) ** 2 < 49] = (200, 30, 30, 255)
+    Image.fromarray(disc, "RGBA").save(folder / "dog.ref.png")
+    tall = np.zeros((30, 10, 3), np.uint8)
+    tall[..., 2] = 220
+    Image.fromarray(tall).save(folder / "dog.ref2.png")
+    Image.fromarray(frames[0]).save(folder / "cat.png")
+    Image.fromarray(frames[3]).save(folder / "cat_ref.png")
+    out = str(tmp_path / "packed")
+    assert cli.main(["pack", str(folder), "-o", out, "--frame-format", "png", "--no-progress"]) == 0
+    assert "packed 2 records (1 video, 1 image)" in capsys.readouterr().out  # the reference files are not media
+    video = PackedSource(out, kinds="video")[0]
+    disc_ref, tall_ref = records.decode_references(video, [0, 1])
+    white_disc = np.where(disc[..., 3:] > 0, disc[..., :3], 255).astype(np.uint8)
+    np.testing.assert_array_equal(disc_ref, white_disc)  # PNG: lossless; transparent -> white
+    np.testing.assert_array_equal(tall_ref, tall)
+    image = PackedSource(out, kinds="image")[0]
+    np.testing.assert_array_equal(records.decode_references(image, [0])[0], frames[3])
+
+    plain = dict(image_size=16, num_frames=4, hflip=0.0, affine_degrees=0.0, affine_translate=0.0,
+                 affine_scale=(1.0, 1.0), highlight=False, with_mask=False)
+    size = (16, 16)
+    expected = [transforms.resize_crop(r[None], size, transforms.crop_box(*r.shape[:2], size, None, False))[0]
+                for r in (white_disc, tall)]  # covered and centre-cropped, as `jaxvc generate` does
+    ds = BatchDataset({"video": PackedSource(out, kinds="video")},
+                      DataConfig(batch_size=4, reference="provided", **plain), 0, 1)
+    seen = set()
+    for b in range(4):
+        for reference in ds[b]["reference"]:
+            uint8 = np.round((reference + 1) * 127.5).astype(np.uint8)
+            seen.add(next(i for i, e in enumerate(expected) if np.abs(uint8.astype(int) - e).max() <= 1))
+    assert seen == {0, 1}  # a random one of the record's references, never a frame
+    # Not provided: the frame-based modes ignore them; a record without references is skipped and named
+    frame_ref = BatchDataset({"video": PackedSource(out, kinds="video")}, DataConfig(batch_size=1, **plain), 0, 1)
+    assert not any(np.abs(np.round((frame_ref[0]["reference"][0] + 1) * 127.5) - e).max() <= 1 for e in expected)
+    bare = ListSource([{"kind": "video", "frames": frames, "captions": ["x"], "fps": 8.0, "source": "bare.mp4"}])
+    with pytest.raises(records.CorruptRecordError, match=r"bare.mp4: no reference images \(data.reference="):
+        BatchDataset({"video": bare}, DataConfig(batch_size=1, reference="provided", **plain), 0, 1)[0]
+    # A manifest's "references", read directly (no packing)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text(json.dumps({"video": str(folder / "dog.mp4"), "references": ["booth/dog.ref.png"]}) + "\n")
+    direct = FolderSource(str(manifest))[0]
+    np.testing.assert_array_equal(records.decode_references(direct, [0])[0], white_disc)

@@ -76,8 +76,9 @@ def read_video(path: str, max_frames: int | None = None, stride: int = 1,
     return np.stack(frames), fps / stride
 
 
-def read_image(path: str, short_side: int | None = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB."""
+def read_image(path: str, short_side: int | None = None, background: tuple[int, int, int] | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; with ``background``, transparent pixels become that colour (a subject cut out on
+    white, as the papers' references), else the alpha channel is dropped."""
     from PIL import Image
 
     if not os.path.isfile(path):
@@ -85,6 +86,9 @@ def read_image(path: str, short_side: int | None = None) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
+            if background is not None and image.mode in ("RGBA", "LA", "P"):
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
             return np.asarray(_resize_short_side(image.convert("RGB"), short_side))
     except Exception as e:
         raise MediaError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e

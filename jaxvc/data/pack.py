@@ -5,12 +5,15 @@ Inputs
   folder   every video (.mp4 .mov .mkv .webm .avi .gif ...) is a video; every image (.jpg .png .webp ...) is an image;
            `<base>_0.<ext>` + `<base>_1.<ext>` form an image pair. Sidecars: captions in `<stem>.txt` (one caption
            per line; for a pair, `<base>_0.txt`/`<base>_1.txt` or two lines of `<base>.txt`), masks in
-           `<stem>.mask.<ext>` or `<stem>_mask.<ext>` (an image, or a video for a video). --split-panels reads every
-           image as a two-panel pair (Subjects200K style: left/right halves, or top/bottom for tall images).
+           `<stem>.mask.<ext>` or `<stem>_mask.<ext>` (an image, or a video for a video), reference images that come
+           with a video or image (VideoBooth's segmented subjects; `data.reference=provided` trains on them) in
+           `<stem>.ref.<ext>`, `<stem>_ref.<ext>` or numbered `<stem>.ref<k>.<ext>` (transparent pixels become white).
+           --split-panels reads every image as a two-panel pair (Subjects200K style: left/right halves, or
+           top/bottom for tall images).
   manifest one JSON object per line: {"video": p} | {"image": p} | {"images": [p0, p1]} (optional "kind"), with
            "caption" (str or list) or "captions" (list; per view for pairs) or "description_0"/"description_1",
-           "mask" (path, or list of two for pairs), "split_panels" (bool). Relative paths are relative to the
-           manifest's folder.
+           "mask" (path, or list of two for pairs), "reference" (path) or "references" (list of paths),
+           "split_panels" (bool). Relative paths are relative to the manifest's folder.
   --synthetic-videos / --synthetic-pairs  render the synthetic subject world instead.
 
 Output (in --output): `<kind>-NNNNN-of-MMMMM.array_record` shards, `dataset_info.json` (shards and counts per kind,
@@ -26,6 +29,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 from typing import Any
 
@@ -54,6 +58,25 @@ def _is_mask_file(path: str) -> bool:
     return stem.endswith(".mask") or stem.endswith("_mask")
 
 
+_REFERENCE_SUFFIX = re.compile(r"(\.ref|_ref)\d*$")
+
+
+def _is_reference_file(path: str) -> bool:
+    """`<stem>.ref.png`, `<stem>_ref.png`, `<stem>.ref2.png`: a reference image that comes with `<stem>`'s media."""
+    return media.is_image(path) and _REFERENCE_SUFFIX.search(os.path.splitext(path)[0]) is not None
+
+
+def _reference_files(stem: str, files: set[str]) -> list[str]:
+    """The reference images of the media file ``<stem>.<ext>`` among ``files``, sorted."""
+    return sorted(f for f in files if _REFERENCE_SUFFIX.sub("", os.path.splitext(f)[0]) == stem)
+
+
+def _references_entry(paths: list[str]) -> dict:
+    """An item's "references" key, only where it has some (the plans of packings without them stay the same, so an
+    interrupted packing resumes)."""
+    return {"references": paths} if paths else {}
+
+
 def scan_folder(root: str, split_panels: bool = False) -> list[dict]:
     """Items (plain dicts, JSON-able) found under `root`, sorted by path."""
     if not os.path.isdir(root):
@@ -62,8 +85,10 @@ def scan_folder(root: str, split_panels: bool = False) -> list[dict]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         files += [os.path.join(dirpath, f) for f in sorted(filenames)]
-    media_files = [f for f in files if (media.is_video(f) or media.is_image(f)) and not _is_mask_file(f)]
+    media_files = [f for f in files if (media.is_video(f) or media.is_image(f)) and not _is_mask_file(f)
+                   and not _is_reference_file(f)]
     media_set = set(media_files)
+    reference_set = {f for f in files if _is_reference_file(f)}
     items, used = [], set()
     mask_exts = media.IMAGE_EXTENSIONS + media.VIDEO_EXTENSIONS
     for path in media_files:
@@ -81,12 +106,14 @@ def scan_folder(root: str, split_panels: bool = False) -> list[dict]:
                                                 _sidecar(base + "_1", ("",), (".txt",)),
                                                 _sidecar(base, ("",), (".txt",))],
                               "masks": [_sidecar(base + "_0", (".mask", "_mask"), media.IMAGE_EXTENSIONS),
-                                        _sidecar(base + "_1", (".mask", "_mask"), media.IMAGE_EXTENSIONS)]})
+                                        _sidecar(base + "_1", (".mask", "_mask"), media.IMAGE_EXTENSIONS)],
+                              **_references_entry(_reference_files(base, reference_set))})
                 continue
         used.add(path)
         kind = "video" if media.is_video(path) else ("image_pair" if split_panels else "image")
         item = {"kind": kind, "paths": [path], "caption_files": [_sidecar(stem, ("",), (".txt",))],
-                "masks": [_sidecar(stem, (".mask", "_mask"), mask_exts)]}
+                "masks": [_sidecar(stem, (".mask", "_mask"), mask_exts)],
+                **_references_entry(_reference_files(stem, reference_set))}
         if split_panels:
             item["split_panels"] = True
         items.append(item)
@@ -129,8 +156,11 @@ def read_manifest(path: str, split_panels: bool = False) -> list[dict]:
                 captions = [captions]
             masks = entry.get("mask")
             masks = [masks] if isinstance(masks, str) else (masks or [])
+            references = entry.get("references", entry.get("reference")) or []
+            references = [references] if isinstance(references, str) else list(references)
             item = {"kind": kind, "paths": [resolve(p) for p in paths], "captions": captions,
-                    "masks": [resolve(m) if m else None for m in masks]}
+                    "masks": [resolve(m) if m else None for m in masks],
+                    **_references_entry([resolve(r) for r in references])}
             if kind == "image_pair" and len(paths) == 1:
                 item["split_panels"] = True
             items.append(item)
@@ -218,6 +248,8 @@ def load_item(item: dict, options: dict) -> dict:
     short = options.get("short_side")
     paths, masks = item["paths"], [m for m in item.get("masks", []) if m]
     example: dict[str, Any] = {"kind": item["kind"], "captions": _read_captions(item), "source": paths[0]}
+    if item.get("references"):  # on white, as the papers' references (and `jaxvc generate`'s)
+        example["references"] = [media.read_image(r, short, background=(255, 255, 255)) for r in item["references"]]
     if item["kind"] == "video":
         frames, fps = media.read_video(paths[0], options.get("max_frames"), options.get("frame_stride", 1), short)
         example.update(frames=frames, fps=fps)

@@ -406,9 +406,11 @@ class BatchDataset(grain.MapDataset):
         if not captions and phrase:  # an uncaptioned image of a templated stream (CustomCrafter's instances)
             captions = [transforms.templated_caption(phrase, rng, tuple(cfg.caption_templates))]
         has_mask = example.get("mask") is not None
+        provided = self._provided_reference(example, rng) if cfg.reference == "provided" else None
         if kind == "video":
             clip = transforms.sample_clip(n, cfg.num_frames, cfg.frame_stride, rng, cfg.clip_position)
-            ref_index = transforms.choose_reference(clip, n, rng, cfg.reference, cfg.reference_candidates)
+            ref_index = int(clip[0]) if provided is not None else transforms.choose_reference(
+                clip, n, rng, cfg.reference, cfg.reference_candidates)
             unique, inverse = np.unique(np.append(clip, ref_index), return_inverse=True)
             frames = records.decode_frames(example, unique, min_size=size)
             if isinstance(frames, list):
@@ -458,6 +460,8 @@ class BatchDataset(grain.MapDataset):
             caption = prefix + caption
         else:
             raise records.CorruptRecordError(f"{example.get('source')}: unknown kind {kind!r}")
+        if provided is not None:  # already the subject alone (no mask: neither highlighted nor centred again)
+            reference, ref_mask = provided, None
         if cfg.highlight and ref_mask is not None:
             reference = transforms.highlight_subject(reference, ref_mask)
         if cfg.center_reference and ref_mask is not None:
@@ -471,6 +475,19 @@ class BatchDataset(grain.MapDataset):
                            else np.zeros(target.shape[:3], np.float32))
             out["has_mask"] = np.bool_(has_mask)
         return out
+
+
+    def _provided_reference(self, example: dict, rng: np.random.Generator) -> np.ndarray:
+        """(H, W, 3) uint8: a random one of the record's own reference images, resized to cover the frame size and
+        centre-cropped, as `jaxvc generate` prepares a reference (a random crop could cut the subject off)."""
+        count = len(example.get("references") or [])
+        if not count:
+            raise records.CorruptRecordError(
+                f"{example.get('source')}: no reference images (data.reference='provided' reads each record's own: "
+                f"`jaxvc pack` takes them from <stem>.ref.<ext> files or a manifest's \"references\")")
+        image = records.decode_references(example, [int(rng.integers(count))], min_size=self.config.size)[0]
+        box = transforms.crop_box(image.shape[0], image.shape[1], self.config.size, rng, random=False)
+        return transforms.resize_crop(image[None], self.config.size, box)[0]
 
 
 def _ensure_absl_flags() -> None:

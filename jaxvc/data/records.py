@@ -9,6 +9,8 @@ An *example* is a dict:
   captions  list[str] (a video may have several; an image pair has one per view; may be empty: unannotated)
   fps       float (0 for images)
   source    str (file path or generator description)
+  references  optional: reference images that come with the example (a list like `frames`, one entry per image),
+            e.g. the VideoBooth dataset's segmented subject images; the pipeline's reference="provided" reads one
 
 A *record* is one example serialised with msgpack (`serialize_example` / `deserialize_record`), frames stored as
 JPEG (compact), PNG (lossless) or raw uint8, masks bit-packed. `deserialize_record` raises `CorruptRecordError`
@@ -84,6 +86,14 @@ def decode_frames(example: dict, indices: Sequence[int] | None = None,
     return out
 
 
+def decode_references(example: dict, indices: Sequence[int], min_size: tuple[int, int] | None = None) -> list:
+    """The example's provided reference images at `indices`, each (H, W, 3) uint8 (sizes may differ)."""
+    references = example.get("references") or []
+    frames = decode_frames({"frames": references, "source": f"{example.get('source', '?')} (references)"},
+                           indices, min_size)
+    return list(frames)
+
+
 def decode_mask(example: dict, indices: Sequence[int] | None = None):
     """The example's masks at `indices` as (K, H, W) bool, or None when the example has no mask."""
     masks = example.get("mask")
@@ -112,6 +122,9 @@ def validate_example(example: dict) -> dict:
     captions = example.get("captions", [])
     if not isinstance(captions, (list, tuple)) or not all(isinstance(c, str) for c in captions):
         raise CorruptRecordError(f"{source}: captions must be a list of strings, got {captions!r}")
+    references = example.get("references")
+    if references is not None and not isinstance(references, (list, tuple, np.ndarray)):
+        raise CorruptRecordError(f"{source}: references must be a list of images, got {type(references).__name__}")
     return example
 
 
@@ -129,6 +142,9 @@ def serialize_example(example: dict, frame_format: str = "jpeg", quality: int = 
     record = {"format": RECORD_FORMAT, "kind": example["kind"], "frames": frames, "mask": mask,
               "captions": list(example.get("captions", [])), "fps": float(example.get("fps", 0.0)),
               "source": str(example.get("source", ""))}
+    if example.get("references") is not None and len(example["references"]):  # optional: older records lack it
+        record["references"] = [r if isinstance(r, (bytes, dict)) else _encode_frame(r, frame_format, quality)
+                                for r in example["references"]]
     return msgpack.packb(record, use_bin_type=True)
 
 

@@ -32,7 +32,9 @@ def sample_clip(num_available: int, clip_length: int, stride: int, rng: np.rando
     return start + stride * np.arange(clip_length)
 
 
-REFERENCE_MODES = ("random", "video", "candidates", "first", "center", "last")
+# where a video example's reference comes from: a frame (choose_reference), or "provided": one of the images the
+# record comes with (records' `references`: VideoBooth's segmented subjects), for every kind of example
+REFERENCE_MODES = ("random", "video", "candidates", "first", "center", "last", "provided")
 
 
 def choose_reference(clip: np.ndarray, num_available: int, rng: np.random.Generator, mode: str = "random",
@@ -53,6 +55,8 @@ def choose_reference(clip: np.ndarray, num_available: int, rng: np.random.Genera
         return int(clip[len(clip) // 2])
     if mode == "last":
         return int(clip[-1])
+    if mode == "provided":
+        raise ValueError("reference mode 'provided' takes the record's own reference images, not a frame")
     raise ValueError(f"reference mode must be one of {REFERENCE_MODES}, got {mode!r}")
 
 
