@@ -21,6 +21,11 @@ zeros = nn.initializers.zeros_init()
 ones = nn.initializers.ones_init()
 
 
+# Logical names of a channels-last video activation (B, T, H, W, C); the rule table (jaxvc/parallel/rules.py) puts
+# batch on (data, fsdp) and frames on sequence. The UNet's input/output and the Wan VAE's blocks are constrained by it.
+VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Constrain an activation's sharding by logical names (a no-op outside a mesh + rules context)."""
     return nn.with_logical_constraint(x, tuple(axes))

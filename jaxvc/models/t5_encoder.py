@@ -6,6 +6,9 @@ Per block: ``x += o(attention(layer_norm(x)))`` with T5's unscaled dot products 
 UMT5) or ``wo(act(wi(...)))``; RMS layer norms without mean or bias (eps 1e-6), a final one. T5 learns one bias table
 in the first block and shares it; UMT5 learns one per block. Padding tokens are masked as keys.
 
+Sharding: the embeddings and every block's output (B, L, d_model) are constrained to CLIP text's ``TOKEN_AXES``
+(batch over the data axes, tokens over sequence, per the rule table); a no-op outside ``jaxvc.parallel.mesh.activate``.
+
 Parameter paths mirror transformers' keys (``encoder/block_3/layer_1/DenseReluDense/wi_0/kernel`` <->
 ``encoder.block.3.layer.1.DenseReluDense.wi_0.weight``), so ``jaxvc/convert/t5.py`` loads a folder mechanically.
 """
@@ -20,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxvc.models.layers import Dense, Embed, RMSNorm, gelu_exact
+from jaxvc.models.clip_text import TOKEN_AXES
+from jaxvc.models.layers import Dense, Embed, RMSNorm, constrain, gelu_exact
 
 ACTIVATIONS = {"gelu_new": lambda x: jax.nn.gelu(x, approximate=True), "gelu_pytorch_tanh":
                lambda x: jax.nn.gelu(x, approximate=True), "gelu": gelu_exact, "relu": jax.nn.relu}
@@ -168,7 +172,8 @@ class _Block(nn.Module):
     def __call__(self, hidden, key_mask, position_bias):
         hidden, position_bias = _SelfAttentionLayer(self.config, self.has_relative_bias, name="layer_0")(
             hidden, key_mask, position_bias)
-        return _FeedForwardLayer(self.config, name="layer_1")(hidden), position_bias
+        # the block's output (B, L, d_model): batch over the data axes, tokens over sequence (the rule table)
+        return constrain(_FeedForwardLayer(self.config, name="layer_1")(hidden), TOKEN_AXES), position_bias
 
 
 class _Stack(nn.Module):
@@ -196,7 +201,8 @@ class T5Encoder(nn.Module):
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, bool)
         hidden = Embed(cfg.vocab_size, cfg.d_model, name="shared", dtype=cfg.dtype, param_dtype=cfg.param_dtype)(
-            input_ids)
+            input_ids)  # (B, L, d_model)
+        hidden = constrain(hidden, TOKEN_AXES)  # split like the ids, not like the (vocab, embed)-split table
         return _Stack(cfg, name="encoder")(hidden, jnp.asarray(attention_mask).astype(bool))
 
 

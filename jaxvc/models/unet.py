@@ -22,13 +22,12 @@ from flax import linen as nn
 
 from jaxvc.models.embeddings import (TextTimeEmbedding, TimestepEmbedding, sinusoidal_positions_2d,
                                      timestep_embedding)
-from jaxvc.models.layers import Conv, Dense, GroupNorm, constrain, zeros
+from jaxvc.models.layers import VIDEO_AXES, Conv, Dense, GroupNorm, constrain, zeros
 from jaxvc.models.motion import MotionModule
 from jaxvc.models.resnet import IMAGE_AXES, TIME_EMBEDDING_NORMS, Downsample2D, ResnetBlock2D, Upsample2D
 from jaxvc.models.transformer2d import Transformer2DModel
 from jaxvc.train.compute import remat, remat_policy
 
-VIDEO_AXES = ("batch", "frames", "height", "width", "channels")
 DOWN_TYPES = {"CrossAttnDownBlock2D": "CrossAttnDownBlock2D", "CrossAttnDownBlockMotion": "CrossAttnDownBlock2D",
               "DownBlock2D": "DownBlock2D", "DownBlockMotion": "DownBlock2D"}
 UP_TYPES = {"CrossAttnUpBlock2D": "CrossAttnUpBlock2D", "CrossAttnUpBlockMotion": "CrossAttnUpBlock2D",

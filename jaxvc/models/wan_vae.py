@@ -18,6 +18,11 @@ Because each carry is exact, the chunk length is free: ``encode_wan``/``decode_w
 once or as a ``lax.scan`` over equal chunks (memory bounded by one chunk). Both equal diffusers to float rounding
 (tests/test_wan_vae_parity.py). Large frames can also be cut into spatial tiles (``wan_vae_tiling.py``).
 
+Sharding: the outputs of the residual, attention, resample and level blocks and of the encoder's/decoder's input and
+output convs, all (B, T, H, W, C), are constrained to ``VIDEO_AXES`` (batch over the data axes, frames over
+sequence; a no-op outside ``jaxvc.parallel.mesh.activate``). A constraint only places data: the caches hold the same
+values, and a sharded chunked run equals the single-device one (tests/test_t5_wan_vae_sharded.py).
+
 Parameter paths mirror diffusers' keys (``decoder/up_blocks_1/resnets_0/conv1/kernel`` <->
 ``decoder.up_blocks.1.resnets.0.conv1.weight``); ``jaxvc.convert.wan_vae`` loads a ``vae/`` folder or the original
 ``Wan2.1_VAE.pth`` / ``Wan2.2_VAE.pth``. Latents are normalized per channel with ``latents_mean``/``latents_std``
@@ -33,7 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxvc.models.attention import dot_product_attention
-from jaxvc.models.layers import Conv, Dense, apply_conv, ones
+from jaxvc.models.layers import VIDEO_AXES, Conv, Dense, apply_conv, constrain, ones
 
 # diffusers' AutoencoderKLWan defaults: the Wan 2.1 VAE's per-channel latent statistics
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -209,7 +214,7 @@ class Resample(nn.Module):
         if self.mode.startswith("upsample"):
             conv = Conv(self.out_dim or self.dim // 2, (3, 3), padding=1, name="resample_1", **kw)
             nearest = lambda f: jnp.repeat(jnp.repeat(f, 2, axis=1), 2, axis=2)  # nearest-exact at 2x
-            return _per_frame(lambda f: conv(nearest(f)), x)
+            return constrain(_per_frame(lambda f: conv(nearest(f)), x), VIDEO_AXES)  # (B, T', 2H, 2W, C')
         conv = Conv(self.dim, (3, 3), strides=2, padding=[(0, 1), (0, 1)], name="resample_1", **kw)
         x = _per_frame(conv, x)  # ZeroPad2d((0, 1, 0, 1)) then a stride-2 conv
         if self.mode == "downsample3d":
@@ -219,7 +224,7 @@ class Resample(nn.Module):
                 x = Conv(self.dim, (3, 1, 1), strides=(2, 1, 1), padding=0, name="time_conv", **kw)(
                     jnp.concatenate([last_frame.value.astype(x.dtype), chunk], axis=1))
             last_frame.value = chunk[:, -1:]
-        return x
+        return constrain(x, VIDEO_AXES)  # (B, T', H/2, W/2, C)
 
 
 class ResidualBlock(nn.Module):
@@ -238,7 +243,7 @@ class ResidualBlock(nn.Module):
         x = CausalConv3d(self.out_dim, name="conv1", **kw)(x, first_chunk)
         x = nn.silu(WanVAENorm(name="norm2", **kw)(x))
         x = CausalConv3d(self.out_dim, name="conv2", **kw)(x, first_chunk)
-        return x + shortcut.astype(x.dtype)
+        return constrain(x + shortcut.astype(x.dtype), VIDEO_AXES)
 
 
 class AttentionBlock(nn.Module):
@@ -256,7 +261,7 @@ class AttentionBlock(nn.Module):
         q, k, v = (part[:, :, None, :] for part in jnp.split(qkv, 3, axis=-1))  # (B*T, H*W, 1, C) each
         out = dot_product_attention(q, k, v, backend=self.backend)[:, :, 0, :]
         out = Dense(c, axes=("heads", "embed"), name="proj", **kw)(out)
-        return x.astype(out.dtype) + out.reshape(b, t, h, w, c)
+        return constrain(x.astype(out.dtype) + out.reshape(b, t, h, w, c), VIDEO_AXES)
 
 
 class MidBlock(nn.Module):
@@ -313,7 +318,7 @@ class ResidualDownBlock(nn.Module):
         if self.down:
             mode = "downsample3d" if self.temporal else "downsample2d"
             x = Resample(self.out_dim, mode, name="downsampler", **kw)(x, first_chunk)
-        return x + shortcut.astype(x.dtype)
+        return constrain(x + shortcut.astype(x.dtype), VIDEO_AXES)
 
 
 class UpBlock(nn.Module):
@@ -338,7 +343,8 @@ class UpBlock(nn.Module):
             return Resample(self.out_dim, self.mode, name="upsamplers_0", **kw)(x, first_chunk)
         x = Resample(self.out_dim, self.mode, out_dim=self.out_dim, name="upsampler", **kw)(x, first_chunk)
         factor_t = 2 if self.mode == "upsample3d" else 1
-        return x + duplicate_up(level_input, self.out_dim, factor_t, 2, first_chunk).astype(x.dtype)
+        return constrain(x + duplicate_up(level_input, self.out_dim, factor_t, 2, first_chunk).astype(x.dtype),
+                         VIDEO_AXES)
 
 
 class WanEncoder3d(nn.Module):
@@ -349,7 +355,7 @@ class WanEncoder3d(nn.Module):
         cfg = self.config
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         dims = [cfg.base_dim * m for m in (1, *cfg.dim_mult)]
-        x = CausalConv3d(dims[0], name="conv_in", **kw)(x, first_chunk)
+        x = constrain(CausalConv3d(dims[0], name="conv_in", **kw)(x, first_chunk), VIDEO_AXES)
         levels, index = len(cfg.dim_mult), 0
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             last = i == levels - 1
@@ -368,7 +374,8 @@ class WanEncoder3d(nn.Module):
                 index += 1
         x = MidBlock(dims[-1], cfg.attention_backend, name="mid_block", **kw)(x, first_chunk)
         x = nn.silu(WanVAENorm(name="norm_out", **kw)(x))
-        return CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, first_chunk)  # (B, T', h, w, 2 z): mean, logvar
+        x = CausalConv3d(2 * cfg.z_dim, name="conv_out", **kw)(x, first_chunk)  # (B, T', h, w, 2 z): mean, logvar
+        return constrain(x, VIDEO_AXES)
 
 
 class WanDecoder3d(nn.Module):
@@ -381,7 +388,7 @@ class WanDecoder3d(nn.Module):
         base = cfg.decoder_base_dim or cfg.base_dim
         dims = [base * m for m in (cfg.dim_mult[-1], *cfg.dim_mult[::-1])]
         temporal_up = cfg.temperal_downsample[::-1]
-        x = CausalConv3d(dims[0], name="conv_in", **kw)(z, first_chunk)
+        x = constrain(CausalConv3d(dims[0], name="conv_in", **kw)(z, first_chunk), VIDEO_AXES)
         x = MidBlock(dims[0], cfg.attention_backend, name="mid_block", **kw)(x, first_chunk)
         levels = len(cfg.dim_mult)
         for i, out_dim in enumerate(dims[1:]):
@@ -391,7 +398,7 @@ class WanDecoder3d(nn.Module):
             x = UpBlock(out_dim, cfg.num_res_blocks, mode, cfg.is_residual, name=f"up_blocks_{i}", **kw)(
                 x, first_chunk)
         x = nn.silu(WanVAENorm(name="norm_out", **kw)(x))
-        return CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, first_chunk)
+        return constrain(CausalConv3d(cfg.out_channels, name="conv_out", **kw)(x, first_chunk), VIDEO_AXES)
 
 
 def patchify(x, patch: int | None):
