@@ -90,6 +90,9 @@ def test_validation_settings_are_checked_when_the_method_is_built(references, tm
     with pytest.raises(ConfigError, match=r"validation.eta = 1.0: DDIM's eta; method 'videomaker' samples with "
                                           r"dpm\+\+, which takes none"):
         build_method(validation_config(references, "validation.sampler=dpm++", "validation.eta=1.0"))
+    method = build_method(validation_config(references))  # the Python API refuses it too, rather than dropping it
+    with pytest.raises(ValueError, match=r"eta=0.5 is DDIM's; this samples with dpm\+\+, which takes none"):
+        method.set_validation(["a cat"], [np.zeros((32, 32, 3), np.float32)], sampler="dpm++", eta=0.5)
     with pytest.raises(ConfigError, match="2 prompts but 1 references"):
         build_method(validation_config(references[:1]))
     with pytest.raises(ConfigError, match=r"validation.clip_model = '.*nowhere': no config.json there"):

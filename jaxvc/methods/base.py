@@ -133,11 +133,15 @@ class PipelineValidation:
         if self.uses_reference and len(prompts) != len(references):
             raise ValueError(f"{self.name} validation: {len(prompts)} prompts but {len(references)} reference images "
                              "(one each)")
+        takes_eta = (sampler or "ddim") == "ddim" and not getattr(self, "flow_matching", False)
+        if eta and not takes_eta:  # refused, not dropped: the user asked for a stochastic sampler they would not get
+            raise ValueError(f"{self.name} validation: eta={eta} is DDIM's; this samples with "
+                             f"{sampler or 'its own sampler'}, which takes none (use eta=0)")
         references = list(references) if references else [None] * len(prompts)
         self.validation = list(zip(prompts, references))
         self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
                                         guidance_scale=float(guidance_scale), seed=int(seed), sampler=sampler or None,
-                                        eta=float(eta) if (sampler or "ddim") == "ddim" else 0.0)
+                                        eta=float(eta))
 
     def sample(self, params, rng):
         """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
