@@ -66,6 +66,7 @@ def get_config(variant=None):
         config.data.rescale_mask_inset = 2  # one latent cell of the tiny VAE
     elif variant == "sd15":
         config.model.unet_variant = "sd15"
+        config.model.requires_pretrained = True  # SD1.5 + AnimateDiff from model.pretrained
         config.model.text_variant = "sd15"
         config.model.vae_variant = "sd"
         config.model.image_size = 512

@@ -41,6 +41,7 @@ def get_config(variant=None):
         config_sections.make_tiny(config)
     elif variant == "sd15":
         config.model.unet_variant = "sd15"
+        config.model.requires_pretrained = True  # SD1.5 + AnimateDiff from model.pretrained
         config.model.text_variant = "sd15"
         config.model.vae_variant = "sd"
         config.model.num_frames = 16

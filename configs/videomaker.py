@@ -129,6 +129,7 @@ def get_config(variant=None):
         config.optim.lr = 1e-3
     elif variant == "sd15":
         config.model.unet_variant = "sd15"
+        config.model.requires_pretrained = True  # SD1.5 + AnimateDiff from model.pretrained
         config.model.text_variant = "sd15"
         config.model.vae_variant = "sd"
         config.model.num_frames = 16

@@ -22,6 +22,9 @@ def unet_model(*, vae_variant: str, num_frames: int, image_size: int) -> ConfigD
     model.vae_variant = vae_variant  # "none": pixel space; "tiny" / "sd": a VAE of that size
     model.pixel_patch = 1  # pixel space: p x p blocks folded into channels (jaxvc/models/patchify.py)
     model.pretrained = ""  # diffusers pipeline folder or jaxvc checkpoint (weights for unet/vae/text)
+    # True (the real-size variants: they fine-tune SD1.5 + AnimateDiff): an empty `pretrained` is an error, not a
+    # silent run on random weights; false trains from random weights (throughput studies; `jaxvc plan` sets it)
+    model.requires_pretrained = False
     model.motion_adapter = ""  # MotionAdapter folder or AnimateDiff motion-module file
     model.allow_pickle = False
     model.tokenizer = ""  # tokenizer folder; "" = the pretrained folder's, else jaxvc's default CLIP BPE

@@ -275,3 +275,17 @@ def test_x0_space_loss_of_v_prediction(method):
     assert abs(float(plain) - float(loss)) > 1e-3  # the two spaces really differ
     with pytest.raises(ValueError, match="loss_space"):
         build(loss_space="eps")
+
+
+@pytest.mark.parametrize("variant", ["configs/videomaker.py:sd15", "configs/customcrafter.py:sd15",
+                                     "configs/microcinema.py:sd15", "configs/still_moving.py:sd15"])
+def test_real_size_variants_refuse_to_fine_tune_random_weights(variant):
+    """The sd15 variants fine-tune SD1.5 + AnimateDiff: without ``model.pretrained`` they would train a randomly
+    initialised model of that size, silently. It is an error naming the key, unless asked for (a plan, a study)."""
+    from jaxvc.config_utils import ConfigError, get_config
+    from jaxvc.methods import build_method
+
+    with pytest.raises(ConfigError, match="config.model.pretrained is empty, but this variant fine-tunes"):
+        build_method(get_config(variant, []))
+    method = build_method(get_config(variant, ["model.requires_pretrained=false"]))
+    assert method.unet.config.block_out_channels == (320, 640, 1280, 1280)  # SD1.5's size, random weights

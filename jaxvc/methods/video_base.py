@@ -239,6 +239,13 @@ def build_components(config) -> Components:
     if attention not in BACKENDS:
         raise ValueError(f"config.model.attention_backend = {attention!r}: expected one of {', '.join(BACKENDS)}")
     pretrained, tokenizer_folder = {}, model.get("tokenizer") or None
+    if not model.pretrained and model.get("requires_pretrained", False):
+        from jaxvc.config_utils import ConfigError
+
+        raise ConfigError("config.model.pretrained is empty, but this variant fine-tunes pretrained weights: give a "
+                          "local diffusers SD1.5 folder (or a converted AnimateDiff one; "
+                          "--config.model.motion_adapter for the motion modules), or "
+                          "--config.model.requires_pretrained=false to train from random weights")
     if model.pretrained:
         from jaxvc.convert.pipeline import load_pipeline
         weights = load_pipeline(model.pretrained, motion_adapter=model.motion_adapter or None,

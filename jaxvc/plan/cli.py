@@ -131,6 +131,8 @@ def run(args) -> int:
     try:
         config = load_config(args.config)
         apply_overrides(config, getattr(args, "config_overrides", ()))
+        if "model" in config and config.model.get("requires_pretrained", False):
+            config.model.requires_pretrained = False  # a plan compiles shapes: the weights' values do not matter
         tpu_slice = slice_devices(args.topology, memory_only=args.memory_only)
         layouts = [parse_mesh(m) for m in (args.mesh or [])] or [dict(config.get("mesh") or {"data": -1})]
         for sizes in layouts:  # before the (slow) model building
