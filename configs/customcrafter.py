@@ -70,6 +70,7 @@ def get_config(variant=None):
         config.model.text_variant = "sd15"
         config.model.vae_variant = "sd"
         config.model.image_size = 512
+        config.validation.num_frames = 16  # [P] trained on 4-frame still clips, samples 16-frame videos
         config.remat_policy = "full"
         config.compute_dtype = "bfloat16"
         config.frozen_dtype = "bfloat16"  # frozen matrices stored rounded: half their memory

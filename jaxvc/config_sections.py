@@ -139,6 +139,9 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.validation.prompts = ()  # e.g. ("a dog runs on the beach",)
     config.validation.references = ()  # one reference image path per prompt (methods that take one)
     config.validation.steps = validation_steps  # sampling steps
+    # frames of the samples and of `jaxvc generate`'s default for the run (None: model.num_frames, what it trained
+    # on; CustomCrafter trains on 4-frame still clips but generates 16)
+    config.validation.num_frames = config_dict.placeholder(int)
     config.validation.sampler = ""  # "" = the method's own (ddim; euler for the Wan DiT), or "dpm++", "unipc", ...
     config.validation.guidance_scale = guidance_scale
     config.validation.eta = eta  # DDIM's eta (the ddim sampler only)

@@ -232,3 +232,21 @@ def test_exported_run_loads_in_diffusers(subject_folder, tmp_path):
     error, without = (relative_error(ours(scale, trained, latents, ours_text), reference) for scale in (1.0, 0.0))
     print(f"exported CustomCrafter in diffusers: relative error {error:.2e} (without the LoRA {without:.2e})")
     assert without > 1e-4 and error < 1e-5
+
+
+def test_a_run_generates_its_validation_frames_not_its_training_clips(params):
+    """CustomCrafter trains on 4-frame still clips but samples 16-frame videos (``config.validation.num_frames``,
+    16 in the sd15 config): the validation samples and `jaxvc generate`'s default video have those frames."""
+    from jaxvc.config_utils import ConfigError
+
+    method = build_method(tiny_config(**{"validation.num_frames": 6, "validation.prompts": "('a <new1> toy',)",
+                                         "validation.steps": 1}))
+    assert method.num_frames == 4 and method.sample_frames == 6
+    assert method.pipeline(params).default_video == (6, 32, 32)
+    assert method.sample(params, None)["validation"].shape == (1, 6, 32, 32, 3)
+    assert build_method(tiny_config()).pipeline(params).default_video == (4, 32, 32)  # unset: the training clips
+    assert method_config("configs/customcrafter.py:sd15").validation.num_frames == 16
+    with pytest.raises(ConfigError, match="validation.num_frames = 0: a positive number"):
+        build_method(tiny_config(**{"validation.num_frames": 0}))
+    with pytest.raises(ConfigError, match="validation.num_frames = 6: "):  # the Wan VAE codes 1 + 4k frames
+        build_method(method_config("configs/disentangled_s2v.py:tiny", **{"validation.num_frames": 6}))

@@ -120,6 +120,13 @@ class PipelineValidation:
     ``uses_reference``, one reference image each. Needs ``name``, ``uses_reference``, ``tokenizer``, ``num_frames``,
     ``height``, ``width`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
 
+    generation_frames: int | None = None  # frames it samples (config.validation.num_frames); None: num_frames
+
+    @property
+    def sample_frames(self) -> int:
+        """Frames of the validation samples and of ``jaxvc generate``'s default video."""
+        return int(self.generation_frames or self.num_frames)
+
     @property
     def frame_size(self) -> tuple[int, int]:
         """(height, width) of the training frames in pixels."""
@@ -154,7 +161,7 @@ class PipelineValidation:
 
         pipe = self.pipeline(params, self.tokenizer or load_tokenizer(None))
         settings = self.validation_settings
-        options = dict(num_frames=self.num_frames, height=self.height, width=self.width,
+        options = dict(num_frames=self.sample_frames, height=self.height, width=self.width,
                        num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                        sampler=settings["sampler"], eta=settings.get("eta", 0.0))
         prompts, references = [prompt for prompt, _ in self.validation], [image for _, image in self.validation]

@@ -205,7 +205,7 @@ class VideoDiffusionMethod(PipelineValidation, Method):
             {"params": tree["text_encoder"] if text_params is None else text_params}, tokenizer,
             None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
             scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
-        pipe.default_video = (self.num_frames, self.height, self.width)  # what it trained on
+        pipe.default_video = (self.sample_frames, self.height, self.width)  # its size, its validation frames
         return pipe
 
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
@@ -304,6 +304,16 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         if sampler not in names:
             raise ConfigError(f"config.validation.sampler = {sampler!r}: method '{method.name}' samples with one of "
                               f"{names} ('' for its own)")
+    frames = validation.get("num_frames")
+    if frames is not None and int(frames) < 1:
+        raise ConfigError(f"config.validation.num_frames = {frames}: a positive number of frames (or None for "
+                          f"model.num_frames)")
+    if frames is not None and hasattr(method, "latent_frames"):  # a Wan VAE codes 1 + 4k frames only
+        try:
+            method.latent_frames(int(frames))
+        except ValueError as error:
+            raise ConfigError(f"config.validation.num_frames = {frames}: {error}") from None
+    method.generation_frames = None if frames is None else int(frames)
     if validation.get("eta", 0.0) and (sampler not in ("", "ddim") or getattr(method, "flow_matching", False)):
         raise ConfigError(f"config.validation.eta = {validation.get('eta')}: DDIM's eta; method '{method.name}' "
                           f"samples with {sampler or 'its own sampler'}, which takes none (set it to 0)")
