@@ -37,6 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's help ends with its default, unless the help already says what the default is, or there is none
+    to show (None, False, empty: the help says what happens then); "(default: None)" after "default: the
+    config's" only contradicted it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default is None or default is False or (
+                isinstance(default, (str, tuple, list)) and not default):
+            return text
+        return super()._get_help_string(action)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -48,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"jaxvc {name}", description=help_text,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=f"jaxvc {name}", description=help_text, formatter_class=HelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     return int(module.run(args) or 0)

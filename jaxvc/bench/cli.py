@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "DIR/jaxvc_<workload>_<size>px (TensorBoard's Profile tab, XProf, Perfetto), torch rows "
                              "with torch.profiler as Chrome traces DIR/torch_<eager|compile>_<workload>_<size>px.json "
                              "(Perfetto); the timings do not include them")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the random weights and inputs (the same for jaxvc and torch rows)")
     parser.add_argument("--out", default=None,
                         help="write <out>.json (header, every measurement, the table) and <out>.csv")
 

@@ -70,8 +70,10 @@ def measure(streams: dict, args, workers: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from jaxvc.cli import HelpFormatter
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--packed", help="folder written by `jaxvc pack` (default: the synthetic world)")
     source.add_argument("--folder", help="folder or manifest of media files read directly")

@@ -373,8 +373,11 @@ def pack(items: list[dict], output: str, records_per_shard: int = 512, frame_for
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", help="folder of media files, or a .jsonl manifest")
     parser.add_argument("-o", "--output", required=True, help="output folder for the shards")
-    parser.add_argument("--records-per-shard", type=int, default=512)
-    parser.add_argument("--frame-format", choices=("jpeg", "png", "raw"), default="jpeg")
+    parser.add_argument("--records-per-shard", type=int, default=512,
+                        help="records per ArrayRecord shard (a shard is the unit a resumed packing skips or redoes)")
+    parser.add_argument("--frame-format", choices=("jpeg", "png", "raw"), default="jpeg",
+                        help="how frames, views and reference images are stored: jpeg (compact, lossy), png "
+                             "(lossless), raw (uncompressed uint8)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     parser.add_argument("--max-frames", type=int, default=None, help="keep at most this many frames per video")
     parser.add_argument("--frame-stride", type=int, default=1, help="keep every k-th video frame")
@@ -385,12 +388,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--synthetic-videos", type=int, default=0, help="pack this many synthetic-world videos")
     parser.add_argument("--synthetic-pairs", type=int, default=0, help="pack this many synthetic image pairs")
-    parser.add_argument("--synthetic-size", type=int, default=32)
-    parser.add_argument("--synthetic-frames", type=int, default=8)
-    parser.add_argument("--synthetic-subjects", type=int, default=64)
-    parser.add_argument("--synthetic-held-out", type=int, default=8)
-    parser.add_argument("--synthetic-split", choices=("train", "held_out", "all"), default="train")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic-size", type=int, default=32, help="synthetic world: frame size in pixels")
+    parser.add_argument("--synthetic-frames", type=int, default=8, help="synthetic world: frames per video")
+    parser.add_argument("--synthetic-subjects", type=int, default=64, help="synthetic world: number of subjects")
+    parser.add_argument("--synthetic-held-out", type=int, default=8,
+                        help="synthetic world: subjects kept out of the train split (for held-out evaluation)")
+    parser.add_argument("--synthetic-split", choices=("train", "held_out", "all"), default="train",
+                        help="synthetic world: which subjects' records to pack")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic world: seed of its subjects and renders")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -203,8 +203,10 @@ def compare_c3d(folder: str, videos: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from jaxvc.cli import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="python -m jaxvc.eval.bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--clip-model", default=None, help="CLIPModel folder (default: random ViT-B/32)")
     parser.add_argument("--dino-model", default=None, help="ViTModel folder (default: random DINO ViT-S/16)")
     parser.add_argument("--frames", type=int, default=64, help="images per timed call (a multiple of the batch)")
