@@ -7,7 +7,8 @@ Variants (``--config configs/disentangled_s2v.py:<variant>``):
                ``--config.model.pretrained=/path/Wan2.1-T2V-1.3B-Diffusers`` (each part can also be given on its
                own: ``model.transformer``, ``model.text_encoder`` + ``model.tokenizer``, ``model.vae``); data from
                packed or folder streams (``--config.data.streams.image=packed:/pairs --config.data.streams.video=
-               packed:/videos``, see ``jaxvc pack``). 49 frames (1 + 4 x 12, the paper's clip length) at 480 x 480.
+               packed:/videos``, see ``jaxvc pack``). 49 frames (1 + 4 x 12, the paper's clip length) at 8 fps
+               (``data.target_fps``: each video's stride from its own fps) and 480 x 480.
 Generate: ``jaxvc generate --model RUN --reference subject.png --prompt "..."`` (the run's 50 Euler steps, CFG 6).
 """
 from ml_collections import ConfigDict, config_dict
@@ -56,6 +57,12 @@ def get_config(variant=None):
     batch_size = config.get_ref("batch_size")
     config.data.batch_sizes = ConfigDict({"image": batch_size, "video": batch_size * 3 // 4})
     config.data.image_frames = 1
+    # [P] 49 frames @ 8 fps: each video's frame stride is round(its fps / 8) (24 fps: 3, 30 fps: 4), so every clip
+    # spans about 6 s whatever its source's rate (the synthetic world's videos are 8 fps: stride 1). frame_stride:
+    # records without an fps, or every record with target_fps=0 (how a run saved before target_fps existed resumes:
+    # --config.data.target_fps=0 --config.data.frame_stride=2 for the old wan21_1.3b)
+    config.data.target_fps = 8.0
+    config.data.frame_stride = 1
     config.data.reference = "candidates"  # [C] a random one of the frames 0, 9, 18, 27, 36, 45 of the clip
     config.data.reference_candidates = (0, 9, 18, 27, 36, 45)
 
@@ -86,7 +93,6 @@ def get_config(variant=None):
         config.frozen_dtype = "bfloat16"  # frozen matrices stored rounded: half their memory
         config.log_every = 50
         config.data.streams = ConfigDict({"image": "", "video": ""})  # packed:/path or folder:/path, required
-        config.data.frame_stride = 2
         config.mesh = ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1})
     else:
         raise ValueError(f"configs/disentangled_s2v.py: unknown variant '{variant}' (tiny, wan21_1.3b)")

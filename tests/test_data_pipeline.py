@@ -470,3 +470,57 @@ def test_an_optional_stream_set_to_none_is_off_with_its_weight():
     config = get_config("configs/still_moving.py:sd15_spatial", [("data.streams.image", "synthetic:pairs"),
                                                                  ("data.streams.prior", "synthetic:pairs")])
     assert set(stream_specs(config.data)) == {"image", "prior"}
+
+
+def _frame_ids(video: np.ndarray) -> np.ndarray:
+    """(B, T) source frame index of every clip frame (video_example's red channel is 10 x the frame index)."""
+    return np.round((video[..., 0].mean((2, 3)) + 1) * 127.5 / 10).astype(int)
+
+
+def test_target_fps_sets_each_videos_stride_from_its_fps():
+    """data.target_fps: a video record's clip stride is round(its fps / target_fps), so 24 and 12 fps videos both
+    give clips at 8 fps (strides 3 and 2); a record without an fps (0) keeps frame_stride. Deterministic: the same
+    batch twice, and from a fresh dataset (a restored run)."""
+    import dataclasses
+    import hashlib
+
+    from jaxvc.data.transforms import clip_stride
+
+    examples = [dict(video_example(i), fps=fps) for i, fps in enumerate((24.0, 12.0, 0.0))]
+    cfg = DataConfig(batch_size=3, frame_stride=5, target_fps=8.0, shuffle=False, **PLAIN)
+    ds = BatchDataset({"video": ListSource(examples)}, cfg, 0, 1)
+    batch = ds[0]
+    ids = _frame_ids(batch["video"])
+    strides = {int(green): set(np.diff(clip).tolist()) for green, clip in
+               zip(np.round((batch["video"][:, 0, 0, 0, 1] + 1) * 127.5).astype(int), ids)}  # green = record
+    assert strides == {0: {3}, 1: {2}, 2: {5}}, strides
+    np.testing.assert_array_equal(_frame_ids(BatchDataset({"video": ListSource(examples)}, cfg, 0, 1)[0]["video"]),
+                                  ids)
+    assert [clip_stride(30.0, 2, 8.0), clip_stride(5.0, 2, 8.0), clip_stride(24.0, 2, None),
+            clip_stride(24.0, 2, 0.0)] == [4, 1, 2, 2]
+    with pytest.raises(ValueError, match="target_fps=-8"):
+        BatchDataset({"video": ListSource(examples)}, dataclasses.replace(cfg, target_fps=-8.0), 0, 1)
+    # target_fps unset (None, or 0: off) leaves the fingerprint of a run saved before the field existed
+    off = dataclasses.replace(cfg, target_fps=None)
+    before = {k: v for k, v in dataclasses.asdict(off).items() if k not in ("target_fps", "batch_sizes")}
+    desc = {"config": before, "streams": [["video", 3]]}
+    old = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    assert BatchDataset({"video": ListSource(examples)}, off, 0, 1).fingerprint() == old
+    zero = BatchDataset({"video": ListSource(examples)}, dataclasses.replace(cfg, target_fps=0.0), 0, 1)
+    assert zero.fingerprint() == old and ds.fingerprint() != old
+
+
+def test_target_fps_reaches_the_data_config_of_both_builders():
+    """config.data.target_fps reaches DataConfig from build.py (the DiT methods' streams) and from
+    training_streams.py (the UNet methods'); absent, it is None; the S2V config trains 8 fps clips."""
+    from jaxvc.config_utils import get_config, load_config
+    from jaxvc.data import training_streams
+    from jaxvc.data.build import data_config
+
+    s2v = get_config("configs/disentangled_s2v.py:wan21_1.3b", [("data.streams.image", "synthetic:pairs"),
+                                                                ("data.streams.video", "synthetic:videos")])
+    assert (data_config(s2v).target_fps, data_config(s2v).frame_stride) == (8.0, 1)
+    config = load_config("configs/videomaker.py:demo")
+    assert training_streams.from_config(config, (0, 2)).dataset.config.target_fps is None
+    config.data.target_fps = 8.0
+    assert training_streams.from_config(config, (0, 2)).dataset.config.target_fps == 8.0

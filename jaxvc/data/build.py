@@ -1,5 +1,6 @@
 """Build the training input from a config: `from_config(config, rows)` is the data-source entry point the trainer
-calls (register it as e.g. DATA_SOURCES["grain"] = "jaxvc.data.build:from_config").
+calls (register it as e.g. DATA_SOURCES["grain"] = "jaxvc.data.build:from_config"); `streams_from_config(config)`
+opens and checks the streams alone (`jaxvc train` does that before it loads the model: DATA_STREAMS).
 
 It reads `config.batch_size` (global) and `config.data`:
   streams        {name: spec}; spec is one of
@@ -12,17 +13,21 @@ It reads `config.batch_size` (global) and `config.data`:
   weights        {name: weight} (default equal); switch: True for one stream per batch (method (e): p = weight)
   batch_sizes    {name: global batch size} of a switched stream's batches (method (e): 8 image pairs, 6 videos
                  per device); streams not named take config.batch_size
-  image_size, num_frames, frame_stride, image_frames, reference, reference_candidates, highlight, hflip,
-  affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
+  image_size, num_frames, frame_stride, target_fps, image_frames, reference, reference_candidates, highlight,
+  hflip, affine_degrees, affine_translate, affine_scale, random_crop, with_mask, seed, clip_position, swap_pair
                  `DataConfig` fields (only the ones present are read); image_width (tied to model.image_width):
-                 frames of image_size x image_width (height x width), square if None
+                 frames of image_size x image_width (height x width), square if None; target_fps: each video's
+                 clip stride round(its fps / target_fps), frame_stride for records without an fps
   workers, read_threads, prefetch  Grain worker processes / threads / prefetch depth
   synthetic      {image_size, num_frames, num_subjects, held_out, seed, records, split ("train" | "held_out")}
 """
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.data.pipeline import DataConfig, DataIterator, make_pipeline
 
 
@@ -45,9 +50,33 @@ def _plain(value):
     return value
 
 
-def build_source(spec: str, data_cfg=None):
-    """One source from a spec string (see the module docstring)."""
-    kind, _, rest = spec.partition(":")
+class DataSourceError(ConfigError):
+    """A training stream that cannot be used: a malformed spec, or a source that does not exist or holds no records.
+    The message names the config key (``config.data.streams.video = 'folder:/x': no such folder or manifest``), so
+    ``jaxvc train`` reports it in one line, and before it loads any weights."""
+
+
+SPEC_FORMS = "synthetic:pairs|videos, packed:DIR[:KIND,...], tfds:NAME:SPLIT[:KIND], folder:PATH or none"
+
+
+def open_packed(path: str, kinds, where: str):
+    """PackedSource(path, kinds) with its input errors (no such folder, no dataset_info.json, missing shards, unknown
+    kinds) as DataSourceError prefixed by ``where`` (the config key and value)."""
+    from jaxvc.data.sources import PackedSource
+
+    if not os.path.isdir(path) and not glob.glob(path):  # a PackedSource of no shards would just be empty
+        raise DataSourceError(f"{where}: no such folder, and no shard files match it")
+    try:
+        return PackedSource(path, kinds)
+    except (OSError, ValueError) as err:  # what it raises for a folder `jaxvc pack` did not (fully) write
+        raise DataSourceError(f"{where}: {err}") from err
+
+
+def build_source(spec: str, data_cfg=None, key: str | None = None):
+    """One source from a spec string (see the module docstring). ``key``: the config key the spec came from, named
+    in the DataSourceError of a malformed spec or a missing or unreadable folder."""
+    where = f"{key} = {spec!r}" if key else f"stream spec {spec!r}"
+    kind, _, rest = str(spec).partition(":")
     if kind == "synthetic":
         from jaxvc.data.synthetic import SyntheticPairSource, SyntheticVideoSource, SyntheticWorld
 
@@ -62,25 +91,39 @@ def build_source(spec: str, data_cfg=None):
             return SyntheticPairSource(world, ids, records, seed=syn.get("seed", 0))
         if rest == "videos":
             return SyntheticVideoSource(world, ids, records, seed=syn.get("seed", 0))
-        raise ValueError(f"stream spec {spec!r}: expected synthetic:pairs or synthetic:videos")
+        raise DataSourceError(f"{where}: expected synthetic:pairs or synthetic:videos")
     if kind == "packed":
-        from jaxvc.data.sources import PackedSource
-
         path, _, kinds = rest.partition(":")
-        return PackedSource(path, kinds.split(",") if kinds else None)
+        return open_packed(path, kinds.split(",") if kinds else None, where)
     if kind == "tfds":
         from jaxvc.data.sources import TfdsSource
 
         parts = rest.split(":")
         if len(parts) < 2:
-            raise ValueError(f"stream spec {spec!r}: expected tfds:NAME:SPLIT[:KIND]")
+            raise DataSourceError(f"{where}: expected tfds:NAME:SPLIT[:KIND]")
         return TfdsSource(parts[0], split=parts[1], data_dir=_get(data_cfg, "tfds_dir", None),
                           kind=parts[2] if len(parts) > 2 else "video")
     if kind == "folder":
         from jaxvc.data.sources import FolderSource
 
-        return FolderSource(rest)
-    raise ValueError(f"stream spec {spec!r}: expected synthetic:, packed:, tfds: or folder:")
+        if not os.path.exists(rest):
+            raise DataSourceError(f"{where}: no such folder or manifest")
+        try:
+            return FolderSource(rest)
+        except (OSError, ValueError) as err:  # an unreadable folder, a malformed manifest line
+            raise DataSourceError(f"{where}: {err}") from err
+    raise DataSourceError(f"{where}: expected {SPEC_FORMS}")
+
+
+def check_not_empty(source, where: str):
+    """``source`` if it holds records, else a DataSourceError saying so (the pipeline would refuse it later)."""
+    from jaxvc.data.sources import FolderSource, PackedSource
+
+    if len(source) == 0:
+        what = ("no images or videos in it" if isinstance(source, FolderSource) else
+                "its shards hold no records" if isinstance(source, PackedSource) else "no records")
+        raise DataSourceError(f"{where}: {what}")
+    return source
 
 
 def stream_specs(data_cfg) -> dict[str, str]:
@@ -114,16 +157,29 @@ def data_config(config) -> DataConfig:
     return DataConfig(batch_size=int(config.batch_size), **fields)
 
 
-def from_config(config, rows: tuple[int, int] | None = None, tokenizer=None) -> DataIterator:
+def streams_from_config(config) -> dict:
+    """{name: source} of the streams of config.data that are on, each checked to exist and hold records (cheap: a
+    folder is scanned, a packed one's dataset_info.json read); errors are DataSourceErrors naming the key."""
+    streams = {}
+    for name, spec in stream_specs(config.data).items():
+        where = f"config.data.streams.{name} = {spec!r}"
+        streams[name] = check_not_empty(build_source(spec, config.data, key=f"config.data.streams.{name}"), where)
+    if not streams:
+        raise DataSourceError("config.data.streams: every stream is 'none'; at least one must be on")
+    return streams
+
+
+def from_config(config, rows: tuple[int, int] | None = None, tokenizer=None, streams=None) -> DataIterator:
     """The data iterator for this host's `rows` of every global batch (see the module docstring). Captions are
     tokenized with ``tokenizer``, by default the one ``config.model.tokenizer`` names (jaxvc's CLIP BPE if empty),
-    as ``jaxvc train`` does for the other sources."""
+    as ``jaxvc train`` does for the other sources. ``streams``: the ones streams_from_config(config) opened (``jaxvc
+    train`` opens them before loading the model, to report bad data at once); None: open them here."""
     if tokenizer is None and "model" in config:
         from jaxvc.models.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.model.get("tokenizer") or None)
     data_cfg = config.data
-    streams = {name: build_source(spec, data_cfg) for name, spec in stream_specs(data_cfg).items()}
+    streams = streams_from_config(config) if streams is None else streams
     return make_pipeline(streams, data_config(config), rows=rows, tokenizer=tokenizer,
                          worker_count=int(_get(data_cfg, "workers", 0) or 0),
                          read_threads=int(_get(data_cfg, "read_threads", 1) or 1),

@@ -56,6 +56,9 @@ class DataConfig:
     image_size: int | tuple[int, int] = 32
     num_frames: int = 8
     frame_stride: int = 1
+    # clips at about this many fps: each video record's stride from its own fps (transforms.clip_stride); records
+    # without an fps, and None or 0 here, use frame_stride
+    target_fps: float | None = None
     image_frames: int | None = None  # target frames for image / image_pair examples (None: num_frames, frozen)
     weights: Mapping[str, float] | None = None  # stream name -> weight (default: equal)
     switch: bool = False  # True: one stream per batch (whole batch of one kind); False: one draw per example
@@ -272,6 +275,8 @@ class BatchDataset(grain.MapDataset):
         if config.caption_phrases and not all("{}" in t for t in config.caption_templates):
             raise ValueError(f"caption_templates {tuple(config.caption_templates)}: each needs a {{}} for the "
                              "subject phrase")
+        if config.target_fps is not None and config.target_fps < 0:
+            raise ValueError(f"target_fps={config.target_fps}: expected frames per second > 0 (None or 0: off)")
         if config.reference not in transforms.REFERENCE_MODES:
             raise ValueError(f"reference={config.reference!r}: expected one of {transforms.REFERENCE_MODES}")
         self.config = config
@@ -338,8 +343,9 @@ class BatchDataset(grain.MapDataset):
     def fingerprint(self) -> str:
         """Identifies the data order: config and streams (not the host or worker layout)."""
         config = dataclasses.asdict(self.config)
-        if config["batch_sizes"] is None:  # unset: the fingerprint of runs saved before the field existed
-            del config["batch_sizes"]
+        for key in ("batch_sizes", "target_fps"):  # unset (target_fps 0: off too): as runs saved before the fields
+            if not config[key]:
+                del config[key]
         desc = {"config": config, "streams": [[n, len(s)] for n, s in zip(self.names, self.sources)]}
         return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -408,7 +414,8 @@ class BatchDataset(grain.MapDataset):
         has_mask = example.get("mask") is not None
         provided = self._provided_reference(example, rng) if cfg.reference == "provided" else None
         if kind == "video":
-            clip = transforms.sample_clip(n, cfg.num_frames, cfg.frame_stride, rng, cfg.clip_position)
+            stride = transforms.clip_stride(example.get("fps"), cfg.frame_stride, cfg.target_fps)
+            clip = transforms.sample_clip(n, cfg.num_frames, stride, rng, cfg.clip_position)
             ref_index = int(clip[0]) if provided is not None else transforms.choose_reference(
                 clip, n, rng, cfg.reference, cfg.reference_candidates)
             unique, inverse = np.unique(np.append(clip, ref_index), return_inverse=True)

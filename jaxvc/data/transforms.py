@@ -10,6 +10,16 @@ import numpy as np
 from PIL import Image
 
 
+def clip_stride(record_fps: float | None, frame_stride: int, target_fps: float | None = None) -> int:
+    """The frame stride of a video record's clip. With ``target_fps`` set (> 0) and the record's fps known (> 0):
+    round(record_fps / target_fps), at least 1, so clips play at about target_fps whatever each video's rate (a
+    24 fps and a 30 fps video both give 8 fps clips at stride 3 and 4 where one fixed stride would not); otherwise
+    ``frame_stride``. A function of the record alone (no randomness), so a resumed run samples the same clips."""
+    if target_fps and record_fps and record_fps > 0:
+        return max(1, int(round(float(record_fps) / float(target_fps))))
+    return int(frame_stride)
+
+
 def sample_clip(num_available: int, clip_length: int, stride: int, rng: np.random.Generator | None,
                 position: str = "random") -> np.ndarray:
     """Frame indices (clip_length,) of a clip with the given stride. Too-short videos use the largest stride that

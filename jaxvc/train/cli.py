@@ -7,13 +7,16 @@ latest checkpoint in the workdir.
 
 The data stream is picked by ``config.data.source`` from ``DATA_SOURCES`` (``"module:function"``, called as
 ``function(config, rows)`` with this host's rows ``[start, stop)`` of the global batch; it returns an iterator of
-numpy batch dicts with ``get_state``/``set_state``).
+numpy batch dicts with ``get_state``/``set_state``). Sources listed in ``DATA_STREAMS`` are opened and checked
+first (spec, folder there, records in it), before the method loads its weights: a mistake in the data is reported
+in seconds, as one line naming the config key, and exits 2, as a bad config or override does.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import inspect
+import os
 import sys
 
 from jaxvc.config_utils import ConfigError, accept_config_overrides, apply_overrides, load_config
@@ -24,6 +27,16 @@ DATA_SOURCES: dict[str, str] = {
     "packed": "jaxvc.data.training_streams:from_config",
     "grain": "jaxvc.data.build:from_config",  # generic stream specs (config.data.streams), see jaxvc/data/build.py
 }
+# source -> "module:function" that opens config.data's streams ({name: random-access source}; called as
+# ``function(config)``, a bad spec or a missing or empty source raised as a ConfigError naming the key); the
+# DATA_SOURCES function then takes them as ``streams=``, so each folder is scanned once
+DATA_STREAMS: dict[str, str] = {
+    "synthetic": "jaxvc.data.training_streams:streams_from_config",
+    "packed": "jaxvc.data.training_streams:streams_from_config",
+    "grain": "jaxvc.data.build:streams_from_config",
+}
+# config.model keys that name local weight files or folders when set
+MODEL_PATH_KEYS = ("pretrained", "motion_adapter", "transformer", "text_encoder", "tokenizer", "vae")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,18 +54,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     accept_config_overrides(parser)
 
 
-def build_data(config, rows: tuple[int, int], tokenizer=None):
-    """The data iterator named by ``config.data.source`` for this host's rows. ``tokenizer``: the method's (its
-    captions must be encoded as the method reads them, e.g. with textual inversion's added tokens); sources that take
-    a ``tokenizer`` argument get it."""
+def _data_source(config) -> str:
     source = config.data.get("source", "toy") if "data" in config else "toy"
     if source not in DATA_SOURCES:
         raise ConfigError(f"config.data.source '{source}' is not one of {', '.join(sorted(DATA_SOURCES))}")
-    module_name, _, attribute = DATA_SOURCES[source].partition(":")
-    function = getattr(importlib.import_module(module_name), attribute)
-    if tokenizer is not None and "tokenizer" in inspect.signature(function).parameters:
-        return function(config, rows, tokenizer=tokenizer)
-    return function(config, rows)
+    return source
+
+
+def _function(spec: str):
+    module_name, _, attribute = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def open_streams(config):
+    """The streams of ``config.data.source`` opened and checked (``DATA_STREAMS``), or None for a source that opens
+    its own (toy). Raises ConfigError (DataSourceError) naming the key for a bad spec or a missing or empty source."""
+    source = _data_source(config)
+    return _function(DATA_STREAMS[source])(config) if source in DATA_STREAMS else None
+
+
+def build_data(config, rows: tuple[int, int], tokenizer=None, streams=None):
+    """The data iterator named by ``config.data.source`` for this host's rows. ``tokenizer``: the method's (its
+    captions must be encoded as the method reads them, e.g. with textual inversion's added tokens); sources that take
+    a ``tokenizer`` argument get it. ``streams``: from ``open_streams(config)``, for sources that take them."""
+    function = _function(DATA_SOURCES[_data_source(config)])
+    parameters = inspect.signature(function).parameters
+    options = {}
+    if tokenizer is not None and "tokenizer" in parameters:
+        options["tokenizer"] = tokenizer
+    if streams is not None and "streams" in parameters:
+        options["streams"] = streams
+    return function(config, rows, **options)
+
+
+def _load_config(args):
+    try:
+        config = load_config(args.config)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        # config files refuse a variant they do not have with ValueError("<file>: unknown variant ..."): a mistake
+        # on the command line. Any other ValueError from a config file is a bug in it and keeps its traceback.
+        if "unknown variant" not in str(err):
+            raise
+        raise ConfigError(str(err)) from None
+    return apply_overrides(config, getattr(args, "config_overrides", ()))
+
+
+def check_model_paths(config) -> None:
+    """The local weight files and folders config.model names exist (else a ConfigError naming the key): checked
+    before the data and the model, which would report them as a traceback."""
+    model = config.get("model")
+    for key in MODEL_PATH_KEYS if model is not None else ():
+        value = model.get(key)
+        if isinstance(value, str) and value and "://" not in value and not os.path.exists(value):
+            raise ConfigError(f"config.model.{key} = {value!r}: no such file or folder")
 
 
 def run(args) -> int:
@@ -62,8 +118,7 @@ def run(args) -> int:
         distributed.initialize(args.coordinator_address, args.num_processes, args.process_id,
                                auto=args.distributed == "auto")
     try:
-        config = load_config(args.config)
-        apply_overrides(config, getattr(args, "config_overrides", ()))
+        config = _load_config(args)
     except ConfigError as err:
         print(f"jaxvc train: {err}", file=sys.stderr)
         return 2
@@ -71,14 +126,30 @@ def run(args) -> int:
     if not workdir:
         print("jaxvc train: no run folder: pass --workdir or set config.workdir", file=sys.stderr)
         return 2
+    try:  # the user's files and folders, before the minutes of loading weights
+        check_model_paths(config)
+        streams = open_streams(config)
+    except ConfigError as err:
+        print(f"jaxvc train: {err}", file=sys.stderr)
+        return 2
 
+    from jaxvc.convert.pipeline import PipelineFolderError
     from jaxvc.methods import build_method
     from jaxvc.train.loop import NonFiniteError, Trainer
 
-    method = build_method(config)
+    try:
+        method = build_method(config)
+    except (ConfigError, FileNotFoundError) as err:  # a setting refused, a weight or tokenizer file not there
+        print(f"jaxvc train: {err}", file=sys.stderr)
+        return 2
+    except PipelineFolderError as err:  # a weights folder without a part it needs (the message starts with its path)
+        pretrained = str(config.model.get("pretrained") or "")
+        key = f"config.model.pretrained = {pretrained!r}: " if pretrained and str(err).startswith(pretrained) else ""
+        print(f"jaxvc train: {key}{err}", file=sys.stderr)
+        return 2
     trainer = Trainer(config, method, workdir)
     try:
-        result = trainer.fit(lambda rows: build_data(config, rows, getattr(method, "tokenizer", None)))
+        result = trainer.fit(lambda rows: build_data(config, rows, getattr(method, "tokenizer", None), streams))
     except NonFiniteError as err:
         print(f"jaxvc train: stopped: {err}", file=sys.stderr)
         return 3
