@@ -43,19 +43,35 @@ class SubjectDiTPipeline(MeshPlacement):
     samples_batches = True  # ``generate`` takes a list of prompts: B videos in one sampling loop
     takes_reference = True
     conditioning = None
-    save = staticmethod(CustomVideoPipeline.save)
+    save = CustomVideoPipeline.save  # at ``default_fps`` unless told
+    # the rate of the method's training clips (49 frames at 8 fps): the rate its videos play right at
+    default_fps = 8
     generate_videos = CustomVideoPipeline.generate_videos  # host images and prompts -> uint8 videos, via generate
     merge_loras = CustomVideoPipeline.merge_loras  # merge_lora each (file, scale), then store_weights
     # the method's inference (50 steps, CFG 6); a run's pipeline takes its run's (``TrainedRun.sampling``)
-    default_sampling = {"num_inference_steps": 50, "guidance_scale": 6.0, "eta": 0.0, "sampler": None}
+    default_sampling = {"num_inference_steps": 50, "guidance_scale": 6.0, "eta": 0.0, "sampler": None,
+                        "negative_prompt": ""}
 
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer
 
     @property
     def default_video(self) -> tuple[int, int, int]:
-        """(frames, height, width) the method trained on: ``jaxvc generate``'s defaults."""
-        return self.method.num_frames, self.method.height, self.method.width
+        """(frames, height, width) the method trained on (its validation frames): ``jaxvc generate``'s defaults."""
+        return self.method.sample_frames, self.method.height, self.method.width
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler ``generate(sampler=sampler)`` runs: ``sampler``, else the method's flow-matching Euler."""
+        return sampler or "euler"
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the DiT computes in and keeps its matrices in."""
+        return jnp.dtype(self.method.transformer.config.dtype).name
+
+    @property
+    def attention_backend(self) -> str:
+        return self.method.transformer.config.attention_backend
 
     def merge_lora(self, path, *, scale: float = 1.0, allow_pickle: bool = False) -> "SubjectDiTPipeline":
         """Fold a Wan LoRA file (diffusers/peft ``transformer.<module>`` keys) into the DiT's weights at ``scale``."""

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=None,
                         help="reference image of the subject (any format PIL reads); required by reference-conditioned "
                              "models (VideoMaker; a Wan image-to-video folder's first frame), refused by text-to-video "
-                             "ones (Still-Moving runs, --text-to-video, Wan text-to-video folders)")
+                             "ones (Still-Moving runs, --text-to-video, Wan text-to-video folders). It, --last-frame "
+                             "and every --prompts record's \"reference\" are read before the model loads: a missing "
+                             "or unreadable image is an error (exit status 2) at once")
     parser.add_argument("--last-frame", default=None, metavar="IMAGE",
                         help="Wan image-to-video folders (FLF2V; not TI2V): the video's last frame, --reference its "
                              "first")
@@ -71,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="with --prompts: generate again the videos whose record is already in --out (default: "
                              "keep them, so that a stopped run resumes)")
-    parser.add_argument("--negative-prompt", default="", help="prompt for the unconditional branch")
+    parser.add_argument("--negative-prompt", default=None,
+                        help="prompt for the unconditional branch (default: the model's: a training run's "
+                             "config.validation.negative_prompt, else empty)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's: a training run's validation "
                              "setting, the method's published one unless the run changed it, e.g. 8 VideoMaker, 12 "
@@ -94,7 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "method, the folder's (UniPC) for a Wan folder); dpm++ (2M), dpm++-karras, dpm++-sde "
                              "(2M SDE), dpm++-sde-karras, unipc (Wan's pipelines' solver), unipc-karras: diffusers' "
                              "multistep schedulers, good in 20-25 steps; the -karras ones run DDPM-schedule (UNet) "
-                             "models only")
+                             "models only. The record's \"sampler\" is the one that ran (a Wan folder's own: its "
+                             "scheduler class, e.g. UniPCMultistepScheduler)")
     parser.add_argument("--eta", type=float, default=None,
                         help="DDIM eta (0: deterministic; --sampler ddim only); default: the model's with DDIM (1 for "
                              "CustomCrafter runs, as its paper; 0 otherwise), 0 with the other samplers")
@@ -106,14 +111,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video height in pixels (default: the model's, 512 for AnimateDiff, 480 for Wan)")
     parser.add_argument("--width", type=int, default=None,
                         help="video width in pixels (default: the model's, 512 for AnimateDiff, 832 for Wan)")
-    parser.add_argument("--fps", type=int, default=8, help="frames per second of the written MP4/GIF")
+    parser.add_argument("--fps", type=int, default=None,
+                        help="frames per second of the written MP4/GIF, and the record's \"fps\" (default: the "
+                             "rate the model makes videos for: 16 for Wan 2.1 and Wan 2.2 A14B folders, 24 for Wan "
+                             "2.2 TI2V-5B, 8 for AnimateDiff folders and the methods' runs; another rate plays the "
+                             "motion faster or slower, and `jaxvc eval`'s dynamic degree reads it)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="compute dtype of the UNet / the Wan DiT and text encoder, which also keep their "
                              "weight matrices in it (the same videos at half their weight memory; the VAE stays "
-                             "float32); default: the checkpoint's, float32")
+                             "float32); default: the checkpoint's (a run's compute_dtype), float32. The record's "
+                             "\"dtype\" is the one used")
     parser.add_argument("--attention-backend", default=None, choices=["xla", "jax", "cudnn", "splash"],
                         help="attention implementation (cudnn: flash attention on NVIDIA GPUs; splash: flash "
-                             "attention on TPUs)")
+                             "attention on TPUs); default: the model's (a run's config.model.attention_backend), xla. "
+                             "The record's \"attention_backend\" is the one used")
     parser.add_argument("--mesh", default=None, metavar="AXES",
                         help="sample on a mesh of this machine's devices (jaxvc/parallel/inference.py); default: one "
                              "device. Wan folders and S2V runs: e.g. fsdp=8 or fsdp=4,sequence=2, parameters sharded "
@@ -154,10 +165,17 @@ def run(args) -> int:
         print(f"jaxvc generate: --batch-size {args.batch_size}: " + ("expected 1 or more" if args.batch_size < 1 else
               "batches are for sets of videos (--prompts)"), file=sys.stderr)
         return 2
+    if args.fps is not None and args.fps < 1:
+        print(f"jaxvc generate: --fps {args.fps}: expected 1 or more frames per second", file=sys.stderr)
+        return 2
     try:
         args.eval_references = evaluation_images(args.eval_references)
     except FileNotFoundError as error:
         print(f"jaxvc generate: --eval-references: {error}", file=sys.stderr)
+        return 2
+    error = input_image_error(args, items)
+    if error:
+        print(f"jaxvc generate: {error}", file=sys.stderr)
         return 2
     start = time.perf_counter()
     try:  # LoRA files are merged as the weights load, in float32, before --dtype stores matrices in bf16
@@ -185,6 +203,15 @@ def run(args) -> int:
     args.frames = default_frames if args.frames is None else args.frames
     args.height = default_height if args.height is None else args.height
     args.width = default_width if args.width is None else args.width
+    args.fps = pipe.default_fps if args.fps is None else args.fps
+    if args.negative_prompt is None:
+        args.negative_prompt = pipe.default_sampling.get("negative_prompt", "")
+    # what ran, for the records: a defaulted setting is the model's, which a record of None would not tell
+    two_experts = getattr(pipe, "has_two_experts", False)  # the low-noise expert's scale defaults to the first's
+    args.used = {"sampler": pipe.sampler_name(args.sampler), "dtype": pipe.compute_dtype,
+                 "attention_backend": pipe.attention_backend,
+                 "guidance_scale_2": args.guidance_scale_2 if args.guidance_scale_2 is not None or not two_experts
+                 else args.guidance_scale}
     try:
         args.model_options = model_options(pipe, args)
     except ValueError as error:
@@ -220,7 +247,7 @@ def run(args) -> int:
                                    getattr(pipe, "trained_step", None), getattr(pipe, "trained_with_ema", None),
                                    args.eval_references)
     print(f"loaded in {loaded - start:.1f}s, generated {frames.shape[0]} frames {frames.shape[1]}x{frames.shape[2]} "
-          f"in {time.perf_counter() - loaded:.1f}s")
+          f"in {time.perf_counter() - loaded:.1f}s, written at {args.fps} fps")
     for kind, path in files.items():
         print(f"  {kind}: {path}")
     if args.profile:
@@ -364,6 +391,30 @@ def _generate_batch(pipe, batch, args, out: Path) -> None:
                      item.references or args.eval_references)
 
 
+def input_image_error(args, items) -> str | None:
+    """What is wrong with the images given to the model (``--reference``, each --prompts record's "reference",
+    ``--last-frame``), if anything: each file read once (``open_image``), before the model loads (minutes for a big
+    one) rather than when a video first needs it; a record's bad image names the record."""
+    from jaxvc.pipeline import open_image
+
+    images = [(args.last_frame, "--last-frame image", "")]
+    if items is None:
+        images.append((args.reference, "reference image", ""))
+    else:  # a record's own reference, else --reference (its default)
+        images += [(item.reference, "reference image", f" (the \"reference\" of {item.source or item.name})")
+                   if item.reference else (args.reference, "reference image", "") for item in items]
+    checked = set()
+    for path, what, where in images:
+        if path is None or path in checked:
+            continue
+        checked.add(path)
+        try:
+            open_image(path, what)
+        except (FileNotFoundError, ValueError) as error:
+            return f"{error}{where}"
+    return None
+
+
 def evaluation_images(paths) -> list[str]:
     """``--eval-references``: image files and folders -> the image files (a folder's sorted by name), absolute."""
     from jaxvc.data.media import is_image
@@ -385,18 +436,20 @@ def evaluation_images(paths) -> list[str]:
 def write_record(args, video: Path, prompt: str, reference, seed: int, negative_prompt: str,
                  trained_step: int | None = None, ema: bool | None = None, references=()) -> Path:
     """``<name>.json`` beside the video: what made it, and what ``jaxvc eval`` reads (video, prompt, reference;
-    ``references``, images of the subject to score against, when given)."""
+    ``references``, images of the subject to score against, when given). Its settings are those that ran, the
+    model's where the command left them out (``args.used``: sampler, dtype, attention backend, a two-expert
+    folder's second guidance scale), so that the record alone reproduces the video."""
     reference = None if reference is None else str(Path(reference).resolve())
     record = {"video": video.name, "prompt": prompt, "reference": reference, "lora": list(args.lora),
               "negative_prompt": negative_prompt, "model": args.model, "motion_adapter": args.motion_adapter,
               "unet_weights": args.unet_weights,
               "guidance_scale": args.guidance_scale, "reference_guidance_scale": args.reference_guidance_scale,
               "reference_guidance_start": args.reference_guidance_start, "steps": args.steps,
-              "sampler": args.sampler, "eta": args.eta, "lora_2": list(args.lora_2),
-              "guidance_scale_2": args.guidance_scale_2,
+              "sampler": args.used["sampler"], "eta": args.eta, "lora_2": list(args.lora_2),
+              "guidance_scale_2": args.used["guidance_scale_2"],
               "last_frame": None if args.last_frame is None else str(Path(args.last_frame).resolve()),
-              "seed": seed, "frames": args.frames, "height": args.height, "width": args.width,
-              "dtype": args.dtype, "attention_backend": args.attention_backend, "mesh": args.mesh,
+              "seed": seed, "frames": args.frames, "height": args.height, "width": args.width, "fps": args.fps,
+              "dtype": args.used["dtype"], "attention_backend": args.used["attention_backend"], "mesh": args.mesh,
               "trained_step": trained_step,
               "ema": ema}
     if references:  # jaxvc eval scores CLIP-I / DINO-I against these instead of "reference"

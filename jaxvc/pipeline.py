@@ -2,7 +2,7 @@
 
     pipe = CustomVideoPipeline.from_pretrained("path/to/animatediff-folder-or-jaxvc-checkpoint")
     frames = pipe("subject.png", "a person walking on the beach", num_frames=16, height=512, width=512)
-    pipe.save(frames, "out/", name="beach", reference="subject.png")   # .mp4, .gif, _sheet.png
+    pipe.save(frames, "out/", name="beach", reference="subject.png")   # .mp4, .gif, _sheet.png at 8 fps
 
 Sampling follows the authors' inference: DDIM (``linspace`` spacing, ``steps_offset`` 1, no clipping, eta 0 by
 default), classifier-free guidance 8 whose unconditional branch is (negative prompt, **zero** reference latent), the
@@ -40,10 +40,29 @@ from jaxvc.models.vae import AutoencoderKL, VAEConfig, decode_video, encode_vide
 from jaxvc.models.weight_storage import store_weights
 from jaxvc.parallel.inference import DATA_PARALLEL_RULES, MeshPlacement, inference_mesh
 
-# VideoMaker's inference scheduler settings (authors' code), applied over the checkpoint's scheduler config.
-VIDEOMAKER_SCHEDULER = {"timestep_spacing": "linspace", "steps_offset": 1, "clip_sample": False}
+# VideoMaker's inference scheduler settings (authors' code, and diffusers' AnimateDiff examples), applied over the
+# checkpoint's scheduler config: linear betas between its beta_start and beta_end (an SD1.5 folder says
+# scaled_linear; AnimateDiff's motion modules were trained with linear).
+VIDEOMAKER_SCHEDULER = {"timestep_spacing": "linspace", "steps_offset": 1, "clip_sample": False,
+                        "beta_schedule": "linear"}
 SD15_SCHEDULER = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
                   "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False}
+
+
+def open_image(path, what: str = "reference image") -> Image.Image:
+    """The image file at ``path``, decoded whole: FileNotFoundError when there is no such file, ValueError when PIL
+    cannot read it, each a one-line message "<what> <path>: ..." (``jaxvc generate`` checks its inputs with it before
+    it loads a model, which takes minutes for a big one)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: file does not exist")
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decodes the pixels: a truncated file fails here, not when the model reads it
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split())  # one line whatever the decoder said
+        raise ValueError(f"{what} {path}: not a readable image ({reason})") from error
 
 
 def load_reference_image(image, height: int, width: int) -> np.ndarray:
@@ -53,15 +72,7 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
     covers (height, width) and center-cropped, keeping its aspect ratio.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"reference image {path}: file does not exist")
-        try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError) as error:
-            raise ValueError(f"reference image {path}: not a readable image ({error})") from error
+        image = open_image(image)
     elif isinstance(image, np.ndarray):
         array = image
         if array.ndim == 2:
@@ -104,9 +115,13 @@ class CustomVideoPipeline(MeshPlacement):
     ``pixel_patch`` x ``pixel_patch`` blocks folded into channels). ``shard("data=8")`` samples batches of videos
     data-parallel (``jaxvc/parallel/inference.py``)."""
     default_video = (16, 512, 512)  # (frames, height, width): ``jaxvc generate``'s defaults, AnimateDiff's size
+    # frames per second its videos are written at (``save``, ``jaxvc generate --fps``): AnimateDiff's 8, the rate
+    # the UNet methods' motion modules learnt; ``jaxvc eval``'s dynamic degree reads it back from the container
+    default_fps = 8
     # ``jaxvc generate``'s and ``generate_videos``' sampling defaults: VideoMaker's inference (DDIM 30, CFG 8); a
     # training run's pipeline takes its run's (``TrainedRun.sampling``)
-    default_sampling = {"num_inference_steps": 30, "guidance_scale": 8.0, "eta": 0.0, "sampler": None}
+    default_sampling = {"num_inference_steps": 30, "guidance_scale": 8.0, "eta": 0.0, "sampler": None,
+                        "negative_prompt": ""}
     samples_batches = True  # ``generate`` takes a list of prompts: B videos in one sampling loop
 
     def __init__(self, unet_config: UNetConfig, unet_params, text_config: CLIPTextConfig, text_params,
@@ -141,6 +156,19 @@ class CustomVideoPipeline(MeshPlacement):
     def takes_reference(self) -> bool:
         """Whether generation takes a reference image (as an extra frame, or through a conditioning)."""
         return self.reference_frame or self.conditioning is not None
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler ``generate(sampler=sampler)`` runs: ``sampler``, else the methods' DDIM."""
+        return sampler or "ddim"
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the UNet computes in and keeps its matrices in (the text encoder and VAE: float32)."""
+        return jnp.dtype(self.unet.config.dtype).name
+
+    @property
+    def attention_backend(self) -> str:
+        return self.unet.config.attention_backend
 
     @classmethod
     def from_pretrained(cls, path, *, motion_adapter=None, allow_pickle: bool = False, dtype=None,
@@ -429,11 +457,14 @@ class CustomVideoPipeline(MeshPlacement):
             return from_patches(latents, self.pixel_patch)
         return self._jitted["decode"](self.params["vae"], latents)
 
-    def generate_videos(self, references, prompts, *, negative_prompts="", seeds=0, progress: bool = False,
+    def generate_videos(self, references, prompts, *, negative_prompts=None, seeds=0, progress: bool = False,
                         **settings) -> np.ndarray:
         """A batch of videos from host inputs: reference images (paths, PIL images or arrays; None for a
         text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s (the size
-        defaults to the model's ``default_video``, the sampling to its ``default_sampling``)."""
+        defaults to the model's ``default_video``, the sampling and the negative prompt to its
+        ``default_sampling``)."""
+        if negative_prompts is None:
+            negative_prompts = self.default_sampling.get("negative_prompt", "")
         settings = {**dict(zip(("num_frames", "height", "width"), self.default_video)),
                     **sampling_settings(self.default_sampling, settings.get("sampler")), **settings}
         height, width = settings["height"], settings["width"]
@@ -465,19 +496,24 @@ class CustomVideoPipeline(MeshPlacement):
             return array
         return jax.device_put(array, NamedSharding(self.mesh, PartitionSpec("data")))
 
-    @staticmethod
-    def save(frames, out_dir, name: str = "video", reference=None, fps: int = 8) -> dict[str, Path]:
-        """Write ``<name>.mp4``, ``<name>.gif`` and ``<name>_sheet.png`` (reference, if given, then the frames)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        frames = media.to_uint8(frames)
-        rows, labels = [frames], ["generated"]
-        if reference is not None:
-            reference = load_reference_image(reference, frames.shape[1], frames.shape[2])
-            rows, labels = [media.to_uint8(reference[None]), frames], ["reference", "generated"]
-        return {"mp4": media.write_mp4(out_dir / f"{name}.mp4", frames, fps=fps),
-                "gif": media.write_gif(out_dir / f"{name}.gif", frames, fps=fps),
-                "sheet": media.save_png(out_dir / f"{name}_sheet.png", media.contact_sheet(rows, labels))}
+    def save(self, frames, out_dir, name: str = "video", reference=None, fps: int | None = None) -> dict[str, Path]:
+        """``save_video`` at ``fps``, default the model's ``default_fps`` (a video written at another rate than
+        the model's plays too fast or too slow)."""
+        return save_video(frames, out_dir, name, reference=reference, fps=self.default_fps if fps is None else fps)
+
+
+def save_video(frames, out_dir, name: str = "video", reference=None, fps: int = 8) -> dict[str, Path]:
+    """Write ``<name>.mp4``, ``<name>.gif`` and ``<name>_sheet.png`` (reference, if given, then the frames)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frames = media.to_uint8(frames)
+    rows, labels = [frames], ["generated"]
+    if reference is not None:
+        reference = load_reference_image(reference, frames.shape[1], frames.shape[2])
+        rows, labels = [media.to_uint8(reference[None]), frames], ["reference", "generated"]
+    return {"mp4": media.write_mp4(out_dir / f"{name}.mp4", frames, fps=fps),
+            "gif": media.write_gif(out_dir / f"{name}.gif", frames, fps=fps),
+            "sheet": media.save_png(out_dir / f"{name}_sheet.png", media.contact_sheet(rows, labels))}
 
 
 class ReferenceConditioning:

@@ -77,9 +77,10 @@ class WanTextToVideoPipeline(MeshPlacement):
     reference_frame = False
     takes_reference = False  # text-to-video: ``jaxvc generate`` refuses --reference
     conditioning = None
-    save = staticmethod(CustomVideoPipeline.save)
+    save = CustomVideoPipeline.save  # at ``default_fps`` unless told
     # diffusers' WanPipeline / WanImageToVideoPipeline defaults, with the folder's scheduler (UniPC)
-    default_sampling = {"num_inference_steps": 50, "guidance_scale": 5.0, "eta": 0.0, "sampler": None}
+    default_sampling = {"num_inference_steps": 50, "guidance_scale": 5.0, "eta": 0.0, "sampler": None,
+                        "negative_prompt": ""}
 
     def __init__(self, transformer, text_encoder, tokenizer, vae: VideoVAE, params: dict, scheduler_config: dict, *,
                  boundary_ratio: float | None = None, expand_timesteps: bool = False):
@@ -95,6 +96,28 @@ class WanTextToVideoPipeline(MeshPlacement):
         """(frames, height, width) ``jaxvc generate`` uses unless told: Wan 2.2 TI2V-5B's 121 x 704 x 1280 (its
         ``expand_timesteps`` folders), 81 x 480 x 832 (480p) for the others."""
         return (121, 704, 1280) if self.expand_timesteps else (81, 480, 832)
+
+    @property
+    def default_fps(self) -> int:
+        """The rate Wan's videos are made for (``save``, ``jaxvc generate --fps``): Wan 2.2 TI2V-5B's 24 (its
+        ``expand_timesteps`` folders; Wan's ``sample_fps`` and diffusers' TI2V example), 16 for Wan 2.1 and Wan 2.2
+        A14B. Written at another rate a video plays too fast or too slow, and ``jaxvc eval``'s dynamic degree, which
+        reads the rate from the container, subsamples it wrongly."""
+        return 24 if self.expand_timesteps else 16
+
+    def sampler_name(self, sampler: str | None = None) -> str:
+        """The sampler ``generate(sampler=sampler)`` runs: ``sampler``, else the folder's own scheduler (its class,
+        e.g. UniPCMultistepScheduler: ``scheduler/``'s settings as they are, which no ``sampler`` name stands for)."""
+        return sampler or self.scheduler_config.get("_class_name") or "UniPCMultistepScheduler"
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the DiT(s) and UMT5 compute in and keep their matrices in (the VAE: float32)."""
+        return jnp.dtype(self.transformer.config.dtype).name
+
+    @property
+    def attention_backend(self) -> str:
+        return self.transformer.config.attention_backend
 
     @property
     def has_two_experts(self) -> bool:

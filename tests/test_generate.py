@@ -1,5 +1,6 @@
 """Generation: CustomVideoPipeline and `jaxvc generate` on a tiny AnimateDiff folder: shapes, files, the zero-reference
-unconditional branch, reference-image handling and errors."""
+unconditional branch, reference-image handling and errors (bad images refused before the model loads), and what the
+records say ran (sampler, dtype, attention backend, fps: each model's own rate, tiny Wan folders' too)."""
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
 from jaxvc.cli import main as jaxvc_main  # noqa: E402
+from jaxvc.data.media import read_video  # noqa: E402
 from jaxvc.pipeline import CustomVideoPipeline, load_reference_image  # noqa: E402
 from jaxvc.train.profiling import trace_files  # noqa: E402
 from tests.tiny_models import build_tiny_animatediff_folder  # noqa: E402
@@ -112,6 +114,9 @@ def test_generate_command_writes_video_gif_and_sheet(folder, tmp_path):
     record = json.loads((out / "cat.json").read_text())
     assert (record["prompt"], record["seed"], record["steps"], record["frames"]) == ("a cat jumps", 0, 2, 3)
     assert record["sampler"] == "dpm++-sde"
+    # what ran when defaulted: the folder's dtype and attention backend, AnimateDiff's 8 fps (the MP4's rate too)
+    assert (record["dtype"], record["attention_backend"], record["fps"]) == ("float32", "xla", 8)
+    assert read_video(str(out / "cat.mp4"))[1] == 8
     [read] = read_records([out / "cat.json"])
     assert (read["video"], read["references"]) == (str(out / "cat.mp4"), [str(reference.resolve())])
 
@@ -173,7 +178,7 @@ def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, p
             continue
         frames = pipe(str(reference), saved["prompt"], seed=seed, num_frames=3, height=16, width=16,
                       num_inference_steps=2, progress=False)
-        single = CustomVideoPipeline.save(frames, tmp_path / "single", name, reference=str(reference))
+        single = pipe.save(frames, tmp_path / "single", name, reference=str(reference))
         assert single["gif"].read_bytes() == (out / f"{name}.gif").read_bytes()
     # a rerun keeps the existing videos (resume); --overwrite makes them again
     stamps = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if path.name != "manifest.jsonl"}
@@ -186,3 +191,107 @@ def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, p
     assert jaxvc_main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "bare.txt"),
                        "--out", str(tmp_path / "bare")]) == 2
     assert jaxvc_main(["generate", "--model", str(folder)]) == 2  # neither --prompt nor --prompts
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded: the inputs should have been refused before")
+
+
+def test_bad_reference_images_are_refused_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
+    """A missing, unreadable or truncated --reference (or --last-frame, or a prompt-set record's "reference"): exit
+    status 2 and one line naming the image (and the record), before the model loads (minutes for a big one)."""
+    monkeypatch.setattr(CustomVideoPipeline, "from_pretrained", _no_loading)
+    good, broken, truncated = tmp_path / "good.png", tmp_path / "broken.png", tmp_path / "truncated.png"
+    _image(0).save(good)
+    broken.write_bytes(b"not an image at all")
+    truncated.write_bytes(good.read_bytes()[:60])  # a PNG header PIL opens, pixels it cannot decode
+    base = ["generate", "--model", str(folder), "--prompt", "a dog", "--out", str(tmp_path / "out")]
+
+    def refused(extra, *expected):
+        assert jaxvc_main(base + extra) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and error.startswith("jaxvc generate: ")
+        for part in expected:
+            assert part in error, error
+        return error
+
+    refused(["--reference", str(tmp_path / "missing.png")],
+            f"reference image {tmp_path / 'missing.png'}: file does not exist")
+    refused(["--reference", str(broken)], f"reference image {broken}: not a readable image")
+    refused(["--reference", str(truncated)], f"reference image {truncated}: not a readable image")
+    refused(["--reference", str(tmp_path)], "file does not exist")  # a folder is not an image
+    refused(["--reference", str(good), "--last-frame", str(broken)], f"--last-frame image {broken}: not a readable")
+    refused(["--reference", str(good), "--fps", "0"], "--fps 0")
+    # a prompt set: every record's image, up front; the bad one names its record
+    (tmp_path / "set.jsonl").write_text(json.dumps({"prompt": "a dog runs", "reference": "good.png"}) + "\n"
+                                        + json.dumps({"prompt": "a dog sits", "reference": "gone.png"}) + "\n")
+    refused(["--prompts", str(tmp_path / "set.jsonl"), "--repeats", "3"],
+            f"reference image {tmp_path / 'gone.png'}: file does not exist", f"{tmp_path / 'set.jsonl'}:2")
+    # a record without its own reference takes --reference, checked the same way
+    (tmp_path / "own.jsonl").write_text(json.dumps({"prompt": "a dog runs", "reference": "good.png"}) + "\n"
+                                        + json.dumps({"prompt": "a dog sits"}) + "\n")
+    refused(["--prompts", str(tmp_path / "own.jsonl"), "--reference", str(broken)],
+            f"reference image {broken}: not a readable image")
+    # images that are all readable go on to load the model (here: refused by the test's loader)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        jaxvc_main(base + ["--prompts", str(tmp_path / "own.jsonl"), "--reference", str(good)])
+
+
+def test_records_name_the_settings_that_ran_and_fps_wins(folder, tmp_path):
+    """Defaults recorded as what ran (the model's DDIM, dtype, attention backend); --fps 12 over the model's 8 is
+    the record's and the MP4 container's rate."""
+    reference = tmp_path / "subject.png"
+    _image(5).save(reference)
+    out = tmp_path / "out"
+    assert jaxvc_main(["generate", "--model", str(folder), "--reference", str(reference), "--prompt", "a cat",
+                       "--frames", "2", "--height", "16", "--width", "16", "--steps", "1", "--out", str(out),
+                       "--fps", "12"]) == 0
+    record = json.loads((out / "video.json").read_text())
+    assert {key: record[key] for key in ("sampler", "dtype", "attention_backend", "fps")} == {
+        "sampler": "ddim", "dtype": "float32", "attention_backend": "xla", "fps": 12}
+    assert read_video(str(out / "video.mp4"))[1] == 12
+
+
+def test_pipelines_report_their_dtype_attention_backend_and_rate(folder):
+    """What a record names comes from the loaded model: the UNet's config as --dtype/--attention-backend set it;
+    the S2V method's DiT; their default rates (AnimateDiff's 8, the S2V training clips' 8)."""
+    from jaxvc.dit_pipeline import SubjectDiTPipeline
+    from jaxvc.methods import build_method
+    from tests.tiny_models import method_config
+
+    pipe = CustomVideoPipeline.from_pretrained(folder, dtype="bfloat16", attention_backend="jax")
+    assert (pipe.compute_dtype, pipe.attention_backend, pipe.default_fps) == ("bfloat16", "jax", 8)
+    assert (pipe.sampler_name(None), pipe.sampler_name("unipc")) == ("ddim", "unipc")
+    method = build_method(method_config("configs/disentangled_s2v.py:tiny", compute_dtype="bfloat16",
+                                        **{"model.attention_backend": "jax"}))
+    s2v = SubjectDiTPipeline(method, None, None)
+    assert (s2v.compute_dtype, s2v.attention_backend, s2v.default_fps, s2v.sampler_name()) == (
+        "bfloat16", "jax", 8, "euler")
+
+
+@pytest.mark.parametrize("kind, fps", [("i2v", 16), ("t2v-a14b", 16), ("ti2v", 24)])
+def test_wan_folders_default_rates(tmp_path, kind, fps):
+    """Wan 2.1 (I2V here) and Wan 2.2 A14B folders make 16 fps videos, Wan 2.2 TI2V-5B (expand_timesteps) 24 fps,
+    as Wan's configs' sample_fps and diffusers' examples write them; a Wan folder's own sampler is its scheduler
+    (its class in the record)."""
+    pytest.importorskip("transformers")
+    from tests.test_wan_i2v_pipeline import _folder
+
+    root, _ = _folder(tmp_path, kind)
+    pipe = CustomVideoPipeline.from_pretrained(root)
+    assert pipe.default_fps == fps
+    assert (pipe.sampler_name(None), pipe.compute_dtype, pipe.attention_backend) == (
+        "UniPCMultistepScheduler", "float32", "xla")
+    if kind == "i2v":
+        return
+    # the command writes the video at the folder's rate unless told, and records it (and, for two experts, the
+    # low-noise expert's guidance scale: the first's unless told)
+    out, reference = tmp_path / "out", tmp_path / "first.png"
+    _image(3, size=(32, 32)).save(reference)
+    given = ["--reference", str(reference)] if kind == "ti2v" else []
+    assert jaxvc_main(["generate", "--model", str(root), *given, "--prompt", "a star", "--frames", "5", "--height",
+                       "32", "--width", "32", "--steps", "1", "--guidance-scale", "4", "--out", str(out)]) == 0
+    record = json.loads((out / "video.json").read_text())
+    assert (record["fps"], record["sampler"]) == (fps, "UniPCMultistepScheduler")
+    assert record["guidance_scale_2"] == (4.0 if kind == "t2v-a14b" else None)
+    assert read_video(str(out / "video.mp4"))[1] == fps

@@ -32,12 +32,15 @@ def test_text_and_jsonl_sets(tmp_path):
     assert [(i.name, i.seed, i.negative_prompt) for i in items] == [("00000", 3, "blurry"), ("clip_12", 100, None),
                                                                     ("mine", 100, None)]
     assert items[0].reference == str(tmp_path / "refs" / "a.png")
+    # where each came from, for errors that name the record (`jaxvc generate`'s unreadable reference)
+    assert [i.source for i in items] == [f"{tmp_path / 'set.jsonl'}:{n}" for n in (1, 2, 3)]
     assert items[2].references == (str(tmp_path / "dog" / "1.png"), "/abs/2.png") and items[0].references == ()
     # a default prompt for records without one (motion-bins' records of uncaptioned clips)
     (tmp_path / "bins.jsonl").write_text(json.dumps({"video": "a/c1.mp4", "reference": "ff/c1.png"}))
     [item] = read_prompt_set(str(tmp_path / "bins.jsonl"), default_prompt="a dog")
     assert (item.name, item.prompt, item.reference) == ("c1", "a dog", str(tmp_path / "ff" / "c1.png"))
     (tmp_path / "set.json").write_text(json.dumps(lines))
+    assert read_prompt_set(str(tmp_path / "set.json"))[2].source == f"{tmp_path / 'set.json'}[2]"
     assert read_prompt_set(str(tmp_path / "set.json")) == read_prompt_set(str(tmp_path / "set.jsonl"), seed=0)
 
 

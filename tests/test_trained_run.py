@@ -18,7 +18,7 @@ SETTINGS = dict(num_frames=2, height=32, width=32, num_inference_steps=2, seed=3
 OVERRIDES = ["steps=4", "batch_size=2", "model.num_frames=2", "checkpoint.every=2", "checkpoint.keep=3",
              "checkpoint.use_async=False", "optim.ema_decay=0.5", "log_every=2", "progress_bar=False",
              "data.num_subjects=6", "data.held_out=2", "validation.steps=2", "validation.guidance_scale=3.5",
-             "validation.eta=0.5"]
+             "validation.eta=0.5", "validation.negative_prompt=blurry"]
 
 
 @pytest.fixture(scope="module")
@@ -93,18 +93,23 @@ def test_generate_command_on_a_run_folder_writes_the_step_in_its_record(run, ref
     assert (out / "cat.mp4").stat().st_size > 0
     method = run[2]
     assert (record["frames"], record["height"], record["width"]) == (2, method.height, method.width)
-    assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (2, 3.5, 0.5, None)
-    # the Python API samples with the same defaults (generate_videos), DDIM's eta included
+    assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (2, 3.5, 0.5, "ddim")
+    assert record["negative_prompt"] == "blurry"  # the run's validation.negative_prompt
+    # the Python API samples with the same defaults (generate_videos), DDIM's eta and the negative prompt included
     pipe = CustomVideoPipeline.from_pretrained(run[0], step=2)
     size = dict(num_frames=2, height=method.height, width=method.width)
     default = pipe.generate_videos([str(reference)], ["a cat"])
     np.testing.assert_array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], num_inference_steps=2,
-                                                                guidance_scale=3.5, eta=0.5, **size))
+                                                                guidance_scale=3.5, eta=0.5, negative_prompts="blurry",
+                                                                **size))
     assert not np.array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], eta=0.0))
+    assert not np.array_equal(default, pipe.generate_videos([str(reference)], ["a cat"], negative_prompts=""))
     # told otherwise: the flags win; DDIM's eta is not carried to a sampler without one
     assert jaxvc_main(command + ["--name", "dog", "--steps", "3", "--guidance-scale", "2", "--sampler", "dpm++"]) == 0
     record = json.loads((out / "dog.json").read_text())
     assert (record["steps"], record["guidance_scale"], record["eta"], record["sampler"]) == (3, 2.0, 0.0, "dpm++")
+    assert jaxvc_main(command + ["--name", "owl", "--negative-prompt", ""]) == 0
+    assert json.loads((out / "owl.json").read_text())["negative_prompt"] == ""
 
 
 def test_folders_that_are_not_runs_say_so(tmp_path):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -39,6 +39,9 @@ class PromptItem:
     reference: str | None = None
     negative_prompt: str | None = None
     references: tuple[str, ...] = ()  # evaluation images of the subject (jaxvc eval's CLIP-I/DINO-I), not inputs
+    # the record it came from ("set.jsonl:3", "set.json[2]"), for errors that name it; where an item came from does
+    # not make it another item
+    source: str | None = field(default=None, compare=False)
 
 
 def ucf101_class_names() -> list[str]:
@@ -100,7 +103,7 @@ def _item_fields(record, source: str, folder: Path, default_prompt: str | None) 
     if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise PromptSetError(f"{source}: a record needs a \"prompt\" string (or give a default prompt), got "
                              f"{str(record)[:120]}")
-    fields = {"prompt": record["prompt"]}
+    fields = {"prompt": record["prompt"], "source": source}
     if record.get("name") is not None:
         fields["name"] = str(record["name"])
     elif isinstance(record.get("video"), str):
@@ -141,7 +144,7 @@ def read_prompt_set(spec: str, repeats: int = 1, seed: int = 0, default_prompt: 
             items.append(PromptItem(prompt=fields["prompt"], name=name if repeats == 1 else f"{name}_{repeat:03d}",
                                     seed=fields.get("seed", seed) + repeat, reference=fields.get("reference"),
                                     negative_prompt=fields.get("negative_prompt"),
-                                    references=fields.get("references", ())))
+                                    references=fields.get("references", ()), source=fields.get("source")))
     seen: dict[str, int] = {}
     for index, item in enumerate(items):
         if item.name in seen:
