@@ -144,6 +144,9 @@ def add_run_sections(config: ConfigDict, *, checkpoint_every: int, validation_st
     config.validation.num_frames = config_dict.placeholder(int)
     config.validation.sampler = ""  # "" = the method's own (ddim; euler for the Wan DiT), or "dpm++", "unipc", ...
     config.validation.guidance_scale = guidance_scale
+    # the unconditional branch's prompt (VideoMaker's authors sample with a long list of artefacts to avoid: set it
+    # here and the run's validation videos and `jaxvc generate` use it)
+    config.validation.negative_prompt = ""
     config.validation.eta = eta  # DDIM's eta (the ddim sampler only)
     config.validation.seed = 0  # video i uses seed + i at every sample point
     config.validation.clip_model = ""  # local CLIPModel folder: CLIP-T, CLIP-I, T.Cons of the samples (TensorBoard)

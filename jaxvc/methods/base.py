@@ -133,7 +133,7 @@ class PipelineValidation:
         return self.height, self.width
 
     def set_validation(self, prompts, references, *, num_inference_steps: int = 25, guidance_scale: float = 8.0,
-                       seed: int = 0, sampler: str | None = None, eta: float = 0.0) -> None:
+                       seed: int = 0, sampler: str | None = None, eta: float = 0.0, negative_prompt: str = "") -> None:
         """What ``sample`` generates every ``config.sample_every`` steps: each prompt (with its reference image when
         the method takes one; ``references`` may be empty otherwise). ``sampler``: a name of
         ``jaxvc.diffusion.samplers`` ("" or None for the method's own); ``eta``: DDIM's (applied with DDIM only)."""
@@ -148,7 +148,7 @@ class PipelineValidation:
         self.validation = list(zip(prompts, references))
         self.validation_settings = dict(num_inference_steps=int(num_inference_steps),
                                         guidance_scale=float(guidance_scale), seed=int(seed), sampler=sampler or None,
-                                        eta=float(eta))
+                                        eta=float(eta), negative_prompt=str(negative_prompt or ""))
 
     def sample(self, params, rng):
         """Validation videos ``{"validation": (N, F, S, S, 3)}`` in [-1, 1], traced under the trainer's jit. Each
@@ -163,7 +163,8 @@ class PipelineValidation:
         settings = self.validation_settings
         options = dict(num_frames=self.sample_frames, height=self.height, width=self.width,
                        num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
-                       sampler=settings["sampler"], eta=settings.get("eta", 0.0))
+                       sampler=settings["sampler"], eta=settings.get("eta", 0.0),
+                       negative_prompt=settings.get("negative_prompt", ""))
         prompts, references = [prompt for prompt, _ in self.validation], [image for _, image in self.validation]
         if getattr(pipe, "samples_batches", False):  # one sampling loop for all (video i: seed + i), not N loops
             pixels = None if references[0] is None else jnp.stack([jnp.asarray(r, jnp.float32) for r in references])

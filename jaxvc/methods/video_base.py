@@ -325,4 +325,5 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         images = [load_reference_image(path, method.height, method.width) for path in references]
         method.set_validation(prompts, images, num_inference_steps=validation.get("steps", 25),
                               guidance_scale=validation.get("guidance_scale", 8.0), seed=validation.get("seed", 0),
-                              sampler=sampler, eta=validation.get("eta", 0.0))
+                              sampler=sampler, eta=validation.get("eta", 0.0),
+                              negative_prompt=validation.get("negative_prompt", ""))

@@ -35,7 +35,8 @@ class TrainedRun:
         validation = self.config.get("validation") or {}
         return {"num_inference_steps": int(validation.get("steps", 25)),
                 "guidance_scale": float(validation.get("guidance_scale", 8.0)),
-                "eta": float(validation.get("eta", 0.0)), "sampler": validation.get("sampler") or None}
+                "eta": float(validation.get("eta", 0.0)), "sampler": validation.get("sampler") or None,
+                "negative_prompt": str(validation.get("negative_prompt") or "")}
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
