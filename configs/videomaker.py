@@ -29,7 +29,9 @@ def get_config(variant=None):
         girl=True, girl_alpha=0.01, girl_beta=0.1, reference_cross_attention=True,
         train_spatial_self_attention=True, train_motion_modules=True, train_all_unet=False, train_text_encoder=False,
         drop_both_prob=0.1, drop_text_prob=0.0, drop_reference_prob=0.0, prediction_type="epsilon",
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+        # [C] the authors train and sample with DDIMScheduler(beta_schedule="linear") over the SD folder's
+        # 0.00085 -> 0.012 (AnimateDiff's convention), not SD1.5's scaled_linear
+        beta_schedule="linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
         snr_gamma=config_dict.placeholder(float), loss_weighting=config_dict.placeholder(str),
         loss_weight_max=config_dict.placeholder(float), timestep_bias_strategy="none", timestep_bias_multiplier=1.0,
         timestep_bias_portion=0.25))

@@ -50,7 +50,7 @@ class VideoMakerOptions:
     drop_text_prob: float = 0.0
     drop_reference_prob: float = 0.0
     prediction_type: str = "epsilon"
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: str = "linear"       # the authors' (and AnimateDiff's) DDIM betas, not SD1.5's scaled_linear
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
