@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise, get_target
 from jaxvc.methods.base import model_frame_size
@@ -71,9 +72,9 @@ class CustomCrafterOptions:
 
     def __post_init__(self):
         if self.loss_type not in ("l1", "l2"):
-            raise ValueError(f"customcrafter: loss_type={self.loss_type!r}: expected 'l1' or 'l2'")
+            raise ConfigError(f"customcrafter: loss_type={self.loss_type!r}: expected 'l1' or 'l2'")
         if self.train_text_encoder:
-            raise ValueError("customcrafter: the text encoder stays frozen; train_token trains the new row")
+            raise ConfigError("customcrafter: the text encoder stays frozen; train_token trains the new row")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "CustomCrafterOptions":
@@ -129,7 +130,7 @@ class CustomCrafter(VideoDiffusionMethod):
         ids = tokenizer([opts.initializer_token])[0]
         words = ids[(ids != tokenizer.bos_token_id) & (ids != tokenizer.eos_token_id)]
         if words.size != 1:
-            raise ValueError(f"customcrafter: initializer_token {opts.initializer_token!r} is {words.size} tokens; "
+            raise ConfigError(f"customcrafter: initializer_token {opts.initializer_token!r} is {words.size} tokens; "
                              "it must be exactly one (a class word such as 'toy', 'dog', 'person')")
         self.initializer_id = int(words[0])
         self.tokenizer = tokenizer.with_added_tokens([opts.placeholder_token])

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion.flow import flow_add_noise, flow_target, sample_flow_sigmas
 from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program, model_frame_size
 from jaxvc.methods.video_base import options_from_mapping
@@ -67,9 +68,9 @@ class DisentangledS2VOptions:
 
     def __post_init__(self):
         if self.drop_mode not in DROP_MODES:
-            raise ValueError(f"disentangled_s2v: drop_mode={self.drop_mode!r} is not one of {DROP_MODES}")
+            raise ConfigError(f"disentangled_s2v: drop_mode={self.drop_mode!r} is not one of {DROP_MODES}")
         if not 0.0 <= self.drop_prob <= 1.0 or not 0.0 <= self.drop_text_prob <= 1.0:
-            raise ValueError(f"disentangled_s2v: drop_prob={self.drop_prob}, drop_text_prob={self.drop_text_prob} "
+            raise ConfigError(f"disentangled_s2v: drop_prob={self.drop_prob}, drop_text_prob={self.drop_text_prob} "
                              "must be probabilities")
 
     @classmethod
@@ -366,13 +367,13 @@ def from_config(config) -> DisentangledS2V:
         from jaxvc.models.t5_tokenizer import T5Tokenizer
 
         if not parts["tokenizer"]:
-            raise ValueError("config.model.text_encoder needs config.model.tokenizer (the pipeline's tokenizer/)")
+            raise ConfigError("config.model.text_encoder needs config.model.tokenizer (the pipeline's tokenizer/)")
         text, weights = load_t5_encoder(parts["text_encoder"], dtype=dtype)
         pretrained["text_encoder"] = weights["params"]
         tokenizer = T5Tokenizer.from_folder(parts["tokenizer"], max_length=model.get("max_text_length", 512))
         width = text.d_model
     elif not model.get("text_variant"):
-        raise ValueError("disentangled_s2v: this variant reads Wan's UMT5 text encoder from files: set "
+        raise ConfigError("disentangled_s2v: this variant reads Wan's UMT5 text encoder from files: set "
                          "config.model.pretrained (a diffusers Wan pipeline folder) or config.model.text_encoder and "
                          "config.model.tokenizer")
     else:

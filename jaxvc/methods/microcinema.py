@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods.base import model_frame_size
@@ -77,10 +78,10 @@ class MicroCinemaOptions:
 
     def __post_init__(self):
         if self.center_frame not in CENTER_FRAMES:
-            raise ValueError(f"microcinema: center_frame={self.center_frame!r} is not one of {CENTER_FRAMES}")
+            raise ConfigError(f"microcinema: center_frame={self.center_frame!r} is not one of {CENTER_FRAMES}")
         for name in ("drop_both_prob", "drop_text_prob", "drop_image_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"microcinema: {name}={getattr(self, name)} is not a probability")
+                raise ConfigError(f"microcinema: {name}={getattr(self, name)} is not a probability")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "MicroCinemaOptions":

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise
 from jaxvc.methods.base import model_frame_size
@@ -73,9 +74,9 @@ class StillMovingOptions:
 
     def __post_init__(self):
         if self.stage not in STAGES:
-            raise ValueError(f"still_moving: stage={self.stage!r} is not one of {STAGES}")
+            raise ConfigError(f"still_moving: stage={self.stage!r} is not one of {STAGES}")
         if self.train_text_encoder:
-            raise ValueError("still_moving: the text encoder stays frozen (only the stage's adapter trains)")
+            raise ConfigError("still_moving: the text encoder stays frozen (only the stage's adapter trains)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> "StillMovingOptions":
@@ -100,7 +101,7 @@ class StillMoving(VideoDiffusionMethod):
         self.spatial_spec = lora.AdapterSpec(include=opts.spatial_targets, rank=opts.spatial_rank,
                                              placement="output")
         if opts.stage == "spatial" and motion_adapter is None:
-            raise ValueError("still_moving: stage 'spatial' needs the trained motion adapter "
+            raise ConfigError("still_moving: stage 'spatial' needs the trained motion adapter "
                              "(config.model.options.motion_adapter: a stage-'motion' run folder or LoRA file)")
         self.loaded_motion_adapter = motion_adapter  # frozen in stage "spatial"
         if motion_adapter is not None:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
 from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program
 from jaxvc.models.attention import BACKENDS
@@ -237,11 +238,9 @@ def build_components(config) -> Components:
     remat = config.get("remat_policy", "none") or "none"  # a policy name (jaxvc/train/compute.py)
     attention = model.get("attention_backend", "xla") or "xla"  # the UNet's; the VAE and text encoder keep xla
     if attention not in BACKENDS:
-        raise ValueError(f"config.model.attention_backend = {attention!r}: expected one of {', '.join(BACKENDS)}")
+        raise ConfigError(f"config.model.attention_backend = {attention!r}: expected one of {', '.join(BACKENDS)}")
     pretrained, tokenizer_folder = {}, model.get("tokenizer") or None
     if not model.pretrained and model.get("requires_pretrained", False):
-        from jaxvc.config_utils import ConfigError
-
         raise ConfigError("config.model.pretrained is empty, but this variant fine-tunes pretrained weights: give a "
                           "local diffusers SD1.5 folder (or a converted AnimateDiff one; "
                           "--config.model.motion_adapter for the motion modules), or "
@@ -283,7 +282,6 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
     point hours later."""
     from pathlib import Path
 
-    from jaxvc.config_utils import ConfigError
     from jaxvc.pipeline import load_reference_image
 
     validation = config.get("validation") or {}

@@ -29,6 +29,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion import losses as diffusion_losses
 from jaxvc.diffusion.schedule import add_noise, get_target
 from jaxvc.methods.base import model_frame_size
@@ -73,9 +74,9 @@ class VideoMakerOptions:
 
     def __post_init__(self):
         if self.loss_space not in diffusion_losses.LOSS_SPACES:
-            raise ValueError(f"videomaker: loss_space={self.loss_space!r} is not one of {diffusion_losses.LOSS_SPACES}")
+            raise ConfigError(f"videomaker: loss_space={self.loss_space!r} is not one of {diffusion_losses.LOSS_SPACES}")
         if self.loss_weighting not in diffusion_losses.WEIGHTINGS:
-            raise ValueError(f"videomaker: loss_weighting={self.loss_weighting!r} is not one of "
+            raise ConfigError(f"videomaker: loss_weighting={self.loss_weighting!r} is not one of "
                              f"{diffusion_losses.WEIGHTINGS}")
         diffusion_losses.check_timestep_bias(self.timestep_bias_strategy, self.timestep_bias_multiplier,
                                              self.timestep_bias_portion)
