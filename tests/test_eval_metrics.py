@@ -170,6 +170,15 @@ def test_eval_command_scores_records_and_skips_a_broken_video(models, tmp_path, 
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("clip_t (x100)"))
     single = json.loads(out.read_text())["videos"][0]["clip_t"]
     assert float(row.split()[2]) == pytest.approx(100 * single, abs=1e-4)
+    # --prompt-drop: CustomCrafter's placeholder left out of the prompt CLIP-T reads (named in the file)
+    (tmp_path / "new1.json").write_text(json.dumps({"video": "a.gif", "prompt": PROMPTS[0].replace(" ", " <new1> ", 1)}))
+    dropped = tmp_path / "dropped.json"
+    jaxvc_main(["eval", str(tmp_path / "new1.json"), "--clip-model", str(clip_folder), "--prompt-drop", "<new1>",
+                "--out", str(dropped)])
+    video = json.loads(dropped.read_text())["videos"][0]
+    assert video["clip_t_prompt"] == PROMPTS[0] and video["clip_t"] == pytest.approx(single, abs=1e-6)
+    jaxvc_main(["eval", str(tmp_path / "new1.json"), "--clip-model", str(clip_folder), "--out", str(dropped)])
+    assert json.loads(dropped.read_text())["videos"][0]["clip_t"] != pytest.approx(single, abs=1e-4)
 
 
 def test_bad_records_name_the_file_and_line(tmp_path):

@@ -90,6 +90,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a folder has no safetensors, raft-things.pth, amt-s.pth, i3d_pretrained_400.pt (the "
                              "face models are ONNX files and the C3D an .npz: no pickle)")
     parser.add_argument("--out", default=None, help="write every video's scores and the means to this JSON file")
+    parser.add_argument("--prompt-drop", action="append", default=[], metavar="TOKEN",
+                        help="remove TOKEN from every prompt before CLIP-T (repeatable), e.g. CustomCrafter's "
+                             "learnt '<new1>', which CLIP's own vocabulary reads as the characters '<', 'new', '1', "
+                             "'>'; the --out file names the prompt scored")
     parser.add_argument("--x100", action="store_true",
                         help="print the cosine scores (CLIP-T, CLIP-I, DINO-I, T.Cons, face similarity) x 100, as "
                              "method (e)'s and OpenS2V's tables report them (the --out file keeps the raw values)")
@@ -125,6 +129,16 @@ def _normalise(record, folder: Path, source: str) -> dict:
         raise RecordError(f"{source}: \"prompt\" must be a string, got {prompt!r}")
     return {"source": source, "video": str(folder / record["video"]), "prompt": prompt,
             "references": [str(folder / r) for r in references]}
+
+
+def clip_t_prompt(prompt: str | None, drop: list[str]) -> str | None:
+    """The prompt CLIP-T reads: ``prompt`` without the ``drop`` tokens, spaces collapsed ("a <new1> dog surfing"
+    -> "a dog surfing")."""
+    if prompt is None or not drop:
+        return prompt
+    for token in drop:
+        prompt = prompt.replace(token, " ")
+    return " ".join(prompt.split())
 
 
 def real_video_paths(paths) -> list[str]:
@@ -218,7 +232,10 @@ def run(args) -> int:
             whole, fps = _read_video(record["video"])
             frames = np.asarray(center_frames(whole, args.frames))
             references = [read_image(path) for path in record["references"]]
-            scores = scorer.score(frames, record["prompt"], references) if scorer else {}
+            prompt = clip_t_prompt(record["prompt"], args.prompt_drop)
+            scores = scorer.score(frames, prompt, references) if scorer else {}
+            if prompt != record["prompt"]:
+                scores["clip_t_prompt"] = prompt
             if dynamic:
                 motion = dynamic.score(frames, fps)
                 scores.update(dynamic_degree=motion["dynamic_degree"], flow_scores=motion["flow_scores"])
