@@ -58,11 +58,13 @@ def _bad_inputs(tmp_path):
                      "config.data.paths is empty: config.data.source='packed' needs it"),
         "unknown source": (["--config", "configs/videomaker.py:tiny", "--config.data.source=webvid"],
                            "config.data.source 'webvid' is not one of"),
+        "mixture": (["--config", "configs/disentangled_s2v.py:tiny", "--config.data.switch=false"],
+                    "config.data: image_frames=1 differs from num_frames=5: examples of different kinds could share"),
     }
 
 
 @pytest.mark.parametrize("case", ["pretrained", "variant", "empty spec", "missing folder", "empty folder",
-                                  "unpacked folder", "missing shards", "no paths", "unknown source"])
+                                  "unpacked folder", "missing shards", "no paths", "unknown source", "mixture"])
 def test_bad_input_is_one_line_naming_the_key_before_the_method(case, tmp_path, capsys, no_method):
     argv, message = _bad_inputs(tmp_path)[case]
     assert _run(argv, tmp_path / "run") == 2

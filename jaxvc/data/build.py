@@ -28,7 +28,7 @@ import glob
 import os
 
 from jaxvc.config_utils import ConfigError
-from jaxvc.data.pipeline import DataConfig, DataIterator, make_pipeline
+from jaxvc.data.pipeline import BatchDataset, DataConfig, DataIterator, make_pipeline
 
 
 def _get(cfg, key, default=None):
@@ -166,6 +166,10 @@ def streams_from_config(config) -> dict:
         streams[name] = check_not_empty(build_source(spec, config.data, key=f"config.data.streams.{name}"), where)
     if not streams:
         raise DataSourceError("config.data.streams: every stream is 'none'; at least one must be on")
+    try:  # the mixture's settings against these streams (weights, batch sizes, rescale...): building reads nothing
+        BatchDataset(streams, data_config(config), rows=(0, int(config.batch_size)))
+    except ValueError as error:
+        raise DataSourceError(f"config.data: {error}") from None
     return streams
 
 
