@@ -171,7 +171,8 @@ def test_eval_command_scores_records_and_skips_a_broken_video(models, tmp_path, 
     single = json.loads(out.read_text())["videos"][0]["clip_t"]
     assert float(row.split()[2]) == pytest.approx(100 * single, abs=1e-4)
     # --prompt-drop: CustomCrafter's placeholder left out of the prompt CLIP-T reads (named in the file)
-    (tmp_path / "new1.json").write_text(json.dumps({"video": "a.gif", "prompt": PROMPTS[0].replace(" ", " <new1> ", 1)}))
+    placeholder_prompt = PROMPTS[0].replace(" ", " <new1> ", 1)  # "a <new1> red panda ..."
+    (tmp_path / "new1.json").write_text(json.dumps({"video": "a.gif", "prompt": placeholder_prompt}))
     dropped = tmp_path / "dropped.json"
     jaxvc_main(["eval", str(tmp_path / "new1.json"), "--clip-model", str(clip_folder), "--prompt-drop", "<new1>",
                 "--out", str(dropped)])

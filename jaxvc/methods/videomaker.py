@@ -74,7 +74,8 @@ class VideoMakerOptions:
 
     def __post_init__(self):
         if self.loss_space not in diffusion_losses.LOSS_SPACES:
-            raise ConfigError(f"videomaker: loss_space={self.loss_space!r} is not one of {diffusion_losses.LOSS_SPACES}")
+            raise ConfigError(f"videomaker: loss_space={self.loss_space!r} is not one of "
+                              f"{diffusion_losses.LOSS_SPACES}")
         if self.loss_weighting not in diffusion_losses.WEIGHTINGS:
             raise ConfigError(f"videomaker: loss_weighting={self.loss_weighting!r} is not one of "
                              f"{diffusion_losses.WEIGHTINGS}")
