@@ -21,7 +21,7 @@ from jaxvc import compile_options, media
 from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.parallel.inference import MeshPlacement
-from jaxvc.pipeline import CustomVideoPipeline, batch_arguments, load_reference_image
+from jaxvc.pipeline import CustomVideoPipeline, batch_arguments, load_reference_image, model_settings
 
 
 def merge_wan_lora(transformer_params, path, *, scale: float = 1.0, allow_pickle: bool = False):
@@ -120,10 +120,11 @@ class SubjectDiTPipeline(MeshPlacement):
 
         return compile_options.jit(generate)
 
-    def generate(self, reference, prompt, *, negative_prompt="", guidance_scale: float = 6.0,
-                 num_inference_steps: int = 50, seed=0, num_frames: int = 8, height: int = 64,
-                 width: int = 64, progress: bool = False, decode: bool = True, reference_guidance_scale=None,
-                 reference_guidance_start: float = 0.0, eta: float = 0.0, sampler: str | None = None):
+    def generate(self, reference, prompt, *, negative_prompt=None, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, seed=0, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, progress: bool = False, decode: bool = True,
+                 reference_guidance_scale=None, reference_guidance_start: float = 0.0, eta: float | None = None,
+                 sampler: str | None = None):
         """reference (1, height, width, 3) in [-1, 1] -> video (1, F, height, width, 3) in [-1, 1] (unclipped), or
         with ``decode=False`` the latents. Traceable (the trainer's validation samples run it under jit). A batch
         as ``CustomVideoPipeline.generate``'s: B prompts, references (B, height, width, 3), one or B negative
@@ -134,10 +135,14 @@ class SubjectDiTPipeline(MeshPlacement):
             raise ValueError("the disentangled S2V sampler guides the text only (reference_guidance_scale) and is "
                              "deterministic (eta = 0)")
         del reference_guidance_start
-        prompts, negatives, seeds = batch_arguments(prompt, negative_prompt, seed)
+        settings = model_settings(self, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, num_frames=num_frames, height=height,
+                                  width=width, sampler=sampler)  # None: the run's (its size, its validation)
+        prompts, negatives, seeds = batch_arguments(prompt, settings["negative_prompt"], seed)
         with self.on_mesh():
-            return self._generate(reference, prompts, negatives, guidance_scale, num_inference_steps, seeds,
-                                  num_frames, height, width, progress, decode, sampler)
+            return self._generate(reference, prompts, negatives, settings["guidance_scale"],
+                                  settings["num_inference_steps"], seeds, settings["num_frames"], settings["height"],
+                                  settings["width"], progress, decode, settings["sampler"])
 
     def _generate(self, reference, prompts, negatives, guidance_scale, num_inference_steps, seeds, num_frames,
                   height, width, progress, decode, sampler):
@@ -164,11 +169,16 @@ class SubjectDiTPipeline(MeshPlacement):
             self.params, text, negative_text, reference_latent, x_T, rng_steps)
         return self._jitted["decode"](self.params, latents) if decode else latents
 
-    def __call__(self, reference_image, prompt: str, *, num_frames: int = 8, height: int = 64, width: int = 64,
-                 progress: bool = True, output_type: str = "uint8", **kwargs) -> np.ndarray:
-        """One video: uint8 frames (num_frames, height, width, 3), or the latents with ``output_type="latent"``."""
+    def __call__(self, reference_image, prompt: str, *, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, progress: bool = True, output_type: str = "uint8", **kwargs) -> np.ndarray:
+        """One video: uint8 frames (num_frames, height, width, 3), or the latents with ``output_type="latent"``;
+        a size left None is the method's (``default_video``), the sampling its run's."""
         if reference_image is None:
             raise ValueError("this model generates a given subject: pass a reference image")
+        frames, default_height, default_width = self.default_video
+        num_frames = frames if num_frames is None else num_frames
+        height = default_height if height is None else height
+        width = default_width if width is None else width
         reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
         out = self.generate(reference, prompt, num_frames=num_frames, height=height, width=width,
                             progress=progress, decode=output_type == "uint8", **kwargs)

@@ -359,10 +359,11 @@ class CustomVideoPipeline(MeshPlacement):
 
         return compile_options.jit(generate)
 
-    def __call__(self, reference_image, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 8.0,
-                 reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
-                 num_inference_steps: int = 30, seed: int = 0, num_frames: int = 16, height: int = 512,
-                 width: int = 512, eta: float = 0.0, progress: bool = True, output_type: str = "uint8",
+    def __call__(self, reference_image, prompt: str, *, negative_prompt: str | None = None,
+                 guidance_scale: float | None = None, reference_guidance_scale: float | None = None,
+                 reference_guidance_start: float = 0.0, num_inference_steps: int | None = None, seed: int = 0,
+                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                 eta: float | None = None, progress: bool = True, output_type: str = "uint8",
                  sampler: str | None = None) -> np.ndarray:
         """Generate one video: uint8 frames (num_frames, height, width, 3), or with ``output_type="latent"`` the
         float32 latents (num_frames, h, w, c) before decoding. ``reference_image=None`` generates without a subject
@@ -372,26 +373,29 @@ class CustomVideoPipeline(MeshPlacement):
         from the fraction ``reference_guidance_start`` of the steps on (before it, the reference is guided with
         ``guidance_scale`` too: a strong reference guidance while the layout forms pulls the subject to where it
         is in the reference image). ``sampler``: None or ``ddim`` (the methods' own), ``dpm++``, ``dpm++-karras``,
-        ``dpm++-sde``, ``unipc``, ... (``jaxvc.diffusion.samplers``)."""
+        ``dpm++-sde``, ``unipc``, ... (``jaxvc.diffusion.samplers``). A setting left None is the model's
+        (``model_settings``: a run's size and validation sampling, a folder's 16 x 512 x 512, DDIM 30, CFG 8)."""
         if output_type not in ("uint8", "latent"):
             raise ValueError(f"output_type must be 'uint8' or 'latent', got {output_type!r}")
+        settings = model_settings(self, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, num_frames=num_frames, height=height,
+                                  width=width, eta=eta, sampler=sampler)
+        height, width = settings["height"], settings["width"]
         reference = None
         if reference_image is not None:
             reference = jnp.asarray(load_reference_image(reference_image, height, width))[None]
-        out = self.generate(reference, prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                            reference_guidance_scale=reference_guidance_scale,
-                            reference_guidance_start=reference_guidance_start, num_inference_steps=num_inference_steps,
-                            seed=seed, num_frames=num_frames, height=height, width=width, eta=eta, progress=progress,
-                            decode=output_type == "uint8", sampler=sampler)
+        out = self.generate(reference, prompt, reference_guidance_scale=reference_guidance_scale,
+                            reference_guidance_start=reference_guidance_start, seed=seed, progress=progress,
+                            decode=output_type == "uint8", **settings)
         if output_type == "latent":
             return np.asarray(out[0])
         return media.to_uint8(np.clip(np.asarray(out[0]), -1.0, 1.0))
 
-    def generate(self, reference, prompt, *, negative_prompt="", guidance_scale: float = 8.0,
+    def generate(self, reference, prompt, *, negative_prompt=None, guidance_scale: float | None = None,
                  reference_guidance_scale: float | None = None, reference_guidance_start: float = 0.0,
-                 num_inference_steps: int = 30, seed=0, num_frames: int = 16, height: int = 512,
-                 width: int = 512, eta: float = 0.0, progress: bool = False, decode: bool = True,
-                 sampler: str | None = None):
+                 num_inference_steps: int | None = None, seed=0, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, eta: float | None = None,
+                 progress: bool = False, decode: bool = True, sampler: str | None = None):
         """``__call__`` on arrays, traceable (the trainer's validation samples run it under ``jit``): reference
         (1, height, width, 3) in [-1, 1] or None -> video (1, F, height, width, 3) in [-1, 1], unclipped, or
         with ``decode=False`` the latents (1, F, h, w, c).
@@ -399,7 +403,14 @@ class CustomVideoPipeline(MeshPlacement):
         A batch of B videos in one sampling program: ``prompt`` a list of B prompts, ``reference`` (B, height,
         width, 3) (or None), ``negative_prompt`` one or B, ``seed`` one (video i gets seed + i) or B. Each video
         draws its noise from its own seed, so the batch equals the B videos made one by one. On a ``shard``-ed
-        pipeline the batch is split over the mesh's ``data`` axis (B a multiple of its size)."""
+        pipeline the batch is split over the mesh's ``data`` axis (B a multiple of its size). A setting left None
+        is the model's (``model_settings``)."""
+        settings = model_settings(self, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, num_frames=num_frames, height=height,
+                                  width=width, eta=eta, sampler=sampler)
+        negative_prompt, guidance_scale = settings["negative_prompt"], settings["guidance_scale"]
+        num_inference_steps, num_frames = settings["num_inference_steps"], settings["num_frames"]
+        height, width, eta, sampler = settings["height"], settings["width"], settings["eta"], settings["sampler"]
         prompts, negatives, seeds = batch_arguments(prompt, negative_prompt, seed)
         batch = len(prompts)
         if reference_guidance_scale is not None and (reference is None or not self.takes_reference):
@@ -546,6 +557,17 @@ def sampling_settings(defaults: dict, sampler: str | None) -> dict:
     ddim = sampler in (None, "ddim")
     return {"num_inference_steps": defaults["num_inference_steps"], "guidance_scale": defaults["guidance_scale"],
             "eta": defaults.get("eta", 0.0) if ddim else 0.0, "sampler": sampler}
+
+
+def model_settings(pipe, **given) -> dict:
+    """``given`` generation keywords with each None filled from the model: the size from ``pipe.default_video``
+    (what a run trained on), steps, guidance, DDIM eta, sampler and negative prompt from ``pipe.default_sampling``
+    (a run's validation settings, a method's published ones). Keywords other than those pass through."""
+    frames, height, width = pipe.default_video
+    defaults = {"num_frames": frames, "height": height, "width": width,
+                **sampling_settings(pipe.default_sampling, given.get("sampler")),
+                "negative_prompt": pipe.default_sampling.get("negative_prompt", "")}
+    return {**given, **{key: value for key, value in defaults.items() if given.get(key, None) is None}}
 
 
 def _variables(variables: Any) -> dict:

@@ -35,7 +35,7 @@ from jaxvc.diffusion.sampling import classifier_free_guidance, sample
 from jaxvc.diffusion.schedule import load_scheduler_config
 from jaxvc.models.video_vae import VideoVAE
 from jaxvc.parallel.inference import MeshPlacement
-from jaxvc.pipeline import CustomVideoPipeline
+from jaxvc.pipeline import CustomVideoPipeline, model_settings
 
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 
@@ -288,13 +288,22 @@ class WanTextToVideoPipeline(MeshPlacement):
 
         return compile_options.jit(generate)
 
-    def generate(self, reference, prompt: str, *, negative_prompt: str = "", guidance_scale: float = 5.0,
-                 guidance_scale_2: float | None = None, num_inference_steps: int = 50, seed: int = 0,
-                 num_frames: int = 81, height: int = 480, width: int = 832, progress: bool = False,
-                 decode: bool = True, reference_guidance_scale=None, reference_guidance_start: float = 0.0,
-                 eta: float = 0.0, sampler: str | None = None, last_image=None):
+    def generate(self, reference, prompt: str, *, negative_prompt: str | None = None,
+                 guidance_scale: float | None = None, guidance_scale_2: float | None = None,
+                 num_inference_steps: int | None = None, seed: int = 0, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, progress: bool = False, decode: bool = True,
+                 reference_guidance_scale=None, reference_guidance_start: float = 0.0, eta: float | None = None,
+                 sampler: str | None = None, last_image=None):
         """A video (1, F, H, W, 3) in [-1, 1] (unclipped), or with ``decode=False`` the latents (1, F', h, w, c).
-        ``guidance_scale_2``: the low-noise expert's scale (two-expert folders; default ``guidance_scale``)."""
+        ``guidance_scale_2``: the low-noise expert's scale (two-expert folders; default ``guidance_scale``). A
+        setting left None is the folder's (``default_video``: 81 x 480 x 832, TI2V-5B 121 x 704 x 1280; 50 steps,
+        CFG 5)."""
+        settings = model_settings(self, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                                  num_inference_steps=num_inference_steps, num_frames=num_frames, height=height,
+                                  width=width, sampler=sampler)
+        negative_prompt, guidance_scale = settings["negative_prompt"], settings["guidance_scale"]
+        num_inference_steps, num_frames = settings["num_inference_steps"], settings["num_frames"]
+        height, width, sampler = settings["height"], settings["width"], settings["sampler"]
         if reference_guidance_scale is not None:
             raise ValueError("a Wan pipeline guides the text only (no reference_guidance_scale)")
         if eta:
@@ -334,9 +343,15 @@ class WanTextToVideoPipeline(MeshPlacement):
             raise ValueError("a Wan text-to-video pipeline takes no reference image")
         return None
 
-    def __call__(self, reference_image, prompt: str, *, num_frames: int = 81, height: int = 480, width: int = 832,
-                 progress: bool = True, output_type: str = "uint8", last_image=None, **kwargs) -> np.ndarray:
-        """One video: uint8 frames (num_frames, height, width, 3), or the latents with ``output_type="latent"``."""
+    def __call__(self, reference_image, prompt: str, *, num_frames: int | None = None, height: int | None = None,
+                 width: int | None = None, progress: bool = True, output_type: str = "uint8", last_image=None,
+                 **kwargs) -> np.ndarray:
+        """One video: uint8 frames (num_frames, height, width, 3), or the latents with ``output_type="latent"``;
+        a size left None is the folder's (``default_video``)."""
+        frames, default_height, default_width = self.default_video
+        num_frames = frames if num_frames is None else num_frames
+        height = default_height if height is None else height
+        width = default_width if width is None else width
         reference = self._reference_pixels(reference_image, height, width)
         last = None if last_image is None else self._reference_pixels(last_image, height, width)
         out = self.generate(reference, prompt, num_frames=num_frames, height=height, width=width, progress=progress,

@@ -93,15 +93,15 @@ INFERENCE = [
         MOTION_ADAPTER = ""   # MotionAdapter folder or AnimateDiff motion-module file, if MODEL_DIR is plain SD1.5
         REFERENCE_IMAGE = ""  # the subject (any image PIL reads; transparent pixels become white); "" = synthetic
         PROMPT = "a subject moves left on a sky background"
-        NEGATIVE_PROMPT = ""
-        FRAMES, HEIGHT, WIDTH = None, None, None  # None: the model's (16 x 512 x 512; Wan: 81 x 480 x 832)
-        STEPS = 30            # sampling steps (20-25 are enough for "dpm++" or "unipc")
+        NEGATIVE_PROMPT = None  # None: the model's (a training run's validation.negative_prompt, else "")
+        FRAMES, HEIGHT, WIDTH = None, None, None  # None: the model's (16 x 512 x 512; Wan: 81 x 480 x 832; a run's)
+        STEPS = None          # None: the model's (DDIM 30; Wan 50; a run's validation steps); 20-25 for "dpm++"
         SAMPLER = None        # None: the model's own (DDIM; a Wan folder's UniPC), or "dpm++", "dpm++-karras",
                               # "dpm++-sde", "unipc" (diffusers' multistep solvers; -karras: AnimateDiff only)
-        GUIDANCE = 8.0        # classifier-free guidance scale (the VideoMaker authors' 8; Wan's pipelines use 5)
+        GUIDANCE = None       # classifier-free guidance; None: the model's (VideoMaker's 8, Wan's 5, a run's)
         SEED = 0
         DTYPE = "auto"        # UNet compute dtype: "auto" = bfloat16 on TPU/GPU, float32 on CPU
-        FPS = 8
+        FPS = None            # None: the model's rate (8; Wan 2.1 16, TI2V-5B 24)
         OUTPUT_DIR = "outputs"  # on Colab, a Drive folder keeps the files
         TINY_SETTINGS = dict(FRAMES=8, HEIGHT=32, WIDTH=32, STEPS=4)  # replace the above when MODEL_DIR == ""
     ''', "parameters"),
@@ -196,7 +196,7 @@ INFERENCE = [
               "(including compilation)")
     ''', "generate"),
     _code('''
-        show_videos([frames], [PROMPT], kind="mp4", fps=FPS)
+        show_videos([frames], [PROMPT], kind="mp4", fps=FPS or pipe.default_fps)
         if reference is None:
             display(media.contact_sheet([frames], ["generated"]))
         else:

@@ -295,3 +295,24 @@ def test_wan_folders_default_rates(tmp_path, kind, fps):
     assert (record["fps"], record["sampler"]) == (fps, "UniPCMultistepScheduler")
     assert record["guidance_scale_2"] == (4.0 if kind == "t2v-a14b" else None)
     assert read_video(str(out / "video.mp4"))[1] == fps
+
+
+def test_python_calls_take_the_models_size_and_sampling(folder):
+    """``pipe(reference, prompt)`` and ``pipe.generate`` without settings use the model's (``default_video``,
+    ``default_sampling``: a run's size and validation settings), as ``jaxvc generate`` and ``generate_videos`` do,
+    not fixed 16 x 512 x 512 / DDIM 30 / CFG 8."""
+    own = CustomVideoPipeline.from_pretrained(folder)
+    own.default_video = (3, 16, 16)  # as a run's pipeline carries its training size ...
+    own.default_sampling = {"num_inference_steps": 2, "guidance_scale": 3.0, "eta": 0.5, "sampler": None,
+                            "negative_prompt": "blurry"}  # ... and its validation settings
+    default = own(_image(0), "a red star", seed=1, progress=False)
+    assert default.shape == (3, 16, 16, 3)
+    explicit = own(_image(0), "a red star", seed=1, progress=False, num_frames=3, height=16, width=16,
+                   num_inference_steps=2, guidance_scale=3.0, eta=0.5, negative_prompt="blurry")
+    np.testing.assert_array_equal(default, explicit)
+    latents = own(_image(0), "a red star", seed=1, progress=False, output_type="latent")
+    assert not np.array_equal(latents, own(_image(0), "a red star", seed=1, progress=False, output_type="latent",
+                                           negative_prompt=""))  # the model's negative prompt was used
+    # another sampler: DDIM's eta is not carried over
+    dpm = own(_image(0), "a red star", seed=1, progress=False, sampler="dpm++")
+    np.testing.assert_array_equal(dpm, own(_image(0), "a red star", seed=1, progress=False, sampler="dpm++", eta=0.0))
