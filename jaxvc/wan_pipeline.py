@@ -343,6 +343,22 @@ class WanTextToVideoPipeline(MeshPlacement):
             raise ValueError("a Wan text-to-video pipeline takes no reference image")
         return None
 
+    def generate_videos(self, references, prompts, *, negative_prompts=None, seeds=0, progress: bool = False,
+                        **settings) -> np.ndarray:
+        """``CustomVideoPipeline.generate_videos`` for Wan folders: images (None for text-to-video) and prompts,
+        one each -> uint8 (B, F, H, W, 3), the settings the folder's unless given. Wan samples one video per loop,
+        so the videos are made one after another (video i: seed + i with one int seed)."""
+        prompts = list(prompts)
+        references = [None] * len(prompts) if references is None else list(references)
+        negatives = [negative_prompts] * len(prompts) if negative_prompts is None or isinstance(
+            negative_prompts, str) else list(negative_prompts)
+        seeds = [int(seeds) + i for i in range(len(prompts))] if isinstance(seeds, (int, np.integer)) else list(seeds)
+        if not len(references) == len(negatives) == len(seeds) == len(prompts):
+            raise ValueError(f"generate_videos: {len(prompts)} prompts, {len(references)} references, "
+                             f"{len(negatives)} negative prompts and {len(seeds)} seeds: one each")
+        return np.stack([self(reference, prompt, negative_prompt=negative, seed=seed, progress=progress, **settings)
+                         for reference, prompt, negative, seed in zip(references, prompts, negatives, seeds)])
+
     def __call__(self, reference_image, prompt: str, *, num_frames: int | None = None, height: int | None = None,
                  width: int | None = None, progress: bool = True, output_type: str = "uint8", last_image=None,
                  **kwargs) -> np.ndarray:

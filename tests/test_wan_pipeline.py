@@ -62,6 +62,11 @@ def test_generation_matches_diffusers_wan_pipeline(folder):
     print(f"Wan T2V vs diffusers WanPipeline: latents {latent_error:.1e} relative, video {video_error:.1e} max")
     assert latent_error < 1e-5 and video_error < 1e-5
     assert np.abs(expected_latents - np.moveaxis(kwargs["latents"].numpy(), 1, -1)).max() > 0.1  # it did sample
+    # generate_videos, as on the UNet pipelines: one video per prompt (seed + i), uint8, the same as called alone
+    videos = pipe.generate_videos(None, [PROMPT, "a cat"], negative_prompts=NEGATIVE, seeds=3, **SETTINGS)
+    assert videos.shape == (2, 5, 32, 32, 3) and videos.dtype == np.uint8
+    np.testing.assert_array_equal(videos[0], pipe(None, PROMPT, negative_prompt=NEGATIVE, seed=3, progress=False,
+                                                  **SETTINGS))
 
 
 def test_generate_command_writes_the_video_and_refuses_a_reference(folder, tmp_path):
