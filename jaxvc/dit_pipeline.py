@@ -54,6 +54,8 @@ class SubjectDiTPipeline(MeshPlacement):
 
     def __init__(self, method, params, tokenizer):
         self.method, self.params, self.tokenizer = method, params, tokenizer
+        if getattr(method, "sampling_defaults", None):  # the run's validation sampling
+            self.default_sampling = dict(method.sampling_defaults)
 
     @property
     def default_video(self) -> tuple[int, int, int]:

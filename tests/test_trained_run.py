@@ -121,3 +121,39 @@ def test_folders_that_are_not_runs_say_so(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(RunFolderError, match="checkpoints: the run has no checkpoint yet"):
         CustomVideoPipeline.from_pretrained(tmp_path)
+
+
+def test_each_checkpoint_loads_with_the_config_it_was_saved_with(tmp_path):
+    """A run trained 2 steps, then resumed for 2 more with other validation settings: a resume rewrites config.json,
+    but checkpoint 2 is still the model of the first settings (generate's defaults), checkpoint 4 of the second; a
+    checkpoint saved without its config falls back to config.json."""
+    import shutil
+
+    from ml_collections import ConfigDict
+
+    from jaxvc.methods.toy_denoiser import ToyDenoiser
+    from jaxvc.train import toy_data
+
+    def train_toy(steps, validation):
+        config = get_config("configs/toy.py:tiny", [
+            f"steps={steps}", "checkpoint.every=2", "checkpoint.use_async=False", "model.num_blocks=1",
+            "compiler_options={'xla_backend_optimization_level': 0}", "progress_bar=false"])
+        config.validation = ConfigDict(validation)  # the toy config has no validation section: the run's own
+        result = Trainer(config, ToyDenoiser(config), tmp_path).fit(lambda rows: toy_data.from_config(config, rows))
+        assert result.final_step == steps
+        return result.state
+
+    first = train_toy(2, {"steps": 2, "guidance_scale": 3.5, "negative_prompt": "blurry"})
+    train_toy(4, {"steps": 6, "guidance_scale": 7.0, "negative_prompt": ""})
+    assert json.loads((tmp_path / "config.json").read_text())["validation"]["steps"] == 6
+    early, late = load_trained_run(tmp_path, step=2), load_trained_run(tmp_path)
+    assert (early.step, early.config.steps, late.step, late.config.steps) == (2, 2, 4, 4)
+    assert (early.sampling["num_inference_steps"], early.sampling["guidance_scale"],
+            early.sampling["negative_prompt"]) == (2, 3.5, "blurry")
+    assert (late.sampling["num_inference_steps"], late.sampling["guidance_scale"],
+            late.sampling["negative_prompt"]) == (6, 7.0, "")
+    for a, b in zip(jax.tree.leaves(early.params), jax.tree.leaves(first.full_params()), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "config")  # as a checkpoint written without its config
+    older = load_trained_run(tmp_path, step=2)
+    assert (older.step, older.sampling["num_inference_steps"]) == (2, 6)

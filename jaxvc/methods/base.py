@@ -65,6 +65,16 @@ class Method(abc.ABC):
             lambda path, _: self.trainable(tuple(_key_name(k) for k in path)), nn.unbox(params))
 
 
+def validation_sampling(validation) -> dict:
+    """A run's sampling settings from its ``config.validation``: steps, guidance, DDIM eta, sampler (None: the
+    method's own) and negative prompt, the defaults of its pipelines and of ``jaxvc generate``."""
+    validation = validation or {}
+    return {"num_inference_steps": int(validation.get("steps", 25)),
+            "guidance_scale": float(validation.get("guidance_scale", 8.0)), "eta": float(validation.get("eta", 0.0)),
+            "sampler": validation.get("sampler") or None,
+            "negative_prompt": str(validation.get("negative_prompt") or "")}
+
+
 def frame_size(image_size, image_width: int | None = None, *, multiple: int = 1,
                owner: str = "") -> tuple[int, int]:
     """(height, width) of the training frames: ``image_size`` an int (the height; the width too unless
@@ -121,6 +131,9 @@ class PipelineValidation:
     ``height``, ``width`` and ``validation = []`` / ``validation_settings = {}`` set in ``__init__``."""
 
     generation_frames: int | None = None  # frames it samples (config.validation.num_frames); None: num_frames
+    # how its pipelines sample unless told (config.validation: steps, guidance, eta, sampler, negative prompt);
+    # None: the pipeline class's
+    sampling_defaults: dict | None = None
 
     @property
     def sample_frames(self) -> int:

@@ -17,7 +17,7 @@ from flax import linen as nn
 
 from jaxvc.config_utils import ConfigError
 from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
-from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program
+from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program, validation_sampling
 from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
 from jaxvc.models.patchify import from_patches, to_patches
@@ -207,6 +207,8 @@ class VideoDiffusionMethod(PipelineValidation, Method):
             None if self.vae is None else self.vae.config, None if self.vae is None else {"params": tree["vae"]},
             scheduler_config=self.scheduler_config(), pixel_patch=self.pixel_patch, **options)
         pipe.default_video = (self.sample_frames, self.height, self.width)  # its size, its validation frames
+        if self.sampling_defaults:  # and its validation sampling
+            pipe.default_sampling = dict(self.sampling_defaults)
         return pipe
 
     # ---------------------------------------------------------------- validation samples (the trainer's hook)
@@ -312,6 +314,8 @@ def configure_validation(method: VideoDiffusionMethod, config) -> None:
         except ValueError as error:
             raise ConfigError(f"config.validation.num_frames = {frames}: {error}") from None
     method.generation_frames = None if frames is None else int(frames)
+    if validation:  # the run's sampling, the defaults of its pipelines (``method.pipeline``, a loaded run's)
+        method.sampling_defaults = validation_sampling(validation)
     if validation.get("eta", 0.0) and (sampler not in ("", "ddim") or getattr(method, "flow_matching", False)):
         raise ConfigError(f"config.validation.eta = {validation.get('eta')}: DDIM's eta; method '{method.name}' "
                           f"samples with {sampler or 'its own sampler'}, which takes none (set it to 0)")

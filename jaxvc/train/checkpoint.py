@@ -99,14 +99,34 @@ class Checkpointer:
             clean_metrics[self.best_metric] = math.nan
         return self.manager.save(int(step), args=args, metrics=clean_metrics, force=True)
 
-    def restore(self, step: int, abstract_state_tree: PyTree) -> tuple[PyTree, dict, dict]:
-        """(state tree placed per the abstract tree's shardings, data state, config dict) at ``step``."""
-        restored = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                abstract_state_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state_tree)),
-            data=ocp.args.JsonRestore(),
-            config=ocp.args.JsonRestore()))
-        return restored["state"], restored["data"], restored["config"]
+    def restore(self, step: int, abstract_state_tree: PyTree, with_config: bool = True) -> tuple[PyTree, dict, dict]:
+        """(state tree placed per the abstract tree's shardings, data state, config dict) at ``step``.
+        ``with_config=False`` for a checkpoint saved without its config (the dict is then empty)."""
+        items = dict(state=ocp.args.PyTreeRestore(
+            abstract_state_tree, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state_tree)),
+            data=ocp.args.JsonRestore())
+        if with_config:
+            items["config"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(int(step), args=ocp.args.Composite(**items))
+        return restored["state"], restored["data"], restored["config"] if with_config else {}
+
+    def item_metadata(self, step: int) -> dict | None:
+        """{item: metadata} of the checkpoint at ``step``, read without the arrays: "state" is the saved tree with
+        leaves carrying shape and dtype; an item the checkpoint lacks is absent. None where Orbax cannot say."""
+        try:
+            metadata = self.manager.item_metadata(int(step))
+        except Exception:  # it only explains a failed restore or adapts one: never worth failing a resume over
+            return None
+        return {name: getattr(value, "tree", value) for name, value in metadata.items()}
+
+    def saved_config(self, step: int) -> dict:
+        """The config saved with the checkpoint at ``step``, read alone (a small JSON file, no state); {} for a
+        checkpoint saved without one."""
+        try:
+            restored = self.manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        except KeyError:  # Orbax: 'Item "config" was not found in the checkpoint'
+            return {}
+        return dict(restored["config"] or {})
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

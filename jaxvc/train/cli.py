@@ -3,7 +3,8 @@
 Multi-host runs start one copy per host with ``--distributed=auto`` (TPU pods, SLURM) or with
 ``--coordinator_address HOST:PORT --num_processes N --process_id I`` (or the ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` environment variables). Running the same command again resumes from the
-latest checkpoint in the workdir.
+latest checkpoint in the workdir; a config that does not fit the checkpoint (its state layout or data position) is
+one line naming the changed keys, exit 2 (jaxvc/train/config_changes.py).
 
 The data stream is picked by ``config.data.source`` from ``DATA_SOURCES`` (``"module:function"``, called as
 ``function(config, rows)`` with this host's rows ``[start, stop)`` of the global batch; it returns an iterator of
@@ -135,6 +136,7 @@ def run(args) -> int:
 
     from jaxvc.convert.pipeline import PipelineFolderError
     from jaxvc.methods import build_method
+    from jaxvc.train.config_changes import ResumeMismatchError
     from jaxvc.train.loop import NonFiniteError, Trainer
 
     try:
@@ -153,6 +155,9 @@ def run(args) -> int:
     except NonFiniteError as err:
         print(f"jaxvc train: stopped: {err}", file=sys.stderr)
         return 3
+    except ResumeMismatchError as err:  # a config that does not fit the workdir's checkpoint (names the keys)
+        print(f"jaxvc train: {err}", file=sys.stderr)
+        return 2
     if result.preempted:
         print(f"jaxvc train: stopped at step {result.final_step} on SIGTERM; rerun the same command to resume")
     else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import signal
@@ -40,6 +41,8 @@ from jaxvc.storage import run_path
 from jaxvc.train import distributed
 from jaxvc.train.checkpoint import Checkpointer, abstract_with_shardings
 from jaxvc.train.compute import frozen_dtype
+from jaxvc.train.config_changes import (ResumeMismatchError, config_changes, data_mismatch_error, resume_notice,
+                                        state_mismatch_error)
 from jaxvc.train.metrics import (MetricWriter, compiled_flops, compiled_memory_bytes, format_bytes, mfu,
                                  peak_flops_per_device)
 from jaxvc.train.optim import build_optimizer
@@ -159,6 +162,7 @@ class Trainer:
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
+        self.frozen_in_checkpoint = self.save_frozen  # what restore() found in the checkpoint it read
         self.frozen_dtype = frozen_dtype(setting(config, "frozen_dtype", ""))  # None: frozen weights stay float32
         _check_best_metric(config)
         self.profiler = StepProfiler(setting(config, "profile", None), self.workdir)  # checks config.profile now
@@ -254,10 +258,30 @@ class Trainer:
         step = self.checkpointer.latest_step() if step is None else step
         if step is None:
             return None
+        saved = self.checkpointer.item_metadata(step)
+        saved_tree = (saved or {}).get("state")
+        # Frozen weights come from the checkpoint when it holds them, whatever checkpoint.save_frozen says now, and
+        # from the method when it does not: the setting may change between a run's resumes.
+        self.frozen_in_checkpoint = "frozen" in saved_tree if isinstance(saved_tree, dict) else self.save_frozen
         abstract = abstract_with_shardings(self.abstract_state, self.state_shardings)
-        tree, data_state, saved_config = self.checkpointer.restore(
-            step, state_to_tree(abstract, include_frozen=self.save_frozen))
-        frozen = None if self.save_frozen else self.init_state().frozen
+        target = state_to_tree(abstract, include_frozen=self.frozen_in_checkpoint)
+        with_config = saved is None or "config" in saved
+        # A state this config lays out otherwise is refused naming the changed keys, before Orbax (whose error is a
+        # tree dump) and after it (for what the metadata did not show)
+        check = functools.partial(state_mismatch_error, self.checkpointer.directory, step, target, saved_tree,
+                                  lambda: self.checkpointer.saved_config(step) if with_config else {},
+                                  config_to_dict(self.config))
+        mismatch = check()
+        if mismatch is not None:
+            raise mismatch
+        try:
+            tree, data_state, saved_config = self.checkpointer.restore(step, target, with_config=with_config)
+        except Exception as error:
+            mismatch = check(error=error)
+            if mismatch is None:
+                raise
+            raise mismatch from error
+        frozen = None if self.frozen_in_checkpoint else self.init_state().frozen
         state = state_from_tree(tree, frozen)
         if int(state.step) != step:
             raise RuntimeError(f"checkpoint {self.checkpointer.directory}/{step} holds state.step={int(state.step)}")
@@ -349,13 +373,19 @@ class Trainer:
             state, start = self.init_state(), 0
         else:
             state, data_state, saved_config = restored
-            self._check_saved_config(saved_config)
+            start = int(state.step)
+            changes = self._check_saved_config(saved_config)
             if data_state:
                 if not hasattr(data, "set_state"):
                     raise TypeError("the data iterator has no set_state(); a resumed run would not see the data "
                                     "it would have seen uninterrupted")
-                data.set_state(data_state)
-            start = int(state.step)
+                try:
+                    data.set_state(data_state)
+                except (ValueError, KeyError) as error:  # a position in another stream (batch size, data, seed)
+                    raise data_mismatch_error(self.checkpointer.directory, start, error, changes) from error
+            if jax.process_index() == 0:
+                for line in resume_notice(start, changes, self.frozen_in_checkpoint):
+                    print(f"jaxvc train: {line}")
         if jax.process_index() == 0:
             write_config(config, self.workdir)
         history: list[dict] = []
@@ -484,14 +514,13 @@ class Trainer:
         writer.scalars(step, scalars)
         progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['learning_rate']:.3g}", refresh=False)
 
-    def _check_saved_config(self, saved: dict) -> None:
+    def _check_saved_config(self, saved: dict) -> list:
+        """The config changes since the checkpoint (dotted keys, old and new values); a change of method refused."""
         if saved and saved.get("method") not in (None, self.config.method):
-            raise ValueError(f"the checkpoint in {self.checkpointer.directory} was written by method "
-                             f"'{saved.get('method')}', this run is '{self.config.method}'")
-        current = config_to_dict(self.config)
-        changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        if changed and jax.process_index() == 0:
-            print(f"jaxvc train: resuming with config changes in {', '.join(changed)}")
+            raise ResumeMismatchError(
+                f"the checkpoint in {self.checkpointer.directory} was written by method '{saved.get('method')}', "
+                f"this run is '{self.config.method}': train it in a new --workdir")
+        return config_changes(saved, config_to_dict(self.config)) if saved else []
 
 
 def _rows(batch: dict) -> int:

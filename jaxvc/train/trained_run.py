@@ -1,9 +1,12 @@
 """A finished (or running) training run as a model: its config, its method and the parameters of one checkpoint.
 
 A run folder is what ``jaxvc train --workdir DIR`` writes (``jaxvc demo --out OUT`` trains in ``OUT/run``):
-``config.json`` and ``checkpoints/<step>/``. Restoring goes through the ``Trainer`` the run was made with, so
-whatever it handles (frozen weights kept out of the checkpoint and re-read from ``config.model.pretrained``, a
-different device count, EMA) is handled here the same way. ``jaxvc generate --model DIR`` uses this.
+``config.json`` and ``checkpoints/<step>/``. Each checkpoint is rebuilt with the config saved with it (a resume
+rewrites config.json with its own settings, e.g. other validation or ``model`` options; the checkpoints saved
+before it keep theirs), and with config.json for checkpoints saved without one. Restoring goes through the
+``Trainer`` the run was made with, so whatever it handles (frozen weights kept out of the checkpoint and re-read from
+``config.model.pretrained``, a different device count, EMA) is handled here the same way. ``jaxvc generate --model
+DIR`` uses this.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ class RunFolderError(FileNotFoundError):
 
 @dataclass
 class TrainedRun:
-    config: Any  # ml_collections.ConfigDict, as in the run's config.json (plus the overrides given here)
+    config: Any  # ml_collections.ConfigDict the checkpoint at ``step`` was saved with (plus the overrides given here)
     method: Any
     params: Any  # the method's full parameter tree at ``step`` (EMA weights where the run keeps them and asked)
     step: int
@@ -32,11 +35,9 @@ class TrainedRun:
         """How the run samples unless told otherwise (``jaxvc generate``'s defaults): its validation settings
         (``config.validation``: steps, guidance scale, DDIM eta, sampler), the method's published inference
         settings unless the run changed them."""
-        validation = self.config.get("validation") or {}
-        return {"num_inference_steps": int(validation.get("steps", 25)),
-                "guidance_scale": float(validation.get("guidance_scale", 8.0)),
-                "eta": float(validation.get("eta", 0.0)), "sampler": validation.get("sampler") or None,
-                "negative_prompt": str(validation.get("negative_prompt") or "")}
+        from jaxvc.methods.base import validation_sampling
+
+        return validation_sampling(self.config.get("validation"))
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:
@@ -55,6 +56,7 @@ def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use
     """
     from jaxvc.config_utils import apply_overrides, config_from_dict
     from jaxvc.methods import build_method
+    from jaxvc.train.checkpoint import Checkpointer
     from jaxvc.train.loop import Trainer
 
     workdir = run_path(workdir)
@@ -62,17 +64,25 @@ def load_trained_run(workdir: str | os.PathLike, *, step: int | None = None, use
         raise RunFolderError(f"{workdir}: not a training run folder (expected config.json and checkpoints/, as "
                              "`jaxvc train --workdir` writes)")
     try:
-        config = config_from_dict(json.loads((workdir / "config.json").read_text()))
+        run_config = json.loads((workdir / "config.json").read_text())
     except json.JSONDecodeError as error:
         raise RunFolderError(f"{workdir / 'config.json'}: not valid JSON ({error})") from error
+    # config.json is the latest (re)start's config: a checkpoint from before a resume that changed settings is
+    # rebuilt with the config saved with it (a small JSON item read alone), then its state is restored once.
+    checkpointer = Checkpointer(workdir / "checkpoints", run_config.get("checkpoint") or {})
+    try:
+        steps = checkpointer.all_steps()
+        if not steps:
+            raise RunFolderError(f"{workdir / 'checkpoints'}: the run has no checkpoint yet")
+        if step is not None and step not in steps:
+            raise RunFolderError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (there are "
+                                 f"{sorted(steps)})")
+        step = max(steps) if step is None else step
+        config = config_from_dict(checkpointer.saved_config(step) or run_config)  # older checkpoints: config.json
+    finally:
+        checkpointer.close()
     apply_overrides(config, (overrides or {}).items())
     method = build_method(config)
-    trainer = Trainer(config, method, workdir)
-    steps = trainer.checkpointer.all_steps()
-    if not steps:
-        raise RunFolderError(f"{workdir / 'checkpoints'}: the run has no checkpoint yet")
-    if step is not None and step not in steps:
-        raise RunFolderError(f"{workdir / 'checkpoints'}: no checkpoint at step {step} (there are {sorted(steps)})")
-    state, _, _ = trainer.restore(step)
+    state, _, _ = Trainer(config, method, workdir).restore(step)
     used_ema = use_ema and state.ema is not None
     return TrainedRun(config, method, state.full_params(use_ema=used_ema), int(state.step), used_ema)
