@@ -53,9 +53,14 @@ def open_image(path, what: str = "reference image") -> Image.Image:
     """The image file at ``path``, decoded whole: FileNotFoundError when there is no such file, ValueError when PIL
     cannot read it, each a one-line message "<what> <path>: ..." (``jaxvc generate`` checks its inputs with it before
     it loads a model, which takes minutes for a big one)."""
+    from PIL import ImageFile
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path}: file does not exist")
+    # Libraries imported beside jaxvc (tensorflow-datasets, vbench's AMT) set PIL's process-wide
+    # LOAD_TRUNCATED_IMAGES, which pads a truncated file with grey instead of failing: off while this one decodes
+    truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with Image.open(path) as opened:
             opened.load()  # decodes the pixels: a truncated file fails here, not when the model reads it
@@ -63,6 +68,8 @@ def open_image(path, what: str = "reference image") -> Image.Image:
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         reason = " ".join(str(error).split())  # one line whatever the decoder said
         raise ValueError(f"{what} {path}: not a readable image ({reason})") from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
 
 
 def load_reference_image(image, height: int, width: int) -> np.ndarray:

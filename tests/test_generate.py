@@ -200,7 +200,11 @@ def _no_loading(*args, **kwargs):
 def test_bad_reference_images_are_refused_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
     """A missing, unreadable or truncated --reference (or --last-frame, or a prompt-set record's "reference"): exit
     status 2 and one line naming the image (and the record), before the model loads (minutes for a big one)."""
+    from PIL import ImageFile
+
     monkeypatch.setattr(CustomVideoPipeline, "from_pretrained", _no_loading)
+    # as tensorflow-datasets and vbench leave it when imported: a truncated image must still be refused
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     good, broken, truncated = tmp_path / "good.png", tmp_path / "broken.png", tmp_path / "truncated.png"
     _image(0).save(good)
     broken.write_bytes(b"not an image at all")
