@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from jaxvc.data.prompt_sets import PromptSetError, read_prompt_set
-    from jaxvc.pipeline import CustomVideoPipeline, sampling_settings
+    from jaxvc.pipeline import CustomVideoPipeline, model_settings
 
     if args.prompt is None and args.prompts is None:
         print("jaxvc generate: give --prompt TEXT (one video) or --prompts SET (many)", file=sys.stderr)
@@ -194,18 +194,15 @@ def run(args) -> int:
                   "for AnimateDiff models that take it as an extra frame", file=sys.stderr)
             return 2
         pipe.reference_frame = False
-    default_frames, default_height, default_width = pipe.default_video
-    defaults = sampling_settings(pipe.default_sampling, args.sampler)
-    for name, key in (("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"), ("eta", "eta"),
-                      ("sampler", "sampler")):
-        if getattr(args, name) is None:
-            setattr(args, name, defaults[key])
-    args.frames = default_frames if args.frames is None else args.frames
-    args.height = default_height if args.height is None else args.height
-    args.width = default_width if args.width is None else args.width
+    # the flags not given are the model's (its size and sampling), as in Python calls
+    settings = model_settings(pipe, num_frames=args.frames, height=args.height, width=args.width,
+                              num_inference_steps=args.steps, guidance_scale=args.guidance_scale, eta=args.eta,
+                              sampler=args.sampler, negative_prompt=args.negative_prompt)
+    for name, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"),
+                      ("steps", "num_inference_steps"), ("guidance_scale", "guidance_scale"), ("eta", "eta"),
+                      ("sampler", "sampler"), ("negative_prompt", "negative_prompt")):
+        setattr(args, name, settings[key])
     args.fps = pipe.default_fps if args.fps is None else args.fps
-    if args.negative_prompt is None:
-        args.negative_prompt = pipe.default_sampling.get("negative_prompt", "")
     # what ran, for the records: a defaulted setting is the model's, which a record of None would not tell
     two_experts = getattr(pipe, "has_two_experts", False)  # the low-noise expert's scale defaults to the first's
     args.used = {"sampler": pipe.sampler_name(args.sampler), "dtype": pipe.compute_dtype,

@@ -481,17 +481,13 @@ class CustomVideoPipeline(MeshPlacement):
         text-to-video model) and prompts, one each -> uint8 (B, F, H, W, 3). ``settings``: ``generate``'s (the size
         defaults to the model's ``default_video``, the sampling and the negative prompt to its
         ``default_sampling``)."""
-        if negative_prompts is None:
-            negative_prompts = self.default_sampling.get("negative_prompt", "")
-        settings = {**dict(zip(("num_frames", "height", "width"), self.default_video)),
-                    **sampling_settings(self.default_sampling, settings.get("sampler")), **settings}
+        settings = model_settings(self, negative_prompt=negative_prompts, **settings)
         height, width = settings["height"], settings["width"]
         if references is not None and any(image is None for image in references):
             raise ValueError("generate_videos: a reference image for every video, or references=None")
         pixels = None if references is None else jnp.asarray(
             np.stack([load_reference_image(image, height, width) for image in references]))
-        videos = self.generate(pixels, list(prompts), negative_prompt=negative_prompts, seed=seeds, progress=progress,
-                               **settings)
+        videos = self.generate(pixels, list(prompts), seed=seeds, progress=progress, **settings)
         return media.to_uint8(np.clip(np.asarray(videos), -1.0, 1.0))
 
     # ------------------------------------------------------------------------------------------------- mesh
