@@ -20,6 +20,8 @@ COMMANDS = {
                 "convert a diffusers pipeline folder / motion module into a jaxvc Orbax checkpoint"),
     "export-lora": ("jaxvc.convert.export_lora",
                     "write a run's LoRA adapters and learnt tokens as diffusers files (load_lora_weights)"),
+    "export-diffusers": ("jaxvc.convert.export_diffusers",
+                         "write a run's UNet as diffusers UNetMotionModel and MotionAdapter folders (from_pretrained)"),
     "motion-bins": ("jaxvc.eval.motion_bins_cli", "split real clips by foreground flow into method (e)'s FVD bins"),
     "pack": ("jaxvc.data.pack", "pack a folder or JSONL manifest of images/videos/captions into ArrayRecord shards"),
     "bench": ("jaxvc.bench.cli", "time the VideoMaker train step, sampling and VAE decode: jaxvc vs diffusers PyTorch"),

@@ -222,9 +222,8 @@ def _alpha(component: str, module: str, rank: int, factors: dict, metadata: dict
 def save_lora(path: str | os.PathLike, adapters: Mapping[str, AppliedAdapter]) -> Path:
     """Write input adapters ``{"unet": ..., "text_encoder": ...}`` as one diffusers LoRA safetensors file (atomic:
     written beside the target, then renamed). Alpha and rank go into diffusers' ``lora_adapter_metadata``."""
-    from safetensors.numpy import save_file
+    from jaxvc.convert.orbax_io import write_safetensors_atomic
 
-    path = Path(path)
     tensors: dict[str, np.ndarray] = {}
     metadata: dict[str, object] = {}
     for component, adapter in adapters.items():
@@ -235,7 +234,7 @@ def save_lora(path: str | os.PathLike, adapters: Mapping[str, AppliedAdapter]) -
                              "input (LoRA) adapters only")
         modules = []
         for site, pair in sorted(adapter_sites(adapter.tree).items()):
-            name = _torch_name(component, site)
+            name = torch_module_name(component, site)
             modules.append(name)  # full names: peft targets exactly these modules, not every "to_q"
             down = np.asarray(pair["down"], np.float32)
             up = np.asarray(pair["up"], np.float32) * np.float32(adapter.scale)
@@ -250,15 +249,11 @@ def save_lora(path: str | os.PathLike, adapters: Mapping[str, AppliedAdapter]) -
         metadata.update({f"{component}.r": int(adapter.spec.rank), f"{component}.lora_alpha":
                          float(adapter.spec.alpha if adapter.spec.alpha is not None else adapter.spec.rank),
                          f"{component}.target_modules": sorted(set(modules))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": "pt", "lora_adapter_metadata":
-                                                json.dumps(metadata, indent=2, sort_keys=True)})
-    os.replace(partial, path)
-    return path
+    return write_safetensors_atomic(path, tensors, {"format": "pt", "lora_adapter_metadata":
+                                                    json.dumps(metadata, indent=2, sort_keys=True)})
 
 
-def _torch_name(component: str, site: tuple) -> str:
+def torch_module_name(component: str, site: tuple) -> str:
     """jaxvc module path -> torch module name: ``down_blocks_0`` -> ``down_blocks.0`` for torch's module lists (a
     name such as ``time_embedding/linear_1`` is one torch attribute and stays)."""
     parts = []

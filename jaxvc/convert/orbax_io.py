@@ -57,6 +57,19 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """A safetensors file of host ``tensors`` written beside ``path``, then renamed over it: a reader never sees a
+    half-written file (an interrupted export leaves the previous one or none)."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata=metadata)
+    os.replace(partial, path)
+    return path
+
+
 def _json_default(value):
     if isinstance(value, (np.integer,)):
         return int(value)
