@@ -66,3 +66,33 @@ def test_convert_refuses_to_overwrite_and_names_missing_parts(pipeline_folder, t
         jaxvc_main(["convert", str(pipeline_folder), str(out)])
     with pytest.raises(PipelineFolderError, match="neither a jaxvc checkpoint"):
         load_pipeline(tmp_path)
+
+
+def test_stored_positional_tables_survive_conversion_and_methods_refuse_them(pipeline_folder, tmp_path):
+    """Motion positional tables that differ from the formula (the loader keeps them in ``variables['buffers']``,
+    ``tests/test_animatediff_convert.py``) are written by `jaxvc convert` and read back; the methods, which apply
+    the UNet with its parameters only, refuse to fine-tune such weights instead of silently using the formula."""
+    from flax import traverse_util
+
+    from jaxvc.config_utils import ConfigError
+    from jaxvc.convert.pipeline import save_converted
+    from jaxvc.methods import build_method
+    from tests.tiny_models import method_config
+
+    weights = load_diffusers_pipeline(pipeline_folder)
+    flat = traverse_util.flatten_dict(weights.unet_params["params"])
+    blocks = [path[:-2] for path in flat if path[-2:] == ("norm1", "scale")
+              and any(part.startswith("motion_modules") for part in path)]
+    length = weights.unet_config.motion.max_seq_length
+    rng = np.random.default_rng(0)
+    tables = {block + ("pos_embed",): rng.standard_normal((length, flat[block + ("norm1", "scale")].shape[0]))
+              .astype(np.float32) for block in blocks}
+    assert tables
+    weights.unet_params = {**weights.unet_params, "buffers": traverse_util.unflatten_dict(tables)}
+    save_converted(weights, tmp_path / "converted")
+    converted = load_pipeline(tmp_path / "converted")
+    assert tree_equal(converted.unet_params, weights.unet_params)  # the params and the stored tables
+
+    config = method_config("configs/videomaker.py:tiny", **{"model.pretrained": str(tmp_path / "converted")})
+    with pytest.raises(ConfigError, match="positional tables that differ from the sinusoidal formula"):
+        build_method(config)

@@ -22,11 +22,13 @@ from jaxvc.convert.orbax_io import (FORMAT_VERSION, INDEX_NAME, restore_param_tr
 from jaxvc.convert.unet import load_unet
 from jaxvc.convert.vae import load_vae
 from jaxvc.models.clip_text import CLIPTextConfig
+from jaxvc.models.motion import BUFFERS
 from jaxvc.models.unet import MotionConfig, UNetConfig
 from jaxvc.models.vae import VAEConfig
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _DTYPE_FIELDS = ("dtype", "param_dtype")
+UNET_BUFFERS = "unet_buffers"  # the params tree's entry for the UNet's stored positional tables, when it has any
 
 
 class PipelineFolderError(ValueError):
@@ -110,6 +112,8 @@ def save_converted(weights: PipelineWeights, out_dir: str | Path, *, overwrite: 
     tree = {"unet": weights.unet_params["params"], "text_encoder": weights.text_params["params"]}
     if weights.vae_params is not None:
         tree["vae"] = weights.vae_params["params"]
+    if BUFFERS in weights.unet_params:  # stored motion positional tables that differ from the formula: kept
+        tree[UNET_BUFFERS] = weights.unet_params[BUFFERS]
     save_param_tree(out_dir / "params", tree)
     if weights.tokenizer_folder is not None:
         (out_dir / "tokenizer").mkdir()
@@ -135,8 +139,11 @@ def load_converted(folder: str | Path, **unet_overrides) -> PipelineWeights:
                                   f"{FORMAT_VERSION} (written by another jaxvc version)")
     tree = restore_param_tree(folder / "params")
     as_params = lambda name: {"params": tree[name]} if name in tree else None
+    unet = as_params("unet")
+    if UNET_BUFFERS in tree:
+        unet[BUFFERS] = tree[UNET_BUFFERS]
     return PipelineWeights(
-        _config_from_json(UNetConfig, index["unet"], **unet_overrides), as_params("unet"),
+        _config_from_json(UNetConfig, index["unet"], **unet_overrides), unet,
         _config_from_json(VAEConfig, index["vae"]), as_params("vae"),
         _config_from_json(CLIPTextConfig, index["text_encoder"]), as_params("text_encoder"),
         folder / "tokenizer" if index.get("has_tokenizer") else None, index.get("scheduler", {}))

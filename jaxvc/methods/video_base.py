@@ -20,6 +20,7 @@ from jaxvc.diffusion.schedule import NoiseSchedule, make_schedule
 from jaxvc.methods.base import Method, PipelineValidation, frame_size, init_program, validation_sampling
 from jaxvc.models.attention import BACKENDS
 from jaxvc.models.clip_text import CLIPTextConfig, CLIPTextEncoder, abstract_clip_text_params
+from jaxvc.models.motion import BUFFERS
 from jaxvc.models.patchify import from_patches, to_patches
 from jaxvc.models.unet import UNetConfig, UNetMotion
 from jaxvc.models.vae import AutoencoderKL, VAEConfig, abstract_vae_params, decode_video, encode_video
@@ -253,6 +254,12 @@ def build_components(config) -> Components:
                                 allow_pickle=model.allow_pickle, dtype=dtype, remat=remat,
                                 attention_backend=attention)
         unet, text, vae = weights.unet_config, weights.text_config, weights.vae_config
+        if BUFFERS in weights.unet_params:
+            # the methods apply the UNet with its parameters only, i.e. the sinusoidal formula's tables
+            raise ConfigError(f"config.model.pretrained = {model.pretrained!r}: its motion modules store positional "
+                              "tables that differ from the sinusoidal formula (the loader's warning names them); "
+                              "the methods train and sample with the formula's, so they cannot fine-tune these "
+                              "weights as they are (jaxvc generate on the folder uses the stored tables)")
         pretrained = {"unet": weights.unet_params["params"], "text_encoder": weights.text_params["params"]}
         if weights.vae_params is not None:
             pretrained["vae"] = weights.vae_params["params"]
