@@ -59,20 +59,32 @@ def write_mp4(path, frames, fps: int = 8, min_size: int = 128) -> Path:
     return path
 
 
+def gif_delays_ms(num_frames: int, fps: float) -> list[int]:
+    """Per-frame GIF delays in ms, multiples of 10 (GIF stores centiseconds): frame i ends at the centisecond nearest
+    (i + 1) / fps, so the video's length is exact to 5 ms whatever the rate."""
+    ends = [int(np.floor(100 * (i + 1) / fps + 0.5)) for i in range(num_frames)]
+    return [10 * (end - start) for start, end in zip([0] + ends[:-1], ends)]
+
+
 def write_gif(path, frames, fps: int = 8, min_size: int = 128) -> Path:
-    """A GIF at ``path``, written atomically; ``path`` may be a bucket URL (a run folder on ``gs://``)."""
+    """A GIF at ``path``, written atomically; ``path`` may be a bucket URL (a run folder on ``gs://``). GIF delays
+    are whole centiseconds: each frame's is rounded so that the frames end where ``fps`` puts them (8 fps: 130,
+    120, 130, ... ms, 2.0 s for 16 frames; a fixed 120 ms would play 4 % fast). Pillow merges identical
+    consecutive frames into one with their summed delay (the timing holds; a reader counting frames sees fewer):
+    the MP4 beside it has every frame, and is what ``jaxvc eval`` scores."""
     frames = _upscale(_check_video(frames, path), min_size)
     images = [Image.fromarray(f) for f in frames]
+    duration = gif_delays_ms(len(images), fps)
     if is_remote(path):  # an object store writes whole objects: no partial file to hide
         buffer = io.BytesIO()
-        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps),
+        images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=duration,
                        loop=0)
         target = run_path(path)
         target.write_bytes(buffer.getvalue())
         return target
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
     os.replace(tmp, path)
     return path
 
@@ -81,22 +93,26 @@ def contact_sheet(rows: Sequence[np.ndarray], labels: Sequence[str] | None = Non
                   label_width: int = 0) -> Image.Image:
     """A grid image: one row per video (F frames across); an optional label column on the left.
 
-    ``rows``: list of (F, H, W, 3) arrays (uint8 or [-1, 1] floats); rows may have different frame counts, e.g. a
-    reference image (1 frame) followed by its generated video.
+    ``rows``: list of (F, H, W, 3) arrays (uint8 or [-1, 1] floats); rows may have different frame counts and
+    sizes, e.g. a reference image (1 frame) followed by its generated video. Tiles are ``cell`` pixels high and as
+    wide as the frame's aspect ratio makes them (a 480 x 832 Wan frame: 96 x 166); small frames are enlarged
+    without smoothing (the synthetic world's 32 x 32 pixels stay sharp), large ones reduced by area averaging.
     """
     rows = [_check_video(r, "contact sheet") for r in rows]
-    columns = max(r.shape[0] for r in rows)
+    widths = [max(1, round(cell * r.shape[2] / r.shape[1])) for r in rows]
     if labels is not None and not label_width:
         label_width = 8 + 7 * max((len(s) for s in labels), default=0)
-    sheet = Image.new("RGB", (label_width + columns * (cell + 2), len(rows) * (cell + 2)), "white")
+    sheet_width = label_width + max(r.shape[0] * (w + 2) for r, w in zip(rows, widths))
+    sheet = Image.new("RGB", (sheet_width, len(rows) * (cell + 2)), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, frames in enumerate(rows):
+    for r, (frames, width) in enumerate(zip(rows, widths)):
         top = r * (cell + 2)
         if labels is not None:
             draw.text((4, top + cell // 2 - 6), labels[r], fill="black")
+        resample = Image.NEAREST if frames.shape[1] <= cell else Image.BOX
         for c, frame in enumerate(frames):
-            tile = Image.fromarray(frame).resize((cell, cell), Image.NEAREST)
-            sheet.paste(tile, (label_width + c * (cell + 2), top))
+            tile = Image.fromarray(frame).resize((width, cell), resample)
+            sheet.paste(tile, (label_width + c * (width + 2), top))
     return sheet
 
 

@@ -37,3 +37,33 @@ def test_contact_sheet_layout_and_float_input():
 def test_bad_shape_is_reported(tmp_path):
     with pytest.raises(ValueError, match=r"expected frames of shape \(F, H, W, 3\)"):
         write_gif(tmp_path / "x.gif", np.zeros((4, 8, 8), np.uint8))
+
+
+@pytest.mark.parametrize("fps", [8, 16, 24])
+def test_gif_delays_add_up_to_the_video_length(tmp_path, fps):
+    """GIF delays are centiseconds: rounded frame by frame they would drift (8 fps as 120 ms: 4 % fast); spread, a
+    16-frame video lasts 16 / fps seconds to 5 ms and no frame is off by more than one centisecond."""
+    from PIL import Image
+
+    frames = np.stack([np.full((16, 16, 3), 10 * i, np.uint8) for i in range(16)])
+    gif = write_gif(tmp_path / "v.gif", frames, fps=fps)
+    with Image.open(gif) as image:
+        delays = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            delays.append(image.info["duration"])
+    assert len(delays) == 16 and all(d % 10 == 0 for d in delays)
+    assert abs(sum(delays) - 16 * 1000 / fps) <= 5
+    assert max(delays) - min(delays) <= 10
+
+
+def test_contact_sheet_tiles_keep_the_frames_aspect_ratio():
+    wide = np.zeros((2, 48, 84, 3), np.uint8)  # a 480 x 832 frame's shape, reduced
+    wide[:, :, 42:] = 255  # right half white: stays the right half of each tile
+    reference = np.full((1, 32, 32, 3), 128, np.uint8)
+    sheet = np.asarray(contact_sheet([reference, wide], cell=24))
+    width = round(24 * 84 / 48)
+    assert sheet.shape == (2 * 26, 2 * (width + 2), 3)
+    tile = sheet[26:26 + 24, :width]
+    assert tile[:, : width // 2 - 1].max() == 0 and tile[:, width // 2 + 1:].min() == 255
+    assert (sheet[:24, :24] == 128).all() and (sheet[:24, 24:26] == 255).all()  # the square reference: 24 x 24
