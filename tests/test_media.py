@@ -67,3 +67,34 @@ def test_contact_sheet_tiles_keep_the_frames_aspect_ratio():
     tile = sheet[26:26 + 24, :width]
     assert tile[:, : width // 2 - 1].max() == 0 and tile[:, width // 2 + 1:].min() == 255
     assert (sheet[:24, :24] == 128).all() and (sheet[:24, 24:26] == 255).all()  # the square reference: 24 x 24
+
+
+def test_16_bit_and_transparent_images_read_as_their_8_bit_picture(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit grey PNG (mode I;16) to white: read_image and the pipelines' reference
+    loader scale it to 8 bits; transparency (RGBA, or a palette's transparent index) goes on the given background;
+    a float image is refused by name."""
+    from PIL import Image
+
+    from jaxvc.data.media import MediaError, read_image
+    from jaxvc.pipeline import load_reference_image
+
+    gradient = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(gradient).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I")  # what PIL opens a 16-bit PNG as
+    pixels = read_image(str(tmp_path / "grey16.png"))
+    np.testing.assert_array_equal(pixels[..., 0], (gradient >> 8).astype(np.uint8))
+    assert pixels.shape == (8, 64, 3) and abs(pixels.mean() - 127.5) < 1
+    reference = load_reference_image(str(tmp_path / "grey16.png"), 8, 64)
+    np.testing.assert_allclose(reference[..., 0], (gradient >> 8) / 127.5 - 1, atol=1e-6)
+
+    palette = Image.new("P", (4, 4), 1)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.save(tmp_path / "cutout.png", transparency=0)  # index 0 transparent, no alpha band
+    cutout = read_image(str(tmp_path / "cutout.png"), background=(255, 255, 255))
+    assert tuple(cutout[0, 0]) == (255, 255, 255) and tuple(cutout[1, 1]) == (200, 10, 10)
+
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(MediaError, match="32-bit float image"):
+        read_image(str(tmp_path / "float.tif"))

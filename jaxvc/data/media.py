@@ -86,12 +86,33 @@ def read_image(path: str, short_side: int | None = None, background: tuple[int, 
     try:
         with Image.open(path) as image:
             image.load()
-            if background is not None and image.mode in ("RGBA", "LA", "P"):
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
-            return np.asarray(_resize_short_side(image.convert("RGB"), short_side))
+            return np.asarray(_resize_short_side(rgb_image(image, background), short_side))
     except Exception as e:
         raise MediaError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+# PIL modes of more than 8 bits per sample: convert("RGB") clips them to 255 (a 16-bit grey PNG turns white)
+_WIDE_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
+
+
+def rgb_image(image, background: tuple[int, int, int] | None = None):
+    """A PIL image as 8-bit RGB: 16-bit grey (PNG ``I;16``, or ``I`` holding 16-bit values) scaled to 0..255,
+    transparent pixels on ``background`` (else the alpha channel dropped). A float image (``F``) has no range to
+    scale by: refused."""
+    from PIL import Image
+
+    if image.mode == "F":
+        raise ValueError("a 32-bit float image (PIL mode F): save it as an 8-bit (or 16-bit) image")
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.min() < 0 or values.max() >= 1 << _WIDE_MODES[image.mode]:
+            raise ValueError(f"a {image.mode} image with values in [{values.min()}, {values.max()}]: expected "
+                             f"0..{(1 << _WIDE_MODES[image.mode]) - 1}")
+        image = Image.fromarray((values >> (_WIDE_MODES[image.mode] - 8)).astype(np.uint8), "L")
+    if background is not None and (image.mode in ("RGBA", "LA", "PA", "P") or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
+    return image.convert("RGB")
 
 
 def read_mask(path: str, num_frames: int | None = None, stride: int = 1,
