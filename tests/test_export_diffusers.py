@@ -9,11 +9,16 @@
 * A tiny VideoMaker run, exported with the CLI, loads in diffusers with no missing or unexpected keys, and with
   jaxvc's PISA processor predicts what the run's ``denoise`` predicts (float32, relative error < 1e-5); the motion
   adapter folder + the run's spatial UNet make the same model through ``UNetMotionModel.from_unet2d``.
+* A tiny VideoMaker run built on a diffusers AnimateDiff folder (``model.pretrained``) exports as a whole pipeline:
+  ``AnimateDiffPipeline.from_pretrained(OUT)`` loads it with OUT/unet's weights, jaxvc's ``load_pipeline`` reads the
+  run's UNet bit for bit and the base's VAE and text encoder (hard links, the base untouched); a converted jaxvc
+  checkpoint as base writes the UNet folders only and says why; a ``--base`` without model_index.json is refused.
 * Refusals: MicroCinema, the Wan method, output adapters, a trained text encoder, jaxvc-only UNet features
   (per-frame motion GroupNorm, the demo's embeddings), a missing run folder (exit 2, one line).
 """
 import dataclasses
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,8 +33,8 @@ from flax import traverse_util  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from jaxvc.cli import main as jaxvc_main  # noqa: E402
-from jaxvc.convert.export_diffusers import (export, left_out_parts, motion_adapter_config,  # noqa: E402
-                                            unet_motion_config, unet_state_dict)
+from jaxvc.convert.export_diffusers import (_resolve_base, export, left_out_parts,  # noqa: E402
+                                            motion_adapter_config, unet_motion_config, unet_state_dict)
 from jaxvc.convert.unet import load_unet, translate_diffusers_config  # noqa: E402
 from jaxvc.models.embeddings import sinusoidal_positions  # noqa: E402
 from jaxvc.models.unet import UnsupportedConfigError  # noqa: E402
@@ -96,18 +101,25 @@ def test_a_stored_positional_table_is_written_as_stored(tmp_path):
 # ---------------------------------------------------------------------------------------------- a VideoMaker run
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny latent VideoMaker run folder (2 frames) exported with ``jaxvc export-diffusers``. Its checkpoint is
-    the trainer's own initial state with every trainable weight moved by noise and saved as step 1: the same run
-    folder and checkpoint a trained step writes, without compiling the train step (half a minute on 2 cores)."""
+    """A tiny latent VideoMaker run folder (2 frames) exported with ``jaxvc export-diffusers``."""
+    root = tmp_path_factory.mktemp("export_diffusers")
+    return _exported_run(root, seed=0), root / "out"
+
+
+def _exported_run(root, seed, **overrides):
+    """A tiny VideoMaker run in ``root/run`` (2 frames, ``overrides``), exported by the CLI to ``root/out``. Its
+    checkpoint is the trainer's own initial state with every trainable weight moved by noise and saved as step 1:
+    the same run folder and checkpoint a trained step writes, without compiling the train step (half a minute on 2
+    cores)."""
     from jaxvc.methods import build_method
     from jaxvc.train.loop import Trainer, write_config
     from jaxvc.train.trained_run import load_trained_run
 
-    root = tmp_path_factory.mktemp("export_diffusers")
-    config = method_config("configs/videomaker.py:tiny", steps=1, batch_size=1, **{"model.num_frames": 2})
+    config = method_config("configs/videomaker.py:tiny", steps=1, batch_size=1,
+                           **{"model.num_frames": 2, **overrides})
     trainer = Trainer(config, build_method(config), root / "run")
     state = trainer.init_state()
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     moved = jax.device_put(jax.tree.map(lambda x: np.asarray(x) + rng.normal(0, 0.02, x.shape).astype(x.dtype),
                                         state.params))
     write_config(config, root / "run")
@@ -115,7 +127,7 @@ def exported(tmp_path_factory):
                  None)
     trainer.checkpointer.wait()
     assert jaxvc_main(["export-diffusers", str(root / "run"), str(root / "out")]) == 0
-    return load_trained_run(root / "run"), root / "out"
+    return load_trained_run(root / "run")
 
 
 def test_exported_run_predicts_in_diffusers_what_it_predicts_in_jaxvc(exported):
@@ -245,3 +257,80 @@ def test_cli_refuses_a_missing_run_folder_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("jaxvc export-diffusers: ") and err.count("\n") == 1 and "not a training run" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- a whole pipeline
+@pytest.fixture(scope="module")
+def pipeline_export(tmp_path_factory):
+    """A tiny VideoMaker run whose ``model.pretrained`` is a diffusers AnimateDiff folder (the initial state, moved
+    by noise, saved as step 1 as in ``exported``), exported with the CLI and no ``--base``: OUT is a pipeline."""
+    from tests.tiny_models import build_tiny_animatediff_folder
+
+    root = tmp_path_factory.mktemp("export_pipeline")
+    base = build_tiny_animatediff_folder(root)
+    return _exported_run(root, seed=1, **{"model.pretrained": str(base)}), base, root / "out"
+
+
+def test_export_with_a_pretrained_pipeline_is_a_whole_animatediff_pipeline(pipeline_export):
+    from jaxvc.convert.pipeline import load_pipeline, tree_equal
+
+    run, base, out = pipeline_export
+    record = json.loads((out / "jaxvc_export.json").read_text())
+    assert (record["pipeline"], record["base"], record["base_from"]) == (True, str(base), "config.model.pretrained")
+    assert "pipeline_reason" not in record
+    index, base_index = (json.loads((f / "model_index.json").read_text()) for f in (out, base))
+    assert index["_class_name"] == "AnimateDiffPipeline"
+    assert (index["unet"], index["motion_adapter"]) == (["diffusers", "UNetMotionModel"], ["diffusers", "MotionAdapter"])
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        assert index[name] == base_index[name], name
+        files = sorted(p.relative_to(base / name) for p in (base / name).rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(out / name) for p in (out / name).rglob("*") if p.is_file())
+        assert all(os.path.samefile(out / name / f, base / name / f) for f in files)  # hard links here
+    assert index["feature_extractor"] == index["image_encoder"] == [None, None]
+
+    # (1) diffusers loads OUT whole; its UNet is OUT/unet's
+    pipe = diffusers.AnimateDiffPipeline.from_pretrained(str(out))
+    assert isinstance(pipe.unet, diffusers.UNetMotionModel) and isinstance(pipe.motion_adapter, diffusers.MotionAdapter)
+    written = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    state = _torch_state(pipe.unet)
+    assert set(state) == set(written) and all(np.array_equal(state[k], written[k]) for k in written)
+    # (2) jaxvc reads OUT as a diffusers pipeline folder: the run's UNet bit for bit, the base's VAE and text encoder
+    ours, theirs = load_pipeline(out), load_pipeline(base)
+    got = traverse_util.flatten_dict(ours.unet_params["params"])
+    want = traverse_util.flatten_dict(jax.device_get(run.params["params"]["unet"]))
+    assert set(got) == set(want) and all(np.array_equal(got[k], np.asarray(want[k])) for k in want)
+    assert tree_equal(ours.vae_params, theirs.vae_params) and tree_equal(ours.text_params, theirs.text_params)
+    assert (ours.vae_config, ours.text_config) == (theirs.vae_config, theirs.text_config)
+
+
+def test_base_choices_and_refusals(pipeline_export, tmp_path, capsys):
+    run, base, _ = pipeline_export
+    # a converted jaxvc checkpoint as the run's base: the UNet folders only, and the record says why
+    (tmp_path / "converted").mkdir()
+    (tmp_path / "converted" / "jaxvc_pipeline.json").write_text("{}")
+    converted = SimpleNamespace(**{**vars(run), "config": run.config.copy_and_resolve_references()})
+    converted.config.model.pretrained = str(tmp_path / "converted")
+    written = export(converted, tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "jaxvc_export.json").read_text())
+    assert written["pipeline"] is None and not record["pipeline"] and "converted jaxvc checkpoint" in record[
+        "pipeline_reason"] and record["base"] == str(tmp_path / "converted")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["jaxvc_export.json", "motion_adapter", "unet"]
+    # --base makes it a pipeline (re-exported into the same OUT: the links replaced, the base untouched)
+    before = {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}
+    for _ in range(2):
+        written = export(converted, tmp_path / "a", base=base)
+    assert written["pipeline"] == tmp_path / "a" / "model_index.json"
+    record = json.loads((tmp_path / "a" / "jaxvc_export.json").read_text())
+    assert (record["base"], record["base_from"], record["pipeline"]) == (str(base), "--base", True)
+    assert {p: p.read_bytes() for p in base.rglob("*") if p.is_file()} == before
+    # a pixel-space run has no latent pipeline: --base is refused
+    pixel = SimpleNamespace(method=SimpleNamespace(vae=None, unet=run.method.unet), config=None)
+    with pytest.raises(ValueError, match="pixel-space"):
+        _resolve_base(pixel, base)
+    # (3) --base without model_index.json: one line, exit 2, nothing written
+    run_dir = json.loads((pipeline_export[2] / "jaxvc_export.json").read_text())["run"]
+    capsys.readouterr()
+    assert jaxvc_main(["export-diffusers", run_dir, str(tmp_path / "c"), "--base", str(tmp_path / "converted")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jaxvc export-diffusers: base ") and err.count("\n") == 1 and "model_index.json" in err
+    assert not (tmp_path / "c").exists()

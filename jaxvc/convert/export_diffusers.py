@@ -5,7 +5,16 @@ Writes into the folder OUT:
                       (``UNetMotionModel.from_pretrained(OUT / "unet")``: no missing or unexpected keys);
   motion_adapter/     the same motion modules as a ``MotionAdapter``, for ``UNetMotionModel.from_unet2d(any SD1.5
                       UNet, adapter)`` or an ``AnimateDiffPipeline``;
-  jaxvc_export.json   the run, step, EMA or not, dtype, method, what was left out and how to run the UNet.
+  jaxvc_export.json   the run, step, EMA or not, dtype, method, what was left out, how to run the UNet, and the
+                      base pipeline used (``"base"``, ``"base_from"``; ``"pipeline"``: true, or false with
+                      ``"pipeline_reason"``).
+With a base pipeline (``--base FOLDER``, else the run's ``config.model.pretrained`` when that is a diffusers folder
+with ``model_index.json``) OUT is also a whole ``AnimateDiffPipeline`` folder: the base's ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``scheduler/`` (and ``feature_extractor/``) hard-linked (copied where links fail; the base is never
+written to) and a ``model_index.json`` naming the UNet, the motion adapter and those. Every supported method keeps the
+VAE frozen and a trained text encoder is refused, so the base's are the run's. A base that is a converted jaxvc
+checkpoint or is missing writes the UNet folders only and says why; a ``--base`` that is not a diffusers pipeline
+folder is an error.
 The weights are the run's parameters as its method uses them: frozen and trained merged (``TrainState.full_params``,
 which ``load_trained_run`` returns), the EMA weights where the run keeps them unless ``--no-ema``. Keys and layouts
 are the exact inverse of the loader's mechanical mapping (``jaxvc/convert/torch_to_flax.py``, ``unet.py``): loading
@@ -31,7 +40,9 @@ the original AnimateDiff's; diffusers normalises across frames) or frame/positio
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,6 +69,10 @@ COVERED_BY_EXPORT_LORA = {
     "new_tokens": "CustomCrafter's learnt token (textual inversion)",
 }
 BASE_PARTS = ("unet", "text_encoder", "vae")
+# what OUT takes from a base pipeline folder (the last: only where the base has it); the run writes unet/ and
+# motion_adapter/. AnimateDiffPipeline's optional components the base lacks are [null, null] in model_index.json.
+PIPELINE_COPIED = ("vae", "text_encoder", "tokenizer", "scheduler")
+PIPELINE_OPTIONAL = ("feature_extractor", "image_encoder")
 _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 _BLOCKS = {"CrossAttnDownBlock2D": "CrossAttnDownBlockMotion", "DownBlock2D": "DownBlockMotion",
            "CrossAttnUpBlock2D": "CrossAttnUpBlockMotion", "UpBlock2D": "UpBlockMotion"}
@@ -225,9 +240,81 @@ def _usage(method, frames: int) -> dict:
                                          "`jaxvc export-lora` with load_lora_weights"}
 
 
-def export(run, out: str | os.PathLike, *, dtype: str = "float32", run_dir: str | None = None) -> dict:
-    """Write a loaded ``TrainedRun``'s UNet into ``out`` (``unet/``, ``motion_adapter/``, the record); returns the
-    folders written and the parts left out (``"left_out"``). ``ValueError`` for what cannot be exported."""
+# ---------------------------------------------------------------------------------------------------- the pipeline
+def _base_index(folder: Path, config) -> dict:
+    """The base folder's model_index.json, checked to hold the parts OUT takes and to match the run's UNet;
+    ``ValueError`` naming what is wrong."""
+    from jaxvc.convert.orbax_io import INDEX_NAME
+
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        what = "a converted jaxvc checkpoint" if (folder / INDEX_NAME).is_file() else (
+            "missing" if not folder.exists() else "not a diffusers pipeline folder")
+        raise ValueError(f"base {folder}: {what} (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    missing = [name for name in PIPELINE_COPIED
+               if not (isinstance(index.get(name), list) and index[name][0] and (folder / name).is_dir())]
+    if missing:
+        raise ValueError(f"base {folder}: no {', '.join(f'{name}/' for name in missing)} in model_index.json")
+    vae, text = ({} if not (folder / name / "config.json").is_file() else
+                 json.loads((folder / name / "config.json").read_text()) for name in ("vae", "text_encoder"))
+    if (vae.get("latent_channels"), text.get("hidden_size")) != (config.in_channels, config.cross_attention_dim):
+        raise ValueError(f"base {folder}: its VAE's {vae.get('latent_channels')} latent channels and text encoder's "
+                         f"{text.get('hidden_size')} features are not the run's UNet's {config.in_channels} and "
+                         f"{config.cross_attention_dim}")
+    return index
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed: a copy
+        shutil.copy2(src, dst)
+
+
+def write_pipeline(base: Path, index: dict, out: Path) -> Path:
+    """The base's components into ``out`` (hard links, else copies; an earlier export's replaced, never written
+    through) and ``out/model_index.json`` for an ``AnimateDiffPipeline`` of them + ``unet/`` + ``motion_adapter/``."""
+    from jaxvc.convert.orbax_io import write_json_atomic
+
+    pipeline = {"_class_name": "AnimateDiffPipeline", "_diffusers_version": index.get("_diffusers_version", "0.42.1"),
+                "unet": ["diffusers", "UNetMotionModel"], "motion_adapter": ["diffusers", "MotionAdapter"]}
+    for name in PIPELINE_COPIED + PIPELINE_OPTIONAL:
+        present = name in PIPELINE_COPIED or (name == "feature_extractor" and isinstance(index.get(name), list)
+                                              and index[name][0] and (base / name).is_dir())
+        pipeline[name] = list(index[name]) if present else [None, None]
+        if (out / name).exists():  # hard links to a base's files: unlinked, the base is untouched
+            shutil.rmtree(out / name)
+        if present:
+            shutil.copytree(base / name, out / name, copy_function=_link_or_copy)
+    write_json_atomic(out / "model_index.json", pipeline)
+    return out / "model_index.json"
+
+
+def _resolve_base(run, base: str | os.PathLike | None) -> tuple[Path | None, dict | None, str | None]:
+    """(base folder, its model_index.json, None) or (folder or None, None, why there is no pipeline). An explicit
+    ``base`` that is not usable raises ``ValueError``; the run's ``config.model.pretrained`` only says why."""
+    config = run.method.unet.config
+    if base is not None:
+        if run.method.vae is None:
+            raise ValueError(f"base {base}: the run is a pixel-space model (no VAE); it makes no latent pipeline")
+        return Path(base), _base_index(Path(base), config), None
+    model = run.config.get("model") if getattr(run, "config", None) is not None else None
+    pretrained = (model.get("pretrained") if model is not None else None) or None
+    if pretrained is None:
+        return None, None, "the run has no config.model.pretrained and no --base was given"
+    try:
+        return Path(pretrained), _base_index(Path(pretrained), config), None
+    except ValueError as error:
+        return Path(pretrained), None, f"{error} (give --base PIPELINE_FOLDER)"
+
+
+def export(run, out: str | os.PathLike, *, dtype: str = "float32", run_dir: str | None = None,
+           base: str | os.PathLike | None = None) -> dict:
+    """Write a loaded ``TrainedRun``'s UNet into ``out`` (``unet/``, ``motion_adapter/``, the record) and, with a base
+    pipeline (``base``, else the run's ``config.model.pretrained``), the rest of an ``AnimateDiffPipeline`` folder;
+    returns the folders written, the parts left out (``"left_out"``) and ``"pipeline"`` (model_index.json or
+    None, then ``"pipeline_reason"``). ``ValueError`` for what cannot be exported."""
     import jax.numpy as jnp
 
     from jaxvc.convert.orbax_io import write_json_atomic, write_safetensors_atomic
@@ -237,6 +324,9 @@ def export(run, out: str | os.PathLike, *, dtype: str = "float32", run_dir: str 
     method = run.method
     left_out = left_out_parts(method, run.params)
     config = method.unet.config
+    base_folder, base_index, no_pipeline = _resolve_base(run, base)
+    if base_folder is not None and Path(out).resolve() == base_folder.resolve():
+        raise ValueError(f"{out}: is the base pipeline folder; the export writes a new folder beside it")
     height, width = method.latent_frame_size
     unet_config = unet_motion_config(config, sample_size=height if height == width else [height, width])
     state = unet_state_dict(config, {"params": run.params["params"]["unet"]})
@@ -254,9 +344,18 @@ def export(run, out: str | os.PathLike, *, dtype: str = "float32", run_dir: str 
               "dtype": dtype, "method": method.name, "unet": "unet", "motion_adapter": "motion_adapter",
               "left_out": left_out, "latent_channels": config.in_channels,
               "pixel_patch": getattr(method, "pixel_patch", 1) if method.vae is None else None,
-              "scheduler": method.scheduler_config(), **_usage(method, method.sample_frames)}
+              "scheduler": method.scheduler_config(), **_usage(method, method.sample_frames),
+              "base": None if base_folder is None else str(base_folder),
+              "base_from": None if base_folder is None else "--base" if base is not None else "config.model.pretrained",
+              "pipeline": base_index is not None}
+    if base_index is not None:
+        pipeline = write_pipeline(base_folder, base_index, out)
+    else:
+        pipeline, record["pipeline_reason"] = None, no_pipeline
+        (out / "model_index.json").unlink(missing_ok=True)  # an earlier export's: OUT is no pipeline now
     write_json_atomic(out / RECORD, record)
-    return {**folders, "record": out / RECORD, "left_out": left_out}
+    return {**folders, "record": out / RECORD, "left_out": left_out, "pipeline": pipeline,
+            "pipeline_reason": no_pipeline}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -264,6 +363,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_run_arguments(parser)
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the stored dtype of the weights")
+    parser.add_argument("--base", default=None,
+                        help="a diffusers SD1.5/AnimateDiff pipeline folder whose VAE, text encoder, tokenizer and "
+                             "scheduler make OUT a whole AnimateDiffPipeline (default: the run's "
+                             "config.model.pretrained when that is one)")
 
 
 def run(args) -> int:
@@ -271,12 +374,16 @@ def run(args) -> int:
 
     try:
         trained = load_trained_run(args.run, step=args.step, use_ema=not args.no_ema)
-        written = export(trained, args.out, dtype=args.dtype, run_dir=args.run)
+        written = export(trained, args.out, dtype=args.dtype, run_dir=args.run, base=args.base)
     except (RunFolderError, ValueError) as error:
         print(f"jaxvc export-diffusers: {error}", file=sys.stderr)
         return 2
     for kind in ("unet", "motion_adapter", "record"):
         print(f"  {kind}: {written[kind]}")
+    if written["pipeline"] is not None:
+        print(f"  pipeline: {written['pipeline']} (AnimateDiffPipeline.from_pretrained(\"{args.out}\"))")
+    else:
+        print(f"  no pipeline folder, the UNet folders only: {written['pipeline_reason']}")
     for part in written["left_out"]:
         print(f"  not exported ({part}; `jaxvc export-lora` writes it)")
     return 0
