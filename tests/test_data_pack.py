@@ -246,3 +246,22 @@ def test_provided_reference_images_travel_with_their_records(media_folder, tmp_p
     manifest.write_text(json.dumps({"video": str(folder / "dog.mp4"), "references": ["booth/dog.ref.png"]}) + "\n")
     direct = FolderSource(str(manifest))[0]
     np.testing.assert_array_equal(records.decode_references(direct, [0])[0], white_disc)
+
+
+def test_manifest_prompt_key_is_the_caption_and_sizes_must_be_positive(tmp_path):
+    """jaxvc's own manifests (generate's manifest.jsonl, motion-bins, prompt sets) name the text "prompt": pack reads
+    it as the caption (it was dropped: the clip trained unconditionally); a size, count or stride of 0 is refused."""
+    import argparse
+
+    from jaxvc.data.pack import add_arguments, read_manifest
+
+    manifest = tmp_path / "set.jsonl"
+    manifest.write_text(json.dumps({"video": "clip.mp4", "prompt": "a dog runs"}) + "\n")
+    [item] = read_manifest(str(manifest))
+    assert item["captions"] == ["a dog runs"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for flag in ("--short-side", "--max-frames", "--frame-stride", "--records-per-shard", "--workers"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["in", "-o", "out", flag, "0"])
+    assert parser.parse_args(["in", "-o", "out", "--short-side", "256"]).short_side == 256

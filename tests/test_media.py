@@ -98,3 +98,31 @@ def test_16_bit_and_transparent_images_read_as_their_8_bit_picture(tmp_path):
     Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "float.tif")
     with pytest.raises(MediaError, match="32-bit float image"):
         read_image(str(tmp_path / "float.tif"))
+
+
+def test_masks_in_their_common_formats_mark_the_subject(tmp_path):
+    """"non-zero = subject" for a palette (label) mask whose colour is dark (DAVIS' (128, 0, 0), luminance 38), a
+    0/1 label mask and a 0/255 one; a JPEG's noise in the background stays background; a photo's EXIF orientation
+    turns the picture (and its mask) upright."""
+    from PIL import Image
+
+    from jaxvc.data.media import read_image, read_mask
+
+    subject = np.zeros((16, 16), bool)
+    subject[4:12, 2:8] = True
+    davis = Image.fromarray(subject.astype(np.uint8), "P")
+    davis.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)
+    davis.save(tmp_path / "davis.png")
+    Image.fromarray(subject.astype(np.uint8)).save(tmp_path / "labels.png")
+    Image.fromarray(subject.astype(np.uint8) * 255).save(tmp_path / "white.jpg", quality=70)
+    for name in ("davis.png", "labels.png", "white.jpg"):
+        np.testing.assert_array_equal(read_mask(str(tmp_path / name))[0], subject, err_msg=name)
+
+    photo = np.zeros((20, 40, 3), np.uint8)
+    photo[:, :20] = 255  # left half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(photo).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    upright = read_image(str(tmp_path / "phone.jpg"))
+    assert upright.shape == (40, 20, 3)
+    assert upright[:18].mean() > 200 and upright[22:].mean() < 50  # the stored left half is now the top

@@ -96,11 +96,14 @@ _WIDE_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
 
 
 def rgb_image(image, background: tuple[int, int, int] | None = None):
-    """A PIL image as 8-bit RGB: 16-bit grey (PNG ``I;16``, or ``I`` holding 16-bit values) scaled to 0..255,
+    """A PIL image as 8-bit RGB, upright (its EXIF orientation applied): 16-bit grey (PNG ``I;16``, or ``I`` holding 16-bit values) scaled to 0..255,
     transparent pixels on ``background`` (else the alpha channel dropped). A float image (``F``) has no range to
     scale by: refused."""
     from PIL import Image
 
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)  # a phone photo's pixels are stored sideways; EXIF says how to turn them
     if image.mode == "F":
         raise ValueError("a 32-bit float image (PIL mode F): save it as an 8-bit (or 16-bit) image")
     if image.mode in _WIDE_MODES:
@@ -113,6 +116,22 @@ def rgb_image(image, background: tuple[int, int, int] | None = None):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba)
     return image.convert("RGB")
+
+
+def mask_pixels(image) -> np.ndarray:
+    """A mask image as (H, W) bool, "non-zero = subject" whatever its format: a palette (label) mask (DAVIS, VOC)
+    by its index (> 0: not the background's; their colours can be as dark as (128, 0, 0)), a 0/1 label mask by
+    its values, a 0/255 mask (JPEG noise included) by its brightest channel over half scale."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("P", "PA"):
+        return np.asarray(image.convert("P") if image.mode == "PA" else image) > 0
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image).astype(np.int64) >> (_WIDE_MODES[image.mode] - 8)
+    else:
+        values = np.asarray(image.convert("RGB")).max(axis=-1)
+    return values > (0 if values.max() <= 1 else 127)
 
 
 def read_mask(path: str, num_frames: int | None = None, stride: int = 1,
@@ -129,7 +148,7 @@ def read_mask(path: str, num_frames: int | None = None, stride: int = 1,
             raise MediaError(f"{path}: no such file")
         try:
             with Image.open(path) as image:
-                masks = (np.asarray(image.convert("L")) > 127)[None]
+                masks = mask_pixels(image)[None]
         except Exception as e:
             raise MediaError(f"{path}: cannot decode mask ({type(e).__name__}: {e})") from e
     if size is not None and masks.shape[1:] != tuple(size):

@@ -11,7 +11,8 @@ Inputs
            --split-panels reads every image as a two-panel pair (Subjects200K style: left/right halves, or
            top/bottom for tall images).
   manifest one JSON object per line: {"video": p} | {"image": p} | {"images": [p0, p1]} (optional "kind"), with
-           "caption" (str or list) or "captions" (list; per view for pairs) or "description_0"/"description_1",
+           "caption" (str or list) or "captions" (list; per view for pairs) or "prompt" (jaxvc's own manifests)
+           or "description_0"/"description_1",
            "mask" (path, or list of two for pairs), "reference" (path) or "references" (list of paths),
            "split_panels" (bool). Relative paths are relative to the manifest's folder.
   --synthetic-videos / --synthetic-pairs  render the synthetic subject world instead.
@@ -149,7 +150,8 @@ def read_manifest(path: str, split_panels: bool = False) -> list[dict]:
             else:
                 raise ValueError(f"{path}:{line_no}: needs a 'video', 'image' or 'images' field, got {sorted(entry)}")
             kind = entry.get("kind", kind)
-            captions = entry.get("captions", entry.get("caption"))
+            # "prompt": the key jaxvc's own manifests use (generate's manifest.jsonl, motion-bins, prompt sets)
+            captions = entry.get("captions", entry.get("caption", entry.get("prompt")))
             if captions is None and "description_0" in entry:
                 captions = [entry["description_0"], entry.get("description_1", entry["description_0"])]
             if isinstance(captions, str):
@@ -370,20 +372,31 @@ def pack(items: list[dict], output: str, records_per_shard: int = 512, frame_for
     return info
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a size, count or stride of 0 would pack 1 x 1 frames or 1-frame videos)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", nargs="?", help="folder of media files, or a .jsonl manifest")
     parser.add_argument("-o", "--output", required=True, help="output folder for the shards")
-    parser.add_argument("--records-per-shard", type=int, default=512,
+    parser.add_argument("--records-per-shard", type=positive_int, default=512,
                         help="records per ArrayRecord shard (a shard is the unit a resumed packing skips or redoes)")
     parser.add_argument("--frame-format", choices=("jpeg", "png", "raw"), default="jpeg",
                         help="how frames, views and reference images are stored: jpeg (compact, lossy), png "
                              "(lossless), raw (uncompressed uint8)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    parser.add_argument("--max-frames", type=int, default=None, help="keep at most this many frames per video")
-    parser.add_argument("--frame-stride", type=int, default=1, help="keep every k-th video frame")
-    parser.add_argument("--short-side", type=int, default=None, help="downscale so the shorter side is at most this")
+    parser.add_argument("--max-frames", type=positive_int, default=None, help="keep at most this many frames per video")
+    parser.add_argument("--frame-stride", type=positive_int, default=1, help="keep every k-th video frame")
+    parser.add_argument("--short-side", type=positive_int, default=None, help="downscale so the shorter side is at most this")
     parser.add_argument("--split-panels", action="store_true", help="read images as two-panel pairs (Subjects200K)")
-    parser.add_argument("--workers", type=int, default=1, help="processes packing shards in parallel")
+    parser.add_argument("--workers", type=positive_int, default=1, help="processes packing shards in parallel")
     parser.add_argument("--restart", action="store_true", help="ignore progress.json and rewrite every shard")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--synthetic-videos", type=int, default=0, help="pack this many synthetic-world videos")
