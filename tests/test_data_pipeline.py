@@ -115,6 +115,10 @@ def test_fixed_split_gives_every_batch_each_streams_share(streams):
     assert half[0]["stream"].tolist() == ["image", "image", "video", "video"]
     with pytest.raises(ValueError, match="fixed_split .* and switch .* exclude each other"):
         BatchDataset(streams, DataConfig(batch_size=4, fixed_split=True, switch=True, **PLAIN), 0, 1)
+    # one slot for two streams: the second (CustomCrafter's prior images at batch_size 1) would never be read
+    with pytest.raises(ValueError, match=r"batch_size 1 gives stream\(s\) \['video'\] no slot"):
+        BatchDataset(streams, DataConfig(batch_size=1, weights={"image": 1.0, "video": 1.0}, fixed_split=True,
+                                         **PLAIN), 0, 1)
 
 
 def test_switched_streams_with_their_own_batch_sizes(streams):

@@ -104,3 +104,9 @@ def test_streams_opened_before_the_method_are_the_ones_trained_on(tmp_path):
     data = train_cli.build_data(config, (0, config.batch_size), streams=streams)
     assert data.dataset.sources == [streams["image"], streams["video"]]
     assert train_cli.open_streams(get_config("configs/toy.py:tiny")) is None
+
+
+def test_batch_that_the_mesh_or_accumulation_cannot_split_is_one_line(tmp_path, capsys):
+    """Checked when the trainer is made (after the method: it needs the mesh): one line naming the key, exit 2."""
+    assert _run(["--config", "configs/toy.py", "--config.optim.accumulation_steps=3"], tmp_path / "run") == 2
+    assert "config.batch_size 8 is not divisible by optim.accumulation_steps 3" in _one_line(capsys)

@@ -288,6 +288,13 @@ class BatchDataset(grain.MapDataset):
         self.stream_rows = [self._scaled_rows(int(g)) for g in self.sizes]
         self.tokenizer = tokenizer
         self._schedule = _Schedule(config, self.weights, self.sizes)
+        if config.fixed_split:  # a stream given a weight but no slot would never be read (prior preservation off)
+            slots = np.bincount(self._schedule.fixed_slots(), minlength=len(self.names))
+            starved = [n for n, weight, count in zip(self.names, w, slots) if weight > 0 and count == 0]
+            if starved:
+                raise ValueError(f"fixed_split: batch_size {config.batch_size} gives stream(s) {starved} no slot of "
+                                 f"a batch (weights {weights}, slots per batch "
+                                 f"{dict(zip(self.names, slots.tolist()))}); raise batch_size or the weight")
 
     def _stream_batch_sizes(self, config: DataConfig) -> np.ndarray:
         """(num_streams,) the global size of a batch of each stream (config.batch_sizes, else batch_size)."""

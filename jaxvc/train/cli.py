@@ -149,7 +149,11 @@ def run(args) -> int:
         key = f"config.model.pretrained = {pretrained!r}: " if pretrained and str(err).startswith(pretrained) else ""
         print(f"jaxvc train: {key}{err}", file=sys.stderr)
         return 2
-    trainer = Trainer(config, method, workdir)
+    try:
+        trainer = Trainer(config, method, workdir)
+    except ConfigError as err:  # the batch sizes against the mesh and accumulation
+        print(f"jaxvc train: {err}", file=sys.stderr)
+        return 2
     try:
         result = trainer.fit(lambda rows: build_data(config, rows, getattr(method, "tokenizer", None), streams))
     except NonFiniteError as err:

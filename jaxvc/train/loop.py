@@ -33,7 +33,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxvc import compile_options
-from jaxvc.config_utils import config_to_dict, write_config
+from jaxvc.config_utils import ConfigError, config_to_dict, write_config
 from jaxvc.models.weight_storage import store_weights
 from jaxvc.parallel.mesh import activate, make_mesh
 from jaxvc.parallel.rules import param_shardings, rules_from_config
@@ -155,10 +155,11 @@ class Trainer:
             stream_sizes.items())}}
         for key, size in sizes.items():
             if size % split:
-                raise ValueError(f"{key} {size} is not divisible by the {split}-way batch split of the mesh "
-                                 f"{dict(self.mesh.shape)}")
+                raise ConfigError(f"config.{key} {size} is not divisible by the {split}-way batch split of the mesh "
+                                  f"{dict(self.mesh.shape)}")
             if size % self.accumulation:
-                raise ValueError(f"{key} {size} is not divisible by optim.accumulation_steps {self.accumulation}")
+                raise ConfigError(f"config.{key} {size} is not divisible by optim.accumulation_steps "
+                                  f"{self.accumulation}")
         self.ema_decay = setting(config, "optim.ema_decay", None)
         self.precision = setting(config, "matmul_precision", None)
         self.save_frozen = bool(setting(config, "checkpoint.save_frozen", True))
