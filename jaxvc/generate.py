@@ -4,7 +4,8 @@ a text-to-video sample of a model whose subject is in its weights (Still-Moving 
 (``jaxvc/wan_pipeline.py``) or from ``--reference`` as the first frame (``jaxvc/wan_i2v_pipeline.py``).
 ``--prompts`` generates a whole evaluation set with one loaded model and one compiled sampler
 (``jaxvc/data/prompt_sets.py``): each video's record, and ``manifest.jsonl`` of them all, are what ``jaxvc eval``
-reads; videos whose record exists are kept, so a stopped run resumes."""
+reads; videos whose record exists are kept, so a stopped run resumes, unless their record says another prompt,
+seed, reference or setting made them (refused before the model loads: ``kept_record_error``)."""
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reference image of the subject (any format PIL reads); required by reference-conditioned "
                              "models (VideoMaker; a Wan image-to-video folder's first frame), refused by text-to-video "
                              "ones (Still-Moving runs, --text-to-video, Wan text-to-video folders). It, --last-frame "
-                             "and every --prompts record's \"reference\" are read before the model loads: a missing "
-                             "or unreadable image is an error (exit status 2) at once")
+                             "and every --prompts record's \"reference\" (and \"references\") are read before the "
+                             "model loads: a missing or unreadable image is an error (exit status 2) at once")
     parser.add_argument("--last-frame", default=None, metavar="IMAGE",
                         help="Wan image-to-video folders (FLF2V; not TI2V): the video's last frame, --reference its "
                              "first")
@@ -72,7 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --prompts: videos per prompt, with seeds seed, seed + 1, ... (named NAME_000, ...)")
     parser.add_argument("--overwrite", action="store_true",
                         help="with --prompts: generate again the videos whose record is already in --out (default: "
-                             "keep them, so that a stopped run resumes)")
+                             "keep them, so that a stopped run resumes; a kept record made with another prompt, "
+                             "seed, reference or sampling setting is an error, exit status 2, before anything is "
+                             "generated)")
     parser.add_argument("--negative-prompt", default=None,
                         help="prompt for the unconditional branch (default: the model's: a training run's "
                              "config.validation.negative_prompt, else empty)")
@@ -173,7 +176,7 @@ def run(args) -> int:
     except FileNotFoundError as error:
         print(f"jaxvc generate: --eval-references: {error}", file=sys.stderr)
         return 2
-    error = input_image_error(args, items)
+    error = input_image_error(args, items) or kept_record_error(items, args)  # what the command fixes
     if error:
         print(f"jaxvc generate: {error}", file=sys.stderr)
         return 2
@@ -233,6 +236,10 @@ def run(args) -> int:
     if not pipe.takes_reference and any(reference is not None for reference in references):
         print(f"jaxvc generate: {args.model} is text-to-video (its subject is in its weights): drop --reference"
               + ("" if items is None else f" and the records' \"reference\" in {args.prompts}"), file=sys.stderr)
+        return 2
+    error = kept_record_error(items, args, pipe)  # again, with the model's defaults for what the command left out
+    if error:
+        print(f"jaxvc generate: {error}", file=sys.stderr)
         return 2
     loaded = time.perf_counter()
     if items is not None:
@@ -321,7 +328,8 @@ def parse_lora_argument(spec: str) -> tuple[str, float]:
 def generate_set(pipe, items, args, load_seconds: float) -> int:
     """Every item of a prompt set into ``args.out``: videos, records and ``manifest.jsonl`` (started anew by each
     run; after each batch, the lines of the items done so far in the set's order, so that it lists what exists if
-    the run stops). Items whose record exists are kept unless ``--overwrite``; the others are sampled
+    the run stops). Items whose record exists are kept unless ``--overwrite`` (``kept_record_error`` has checked that
+    their records are this run's); the others are sampled
     ``args.batch_size`` at a time (the last batch padded with copies of its last item, so that one compiled program
     serves the whole set). An unreadable reference image stops the run (the images are the user's own inputs)."""
     from tqdm.auto import tqdm
@@ -390,16 +398,19 @@ def _generate_batch(pipe, batch, args, out: Path) -> None:
 
 def input_image_error(args, items) -> str | None:
     """What is wrong with the images given to the model (``--reference``, each --prompts record's "reference",
-    ``--last-frame``), if anything: each file read once (``open_image``), before the model loads (minutes for a big
-    one) rather than when a video first needs it; a record's bad image names the record."""
+    ``--last-frame``), or with a record's evaluation "references", if anything: each file read once (``open_image``),
+    before the model loads (minutes for a big one) rather than when a video first needs it (or ``jaxvc eval`` reads
+    the record); a record's bad image names the record."""
     from jaxvc.pipeline import open_image
 
     images = [(args.last_frame, "--last-frame image", "")]
     if items is None:
         images.append((args.reference, "reference image", ""))
-    else:  # a record's own reference, else --reference (its default)
+    else:  # a record's own reference, else --reference (its default); its evaluation "references" too
         images += [(item.reference, "reference image", f" (the \"reference\" of {item.source or item.name})")
                    if item.reference else (args.reference, "reference image", "") for item in items]
+        images += [(image, "evaluation reference image", f" (the \"references\" of {item.source or item.name})")
+                   for item in items for image in item.references]
     checked = set()
     for path, what, where in images:
         if path is None or path in checked:
@@ -410,6 +421,71 @@ def input_image_error(args, items) -> str | None:
         except (FileNotFoundError, ValueError) as error:
             return f"{error}{where}"
     return None
+
+
+def record_expectations(item, args, pipe=None) -> dict:
+    """What ``item``'s record must say for a kept video to be the one this run would make: its inputs and the
+    settings that change the video (and "references" and "fps", which ``jaxvc eval`` reads with it). Before the
+    model loads (``pipe`` None) only what the command itself fixes; after, the model's defaults too, as recorded."""
+    reference = item.reference or args.reference
+    negative = args.negative_prompt if item.negative_prompt is None else item.negative_prompt
+    wanted = {"prompt": item.prompt, "seed": item.seed,
+              "reference": None if reference is None else str(Path(reference).resolve()),
+              "references": [str(Path(image).resolve()) for image in item.references or args.eval_references],
+              "model": args.model, "motion_adapter": args.motion_adapter, "unet_weights": args.unet_weights,
+              "lora": list(args.lora), "lora_2": list(args.lora_2),
+              "reference_guidance_scale": args.reference_guidance_scale,
+              "reference_guidance_start": args.reference_guidance_start,
+              "last_frame": None if args.last_frame is None else str(Path(args.last_frame).resolve())}
+    settings = {"negative_prompt": negative, "steps": args.steps, "guidance_scale": args.guidance_scale,
+                "eta": args.eta, "frames": args.frames, "height": args.height, "width": args.width, "fps": args.fps}
+    if pipe is None:  # a flag left out is the model's: unknown until it loads
+        settings.update(sampler=args.sampler, dtype=args.dtype, guidance_scale_2=args.guidance_scale_2)
+        return {**wanted, **{key: value for key, value in settings.items() if value is not None}}
+    return {**wanted, **settings, "sampler": args.used["sampler"], "dtype": args.used["dtype"],
+            "guidance_scale_2": args.used["guidance_scale_2"], "trained_step": getattr(pipe, "trained_step", None),
+            "ema": getattr(pipe, "trained_with_ema", None)}
+
+
+def kept_record_error(items, args, pipe=None) -> str | None:
+    """With ``--prompts`` and without ``--overwrite``: the first record in ``--out`` that the run would keep but that
+    another prompt, seed, reference or setting made (a .txt set's items are named by line: an edited line, or
+    another --seed, would otherwise keep the old video and list it in the manifest), as one line naming the file
+    and each differing key, old -> new; None when every existing record is this run's."""
+    if items is None or args.overwrite:
+        return None
+    out, wrong, first = Path(args.out), 0, None
+    for item in items:
+        path = out / f"{item.name}.json"
+        if not path.is_file():
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            record = f"not a readable record ({' '.join(str(error).split())})"
+        if isinstance(record, dict):
+            record.setdefault("references", [])  # write_record leaves it out when there are none
+            # a key a record lacks (written by an older jaxvc) is not compared: only the keys it has
+            wanted = record_expectations(item, args, pipe)
+            differ = [f"{key} {record[key]!r} -> {value!r}" for key, value in wanted.items()
+                      if key in record and not _same(key, record[key], value)]
+        else:
+            differ = [record if isinstance(record, str) else "not a record"]
+        if differ:
+            wrong += 1
+            first = first or f"{path}: {', '.join(differ)}"
+    if not wrong:
+        return None
+    more = f" (and {wrong - 1} more of the set's records)" if wrong > 1 else ""
+    return (f"{first}{more}: already in --out from another run; pass --overwrite to make it again, or another --out "
+            "(this run keeps only the videos made with its own prompt, seed, references and settings)")
+
+
+def _same(key: str, old, new) -> bool:
+    """A record's value and this run's: equal (a model folder: also when named by another path to it)."""
+    if old == new:
+        return True
+    return key == "model" and isinstance(old, str) and Path(old).resolve() == Path(new).resolve()
 
 
 def evaluation_images(paths) -> list[str]:

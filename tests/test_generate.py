@@ -149,9 +149,10 @@ def test_text_to_video_records_carry_the_evaluation_references(folder, tmp_path)
     assert jaxvc_main(command + ["--prompt", "a dog", "--eval-references", str(tmp_path / "nowhere")]) == 2
 
 
-def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, pipe, tmp_path):
+def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, pipe, tmp_path, monkeypatch, capsys):
     """--prompts: each item as the one-video path would make it (same seed, prompt and reference: equal GIF
-    bytes), records and a manifest `jaxvc eval` reads, and a rerun that keeps what exists."""
+    bytes), records and a manifest `jaxvc eval` reads, a rerun that keeps what exists, a rerun with another seed or
+    guidance scale refused before the model loads, and --overwrite making the videos again."""
     from jaxvc.eval.cli import read_records
 
     (tmp_path / "refs").mkdir()
@@ -186,6 +187,23 @@ def test_generate_command_prompt_set_resumes_and_matches_single_videos(folder, p
     assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # the profiled one is not saved
     assert len(trace_files(tmp_path / "profile")) == 1
     assert len(read_records([out / "manifest.jsonl"])) == 4
+    # the kept records are another run's (--seed: the items without their own; --guidance-scale: all): refused, one
+    # line naming a record and the key, old -> new, before the model loads
+    monkeypatch.setattr(CustomVideoPipeline, "from_pretrained", _no_loading)
+    capsys.readouterr()
+    for extra, expected in ((["--seed", "5"], f"{out / 'cat_000.json'}: seed 4 -> 5 (and 1 more"),
+                            (["--guidance-scale", "5"], f"{out / 'c7_000.json'}: guidance_scale 8.0 -> 5.0 (and 3")):
+        assert jaxvc_main(command + extra) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and expected in error and "--overwrite" in error, error
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # nothing touched
+    # --overwrite makes them again (with the already-compiled test pipeline standing in for the folder's)
+    monkeypatch.setattr(CustomVideoPipeline, "from_pretrained", lambda *args, **kwargs: pipe)
+    gifs = {name: (out / f"{name}.gif").read_bytes() for name in names}
+    assert jaxvc_main(command + ["--overwrite"]) == 0
+    assert all((out / name).stat().st_mtime_ns != stamps[name] for name in stamps if name.endswith(".json"))
+    assert {name: (out / f"{name}.gif").read_bytes() for name in names} == gifs
+    monkeypatch.undo()
     # a reference-conditioned model needs a reference for every item
     (tmp_path / "bare.txt").write_text("a bird flies\n")
     assert jaxvc_main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "bare.txt"),
@@ -239,6 +257,57 @@ def test_bad_reference_images_are_refused_before_the_model_loads(folder, tmp_pat
     # images that are all readable go on to load the model (here: refused by the test's loader)
     with pytest.raises(AssertionError, match="the model was loaded"):
         jaxvc_main(base + ["--prompts", str(tmp_path / "own.jsonl"), "--reference", str(good)])
+
+
+def test_prompt_set_reruns_of_other_inputs_are_refused_before_the_model_loads(folder, tmp_path, monkeypatch, capsys):
+    """A .txt set's items are named by line: an edited line, another --seed or another --guidance-scale over the
+    records in --out is refused (exit status 2, one line naming the record and the key, old -> new) before the model
+    loads, rather than keeping the old videos in the manifest; the same inputs, --overwrite, or a record without the
+    key (an older jaxvc's) go on to load the model. A record's evaluation "references" are read up front too."""
+    monkeypatch.setattr(CustomVideoPipeline, "from_pretrained", _no_loading)
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, prompt in (("00000", "a dog runs"), ("00001", "a cat jumps")):  # as an earlier run wrote them
+        (out / f"{name}.json").write_text(json.dumps({"video": f"{name}.mp4", "prompt": prompt, "reference": None,
+                                                      "model": str(folder), "guidance_scale": 8.0, "steps": 2,
+                                                      "seed": 0}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a dog runs\na cat jumps\n")
+    base = ["generate", "--model", str(folder), "--text-to-video", "--prompts", str(prompts), "--steps", "2",
+            "--out", str(out)]
+
+    def refused(extra, *expected):
+        assert jaxvc_main(base + extra) == 2
+        error = capsys.readouterr().err.strip()
+        assert "\n" not in error and error.startswith("jaxvc generate: ") and "pass --overwrite" in error, error
+        for part in expected:
+            assert part in error, error
+
+    def loads(extra):
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            jaxvc_main(base + extra)
+
+    loads([])  # the same prompts and settings: kept (the model loads for nothing else)
+    refused(["--seed", "7"], f"{out / '00000.json'}: seed 0 -> 7 (and 1 more")
+    refused(["--guidance-scale", "5"], "guidance_scale 8.0 -> 5.0")
+    prompts.write_text("a bird flies\na cat jumps\n")
+    refused([], f"{out / '00000.json'}: prompt 'a dog runs' -> 'a bird flies': already in --out")
+    refused(["--seed", "7"], "prompt 'a dog runs' -> 'a bird flies', seed 0 -> 7 (and 1 more")
+    loads(["--overwrite", "--seed", "7"])
+    record = json.loads((out / "00000.json").read_text())
+    del record["prompt"]  # an older jaxvc's record without the key: what it has is compared
+    (out / "00000.json").write_text(json.dumps(record))
+    loads([])
+    # a prompt set record's evaluation references: each image read before the model loads, naming the record
+    _image(0).save(tmp_path / "good.png")
+    (tmp_path / "set.jsonl").write_text(json.dumps({"prompt": "a dog", "name": "a", "references": ["good.png"]})
+                                        + "\n" + json.dumps({"prompt": "a dog", "name": "b",
+                                                             "references": ["good.png", "gone.png"]}) + "\n")
+    base[base.index("--prompts") + 1] = str(tmp_path / "set.jsonl")
+    assert jaxvc_main(base + ["--out", str(tmp_path / "other")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error == (f"jaxvc generate: evaluation reference image {tmp_path / 'gone.png'}: "
+                                           f"file does not exist (the \"references\" of {tmp_path / 'set.jsonl'}:2)")
 
 
 def test_records_name_the_settings_that_ran_and_fps_wins(folder, tmp_path):
