@@ -97,3 +97,18 @@ def test_concat_source_and_errors(tmp_path):
         ListSource([{"kind": "image_pair", "frames": _clip(0, 1), "source": "x"}])
     with pytest.raises(records.CorruptRecordError, match="not a msgpack record|record format"):
         records.deserialize_record(json.dumps({"a": 1}).encode(), "somewhere")
+
+
+def test_tfds_spec_takes_sliced_splits_and_names_a_missing_dataset(tfds_dir):
+    """``tfds:NAME:SPLIT[:KIND]``: TFDS slicing has colons of its own (``train[:3]``), and TFDS' own errors (hundreds
+    of dataset names) become one line naming the config key."""
+    from pathlib import Path
+
+    from jaxvc.data.build import DataSourceError, build_source
+
+    root = {"tfds_dir": str(Path(tfds_dir).parents[1])}  # <root>/tiny_clips/1.0.0
+    assert len(build_source("tfds:tiny_clips:train[:3]", root, key="data.streams.video")) == 3
+    assert len(build_source("tfds:tiny_clips:train[1:]:video", root, key="data.streams.video")) == 4
+    with pytest.raises(DataSourceError, match=r"^data.streams.video = 'tfds:no_such_set:train': \w*NotFound") as e:
+        build_source("tfds:no_such_set:train", root, key="data.streams.video")
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400

@@ -98,11 +98,20 @@ def build_source(spec: str, data_cfg=None, key: str | None = None):
     if kind == "tfds":
         from jaxvc.data.sources import TfdsSource
 
+        from jaxvc.data.records import KINDS
+
         parts = rest.split(":")
-        if len(parts) < 2:
+        if len(parts) < 2 or not parts[0] or not parts[1]:
             raise DataSourceError(f"{where}: expected tfds:NAME:SPLIT[:KIND]")
-        return TfdsSource(parts[0], split=parts[1], data_dir=_get(data_cfg, "tfds_dir", None),
-                          kind=parts[2] if len(parts) > 2 else "video")
+        # a split may hold colons itself (TFDS slicing: train[:90%]): KIND only when the last part is one
+        kind = parts[-1] if len(parts) > 2 and parts[-1] in KINDS else "video"
+        split = ":".join(parts[1:-1] if len(parts) > 2 and parts[-1] in KINDS else parts[1:])
+        try:
+            return TfdsSource(parts[0], split=split, data_dir=_get(data_cfg, "tfds_dir", None), kind=kind)
+        except Exception as error:  # tfds' own errors (no such dataset, split, folder) list hundreds of names
+            reason = " ".join(str(error).split())
+            raise DataSourceError(f"{where}: {type(error).__name__}: "
+                                  f"{reason[:300] + ' ...' if len(reason) > 300 else reason}") from error
     if kind == "folder":
         from jaxvc.data.sources import FolderSource
 
