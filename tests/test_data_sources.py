@@ -112,3 +112,24 @@ def test_tfds_spec_takes_sliced_splits_and_names_a_missing_dataset(tfds_dir):
     with pytest.raises(DataSourceError, match=r"^data.streams.video = 'tfds:no_such_set:train': \w*NotFound") as e:
         build_source("tfds:no_such_set:train", root, key="data.streams.video")
     assert "\n" not in str(e.value) and len(str(e.value)) < 400
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    """A shard cut short (a partial copy) fails in the ArrayRecord reader with a message naming no file: the stream's
+    error names the shard (one line through `jaxvc train`, as the other DataSourceErrors)."""
+    from jaxvc.data.build import DataSourceError, open_packed
+
+    shards = []
+    for index in range(2):
+        shard = str(tmp_path / f"video-0000{index}-of-00002.array_record")
+        write_shard(shard, [records.serialize_example({"kind": "video", "frames": _clip(i), "captions": ["c"],
+                                                       "fps": 8.0, "source": f"clip{i}"}, "png") for i in range(3)])
+        shards.append(shard)
+    with open(shards[1], "rb") as f:
+        data = f.read()
+    with open(shards[1], "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(DataSourceError, match=r"^data.streams.video = 'packed:x': unreadable shard\(s\) \[.*"
+                                              r"video-00001-of-00002.array_record'\] \(truncated") as e:
+        open_packed(str(tmp_path / "*.array_record"), None, "data.streams.video = 'packed:x'")
+    assert "\n" not in str(e.value) and "video-00000" not in str(e.value)

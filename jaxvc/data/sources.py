@@ -18,6 +18,19 @@ import numpy as np
 from jaxvc.data.records import KINDS, CorruptRecordError, deserialize_record, validate_example
 
 
+def _unreadable_shards(paths: Sequence[str]) -> list[str]:
+    """The shard files an ArrayRecord reader cannot open on their own."""
+    from grain.sources import ArrayRecordDataSource
+
+    bad = []
+    for path in paths:
+        try:
+            ArrayRecordDataSource([path])
+        except RuntimeError:
+            bad.append(path)
+    return bad
+
+
 class PackedSource:
     """Records packed by `jaxvc pack` in `directory` (kinds: which kinds to read, default all), or an explicit list
     of shard files / a glob pattern."""
@@ -49,7 +62,11 @@ class PackedSource:
         self.paths = [p for p in paths if os.path.getsize(p) > 0]
         from grain.sources import ArrayRecordDataSource
 
-        self._source = ArrayRecordDataSource(self.paths) if self.paths else None
+        try:
+            self._source = ArrayRecordDataSource(self.paths) if self.paths else None
+        except RuntimeError as error:  # the reader opens every shard: find which are not whole ArrayRecord files
+            raise ValueError(f"unreadable shard(s) {_unreadable_shards(self.paths)[:5]} (truncated or corrupt; "
+                             f"copy them again, or pack again): {' '.join(str(error).split())[:200]}") from error
         self._len = len(self._source) if self._source is not None else 0
 
     def __len__(self) -> int:
