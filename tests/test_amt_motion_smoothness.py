@@ -199,11 +199,12 @@ def test_eval_command_reports_motion_smoothness(tmp_path):
     out = tmp_path / "scores.json"
     code = jaxvc_main(["eval", str(tmp_path / "set.jsonl"), "--amt-model", str(tmp_path / "amt-s.safetensors"),
                        "--ms-batch-size", "4", "--out", str(out)])
-    assert code == 1  # the 2-frame video was skipped, with the reason
+    assert code == 1  # the 2-frame video's motion smoothness was skipped, with the reason
     summary = json.loads(out.read_text())
     assert len(summary["skipped"]) == 1 and "set.jsonl:2" in summary["skipped"][0] and "3 frames" in \
         summary["skipped"][0]
-    [video] = summary["videos"]
+    video, refused = summary["videos"]  # the refused video stays, without this metric
+    assert refused["source"].endswith("set.jsonl:2") and "motion_smoothness" not in refused
     decoded, _ = read_video(str(tmp_path / "a.mp4"))
     want = MotionSmoothness(Interpolator.from_file(tmp_path / "amt-s.safetensors", batch_size=4)).score(decoded)
     assert len(video["interpolation_errors"]) == 4

@@ -276,14 +276,44 @@ def test_fvd_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def test_eval_command_reports_fvd_and_kvd(i3d, tmp_path):
+def test_feature_stream_holds_one_batch_of_network_inputs(i3d):
+    """Clips of three frame sizes: each is resized to I3D's 224 x 224 input as it is added, so two of them fill one
+    batch (not one queue per frame size), and the logits are those of the whole uint8 -> logits program."""
+    _, _, params = i3d
+    network = fvd.I3DFeatures(params, batch_size=2)
+    rng = np.random.default_rng(5)
+    clips = [rng.integers(0, 256, (9, h, w, 3), np.uint8) for h, w in ((224, 224), (48, 64), (40, 40))]
+    stream = fvd.FeatureStream(network, "clips")
+    stream.add(clips[0])
+    stream.add(clips[1])
+    assert not stream.pending  # a full batch of two sizes: run at once
+    stream.add(clips[2])
+    assert list(stream.pending) == [(9, 224, 224, 3)] and stream.pending[(9, 224, 224, 3)][0][1].dtype == np.float32
+    features = stream.finish()
+    whole = jax.jit(lambda p, v: InceptionI3d().apply(p, fvd.preprocess_videos(v)))  # resize inside the network's jit
+    with jax.default_matmul_precision("highest"):
+        want = np.concatenate([np.asarray(whole(params, clip[None])) for clip in clips])
+    np.testing.assert_allclose(features, want, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_command_reports_fvd_and_kvd(i3d, tmp_path, monkeypatch):
     """``jaxvc eval --i3d-model --real-videos``: the generated set is the records' videos, the real set a folder;
-    both cut to their first --fvd-frames frames; a too-short video is left out and counted."""
+    both cut to their first --fvd-frames frames (the real videos decoded no further); a too-short video is left out
+    and counted."""
     import json
 
+    import jaxvc.data.media
     from jaxvc.cli import main as jaxvc_main
     from jaxvc.data.media import read_video
     from jaxvc.media import write_mp4
+
+    reads = {}
+
+    def spy(path, max_frames=None, **kwargs):
+        reads[Path(path).name] = max_frames
+        return read_video(path, max_frames=max_frames, **kwargs)
+
+    monkeypatch.setattr(jaxvc.data.media, "read_video", spy)
 
     _, path, params = i3d
     rng = np.random.default_rng(4)
@@ -306,5 +336,6 @@ def test_eval_command_reports_fvd_and_kvd(i3d, tmp_path):
     assert summary["means"]["fvd"] == pytest.approx(want["fvd"], rel=1e-6)
     assert summary["means"]["kvd"] == pytest.approx(want["kvd"], rel=1e-6, abs=1e-9)
     assert summary["counts"]["fvd"] == 2 and summary["fvd"] == {"frames": 9, "real_videos": 2}
+    assert reads["r0.mp4"] == reads["r1.mp4"] == 9  # the real videos: only the frames FVD takes are decoded
     with pytest.raises(SystemExit, match="--i3d-model and --real-videos"):
         jaxvc_main(["eval", str(tmp_path / "set.jsonl"), "--i3d-model", str(path)])

@@ -198,10 +198,11 @@ def test_eval_command_reports_the_dynamic_degree(tmp_path):
     out = tmp_path / "scores.json"
     code = jaxvc_main(["eval", str(tmp_path / "set.jsonl"), "--raft-model", str(tmp_path / "raft.safetensors"),
                        "--dd-scale", "4", "--dd-batch-size", "4", "--out", str(out)])
-    assert code == 1  # the 64-pixel video was skipped, with the reason
+    assert code == 1  # the 64-pixel video's dynamic degree was skipped, with the reason
     summary = json.loads(out.read_text())
     assert len(summary["skipped"]) == 1 and "set.jsonl:2" in summary["skipped"][0] and "121" in summary["skipped"][0]
-    [video] = summary["videos"]
+    video, refused = summary["videos"]  # the refused video stays, without this metric
+    assert refused["source"].endswith("set.jsonl:2") and "dynamic_degree" not in refused
     decoded, fps = read_video(str(tmp_path / "a.mp4"))
     direct = DynamicDegree(FlowEstimator.from_file(tmp_path / "raft.safetensors", batch_size=4), scale=4.0)
     want = direct.score(decoded, fps)

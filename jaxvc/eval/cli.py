@@ -6,7 +6,8 @@ videos (``fvd.py``, I3D) and the UCF-101 Inception Score (``inception_score.py``
 Videos are named by records: the ``<name>.json`` that ``jaxvc generate`` writes beside each video, or the lines of
 a JSONL manifest. A record is ``{"video": PATH, "prompt": TEXT, "reference": PATH}`` (or ``"references": [PATH,
 ...]``); relative paths are taken from the record file's folder. A video or reference that cannot be read is
-skipped and counted, and the exit status is then 1.
+skipped and counted, and the exit status is then 1; so is a metric that cannot score a video (the video keeps its
+other scores). References with transparency are put on white, as ``jaxvc generate`` does.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import sys
 from pathlib import Path
 
 from jaxvc.eval.dynamic_degree import TAO_WU_SCALE, VBENCH_SCALE
+
+# transparent reference pixels become white, as generation composites them (jaxvc.pipeline's reference
+# preparation, jaxvc.data.pack's references)
+REFERENCE_BACKGROUND = (255, 255, 255)
 
 
 class RecordError(ValueError):
@@ -121,8 +126,12 @@ def read_records(paths) -> list[dict]:
 def _normalise(record, folder: Path, source: str) -> dict:
     if not isinstance(record, dict) or "video" not in record:
         raise RecordError(f"{source}: a record is an object with at least \"video\"; got {str(record)[:120]}")
-    references = record.get("references", [record["reference"]] if record.get("reference") else [])
-    if isinstance(references, str) or not all(isinstance(r, str) for r in references):
+    if not isinstance(record["video"], str) or not record["video"]:
+        raise RecordError(f"{source}: \"video\" must be a non-empty path, got {record['video']!r}")
+    references = record.get("references")  # null: absent, as in prompt sets
+    if references is None:
+        references = [record["reference"]] if record.get("reference") else []
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
         raise RecordError(f"{source}: \"references\" must be a list of paths, got {references!r}")
     prompt = record.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
@@ -161,11 +170,11 @@ def real_video_paths(paths) -> list[str]:
     return found
 
 
-def _read_video(path: str):
-    """(frames (F, H, W, 3) uint8, frames per second)."""
+def _read_video(path: str, max_frames: int | None = None):
+    """(frames (F, H, W, 3) uint8, frames per second): the first ``max_frames`` frames, or all."""
     from jaxvc.data.media import read_video
 
-    return read_video(path)
+    return read_video(path, max_frames=max_frames)
 
 
 def run(args) -> int:
@@ -207,6 +216,9 @@ def run(args) -> int:
         real_paths = real_video_paths(args.real_videos) if args.real_videos else []
     except RecordError as error:
         raise SystemExit(f"jaxvc eval: {error}") from None
+    if not records:
+        print(f"jaxvc eval: no records in {' '.join(map(str, args.records))}", file=sys.stderr)
+        return 2
     try:
         i3d = (I3DFeatures.from_file(args.i3d_model, args.fvd_batch_size, allow_pickle=args.allow_pickle)
                if args.i3d_model else None)
@@ -230,27 +242,35 @@ def run(args) -> int:
     for record in tqdm(records, desc="scoring videos", unit="video"):
         try:
             whole, fps = _read_video(record["video"])
-            frames = np.asarray(center_frames(whole, args.frames))
-            references = [read_image(path) for path in record["references"]]
-            prompt = clip_t_prompt(record["prompt"], args.prompt_drop)
-            scores = scorer.score(frames, prompt, references) if scorer else {}
-            if prompt != record["prompt"]:
-                scores["clip_t_prompt"] = prompt
-            if dynamic:
-                motion = dynamic.score(frames, fps)
-                scores.update(dynamic_degree=motion["dynamic_degree"], flow_scores=motion["flow_scores"])
-            if smoothness:
-                smooth = smoothness.score(frames)
-                scores.update(motion_smoothness=smooth["motion_smoothness"],
-                              interpolation_errors=smooth["interpolation_errors"])
-            if faces:
-                try:
-                    scores.update(faces.score(frames, references))
-                except ValueError as error:  # no face found: only this metric is missing for the video
-                    skipped.append(f"{record['source']}: face similarity: {error}")
-        except (MediaError, ValueError) as error:  # unreadable, or too small for RAFT/AMT: named, counted, skipped
+            references = [read_image(path, background=REFERENCE_BACKGROUND) for path in record["references"]]
+        except MediaError as error:  # unreadable: named, counted, skipped
             skipped.append(f"{record['source']}: {error}")
             continue
+        frames = np.asarray(center_frames(whole, args.frames))
+        prompt = clip_t_prompt(record["prompt"], args.prompt_drop)
+        scores = {}
+
+        def score(metric: str, compute, *keys) -> None:
+            """One metric's scores of the video; its refusal (no face, frames too small for RAFT, fewer than 3
+            frames for AMT) is named and counted for that metric only."""
+            try:
+                values = compute()
+            except ValueError as error:
+                skipped.append(f"{record['source']}: {metric}: {error}")
+                return
+            scores.update({key: values[key] for key in keys} if keys else values)
+
+        if scorer:
+            score("CLIP/DINO", lambda: scorer.score(frames, prompt, references))
+        if prompt != record["prompt"]:
+            scores["clip_t_prompt"] = prompt
+        if dynamic:
+            score("dynamic degree", lambda: dynamic.score(frames, fps), "dynamic_degree", "flow_scores")
+        if smoothness:
+            score("motion smoothness", lambda: smoothness.score(frames), "motion_smoothness",
+                  "interpolation_errors")
+        if faces:
+            score("face similarity", lambda: faces.score(frames, references))
         if fake_features is not None:
             _add_clip(fake_features, whole, args.fvd_frames, record["source"], skipped)
         if class_probabilities is not None:
@@ -261,7 +281,8 @@ def run(args) -> int:
         real_features = FeatureStream(i3d, "real videos")
         for path in tqdm(real_paths, desc="real videos (I3D)", unit="video"):
             try:
-                _add_clip(real_features, _read_video(path)[0], args.fvd_frames, f"real {path}", skipped)
+                _add_clip(real_features, _read_video(path, args.fvd_frames)[0], args.fvd_frames, f"real {path}",
+                          skipped)
             except MediaError as error:
                 skipped.append(f"real {path}: {error}")
         real, fake = real_features.finish(), fake_features.finish()

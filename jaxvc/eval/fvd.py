@@ -68,9 +68,10 @@ def check_videos(videos, what: str = "videos") -> None:
 
 @dataclass
 class I3DFeatures:
-    """I3D logits of uint8 videos: ``params`` of ``InceptionI3d`` and a jitted ``uint8 videos -> (N, 400)``.
+    """I3D logits of uint8 videos: ``params`` of ``InceptionI3d``, a jitted ``preprocess_videos`` (``prepare``, one
+    compile per video shape) and a jitted ``inputs (N, T, 224, 224, 3) -> (N, 400)`` (``from_prepared``).
 
-    Batches of ``batch_size`` videos (the last one zero-padded, so one compile per video shape), data parallel over
+    Batches of ``batch_size`` videos (the last one zero-padded, so one compile per video length), data parallel over
     this host's devices like ``jaxvc.eval.feature_metrics.ImageTower``. ``precision`` is the matmul/conv precision
     while tracing: "highest" keeps float32 on GPUs (no TF32) and TPUs (no single bf16 pass), as the references'
     float32 torch runs; preprocessing is always at full precision."""
@@ -84,7 +85,8 @@ class I3DFeatures:
 
         model = InceptionI3d(self.num_classes)
         self.mesh, self.params, self.batch_size, self._logits = data_parallel(
-            lambda params, videos: model.apply(params, preprocess_videos(videos)), self.params, self.batch_size)
+            lambda params, inputs: model.apply(params, inputs), self.params, self.batch_size)
+        self._prepare = jax.jit(preprocess_videos)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, batch_size: int = 16, allow_pickle: bool = False) -> "I3DFeatures":
@@ -99,20 +101,35 @@ class I3DFeatures:
     def __call__(self, videos, what: str = "videos") -> np.ndarray:
         """uint8 videos (N, T, H, W, 3), or a list of (T, H, W, 3) videos (grouped by shape) -> (N, 400) float64."""
         if isinstance(videos, (list, tuple)):
-            return FeatureStream.of(self, videos, what)  # batches each shape's videos, keeps the order
+            return FeatureStream.of(self, videos, what)  # batches the videos' inputs, keeps the order
         from jaxvc.eval.feature_metrics import in_fixed_batches
 
         check_videos(videos, what)
+        return in_fixed_batches(lambda chunk: self.from_prepared(self.prepare(chunk), what), (videos,),
+                                self.batch_size)
+
+    def prepare(self, videos) -> np.ndarray:
+        """uint8 videos (B, T, H, W, 3) -> the network's inputs, float32 (B, T, 224, 224, 3) in [-1, 1]
+        (``preprocess_videos``, jitted per video shape)."""
+        return np.asarray(self._prepare(videos))
+
+    def from_prepared(self, inputs, what: str = "videos") -> np.ndarray:
+        """``prepare``'s output (N, T, 224, 224, 3) -> (N, 400) float64 logits, in batches of ``batch_size``."""
+        from jaxvc.eval.feature_metrics import in_fixed_batches
+
         with jax.default_matmul_precision(self.precision):
-            logits = in_fixed_batches(lambda chunk: self._logits(self.params, chunk), (videos,), self.batch_size)
+            logits = in_fixed_batches(lambda chunk: self._logits(self.params, chunk), (inputs,), self.batch_size)
         return np.asarray(logits, np.float64)
 
 
 class FeatureStream:
-    """A network's outputs for videos added one at a time: each shape's videos wait until a full batch of them is
-    there, so a large set is never held in memory whole. ``finish()`` -> (N, classes) float64 in the order the videos
-    were added. ``network`` is an ``I3DFeatures`` (FVD/KVD) or a ``jaxvc.eval.inception_score.C3DProbabilities``:
-    it has ``batch_size``, ``num_classes``, ``check(videos, what)`` and ``__call__(videos, what)``."""
+    """A network's outputs for videos added one at a time: each video is turned into the network's input (I3D: resized
+    to 224 x 224; C3D: resized and cropped to 112 x 112) as it comes, and the inputs of one shape wait until a full
+    batch of them is there, so a large set is never held in memory whole, whatever its frame sizes (videos of one
+    length share one queue of at most a batch). ``finish()`` -> (N, classes) float64 in the order the videos were
+    added. ``network`` is an ``I3DFeatures`` (FVD/KVD) or a ``jaxvc.eval.inception_score.C3DProbabilities``: it has
+    ``batch_size``, ``num_classes``, ``check(videos, what)``, ``prepare(videos)`` and ``from_prepared(inputs,
+    what)``."""
 
     def __init__(self, network, what: str = "videos"):
         self.network, self.what = network, what
@@ -134,16 +151,17 @@ class FeatureStream:
         """One uint8 video (T, H, W, 3) the network takes (I3D: T >= 9; C3D: T = 16)."""
         video = np.asarray(video)
         self.network.check(video[None], self.what)
-        queue = self.pending.setdefault(video.shape, [])
-        queue.append((self.count, video))
+        inputs = self.network.prepare(video[None])[0]
+        queue = self.pending.setdefault(inputs.shape, [])
+        queue.append((self.count, inputs))
         self.count += 1
         if len(queue) >= self.network.batch_size:
-            self._run(video.shape)
+            self._run(inputs.shape)
 
     def _run(self, shape) -> None:
         queue = self.pending.pop(shape, [])
         if queue:
-            features = self.network(np.stack([video for _, video in queue]), self.what)
+            features = self.network.from_prepared(np.stack([inputs for _, inputs in queue]), self.what)
             self.done.update((index, row) for (index, _), row in zip(queue, features))
 
     def finish(self) -> np.ndarray:

@@ -71,13 +71,11 @@ class C3DProbabilities:
         from jaxvc.eval.feature_metrics import data_parallel
 
         model = C3D(self.num_classes)
-
-        def probabilities(state, videos):
-            params, mean = state
-            return jax.nn.softmax(model.apply(params, preprocess_clips(videos, mean)), axis=-1)
-
-        self.mesh, (self.params, self.mean), self.batch_size, self._probabilities = data_parallel(
-            probabilities, (self.params, jnp.asarray(self.mean, jnp.float32)), self.batch_size)
+        self.mean = np.asarray(self.mean, np.float32)
+        self.mesh, self.params, self.batch_size, self._probabilities = data_parallel(
+            lambda params, inputs: jax.nn.softmax(model.apply(params, inputs), axis=-1), self.params,
+            self.batch_size)
+        self._prepare = jax.jit(preprocess_clips)
 
     @classmethod
     def from_files(cls, model_path: str | os.PathLike, mean_path: str | os.PathLike, batch_size: int = 16,
@@ -99,9 +97,22 @@ class C3DProbabilities:
         from jaxvc.eval.feature_metrics import in_fixed_batches
 
         check_clips(videos, what)
+        return in_fixed_batches(lambda chunk: self.from_prepared(self.prepare(chunk), what), (videos,),
+                                self.batch_size)
+
+    def prepare(self, videos) -> np.ndarray:
+        """uint8 clips (B, 16, H, W, 3) -> C3D's inputs, float32 (B, 16, 112, 112, 3) (``preprocess_clips``, jitted
+        per clip shape)."""
+        return np.asarray(self._prepare(videos, self.mean))
+
+    def from_prepared(self, inputs, what: str = "videos") -> np.ndarray:
+        """``prepare``'s output (N, 16, 112, 112, 3) -> (N, 101) float64 probabilities, in batches of
+        ``batch_size``."""
+        from jaxvc.eval.feature_metrics import in_fixed_batches
+
         with jax.default_matmul_precision(self.precision):
-            probabilities = in_fixed_batches(lambda chunk: self._probabilities((self.params, self.mean), chunk),
-                                             (videos,), self.batch_size)
+            probabilities = in_fixed_batches(lambda chunk: self._probabilities(self.params, chunk), (inputs,),
+                                             self.batch_size)
         return np.asarray(probabilities, np.float64)
 
 
