@@ -209,3 +209,42 @@ def test_the_notice_says_what_a_changed_weight_path_does():
                     "model.pretrained changed, but no weights are loaded from it: the checkpoint holds the frozen and "
                     "the trained weights"]
     assert "the frozen weights are read from the new value" in resume_notice(7, changes, False)[1]
+
+
+class _FailingData:
+    """The toy data, whose ``next`` fails at batch ``at``; with ``sigterm``, as a Grain iterator whose worker
+    processes got the process group's SIGTERM: this process receives the signal too, then the batch fails."""
+
+    def __init__(self, data, at, sigterm):
+        self.data, self.at, self.sigterm, self.served = data, at, sigterm, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.served == self.at:
+            if self.sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise RuntimeError("Worker process was terminated unexpectedly with exit code -15.")
+        self.served += 1
+        return next(self.data)
+
+    def get_state(self):
+        return self.data.get_state()
+
+    def set_state(self, state):
+        self.data.set_state(state)
+
+
+def test_sigterm_that_also_stops_the_data_workers_saves_the_steps_done(reference, tmp_path):
+    """`launch/common.sh` stops a run with SIGTERM to its process group, which ends Grain's worker processes before
+    the loop's between-steps check: the batch being made is lost, the steps done are saved, and the resumed run
+    is the uninterrupted one. The same data error without a SIGTERM is the run's error."""
+    cfg = config()
+    data = lambda sigterm: lambda rows: _FailingData(toy_data.from_config(cfg, rows), 5, sigterm)  # noqa: E731
+    stopped = train(cfg, ToyDenoiser(cfg), data(True), tmp_path)
+    assert stopped.preempted and stopped.final_step == 5
+    assert max(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == 5
+    assert_exactly_equal(run_in_process(tmp_path), reference)
+    with pytest.raises(RuntimeError, match="terminated unexpectedly"):
+        train(cfg, ToyDenoiser(cfg), data(False), tmp_path / "other")

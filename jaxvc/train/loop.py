@@ -442,6 +442,21 @@ class Trainer:
                     except StopIteration:
                         raise RuntimeError(f"the data iterator ended after {step_index} batches, before config.steps="
                                            f"{self.steps}; make the stream repeat or lower steps") from None
+                    except Exception:
+                        # A SIGTERM to the process group (launch/common.sh's stop, a scheduler's) reaches the data
+                        # workers too, and the batch they were making is lost: the steps done are not. One process
+                        # only: hosts could fail at different steps, and a checkpoint is saved by all of them.
+                        if not preemption.requested or jax.process_count() > 1:
+                            raise
+                        consume()
+                        self.checkpointer.wait()
+                        if step_index > start and self.checkpointer.latest_step() != step_index:
+                            loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
+                            self.save(state, data_state, {"loss": loss})
+                        preempted = True
+                        progress.write(f"jaxvc train: preempted (SIGTERM) after step {step_index}, its data workers "
+                                       f"stopped by the same signal; checkpoint saved")
+                        break
                     data_state = json.loads(json.dumps(data.get_state())) if hasattr(data, "get_state") else None
                     # the pipeline says a batch's global size where streams have their own (data.batch_sizes)
                     size = int(local.get("global_batch_size", self.batch_size))
