@@ -265,3 +265,19 @@ def test_manifest_prompt_key_is_the_caption_and_sizes_must_be_positive(tmp_path)
         with pytest.raises(SystemExit):
             parser.parse_args(["in", "-o", "out", flag, "0"])
     assert parser.parse_args(["in", "-o", "out", "--short-side", "256"]).short_side == 256
+
+
+def test_mask_and_reference_names_are_sidecars_only_beside_their_media(tmp_path):
+    """`dog_mask.png` beside `dog.png` is its mask; `gas_mask.png` or `chef_ref.png` alone is an image of its own
+    (they were dropped without a word)."""
+    from PIL import Image
+
+    from jaxvc.data.pack import scan_folder
+
+    for name in ("dog.png", "dog_mask.png", "cat.png", "cat.ref.png", "gas_mask.png", "chef_ref.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    items = {os.path.basename(item["paths"][0]): item for item in scan_folder(str(tmp_path))}
+    assert sorted(items) == ["cat.png", "chef_ref.png", "dog.png", "gas_mask.png"]
+    assert items["dog.png"]["masks"] == [str(tmp_path / "dog_mask.png")]
+    assert items["cat.png"]["references"] == [str(tmp_path / "cat.ref.png")]
+    assert items["gas_mask.png"]["masks"] == [None] and "references" not in items["chef_ref.png"]

@@ -86,10 +86,15 @@ def scan_folder(root: str, split_panels: bool = False) -> list[dict]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         files += [os.path.join(dirpath, f) for f in sorted(filenames)]
-    media_files = [f for f in files if (media.is_video(f) or media.is_image(f)) and not _is_mask_file(f)
-                   and not _is_reference_file(f)]
+    media_like = [f for f in files if media.is_video(f) or media.is_image(f)]
+    # a `_mask` / `_ref` name is a sidecar only beside its media file (`dog.png` + `dog_mask.png`); alone
+    # (`gas_mask.png`, `chef_ref.png`) it is a picture of its own, not a file to drop unreported
+    owners = {os.path.splitext(f)[0] for f in media_like if not _is_mask_file(f) and not _is_reference_file(f)}
+    sidecars = {f for f in media_like if (_is_mask_file(f) and os.path.splitext(f)[0][:-len("_mask")] in owners)
+                or (_is_reference_file(f) and _REFERENCE_SUFFIX.sub("", os.path.splitext(f)[0]) in owners)}
+    media_files = [f for f in media_like if f not in sidecars]
     media_set = set(media_files)
-    reference_set = {f for f in files if _is_reference_file(f)}
+    reference_set = {f for f in sidecars if _is_reference_file(f)}
     items, used = [], set()
     mask_exts = media.IMAGE_EXTENSIONS + media.VIDEO_EXTENSIONS
     for path in media_files:
