@@ -96,9 +96,11 @@ def test_read_mask_formats_sizes_and_errors(tmp_path):
         np.save(tmp_path / name, array)
         np.testing.assert_array_equal(read_mask(tmp_path / name, (6, 9)), mask)
 
-    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "labels.png")  # 0/1 values: grey <= 127 everywhere
-    with pytest.raises(MaskError, match=r"labels\.png.*no foreground.*0/1 label map"):
-        read_mask(tmp_path / "labels.png", (6, 9))
+    Image.fromarray(mask.astype(np.uint8)).save(tmp_path / "labels.png")  # a 0/1 label map: non-zero = foreground
+    np.testing.assert_array_equal(read_mask(tmp_path / "labels.png", (6, 9)), mask)
+    Image.fromarray(np.zeros((6, 9), np.uint8)).save(tmp_path / "none.png")
+    with pytest.raises(MaskError, match=r"none\.png.*no foreground"):
+        read_mask(tmp_path / "none.png", (6, 9))
     np.save(tmp_path / "full.npy", np.ones((6, 9)))
     with pytest.raises(MaskError, match=r"full\.npy.*foreground everywhere"):
         read_mask(tmp_path / "full.npy", (6, 9))

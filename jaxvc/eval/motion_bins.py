@@ -60,7 +60,8 @@ def _resize_nearest(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
     """The foreground mask in ``path`` as (H, W) bool at ``shape`` (H, W), the size of the frame it belongs to.
 
-    PNG/JPEG: grey > 127 is foreground; ``.npy``: non-zero is foreground. A mask of another size is resized
+    PNG/JPEG: non-zero is foreground (``jaxvc.data.media.mask_pixels``: 0/255 with JPEG noise, 0/1 labels, palette
+    labels); ``.npy``: non-zero is foreground. A mask of another size is resized
     nearest-neighbour; one with another aspect ratio, or empty, or all foreground (after resizing) is refused with a
     ``MaskError`` naming the file."""
     from jaxvc.data.media import MediaError, read_mask as read_image_mask
@@ -83,7 +84,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
             raise MaskError(f"{path}: the mask is empty ({array.shape})")
     elif path.lower().endswith(MASK_EXTENSIONS):
         try:
-            mask = read_image_mask(path)[0]  # (H, W) bool, grey > 127
+            mask = read_image_mask(path)[0]  # (H, W) bool
         except MediaError as error:
             raise MaskError(str(error)) from error
     else:
@@ -101,9 +102,7 @@ def read_mask(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
 def check_mask(mask: np.ndarray, source: str) -> None:
     """Both a foreground and a background are needed to measure the flow in each."""
     if not mask.any():
-        image = source.lower().endswith((".png", ".jpg", ".jpeg"))
-        hint = " (image masks count grey > 127 as foreground: a 0/1 label map reads as empty)" if image else ""
-        raise MaskError(f"{source}: the mask has no foreground pixel at {mask.shape[0]}x{mask.shape[1]}{hint}")
+        raise MaskError(f"{source}: the mask has no foreground pixel at {mask.shape[0]}x{mask.shape[1]}")
     if mask.all():
         raise MaskError(f"{source}: the mask is foreground everywhere at {mask.shape[0]}x{mask.shape[1]}: no "
                         "background to tell camera motion by")
