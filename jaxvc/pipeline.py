@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image, UnidentifiedImageError
 
 from jaxvc import compile_options, media
-from jaxvc.data.media import rgb_image
+from jaxvc.data.media import REFERENCE_BACKGROUND, rgb_image
 from jaxvc.diffusion.samplers import make_sampler
 from jaxvc.diffusion.sampling import classifier_free_guidance, piecewise_constant, reference_guidance, sample
 from jaxvc.models import lora
@@ -92,7 +92,7 @@ def load_reference_image(image, height: int, width: int) -> np.ndarray:
         image = Image.fromarray(array)
     if not isinstance(image, Image.Image):
         raise TypeError(f"reference image: expected a path, PIL image or numpy array, got {type(image).__name__}")
-    image = rgb_image(image, background=(255, 255, 255))
+    image = rgb_image(image, background=REFERENCE_BACKGROUND)
     scale = max(height / image.height, width / image.width)
     resized = image.resize((max(width, round(image.width * scale)), max(height, round(image.height * scale))),
                            Image.BICUBIC)

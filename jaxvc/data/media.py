@@ -91,6 +91,10 @@ def read_image(path: str, short_side: int | None = None, background: tuple[int, 
         raise MediaError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
+# what a reference's transparent pixels become wherever jaxvc reads one (generation, packing, evaluation): the
+# papers' references are subjects cut out on white
+REFERENCE_BACKGROUND = (255, 255, 255)
+
 # PIL modes of more than 8 bits per sample: convert("RGB") clips them to 255 (a 16-bit grey PNG turns white)
 _WIDE_MODES = {"I;16": 16, "I;16L": 16, "I;16B": 16, "I;16N": 16, "I": 16}
 

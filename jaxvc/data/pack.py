@@ -256,7 +256,7 @@ def load_item(item: dict, options: dict) -> dict:
     paths, masks = item["paths"], [m for m in item.get("masks", []) if m]
     example: dict[str, Any] = {"kind": item["kind"], "captions": _read_captions(item), "source": paths[0]}
     if item.get("references"):  # on white, as the papers' references (and `jaxvc generate`'s)
-        example["references"] = [media.read_image(r, short, background=(255, 255, 255)) for r in item["references"]]
+        example["references"] = [media.read_image(r, short, background=media.REFERENCE_BACKGROUND) for r in item["references"]]
     if item["kind"] == "video":
         frames, fps = media.read_video(paths[0], options.get("max_frames"), options.get("frame_stride", 1), short)
         example.update(frames=frames, fps=fps)

@@ -18,10 +18,6 @@ from pathlib import Path
 
 from jaxvc.eval.dynamic_degree import TAO_WU_SCALE, VBENCH_SCALE
 
-# transparent reference pixels become white, as generation composites them (jaxvc.pipeline's reference
-# preparation, jaxvc.data.pack's references)
-REFERENCE_BACKGROUND = (255, 255, 255)
-
 
 class RecordError(ValueError):
     """A record that does not name what ``jaxvc eval`` needs."""
@@ -181,7 +177,7 @@ def run(args) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from jaxvc.data.media import MediaError, read_image
+    from jaxvc.data.media import REFERENCE_BACKGROUND, MediaError, read_image
     from jaxvc.eval.dynamic_degree import DynamicDegree, FlowEstimator
     from jaxvc.eval.feature_metrics import METRICS, VideoScorer, center_frames, mean_scores
     from jaxvc.eval.fvd import MIN_FRAMES, FeatureStream, I3DFeatures, score_features

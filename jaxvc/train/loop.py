@@ -416,6 +416,14 @@ class Trainer:
         preempted = False
         step_index = start
 
+        def save_checkpoint(state, data_state, scores) -> None:
+            """A checkpoint of ``state`` with the mean loss since the last one; the scalars up to it flushed (they are
+            where the checkpoint is, a bucket too)."""
+            loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
+            self.save(state, data_state, {"loss": loss, **scores})
+            since_checkpoint.clear()
+            writer.flush()
+
         def consume():
             """Fetch the pending metrics (waits for those steps) and check the non-finite budget."""
             nonlocal pending
@@ -451,8 +459,7 @@ class Trainer:
                         consume()
                         self.checkpointer.wait()
                         if step_index > start and self.checkpointer.latest_step() != step_index:
-                            loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
-                            self.save(state, data_state, {"loss": loss})
+                            save_checkpoint(state, data_state, {})
                         preempted = True
                         progress.write(f"jaxvc train: preempted (SIGTERM) after step {step_index}, its data workers "
                                        f"stopped by the same signal; checkpoint saved")
@@ -493,10 +500,7 @@ class Trainer:
                     # rank by them); on SIGTERM the checkpoint comes first, it is what the grace period is for.
                     scores = self._sample_and_score(writer, progress, state, done) if do_sample and not stop else {}
                     if do_ckpt:
-                        loss = float(np.mean(since_checkpoint)) if since_checkpoint else math.nan
-                        self.save(state, data_state, {"loss": loss, **scores})
-                        since_checkpoint.clear()
-                        writer.flush()  # the scalars up to a checkpoint are where the checkpoint is (a bucket too)
+                        save_checkpoint(state, data_state, scores)
                     if do_sample and stop:
                         self._sample_and_score(writer, progress, state, done)
                     window_start, window_steps, window_samples, window_data_s = time.perf_counter(), 0, 0, 0.0
